@@ -1,0 +1,264 @@
+"""Print the ratios that matter from a pytest-benchmark JSON (``--benchmark-json``), as markdown.
+
+    python bench/summary.py RESULT.json [MORE.json ...] [--csv OUT.csv]
+
+Sections (each only when its benchmarks are present):
+
+* Losses — per (loss, mode, shape, dtype): median ms per provider; speedups ``eager/fused``,
+  ``compiled/fused`` (and ``eager/compiled``; > 1 = the second is faster); GB/s per provider; % of HBM
+  bandwidth, both of the device's nominal peak (H100 SXM 3.35 TB/s, H200 4.8 TB/s, …) and of the
+  copy bandwidth measured by ``test_copy_bandwidth``; the fused op's peak-memory saving vs eager.
+* Targets — the DESIGN performance targets for the fused token-KD losses at DeiT-S shapes, fwd+bwd,
+  on a GPU: ≥ 3× eager, ≥ 1.3× compiled, ≥ 70 % of measured HBM bandwidth, ≥ 40 % less peak memory.
+* Train step — per (shape, compile): ms per step for plain / cached / online, ``cached/plain``
+  (target ≤ 1.10) and ``online/cached`` (target ≥ 1.7). Step benchmarks put ``"variant":
+  "plain"|"cached"|"online"`` in ``extra_info``, optionally ``"compile"`` (or ``"compiled"``),
+  ``"shape"``, ``"batch"``, ``"cache_wait_share"`` and their own interleaved ratios
+  ``"ratio_cached_over_plain"`` / ``"ratio_online_over_cached"`` (preferred when present).
+
+All ratios use the median time. ``--csv`` writes one flat row per benchmark (atomically).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import json
+import os
+import sys
+import tempfile
+from collections.abc import Iterable
+from typing import Any
+
+# Nominal HBM bandwidth in bytes/s; first matching device-name substring wins (specific names first).
+HBM_PEAK = (
+    ("H100 PCIe", 2.0e12),
+    ("H100 NVL", 3.9e12),
+    ("H200", 4.8e12),
+    ("H100", 3.35e12),
+    ("A100-SXM4-80GB", 2.039e12),
+    ("A100 80GB", 1.935e12),
+    ("A100", 1.555e12),
+)
+TOKEN_LOSSES = ("vitkd_mimic_loss", "cls_patch_map_loss", "vitkd_gen_loss")
+PROVIDERS = ("eager", "compiled", "fused")
+
+
+def hbm_peak(device_name: str | None) -> float | None:
+    """Nominal HBM bytes/s of a GPU by name, or None when unknown."""
+    for key, value in HBM_PEAK:
+        if device_name and key in device_name:
+            return value
+    return None
+
+
+def load(path: str) -> list[dict[str, Any]]:
+    """Flatten a pytest-benchmark JSON into one dict per benchmark (times in ms)."""
+    try:
+        with open(path) as fh:
+            doc = json.load(fh)
+    except (OSError, json.JSONDecodeError) as e:
+        raise SystemExit(f"summary: cannot read {path}: {e}") from None
+    if not isinstance(doc, dict) or "benchmarks" not in doc:
+        raise SystemExit(f"summary: {path} is not a pytest-benchmark JSON (no 'benchmarks' key)")
+    rows = []
+    for b in doc["benchmarks"]:
+        info = dict(b.get("extra_info") or {})
+        st = b.get("stats") or {}
+        row = {
+            "name": b.get("name"),
+            "group": b.get("group"),
+            "bench": info.get("bench", "loss" if "loss" in info else ("copy" if "copy" in info else "other")),
+            **info,
+            "median_ms": st.get("median", float("nan")) * 1e3,
+            "mean_ms": st.get("mean", float("nan")) * 1e3,
+            "stddev_ms": st.get("stddev", float("nan")) * 1e3,
+            "min_ms": st.get("min", float("nan")) * 1e3,
+            "rounds": st.get("rounds"),
+        }
+        peak = hbm_peak(info.get("device_name")) if info.get("device") == "cuda" else None
+        if info.get("bytes") and peak and row["median_ms"] > 0:
+            row["hbm_pct_nominal"] = 100.0 * info["bytes"] / (row["median_ms"] / 1e3) / peak
+        if info.get("peak_mem_bytes") is not None:
+            row["peak_mem_mb"] = info["peak_mem_bytes"] / 2**20
+        rows.append(row)
+    return rows
+
+
+def _fmt(x: Any, spec: str = ".3g", suffix: str = "") -> str:
+    if x is None or (isinstance(x, float) and x != x):
+        return "—"
+    return f"{x:{spec}}{suffix}"
+
+
+def _ratio(a: float | None, b: float | None) -> float | None:
+    return a / b if a and b else None
+
+
+def _table(header: list[str], lines: Iterable[list[str]]) -> str:
+    out = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    out += ["| " + " | ".join(line) + " |" for line in lines]
+    return "\n".join(out)
+
+
+def measured_bandwidth(rows: list[dict]) -> float | None:
+    """Best measured device copy bandwidth (bytes/s) from ``test_copy_bandwidth``, if present."""
+    vals = [r["bytes"] / (r["median_ms"] / 1e3) for r in rows if r["bench"] == "copy" and r.get("bytes")]
+    return max(vals) if vals else None
+
+
+def loss_section(rows: list[dict]) -> tuple[str, list[dict]]:
+    """The loss table and one dict per (loss, mode, shape, dtype) with the ratios (for targets)."""
+    bw = measured_bandwidth(rows)
+    cases: dict[tuple, dict[str, dict]] = {}
+    for r in rows:
+        if r["bench"] == "loss":
+            key = (r.get("loss"), r.get("mode"), r.get("shape"), r.get("dtype"))
+            cases.setdefault(key, {})[r.get("provider")] = r
+    if not cases:
+        return "", []
+    gpu = any(p.get("device") == "cuda" for c in cases.values() for p in c.values())
+    header = ["loss", "mode", "shape", "dtype", "eager ms", "compiled ms", "fused ms",
+              "eager/fused", "compiled/fused", "eager/compiled", "GB/s eager / compiled / fused"]
+    if gpu:
+        header += ["fused % HBM (nominal)", "fused % HBM (measured copy)", "fused peak-mem saving vs eager"]
+    lines, results = [], []
+    for (loss, mode, shape, dtype), prov in sorted(cases.items(), key=lambda kv: tuple(map(str, kv[0]))):
+        t = {p: prov[p]["median_ms"] if p in prov else None for p in PROVIDERS}
+        fused = prov.get("fused", {})
+        res = {
+            "loss": loss, "mode": mode, "shape": shape, "dtype": dtype,
+            "vs_eager": _ratio(t["eager"], t["fused"]),
+            "vs_compiled": _ratio(t["compiled"], t["fused"]),
+            "compiled_vs_eager": _ratio(t["eager"], t["compiled"]),
+            "gbps": fused.get("gbps"),
+            "hbm_pct_nominal": fused.get("hbm_pct_nominal"),
+            "hbm_pct_measured": (100.0 * fused["bytes"] / (fused["median_ms"] / 1e3) / bw)
+            if bw and fused.get("bytes") else None,
+            "mem_saving_pct": (100.0 * (1 - fused["peak_mem_bytes"] / prov["eager"]["peak_mem_bytes"]))
+            if fused.get("peak_mem_bytes") is not None and prov.get("eager", {}).get("peak_mem_bytes")
+            else None,
+        }
+        results.append(res)
+        line = [str(loss), str(mode), str(shape), str(dtype), *(_fmt(t[p], ".4g") for p in PROVIDERS),
+                _fmt(res["vs_eager"], ".2f", "×"), _fmt(res["vs_compiled"], ".2f", "×"),
+                _fmt(res["compiled_vs_eager"], ".2f", "×"),
+                " / ".join(_fmt(prov.get(p, {}).get("gbps"), ".3g") for p in PROVIDERS)]
+        if gpu:
+            line += [_fmt(res["hbm_pct_nominal"], ".0f", "%"), _fmt(res["hbm_pct_measured"], ".0f", "%"),
+                     _fmt(res["mem_saving_pct"], ".0f", "%")]
+        lines.append(line)
+    text = "## Losses (median; ratios > 1 = the second provider is faster)\n\n" + _table(header, lines)
+    if bw:
+        text += f"\n\nMeasured device copy bandwidth: {bw / 1e9:.0f} GB/s."
+    return text, results
+
+
+def targets_section(results: list[dict], rows: list[dict]) -> str:
+    """PASS/FAIL of the DESIGN targets for fused token losses, fwd+bwd, DeiT-S shapes, on a GPU."""
+    gpu = any(r.get("device") == "cuda" for r in rows)
+    picked = [r for r in results if gpu and r["loss"] in TOKEN_LOSSES and r["mode"] == "fwd+bwd"
+              and r["shape"] == "deit_s" and r["vs_eager"] is not None]
+    if not picked:
+        return ""
+    checks = (
+        ("vs_eager", 3.0, "≥ 3× eager"),
+        ("vs_compiled", 1.3, "≥ 1.3× compiled"),
+        ("hbm_pct_measured", 70.0, "≥ 70% measured HBM"),
+        ("mem_saving_pct", 40.0, "≥ 40% less peak mem"),
+    )
+    lines = []
+    for r in picked:
+        line = [r["loss"], str(r["dtype"])]
+        for key, goal, _ in checks:
+            v = r[key]
+            line.append("—" if v is None else f"{'PASS' if v >= goal else 'FAIL'} ({v:.2f})")
+        lines.append(line)
+    header = ["loss (deit_s, fwd+bwd)", "dtype", *(c[2] for c in checks)]
+    return "## DESIGN targets (fused token-KD losses)\n\n" + _table(header, lines)
+
+
+def step_section(rows: list[dict]) -> str:
+    """Train-step ratios. Prefers the interleaved ratios a step benchmark may record itself
+    (``ratio_cached_over_plain`` / ``ratio_online_over_cached``: robust to load drift between the
+    per-variant benchmarks), else the ratio of the per-variant medians."""
+    cases: dict[tuple, dict[str, dict]] = {}
+    for r in rows:
+        if r["bench"] == "step" or "variant" in r:
+            comp = bool(r.get("compile", r.get("compiled", False)))
+            key = (r.get("shape", "default"), comp, r.get("dtype", "-"))
+            cases.setdefault(key, {})[r.get("variant")] = r
+    if not cases:
+        return ""
+    header = ["shape", "compile", "dtype", "plain ms", "cached ms", "online ms", "cached/plain (≤ 1.10)",
+              "online/cached (≥ 1.7)", "ratios from", "cached img/s", "cache wait share (< 5%)"]
+    lines = []
+    for (shape, comp, dtype), v in sorted(cases.items(), key=lambda kv: tuple(map(str, kv[0]))):
+        t = {k: v[k]["median_ms"] if k in v else None for k in ("plain", "cached", "online")}
+        info = next(iter(v.values()))
+        if info.get("ratio_cached_over_plain") is not None:
+            cp, oc = info.get("ratio_cached_over_plain"), info.get("ratio_online_over_cached")
+            source = "interleaved"
+        else:
+            cp, oc, source = _ratio(t["cached"], t["plain"]), _ratio(t["online"], t["cached"]), "medians"
+        batch = info.get("batch")
+        ips = batch / (t["cached"] / 1e3) if batch and t["cached"] else None
+        wait = info.get("cache_wait_share")
+        times = [_fmt(t[k], ".4g") for k in ("plain", "cached", "online")]
+        lines.append([str(shape), str(comp), str(dtype), *times, _fmt(cp, ".2f", "×"), _fmt(oc, ".2f", "×"),
+                      source, _fmt(ips, ".0f"), _fmt(None if wait is None else 100 * wait, ".1f", "%")])
+    return "## Train step (median ms per step)\n\n" + _table(header, lines)
+
+
+CSV_FIELDS = ("name", "group", "bench", "loss", "mode", "provider", "variant", "compiled", "shape", "dtype",
+              "device", "device_name", "median_ms", "mean_ms", "stddev_ms", "min_ms", "rounds", "iterations",
+              "bytes", "gbps", "hbm_pct_nominal", "peak_mem_mb", "torch", "triton", "fastkd", "loadavg_1m")
+
+
+def write_csv(rows: list[dict], path: str) -> None:
+    """One row per benchmark, ``CSV_FIELDS`` columns; written to a temp file then renamed."""
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=CSV_FIELDS, extrasaction="ignore")
+    w.writeheader()
+    w.writerows(rows)
+    directory = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".summary.", suffix=".csv.tmp")
+    try:
+        with os.fdopen(fd, "w", newline="") as fh:
+            fh.write(buf.getvalue())
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def render(rows: list[dict]) -> str:
+    """The whole markdown report."""
+    first = rows[0] if rows else {}
+    g = lambda k: first.get(k, "?")
+    head = (f"# Benchmark summary — {g('device_name')} ({g('device')}), "
+            f"torch {g('torch')}, triton {g('triton')}, fastkd {g('fastkd')}")
+    loss_text, results = loss_section(rows)
+    parts = [head, loss_text, targets_section(results, rows), step_section(rows)]
+    if not any(parts[1:]):
+        parts.append("(no loss, copy or step benchmarks in this file)")
+    return "\n\n".join(p for p in parts if p) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("json", nargs="+", help="pytest-benchmark JSON file(s) (--benchmark-json); merged")
+    ap.add_argument("--csv", help="also write one flat CSV row per benchmark here")
+    args = ap.parse_args(argv)
+    rows = [row for path in args.json for row in load(path)]
+    sys.stdout.write(render(rows))
+    if args.csv:
+        write_csv(rows, args.csv)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,141 @@
+"""Loss benchmarks: provider (eager / compiled / fused) × mode (fwd / fwd+bwd) × shape × loss.
+
+Inputs mirror training: student/teacher activations in the bench dtype (bf16 on CUDA, fp32 on CPU),
+loss-module parameters (projections, mask token, conv generator) in fp32, and on CUDA with a 16-bit
+dtype every call runs under ``torch.autocast`` as the training step does. Student activations and
+loss parameters require grad; teacher tensors do not. fwd+bwd = the loss plus
+``torch.autograd.grad`` w.r.t. every tensor that requires grad.
+
+Bytes moved (the GB/s and "% of HBM" figures) are a floor for a two-kernel (fwd, bwd) op:
+fwd reads every tensor input once; fwd+bwd reads them twice (the backward re-reads its inputs)
+and writes one gradient per grad-requiring input. Intermediates (e.g. the conv generator's
+activations) are not counted, so ViTKD-gen, which is conv-bound, shows a low GB/s by design.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+import torch
+from torch import nn
+
+LOSSES = ("vitkd_mimic_loss", "cls_patch_map_loss", "vitkd_gen_loss", "kd_loss", "nkd_loss", "kd_loss_topk")
+
+
+def tensor_bytes(*tensors: Any) -> int:
+    """Total bytes of the given tensors (nested lists/tuples allowed; anything else counts 0)."""
+    total = 0
+    for t in tensors:
+        if isinstance(t, (list, tuple)):
+            total += tensor_bytes(*t)
+        elif isinstance(t, torch.Tensor):
+            total += t.numel() * t.element_size()
+    return total
+
+
+def make_case(loss: str, s, dtype: torch.dtype, device: torch.device):
+    """Inputs for ``loss`` at shape ``s``: (args, kwargs, grad_inputs, input_tensors).
+
+    ``grad_inputs``: the tensors gradients are taken for (student side + loss parameters);
+    ``input_tensors``: every tensor the op reads (for the bytes-moved floor)."""
+    g = torch.Generator().manual_seed(0)
+
+    def act(*shape, grad=False):  # activation in the bench dtype
+        return torch.randn(*shape, generator=g).to(device=device, dtype=dtype).requires_grad_(grad)
+
+    def param(*shape):  # loss-module parameter: fp32, trainable
+        return (torch.randn(*shape, generator=g) * shape[-1] ** -0.5).to(device).requires_grad_(True)
+
+    if loss == "vitkd_mimic_loss":  # blocks 0 and 1, patch tokens only
+        sf = [act(s.B, s.N, s.Ds, grad=True) for _ in range(2)]
+        tf = [act(s.B, s.N, s.Dt) for _ in range(2)]
+        ws = [param(s.Dt, s.Ds) for _ in range(2)]
+        bs = [param(s.Dt) for _ in range(2)]
+        return (sf, tf, ws, bs), {}, [*sf, *ws, *bs], [sf, tf, ws, bs]
+    if loss == "cls_patch_map_loss":  # all tokens (CLS first)
+        st, tt = act(s.B, s.P + s.N, s.Ds, grad=True), act(s.B, s.P + s.N, s.Dt)
+        return (st, tt), {"num_prefix_s": s.P, "num_prefix_t": s.P}, [st], [st, tt]
+    if loss == "vitkd_gen_loss":
+        from fastkd.losses.reference import random_token_mask
+
+        sl, tl = act(s.B, s.N, s.Ds, grad=True), act(s.B, s.N, s.Dt)
+        mask = random_token_mask(s.B, s.N, 0.5, generator=g).to(device)
+        w, b, tok = param(s.Dt, s.Ds), param(s.Dt), torch.zeros(s.Dt, device=device, requires_grad=True)
+        torch.manual_seed(0)
+        gen = nn.Sequential(
+            nn.Conv2d(s.Dt, s.Dt, 3, padding=1), nn.ReLU(), nn.Conv2d(s.Dt, s.Dt, 3, padding=1)
+        ).to(device)
+        gparams = list(gen.parameters())
+        grads = [sl, w, b, tok, *gparams]
+        return (sl, tl, mask, w, b, tok, gen), {}, grads, [sl, tl, mask, w, b, tok, gparams]
+    sl = act(s.B, s.C, grad=True)
+    if loss == "kd_loss":
+        tl = act(s.B, s.C)
+        return (sl, tl), {}, [sl], [sl, tl]
+    if loss == "nkd_loss":
+        tl = act(s.B, s.C)
+        y = torch.randint(0, s.C, (s.B,), generator=g).to(device)
+        return (sl, tl, y), {}, [sl], [sl, tl, y]
+    if loss == "kd_loss_topk":  # the sparse logit-cache record: fp16 values, int16 ids, fp32 lse
+        full = torch.randn(s.B, s.C, generator=g) * 3
+        vals, ids = full.topk(s.K, dim=1)
+        tv = vals.to(device=device, dtype=torch.float16)
+        ti = ids.to(device=device, dtype=torch.int16 if s.C <= 32767 else torch.int32)
+        lse = full.logsumexp(dim=1).to(device)
+        return (sl, tv, ti, lse), {}, [sl], [sl, tv, ti, lse]
+    raise AssertionError(loss)
+
+
+@pytest.mark.parametrize("loss", LOSSES)
+def test_loss(benchmark, bench_call, loss_fn, loss, provider, mode, bench_shape, device, dtype):
+    impl: Callable = loss_fn(loss)
+    args, kwargs, grad_inputs, inputs = make_case(loss, bench_shape, dtype, device)
+    amp = device.type == "cuda" and dtype in (torch.bfloat16, torch.float16)
+    ctx = (lambda: torch.autocast("cuda", dtype=dtype)) if amp else contextlib.nullcontext
+
+    if mode == "fwd":
+        def fn():
+            with ctx():
+                return impl(*args, **kwargs)
+        bytes_moved = tensor_bytes(inputs)
+    else:
+        def fn():
+            with ctx():
+                out = impl(*args, **kwargs)
+            return torch.autograd.grad(out, grad_inputs)
+        bytes_moved = 2 * tensor_bytes(inputs) + tensor_bytes(grad_inputs)
+
+    with ctx():
+        out = impl(*args, **kwargs)
+    if out.dim() != 0 or not torch.isfinite(out).item():  # a broken provider must not produce a timing
+        raise AssertionError(f"{provider} {loss} returned {out!r}")
+    info = {"loss": loss, "mode": mode, "provider": provider, "dtype": str(dtype).removeprefix("torch."),
+            "amp": amp}
+    if provider == "fused":  # "triton", or the fallback these inputs would take
+        from fastkd import functional
+
+        info["path"] = functional.active_path(*_flat_tensors(inputs))
+    bench_call(benchmark, fn, bytes_moved=bytes_moved, shape=bench_shape,
+               group=f"{loss} {mode} {bench_shape.name}", info=info)
+
+
+def _flat_tensors(items) -> list[torch.Tensor]:
+    out = []
+    for t in items:
+        if isinstance(t, (list, tuple)):
+            out += _flat_tensors(t)
+        elif isinstance(t, torch.Tensor):
+            out.append(t)
+    return out
+
+
+def test_copy_bandwidth(benchmark, bench_call, device):
+    """Device-to-device copy (read + write): the measured bandwidth the loss GB/s are compared to."""
+    numel = (512 if device.type == "cuda" else 16) * 2**20 // 4  # 512 MiB on CUDA, 16 MiB on CPU
+    src = torch.randn(numel, device=device)
+    dst = torch.empty_like(src)
+    bench_call(benchmark, lambda: dst.copy_(src), bytes_moved=2 * tensor_bytes(src), group="copy",
+               info={"bench": "copy", "copy": True, "dtype": "float32"})
