@@ -1,0 +1,169 @@
+"""Compile every shipped kernel configuration for real GPU targets on a machine without a GPU.
+
+Run as a script (``python tests/kernels/compile_check.py [--jobs N]``) in a process WITHOUT
+``TRITON_INTERPRET``: for each (kernel, config, dtype, flags) variant listed by the kernel modules'
+``compile_specs()`` and each target (sm_80, sm_90a), ``triton.compile(ASTSource(...), target=GPUTarget)``
+builds a cubin, and ``cuobjdump --dump-resource-usage`` (shipped in the Triton wheel) reports its
+registers, STACK and LOCAL bytes (SMEM is Triton's dynamic shared memory from the kernel metadata).
+Register spills show up as a per-thread STACK frame (LOCAL counts only global-scope local data), so
+a variant passes only with STACK = LOCAL = 0. Prints one table row per build and exits non-zero if a
+build fails or spills. ``test_compile_check.py`` runs it.
+"""
+
+import argparse
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from concurrent.futures import ProcessPoolExecutor
+
+TARGETS = (80, 90)
+
+
+def _cuobjdump() -> str:
+    import triton
+
+    path = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    if os.path.isfile(path):
+        return path
+    found = shutil.which("cuobjdump")
+    if not found:
+        raise RuntimeError("cuobjdump not found (neither in triton/backends/nvidia/bin nor on PATH)")
+    return found
+
+
+MODULES = ("token_kd", "masked_gen", "logit_kd")
+
+
+def _specs(only=None):
+    import importlib
+
+    out = []
+    for name in MODULES if only is None else (only,):
+        mod = importlib.import_module(f"fastkd.kernels.{name}")
+        for name, fn, ptrs, scalars, const, cfg in mod.compile_specs():
+            out.append((f"{mod.__name__.rsplit('.', 1)[-1]}/{name}", fn, ptrs, scalars, const, cfg))
+    return out
+
+
+def specialize(fn, ptrs, scalars, const):
+    """(signature, constexprs, attrs) for ``ASTSource``, specialized as the JIT does at launch time:
+    pointers are 16-byte aligned, an int equal to 1 becomes a constant, an int divisible by 16 gets the
+    divisibility hint (these hints decide vectorization and so register use)."""
+    names = list(fn.arg_names)
+    given = set(ptrs) | set(scalars) | set(const)
+    if given != set(names) or len(given) != len(ptrs) + len(scalars) + len(const):
+        raise ValueError(f"spec args {sorted(given)} != kernel args {sorted(names)}")
+    sig, constexprs, attrs = {}, dict(const), {}
+    for i, name in enumerate(names):
+        if name in const:
+            sig[name] = "constexpr"
+        elif name in ptrs:
+            sig[name] = "*" + ptrs[name]
+            attrs[(i,)] = [["tt.divisibility", 16]]
+        elif isinstance(scalars[name], float):
+            sig[name] = "fp32"
+        elif scalars[name] == 1:
+            sig[name] = "constexpr"
+            constexprs[name] = 1
+        else:
+            sig[name] = "i32"
+            if scalars[name] % 16 == 0:
+                attrs[(i,)] = [["tt.divisibility", 16]]
+    return sig, constexprs, attrs
+
+
+def build(fn, ptrs, scalars, const, num_warps, num_stages, cc):
+    """Compile for sm_``cc``; returns (compiled kernel, resource-usage dict from cuobjdump)."""
+    import triton
+    from triton.backends.compiler import BaseBackend, GPUTarget
+
+    if not hasattr(BaseBackend, "parse_attr"):  # triton < 3.3 used AttrsDescriptor objects instead
+        raise RuntimeError(
+            f"compile_check needs triton >= 3.3 (ASTSource attrs by arg path), found {triton.__version__}"
+        )
+    sig, constexprs, attrs = specialize(fn, ptrs, scalars, const)
+    src = triton.compiler.ASTSource(fn=fn, signature=sig, constexprs=constexprs, attrs=attrs)
+    kernel = triton.compile(
+        src, target=GPUTarget("cuda", cc, 32), options={"num_warps": num_warps, "num_stages": num_stages}
+    )
+    with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as f:
+        f.write(kernel.asm["cubin"])
+        path = f.name
+    try:
+        out = subprocess.run(
+            [_cuobjdump(), "--dump-resource-usage", path], capture_output=True, text=True, check=True
+        ).stdout
+    finally:
+        os.unlink(path)
+    usage = {}
+    for key in ("REG", "STACK", "LOCAL"):
+        m = re.search(rf"\b{key}:(\d+)", out)
+        usage[key] = int(m.group(1)) if m else None
+    usage["SMEM"] = int(getattr(kernel.metadata, "shared", 0) or 0)  # dynamic shared memory (bytes)
+    return kernel, usage
+
+
+def _build(job):
+    """Compile spec ``index`` (of module ``only``) for compute capability ``cc``; returns a result row."""
+    only, index, cc = job
+    name, fn, ptrs, scalars, const, cfg = _specs(only)[index]
+    row = {"name": name, "cc": cc, "warps": cfg.num_warps, "stages": cfg.num_stages}
+    t0 = time.time()
+    try:
+        kernel, usage = build(fn, ptrs, scalars, const, cfg.num_warps, cfg.num_stages, cc)
+        row.update(usage)
+        row["target"] = next(
+            (ln.split()[1] for ln in kernel.asm["ptx"].splitlines() if ln.startswith(".target")), "?"
+        )
+        row["wgmma"] = "wgmma" in kernel.asm["ptx"]
+    except Exception as e:  # reported as a failed row
+        row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+    row["seconds"] = round(time.time() - t0, 2)
+    return row
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--jobs", type=int, default=min(4, os.cpu_count() or 1))
+    ap.add_argument("--only", choices=MODULES, help="check one kernel module")
+    args = ap.parse_args(argv)
+    if os.environ.get("TRITON_INTERPRET", "0") == "1":
+        print("compile_check: unset TRITON_INTERPRET (kernels must be real JIT functions)", file=sys.stderr)
+        return 2
+    jobs = [(args.only, i, cc) for i in range(len(_specs(args.only))) for cc in TARGETS]
+    t0 = time.time()
+    with ProcessPoolExecutor(max_workers=args.jobs) as pool:
+        rows = list(pool.map(_build, jobs, chunksize=4))
+    bad = 0
+    print(
+        f"{'kernel variant':<62} {'target':>6} {'warps':>5} {'REG':>4} {'SMEM':>7} "
+        f"{'STACK':>5} {'LOCAL':>5}  note"
+    )
+    for r in rows:
+        if "error" in r:
+            bad += 1
+            print(
+                f"{r['name']:<62} {'sm_' + str(r['cc']):>6} {'':>5} {'':>4} {'':>7} {'':>5} {'':>5}  "
+                f"FAILED {r['error']}"
+            )
+            continue
+        spills = bool(r["LOCAL"] or r["STACK"])
+        note = ("wgmma" if r["wgmma"] else "") + (" SPILLS" if spills else "")
+        bad += spills
+        print(
+            f"{r['name']:<62} {r['target']:>6} {r['warps']:>5} {r['REG']:>4} {r['SMEM']:>7} "
+            f"{r['STACK']:>5} {r['LOCAL']:>5}  {note}"
+        )
+    print(
+        f"compile_check: {len(rows)} builds ({len(rows) // len(TARGETS)} variants x {len(TARGETS)} targets), "
+        f"{bad} bad, {time.time() - t0:.0f}s"
+    )
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

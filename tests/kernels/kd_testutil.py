@@ -1,0 +1,58 @@
+"""Shared helpers for the kernel tests: device, tolerances (DESIGN.md "Conventions"), random upstreams."""
+
+import contextlib
+
+import torch
+from fastkd.kernels._utils import INTERPRET
+
+DEVICE = torch.device("cuda" if torch.cuda.is_available() and not INTERPRET else "cpu")
+FP32_RTOL = 1e-5  # fp32 kernel vs fp64 reference, relative (Frobenius norm over the tensor)
+BF16_ATOL_REL = 1e-5  # the bf16 rule's "small atol", relative to the reference's norm
+
+
+def rel_err(a: torch.Tensor, ref: torch.Tensor) -> float:
+    a64, r64 = a.detach().double().cpu(), ref.detach().double().cpu()
+    return float((a64 - r64).norm() / r64.norm().clamp_min(1e-30))
+
+
+def assert_fp32(a: torch.Tensor, ref: torch.Tensor, what: str, rtol: float = FP32_RTOL) -> None:
+    assert a.shape == ref.shape, f"{what}: shape {tuple(a.shape)} != reference {tuple(ref.shape)}"
+    err = rel_err(a, ref)
+    assert err <= rtol, f"{what}: relative error {err:.3e} > {rtol:.0e}"
+
+
+def assert_bf16(
+    a: torch.Tensor, torch_low: torch.Tensor, ref: torch.Tensor, what: str, factor: float = 2.0
+) -> None:
+    """The flash-attention rule: ‖kernel − ref‖ ≤ 2·‖torch_low − ref‖ + atol (norms over the tensor).
+
+    ``factor`` > 2 only with a comment giving the measured drift at the call site."""
+    assert a.shape == ref.shape, f"{what}: shape {tuple(a.shape)} != reference {tuple(ref.shape)}"
+    r64 = ref.detach().double().cpu()
+    err_k = float((a.detach().double().cpu() - r64).norm())
+    err_t = float((torch_low.detach().double().cpu() - r64).norm())
+    atol = BF16_ATOL_REL * float(r64.norm()) + 1e-12
+    assert err_k <= factor * err_t + atol, (
+        f"{what}: kernel error {err_k:.3e} > {factor:g} × torch bf16 error {err_t:.3e} + atol {atol:.1e}"
+    )
+
+
+def upstream_scalar(gen: torch.Generator) -> float:
+    """A random upstream gradient for a 0-d loss: magnitude in [0.5, 1.5), random sign."""
+    u = float(torch.rand((), generator=gen)) + 0.5
+    return u if float(torch.rand((), generator=gen)) < 0.5 else -u
+
+
+def randn(*shape, gen: torch.Generator, dtype=torch.float32, scale: float = 1.0) -> torch.Tensor:
+    return (torch.randn(*shape, generator=gen) * scale).to(dtype).to(DEVICE)
+
+
+def autocast_bf16():
+    """The torch bf16 baseline: the reference run under autocast (what --amp does on the reference path)."""
+    return torch.autocast(DEVICE.type, dtype=torch.bfloat16)
+
+
+@contextlib.contextmanager
+def no_autocast():
+    with torch.autocast(DEVICE.type, enabled=False):
+        yield

@@ -1,0 +1,293 @@
+"""Fused token KD kernel (kernels/token_kd.py) vs the fp64 reference: losses, maps, CLS outputs and every
+gradient (dS, dW, db) under random upstream gradients, on awkward shapes, every shipped config."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from fastkd.kernels import token_kd as tk
+from kd_testutil import DEVICE, assert_bf16, assert_fp32, autocast_bf16, randn, upstream_scalar
+
+from fastkd.losses import reference as R
+
+# (B, P_s, P_t, N, D_s, D_t, projection)
+CASES = {
+    "ds!=dt": (3, 1, 1, 15, 24, 40, "linear"),
+    "deit-dist-student,ds=dt,identity": (3, 2, 1, 50, 48, 48, "identity"),
+    "ds=dt,linear,2-prefix-teacher": (5, 1, 2, 50, 40, 40, "linear"),
+    "wide(large config)": (3, 1, 1, 15, 150, 136, "linear"),
+}
+
+
+def make(case, dtype=torch.float32, seed=0):
+    B, P_s, P_t, N, D_s, D_t, proj = CASES[case]
+    g = torch.Generator().manual_seed(seed)
+    s = randn(B, P_s + N, D_s, gen=g, dtype=dtype).requires_grad_()
+    t = randn(B, P_t + N, D_t, gen=g, dtype=dtype)
+    w = randn(D_t, D_s, gen=g, scale=D_s**-0.5).requires_grad_() if proj == "linear" else None
+    b = randn(D_t, gen=g).requires_grad_()
+    up = dict(
+        mim=upstream_scalar(g), map=upstream_scalar(g), a_s=randn(B, N, gen=g), s_cls=randn(B, D_s, gen=g)
+    )
+    return dict(s=s, t=t, w=w, b=b, P_s=P_s, P_t=P_t, up=up)
+
+
+def reference_outputs(x, mimic=True, cls_map=True, with_t=True, dtype=torch.float64, autocast=False):
+    """The reference composite (mim_sum, map_sum, a_s, s_cls, t_cls) and its grads wrt (s, w, b)."""
+    conv = (
+        (lambda v: v.detach().to(dtype).requires_grad_())
+        if dtype == torch.float64
+        else (lambda v: v.detach().clone().requires_grad_())
+    )
+    s = conv(x["s"])
+    t = x["t"].detach().to(dtype) if dtype == torch.float64 else x["t"].detach()
+    w = conv(x["w"]) if x["w"] is not None else None
+    b = conv(x["b"])
+    P_s, P_t, up = x["P_s"], x["P_t"], x["up"]
+    B, N = s.shape[0], s.shape[1] - P_s
+    with autocast_bf16() if autocast else torch.autocast(DEVICE.type, enabled=False):
+        out, total = {}, 0.0
+        if mimic:
+            out["mim"] = R.vitkd_mimic_loss([s[:, P_s:]], [t[:, P_t:]], [w], [b], alpha=float(B))
+            total = total + up["mim"] * out["mim"]
+        if cls_map:
+            out["a_s"] = R.cls_patch_map(s, P_s)
+            out["s_cls"] = F.normalize(s[:, 0].to(out["a_s"].dtype), dim=-1)
+            total = total + (up["a_s"].to(out["a_s"].dtype) * out["a_s"]).sum()
+            total = total + (up["s_cls"].to(out["s_cls"].dtype) * out["s_cls"]).sum()
+            if with_t:
+                out["map"] = R.cls_patch_map_loss(s, t, P_s, P_t) * (B * N)
+                out["t_cls"] = F.normalize(t[:, 0].to(out["a_s"].dtype), dim=-1)
+                total = total + up["map"] * out["map"]
+    total.backward()
+    grads = {"s": s.grad, "w": w.grad if (mimic and w is not None) else None, "b": b.grad if mimic else None}
+    return out, grads
+
+
+def kernel_outputs(x, mimic=True, cls_map=True, with_t=True):
+    """The op's outputs and the grads of the same composite wrt (leaf of s, w, b); x["leaf"] is the tensor
+    s is a view of, when it is one."""
+    s, w, b, up = x["s"], x["w"], x["b"], x["up"]
+    leaf = x.get("leaf", s)
+    for v in (leaf, w, b):
+        if v is not None:
+            v.grad = None
+    mim, msum, a_s, s_cls, t_cls, _ = tk.token_kd_op(
+        s,
+        x["t"] if with_t else None,
+        w if mimic else None,
+        b if mimic else None,
+        x["P_s"],
+        x["P_t"],
+        mimic,
+        cls_map,
+    )
+    out, total = {}, 0.0
+    if mimic:
+        out["mim"] = mim
+        total = total + up["mim"] * mim
+    if cls_map:
+        out.update(a_s=a_s, s_cls=s_cls)
+        total = total + (up["a_s"] * a_s).sum() + (up["s_cls"] * s_cls).sum()
+        if with_t:
+            out.update(map=msum, t_cls=t_cls)
+            total = total + up["map"] * msum
+    total.backward()
+    grads = {
+        "s": leaf.grad,
+        "w": w.grad if (mimic and w is not None) else None,
+        "b": b.grad if mimic else None,
+    }
+    return out, grads
+
+
+def check_fp32(x, **mode):
+    out, grads = kernel_outputs(x, **mode)
+    ref, rgrads = reference_outputs(x, **mode)
+    assert set(out) == set(ref)
+    for k in ref:
+        assert_fp32(out[k], ref[k], k)
+    for k, r in rgrads.items():
+        if r is None:
+            assert grads[k] is None or float(grads[k].abs().max()) == 0.0, f"unexpected gradient for {k}"
+        else:
+            assert_fp32(grads[k], r, f"d{k}")
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_token_kd_fp32(case):
+    check_fp32(make(case))
+
+
+@pytest.mark.parametrize(
+    "mode",
+    [
+        dict(mimic=True, cls_map=False),
+        dict(mimic=False, cls_map=True),
+        dict(mimic=False, cls_map=True, with_t=False),
+    ],
+)
+def test_token_kd_modes(mode):
+    check_fp32(make("ds!=dt", seed=1), **mode)
+
+
+def test_token_kd_mimic_on_patch_views():
+    """ViTKD passes patch views x[:, P:] (prefix 0 for the kernel): rows on a strided grid, no copies."""
+    x = make("ds!=dt", seed=2)
+    full_s, full_t = x["s"], x["t"]
+    x.update(s=full_s[:, 1:], t=full_t[:, 1:], P_s=0, P_t=0, leaf=full_s)
+    out, grads = kernel_outputs(x, mimic=True, cls_map=False)
+    s64 = full_s.detach().double().requires_grad_()
+    w64, b64 = x["w"].detach().double().requires_grad_(), x["b"].detach().double().requires_grad_()
+    ref = R.vitkd_mimic_loss(
+        [s64[:, 1:]], [full_t[:, 1:].double()], [w64], [b64], alpha=float(full_s.shape[0])
+    )
+    (x["up"]["mim"] * ref).backward()
+    assert_fp32(out["mim"], ref, "mim")
+    assert_fp32(grads["s"], s64.grad, "ds")
+    assert float(grads["s"][:, 0].abs().max()) == 0.0
+    assert_fp32(grads["w"], w64.grad, "dw")
+    assert_fp32(grads["b"], b64.grad, "db")
+
+
+def test_token_kd_row_gaps():
+    """s = x[:, :P+N] of a longer sequence: gap rows between samples must not leak into dW."""
+    x = make("ds!=dt", seed=3)
+    B, T, D = x["s"].shape
+    big = randn(B, T + 3, D, gen=torch.Generator().manual_seed(9)).requires_grad_()
+    x.update(s=big[:, :T], leaf=big)
+    out, grads = kernel_outputs(x)
+    x["s"] = big[:, :T].detach().clone().requires_grad_()
+    ref, rgrads = reference_outputs(x)
+    for k in ref:
+        assert_fp32(out[k], ref[k], k)
+    assert float(grads["s"][:, T:].abs().max()) == 0.0
+    assert_fp32(grads["s"][:, :T], rgrads["s"], "ds")
+    for k in ("w", "b"):
+        assert_fp32(grads[k], rgrads[k], f"d{k}")
+
+
+@pytest.mark.parametrize("case", ["ds!=dt", "deit-dist-student,ds=dt,identity", "wide(large config)"])
+def test_token_kd_bf16(case):
+    x = make(case, dtype=torch.bfloat16, seed=4)
+    out, grads = kernel_outputs(x)
+    ref, rgrads = reference_outputs(x)
+    low, lgrads = reference_outputs(x, dtype=torch.bfloat16, autocast=True)
+    assert grads["s"].dtype == torch.bfloat16
+    for k in ref:
+        assert_bf16(out[k], low[k], ref[k], k)
+    for k, r in rgrads.items():
+        if r is not None:
+            assert_bf16(grads[k], lgrads[k], r, f"d{k}")
+
+
+@pytest.mark.parametrize("name", sorted(set(tk.FWD_CONFIGS) | set(tk.BWD_CONFIGS) | set(tk.MAP_BWD_CONFIGS)))
+def test_token_kd_every_shipped_config(name):
+    """Each shipped config (not only the one the heuristic picks for these widths), forward + backward."""
+    x = make("ds=dt,linear,2-prefix-teacher", seed=5)
+    s, t, w, b, P_s, P_t, up = x["s"], x["t"], x["w"], x["b"], x["P_s"], x["P_t"], x["up"]
+    mim, msum, a_s, s_cls, t_cls, stats = tk.token_kd_forward(
+        s.detach(), t, w.detach(), b.detach(), P_s, P_t, True, True, config=tk.FWD_CONFIGS[name]
+    )
+    ds, dw, db = tk.token_kd_backward(
+        torch.tensor(up["mim"], device=DEVICE),
+        torch.tensor(up["map"], device=DEVICE),
+        up["a_s"],
+        up["s_cls"],
+        s.detach(),
+        t,
+        w.detach(),
+        b.detach(),
+        a_s,
+        stats,
+        s_cls,
+        P_s,
+        P_t,
+        True,
+        True,
+        True,
+        True,
+        config=tk.BWD_CONFIGS[name],
+        map_config=tk.MAP_BWD_CONFIGS[name],
+    )
+    ref, rgrads = reference_outputs(x)
+    for k, v in dict(mim=mim, map=msum, a_s=a_s, s_cls=s_cls, t_cls=t_cls).items():
+        assert_fp32(v, ref[k], f"{name}: {k}")
+    for k, v in dict(s=ds, w=dw, b=db).items():
+        assert_fp32(v, rgrads[k], f"{name}: d{k}")
+
+
+def test_token_kd_no_grad_inputs():
+    """Only W needs grad (s detached): dW is still right and no dS is requested."""
+    x = make("ds!=dt", seed=6)
+    x["s"] = x["s"].detach()
+    mim = tk.token_kd_op(x["s"], x["t"], x["w"], None, 1, 1, True, False)[0]
+    mim.backward()
+    w64 = x["w"].detach().double().requires_grad_()
+    R.vitkd_mimic_loss(
+        [x["s"][:, 1:].double()], [x["t"][:, 1:].double()], [w64], [None], alpha=3.0
+    ).backward()
+    assert_fp32(x["w"].grad, w64.grad, "dW")
+
+
+def test_token_kd_compiles_fullgraph():
+    x = make("ds!=dt", seed=7)
+
+    def loss(s, t, w, b):
+        mim, msum, a_s, s_cls, _, _ = tk.token_kd_op(s, t, w, b, 1, 1, True, True)
+        return 0.5 * mim + msum + a_s.sum() + s_cls.sum()
+
+    compiled = torch.compile(loss, fullgraph=True, backend="aot_eager")
+    out = compiled(x["s"], x["t"], x["w"], x["b"])
+    out.backward()
+    ds, dw = x["s"].grad.clone(), x["w"].grad.clone()
+    x["s"].grad = x["w"].grad = x["b"].grad = None
+    loss(x["s"], x["t"], x["w"], x["b"]).backward()
+    assert torch.allclose(ds, x["s"].grad) and torch.allclose(dw, x["w"].grad)
+
+
+def test_token_kd_fake_matches_real_strides():
+    """register_fake gives the real outputs' shapes, dtypes and strides (inductor asserts them)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    x = make("deit-dist-student,ds=dt,identity", seed=8)
+    one = torch.tensor(1.0, device=DEVICE)
+    s, t, b = x["s"].detach()[:, :-1], x["t"][:, :-1], x["b"].detach()  # strided views
+
+    def both(s, t, b, one):
+        fwd = tk.token_kd_op(s, t, None, b, 2, 1, True, True)
+        flags = (2, 1, True, True, False, True)
+        bwd = tk.token_kd_backward_op(one, one, None, None, s, t, None, b, fwd[2], fwd[5], fwd[3], *flags)
+        return list(fwd) + list(bwd)
+
+    real = both(s, t, b, one)
+    with FakeTensorMode(allow_non_fake_inputs=True) as mode:
+        fake = both(*(mode.from_tensor(v) for v in (s, t, b, one)))
+    for r, f in zip(real, fake, strict=True):
+        assert (r.shape, r.dtype, r.stride()) == (f.shape, f.dtype, f.stride())
+
+
+@pytest.mark.parametrize(
+    "bad, match",
+    [
+        (dict(s=torch.zeros(3, 16, 24, dtype=torch.float64)), "dtype"),
+        (dict(s=torch.zeros(3, 16)), "3-D"),
+        (dict(t=torch.zeros(3, 17, 40)), "patch tokens"),
+        (dict(t=torch.zeros(4, 16, 40)), "batch"),
+        (dict(w=torch.zeros(24, 40)), r"\[D_t, D_s\]"),
+        (dict(w=None), "projection weight"),
+        (dict(b=torch.zeros(41)), "bias"),
+        (dict(s=torch.zeros(3, 24, 16).transpose(1, 2)), "unit stride"),
+        (dict(P_s=0), "num_prefix_s"),
+        (dict(t=None), "teacher"),
+    ],
+)
+def test_token_kd_launcher_errors(bad, match):
+    args = dict(
+        s=torch.zeros(3, 16, 24), t=torch.zeros(3, 16, 40), w=torch.zeros(40, 24), b=torch.zeros(40), P_s=1
+    )
+    args.update(bad)
+    mv = lambda v: v.to(DEVICE) if isinstance(v, torch.Tensor) else v
+    with pytest.raises(ValueError, match=match):
+        tk.token_kd_forward(
+            mv(args["s"]), mv(args["t"]), mv(args["w"]), mv(args["b"]), args["P_s"], 1, True, True
+        )
