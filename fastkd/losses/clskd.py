@@ -1,0 +1,161 @@
+"""[CLS]-KD (Kang, Son, Kim, KBS 2024) and manifold distillation (Hao et al. 2022), as released
+(github.com/kmc3661/cls-kd). The exact formulas are in METHODS.md; summary:
+
+Layer pairs (``fastkd.models.clskd_pairs``): student blocks [0,1,2,3, L_s−4, …, L_s−1] (deduplicated;
+every block when L_s ≤ 8) or a custom ``--clskd-blocks`` list; the teacher block for student block i
+is i when L_t = L_s, else round_half_up((i+1)·L_t/L_s) − 1. Raw block outputs, all tokens.
+
+``CLSKDLoss`` (``--method clskd``), per pair k:
+
+- L_cls,k = mean over B·D_t of (norm(c_t) − proj(norm(c_s)))², c = the CLS token (index 0); one
+  projector shared by all pairs: Linear(D_s→H) → GELU → Linear(H→D_t), H = ⌊(D_s+D_t)/2⌋, identity
+  when D_s = D_t.
+- L_map,k = mean over B·N of (a_t − a_s)², a = norm(CLS)·norm(patch_n) (cosine; prefix tokens other
+  than the CLS, e.g. DeiT's dist token, are skipped, so P_s ≠ P_t is fine).
+- total: w_cls·ALD(L_cls) + w_map·ALD(L_map), ALD = Σ_{k<n} r_k L_k + μ·r_n·L_n, r_k = L_k/Σ_j L_j
+  (release: r not detached; ``detach=True`` is the option), μ = 4 on the last pair.
+
+``ManifoldLoss`` (``--method md``), same pairs: per pair, the tokens [CLS, patches] (other prefix tokens
+dropped so student and teacher token counts match), each L2-normalised; mean over pairs of
+4·patch + 0.1·sample + 0.2·random Gram MSEs (K = 192 random tokens). No ALD.
+
+Teacher signals (named, so a cache can store them), k = index in the pair list:
+``clskd_cls_{k}`` [B, D_t] teacher CLS, ``clskd_map_{k}`` [B, N] teacher CLS–patch map,
+``md_tok_{k}`` [B, 1+N, D_t] teacher [CLS, patches].
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from fastkd import functional as KF
+from fastkd.losses import reference as R
+from fastkd.losses.parts import LossPart
+
+
+def kf(name: str):
+    """The dispatching ``fastkd.functional`` function ``name`` when it exists, else the reference one."""
+    return getattr(KF, name, None) or getattr(R, name)
+
+
+def cls_and_patches(tokens: torch.Tensor, num_prefix: int) -> torch.Tensor:
+    """[B, P+N, D] → [B, 1+N, D]: the CLS token (index 0) and the N patch tokens (other prefixes dropped)."""
+    if num_prefix == 1:
+        return tokens
+    return torch.cat([tokens[:, :1], tokens[:, num_prefix:]], dim=1)
+
+
+class CLSProjector(nn.Module):
+    """Shared [CLS] projector [B, D_s] → [B, D_t]: Linear(D_s→H) → GELU → Linear(H→D_t), H = ⌊(D_s+D_t)/2⌋."""
+
+    def __init__(self, d_s: int, d_t: int):
+        super().__init__()
+        hidden = (d_s + d_t) // 2
+        self.net = nn.Sequential(nn.Linear(d_s, hidden), nn.GELU(), nn.Linear(hidden, d_t))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+class CLSKDLoss(LossPart):
+    """[CLS]-KD: ALD-weighted CLS-embedding and CLS–patch map losses over layer pairs.
+
+    pairs: [(student block, teacher block)]; returns {"clskd_cls": w_cls·ALD(L_cls),
+    "clskd_map": w_map·ALD(L_map)} (0-d each).
+    """
+
+    name = "clskd"
+
+    def __init__(
+        self,
+        d_s: int,
+        d_t: int,
+        pairs: Sequence[tuple[int, int]],
+        *,
+        w_cls: float = 1.0,
+        w_map: float = 2.0,
+        mu: float = 4.0,
+        detach: bool = False,
+    ):
+        super().__init__()
+        if not pairs:
+            raise ValueError("clskd needs at least one layer pair; check --clskd-blocks")
+        self.pairs = [(int(i), int(j)) for i, j in pairs]
+        self.w_cls, self.w_map, self.mu, self.detach = w_cls, w_map, mu, detach
+        self.projector = None if d_s == d_t else CLSProjector(d_s, d_t)
+        n = len(self.pairs)
+        self.signals = tuple(f"clskd_cls_{k}" for k in range(n)) + tuple(f"clskd_map_{k}" for k in range(n))
+
+    def student_blocks(self):
+        return sorted({i for i, _ in self.pairs})
+
+    def teacher_blocks(self):
+        return sorted({j for _, j in self.pairs})
+
+    def teacher_signals(self, t):
+        out = {}
+        for k, (_, j) in enumerate(self.pairs):
+            tok = t.blocks[j]
+            out[f"clskd_cls_{k}"] = tok[:, 0]
+            out[f"clskd_map_{k}"] = kf("cls_patch_map")(tok, t.num_prefix)
+        return out
+
+    def layer_losses(self, s, t) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """Per-pair (L_cls,k list, L_map,k list), each a 0-d tensor, before ALD and weights."""
+        cls_l, map_l = [], []
+        embed, cmap = kf("cls_embed_loss"), kf("cls_patch_map")
+        for k, (i, _) in enumerate(self.pairs):
+            tok = s.blocks[i]
+            cls_l.append(embed(tok[:, 0], t[f"clskd_cls_{k}"], self.projector))
+            a_s = cmap(tok, s.num_prefix)
+            a_t = t[f"clskd_map_{k}"]
+            if a_s.shape != a_t.shape:
+                raise ValueError(
+                    f"clskd: student has {a_s.shape[1]} patch tokens, teacher {a_t.shape[1]}; "
+                    "use the same img_size/patch grid for both"
+                )
+            dt = a_s.dtype if a_s.dtype in (torch.float32, torch.float64) else torch.float32
+            map_l.append((a_t.to(dt) - a_s.to(dt)).pow(2).mean())  # = cls_patch_map_loss on the tokens
+        return cls_l, map_l
+
+    def forward(self, s, t, batch):
+        cls_l, map_l = self.layer_losses(s, t)
+        ald = kf("ald")
+        return {
+            "clskd_cls": self.w_cls * ald(cls_l, last_weight=self.mu, detach=self.detach),
+            "clskd_map": self.w_map * ald(map_l, last_weight=self.mu, detach=self.detach),
+        }
+
+
+class ManifoldLoss(LossPart):
+    """Manifold distillation over the [CLS]-KD layer pairs; returns {"md": weight·L_MD}."""
+
+    name = "md"
+
+    def __init__(self, pairs: Sequence[tuple[int, int]], *, k: int = 192, weight: float = 1.0):
+        super().__init__()
+        if not pairs:
+            raise ValueError("md needs at least one layer pair; check --clskd-blocks")
+        self.pairs = [(int(i), int(j)) for i, j in pairs]
+        self.k, self.weight = int(k), weight
+        self.signals = tuple(f"md_tok_{k}" for k in range(len(self.pairs)))
+
+    def student_blocks(self):
+        return sorted({i for i, _ in self.pairs})
+
+    def teacher_blocks(self):
+        return sorted({j for _, j in self.pairs})
+
+    def teacher_signals(self, t):
+        return {
+            f"md_tok_{k}": cls_and_patches(t.blocks[j], t.num_prefix) for k, (_, j) in enumerate(self.pairs)
+        }
+
+    def forward(self, s, t, batch):
+        s_tok = [cls_and_patches(s.blocks[i], s.num_prefix) for i, _ in self.pairs]
+        t_tok = [t[f"md_tok_{k}"] for k in range(len(self.pairs))]
+        loss = kf("manifold_loss")(s_tok, t_tok, k=self.k, generator=batch.get("generator"))
+        return {"md": self.weight * loss}
