@@ -205,13 +205,11 @@ def run_teacher_identity(cfg, data) -> dict:
         src = str(cfg.model.teacher)
         sha = file_sha256(src) if os.path.isfile(src) else None
         return {"source": src, "sha256": sha, "default_key": None}
-    from fastkd.augment import AugmentConfig
-    from fastkd.models import default_arch
-    from fastkd.train import teacher_key
+    from fastkd.config import parse_methods
+    from fastkd.train import default_teacher_spec
 
-    arch = default_arch("teacher", data.img_size, data.in_chans, data.num_classes)
-    key = f"{arch[0]}-{teacher_key(data, arch, cfg, AugmentConfig.default_for(data.img_size))}"
-    path = Path(cfg.run.workdir) / "teachers" / key / "student.safetensors"
+    _, tdir = default_teacher_spec(cfg, data, cnn="cskd" in parse_methods(cfg.method.method))
+    key, path = tdir.name, tdir / "student.safetensors"
     sha = file_sha256(path) if path.is_file() else None
     return {"source": str(path), "sha256": sha, "default_key": key}
 
@@ -355,7 +353,9 @@ def _teacher_for_build(cfg, trainer, log):
         sha = file_sha256(src) if os.path.isfile(src) else state_sha256(model)
         ident = {"source": src, "sha256": sha, "default_key": None}
     else:
-        path = ensure_default_teacher(cfg, d, log=log)
+        from fastkd.config import parse_methods
+
+        path = ensure_default_teacher(cfg, d, log=log, cnn="cskd" in parse_methods(cfg.method.method))
         model = resolve_model(str(path), **mk)
         ident = {"source": str(path), "sha256": file_sha256(path), "default_key": path.parent.name}
     return model.to(trainer.device), ident

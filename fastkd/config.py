@@ -21,7 +21,10 @@ METHODS = ("ce", "kd", "nkd", "vitkd", "clskd", "md", "cskd", "deit")
 class DataConfig:
     data: str = "digits"  # digits | DIR (train/ + val/) | FILE.npz
     img_size: int | None = None  # default: the dataset's own size
-    train_limit: int | None = None  # use only the first N training images (after the fixed split)
+    # the student sees only the first N training images (the teacher, when fastkd trains it, all of them).
+    # None: all images — except the bundled digits default job, which uses 360 (the small-labelled
+    # regime where distillation matters; README). 0: all images, always.
+    train_limit: int | None = None
     crop_pad: int | None = None  # augmentation translation in pixels (default: img_size/8)
     mixup: float = 0.0  # mixup alpha (0 = off)
     cutmix: float = 0.0  # cutmix alpha (0 = off)
@@ -75,7 +78,7 @@ class MethodConfig:
 
 @dataclass
 class OptimConfig:
-    epochs: int = 80
+    epochs: int = 150
     batch_size: int = 64
     lr: float = 2e-3
     min_lr: float = 1e-5

@@ -35,7 +35,7 @@ from pathlib import Path
 
 import torch
 
-from fastkd.config import PRESETS, TrainConfig, apply_overrides, parse_methods
+from fastkd.config import PRESETS, ModelConfig, OptimConfig, TrainConfig, apply_overrides, parse_methods
 from fastkd.data import load_data
 from fastkd.models import default_arch
 from fastkd.utils import atomic_write_json, atomic_write_text
@@ -47,7 +47,7 @@ DISTILLED_STUDENT = "deit_tiny_distilled_patch16_224"
 # default job trains 80; everything else is the default recipe) and the default teacher recipe
 # (60 epochs), so the ViT teacher is the one ``python -m fastkd.train`` trains and caches.
 # study.md records the measured wall times.
-DEFAULTS = dict(epochs=25, teacher_epochs=60, seeds="0,1,2")
+DEFAULTS = dict(epochs=OptimConfig().epochs, teacher_epochs=ModelConfig().teacher_epochs, seeds="0,1,2")
 
 
 def method_overrides(label: str) -> dict:
@@ -94,10 +94,13 @@ class Study:
             raise ValueError("--methods is empty; e.g. --methods " + ",".join(DEFAULT_METHODS))
         self.overrides = {lab: method_overrides(lab) for lab in self.labels}
         self.data = load_data(args.data, img_size=args.img_size)
-        if args.train_limit:
-            from fastkd.train import limit_train
+        from fastkd.train import DIGITS_DEFAULT_LIMIT, limit_train
 
-            self.data = limit_train(self.data, args.train_limit)
+        limit = args.train_limit
+        if limit is None and args.data == "digits":  # the default job's regime (fastkd.train)
+            limit = DIGITS_DEFAULT_LIMIT
+        if limit:
+            self.data = limit_train(self.data, limit)
 
     def base_config(self, seed: int) -> TrainConfig:
         a = self.args

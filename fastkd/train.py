@@ -90,6 +90,7 @@ def param_groups(modules: list[nn.Module], weight_decay: float):
 
 
 DISTILLED_BASE = "deit_tiny_distilled_patch16_224"
+DIGITS_DEFAULT_LIMIT = 360  # the default job's labelled set for the student (README: measured table)
 
 
 def _shape_overrides(cfg: TrainConfig, role: str) -> dict:
@@ -107,7 +108,9 @@ def limit_train(data: Dataset, n: int) -> Dataset:
         return data
     x, y = data.x_train[:n], data.y_train[:n]
     fp = hashlib.sha256(f"{data.fingerprint}:first{n}".encode()).hexdigest()
-    return replace(data, x_train=x, y_train=y, fingerprint=fp, name=f"{data.name}[:{n}]")
+    limited = replace(data, x_train=x, y_train=y, fingerprint=fp, name=f"{data.name}[:{n}]")
+    limited.full = data  # the default teacher learns from the whole split (default_teacher_spec)
+    return limited
 
 
 def teacher_key(data: Dataset, arch: tuple[str, dict], cfg: TrainConfig, aug: AugmentConfig) -> str:
@@ -218,8 +221,13 @@ class Trainer:
         # from the first --train-limit images of it (the small-labelled-data regime)
         self.full_data = data if data is not None else load_data(cfg.data.data, img_size=cfg.data.img_size)
         self.data = self.full_data
-        if cfg.data.train_limit:
-            self.data = limit_train(self.full_data, cfg.data.train_limit)
+        limit = cfg.data.train_limit
+        if limit is None and cfg.data.data == "digits" and data is None:
+            limit = DIGITS_DEFAULT_LIMIT
+            log(f"fastkd: digits default regime: the student learns from {limit} labelled images, the teacher "
+                f"from all {len(self.full_data.y_train)} (--train-limit 0 for all)")
+        if limit:
+            self.data = limit_train(self.full_data, limit)
         d = self.data
         self.aug = AugmentConfig.default_for(d.img_size)
         if cfg.data.crop_pad is not None:
@@ -628,55 +636,51 @@ def write_report(path: Path, history: list[dict], evals: list[dict], title: str 
     os.replace(tmp, path)
 
 
-def ensure_default_teacher(cfg: TrainConfig, data: Dataset, log=print) -> Path:
-    """Train the default teacher for this data once; later runs reuse it (keyed by data+arch+recipe)."""
-    arch = default_arch("teacher", data.img_size, data.in_chans, data.num_classes)
-    arch = (arch[0], {**arch[1], **_shape_overrides(cfg, "teacher")})
-    aug = AugmentConfig.default_for(data.img_size)
-    key = teacher_key(data, arch, cfg, aug)
-    tdir = Path(cfg.run.workdir) / "teachers" / f"{arch[0]}-{key}"
+def default_teacher_spec(cfg: TrainConfig, data: Dataset, *, cnn: bool = False) -> tuple[tuple[str, dict], Path]:
+    """(arch, directory) of the default teacher for this data and recipe.
+
+    ViT: ``models.default_arch('teacher')`` + ``--teacher-*`` shape flags. CNN (for ``cskd``):
+    ``losses.cskd.default_cnn_arch`` (a ResNet-18 whose last map is half the student's token grid).
+    The directory is keyed by a hash of data fingerprint + arch + recipe. ``data`` is the full training
+    split (a ``--train-limit`` view carries it as ``.full``)."""
+    data = getattr(data, "full", data)
+    if cnn:
+        from fastkd.losses.cskd import default_cnn_arch
+
+        arch, prefix = default_cnn_arch(data.img_size), "cnn-"
+    else:
+        arch = default_arch("teacher", data.img_size, data.in_chans, data.num_classes)
+        arch, prefix = (arch[0], {**arch[1], **_shape_overrides(cfg, "teacher")}), ""
+    key = teacher_key(data, arch, cfg, AugmentConfig.default_for(data.img_size))
+    return arch, Path(cfg.run.workdir) / "teachers" / f"{prefix}{arch[0]}-{key}"
+
+
+def ensure_default_teacher(cfg: TrainConfig, data: Dataset, log=print, *, cnn: bool = False) -> Path:
+    """Train the default teacher for this data once (CE, ``--teacher-epochs``, ``--teacher-lr``, seed 0,
+    the whole training split); later runs reuse it. Resumable: an interrupted teacher run continues."""
+    data = getattr(data, "full", data)
+    arch, tdir = default_teacher_spec(cfg, data, cnn=cnn)
     path = tdir / "student.safetensors"
+    what = "CNN teacher" if cnn else "teacher"
     if path.exists():
-        log(f"fastkd: reusing teacher {path}")
+        log(f"fastkd: reusing {what} {path}")
         return path
-    log(f"fastkd: no --teacher given; training the default teacher ({arch[0]} {arch[1]}) → {tdir}")
+    log(f"fastkd: no --teacher given; training the default {what} ({arch[0]} {arch[1]}) → {tdir}")
     tcfg = TrainConfig.from_dict(cfg.to_dict())
     tcfg.method = replace(tcfg.method, method="ce", ce_weight=1.0)
     tcfg.model = replace(tcfg.model, teacher=None, student=arch[0], student_embed_dim=None, student_depth=None,
-                         student_heads=None)
-    tcfg.optim = replace(tcfg.optim, epochs=cfg.model.teacher_epochs, lr=cfg.model.teacher_lr)
-    tcfg.run = replace(tcfg.run, seed=0, resume=True, teacher_cache=None, tensorboard=False, compile=False)
-    tcfg.data = replace(tcfg.data, train_limit=None, mixup=0.0, cutmix=0.0, crop_pad=None, hflip=False)
-    trainer = Trainer(tcfg, data=data, student_arch=arch, log=log)
-    s = trainer.fit(tdir)
-    log(f"fastkd: teacher val top-1 {s['student_top1']:.2f}% ({s['wall_s']:.0f}s)")
-    return path
-
-
-def ensure_default_cnn_teacher(cfg: TrainConfig, data: Dataset, log=print) -> Path:
-    """The default CNN teacher for ``cskd`` (``fastkd.losses.cskd.default_cnn_arch``: a 2-stage timm
-    ConvNeXt whose last map is half the student's token grid), trained once with the default teacher's
-    recipe (CE, ``--teacher-epochs``, ``--teacher-lr``) and reused, keyed like the default teacher."""
-    from fastkd.losses.cskd import default_cnn_arch
-
-    arch = default_cnn_arch(data.img_size)
-    aug = AugmentConfig.default_for(data.img_size)
-    tdir = Path(cfg.run.workdir) / "teachers" / f"cnn-{arch[0]}-{teacher_key(data, arch, cfg, aug)}"
-    path = tdir / "student.safetensors"
-    if path.exists():
-        log(f"fastkd: reusing CNN teacher {path}")
-        return path
-    log(f"fastkd: cskd without --teacher; training the default CNN teacher ({arch[0]} {arch[1]}) → {tdir}")
-    tcfg = TrainConfig.from_dict(cfg.to_dict())
-    tcfg.method = replace(tcfg.method, method="ce", ce_weight=1.0)
-    tcfg.model = replace(tcfg.model, teacher=None, student=arch[0], student_embed_dim=None,
-                         student_depth=None, student_heads=None)
+                         student_heads=None, student_patch_size=None)
     tcfg.optim = replace(tcfg.optim, epochs=cfg.model.teacher_epochs, lr=cfg.model.teacher_lr)
     tcfg.run = replace(tcfg.run, seed=0, resume=True, teacher_cache=None, tensorboard=False, compile=False)
     tcfg.data = replace(tcfg.data, train_limit=None, mixup=0.0, cutmix=0.0, crop_pad=None, hflip=False)
     s = Trainer(tcfg, data=data, student_arch=arch, log=log).fit(tdir)
-    log(f"fastkd: CNN teacher val top-1 {s['student_top1']:.2f}% ({s['wall_s']:.0f}s)")
+    log(f"fastkd: {what} val top-1 {s['student_top1']:.2f}% ({s['wall_s']:.0f}s)")
     return path
+
+
+def ensure_default_cnn_teacher(cfg: TrainConfig, data: Dataset, log=print) -> Path:
+    """The default CNN teacher for ``cskd``, trained once with the default teacher's recipe and reused."""
+    return ensure_default_teacher(cfg, data, log, cnn=True)
 
 
 def default_out(cfg: TrainConfig) -> Path:

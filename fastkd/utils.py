@@ -91,9 +91,17 @@ def save_state(directory: str | Path, state: dict, meta: dict) -> None:
             old = json.loads((d / "state.json").read_text()).get("tensors")
     name = f"state-{meta.get('step', 0)}-{os.getpid()}.safetensors"
     tmp = d / f".{name}.tmp"
-    save_file(tensors, str(tmp))
-    os.replace(tmp, d / name)
-    atomic_write_json(d / "state.json", {"meta": meta, "tensors": name, "tree": tree})
+    try:
+        save_file(tensors, str(tmp))
+        os.replace(tmp, d / name)
+        atomic_write_json(d / "state.json", {"meta": meta, "tensors": name, "tree": tree})
+    except BaseException:  # e.g. ENOSPC: no partial or orphaned file; the previous checkpoint stays
+        with _suppress():
+            tmp.unlink()
+        if name != old:
+            with _suppress():
+                (d / name).unlink()
+        raise
     if old and old != name:
         with _suppress():
             (d / old).unlink()
