@@ -975,7 +975,7 @@ def parse_cache_args(argv: list[str] | None = None):
     """(TrainConfig, cache options) from the command line: every ``fastkd.train`` flag plus the cache's.
 
     Without ``--method`` (and no preset) the cache stores logits only (``--method kd``)."""
-    from fastkd.config import PRESETS, TrainConfig, apply_overrides, build_parser, parse_methods
+    from fastkd.config import build_parser, config_from_args
 
     p = build_parser("precompute teacher outputs for python -m fastkd.train --teacher-cache DIR")
     p.prog = "python -m fastkd.cache"
@@ -998,19 +998,7 @@ def parse_cache_args(argv: list[str] | None = None):
                         "(alone with --out: verify an existing cache)")
     g.add_argument("--verify-tol", type=float, default=5e-3, help="relative tolerance of --verify")
     args = p.parse_args(argv)
-    cfg = TrainConfig()
-    if args.config:
-        with open(args.config) as fh:
-            cfg = TrainConfig.from_dict(json.load(fh))
-    overrides: dict[str, Any] = {}
-    if args.preset:
-        overrides.update(PRESETS[args.preset][1])
-    skip = ("preset", "config", *_CACHE_ARGS)
-    overrides.update({k: v for k, v in vars(args).items() if v is not None and k not in skip})
-    if "method" not in overrides and not args.config:
-        overrides["method"] = "kd"
-    apply_overrides(cfg, overrides)
-    parse_methods(cfg.method.method)
+    cfg = config_from_args(args, skip=_CACHE_ARGS, defaults={"method": "kd"})
     try:
         wi, wn = (int(s) for s in str(args.worker).split("/"))
     except ValueError:

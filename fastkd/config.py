@@ -163,7 +163,9 @@ def _sections(cfg: TrainConfig):
 
 def build_parser(description: str = "fastkd training") -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m fastkd.train", description=description)
-    p.add_argument("--preset", choices=sorted(PRESETS), help="; ".join(f"{k}: {v[0]}" for k, v in PRESETS.items()))
+    p.add_argument(
+        "--preset", choices=sorted(PRESETS), help="; ".join(f"{k}: {v[0]}" for k, v in PRESETS.items())
+    )
     p.add_argument("--config", help="a config.json from an earlier run to start from")
     defaults = TrainConfig()
     for sec_name, sec in _sections(defaults):
@@ -181,15 +183,25 @@ def build_parser(description: str = "fastkd training") -> argparse.ArgumentParse
 
 
 def parse_args(argv: list[str] | None = None) -> TrainConfig:
-    args = build_parser().parse_args(argv)
+    return config_from_args(build_parser().parse_args(argv))
+
+
+def config_from_args(
+    args: argparse.Namespace, skip: tuple[str, ...] = (), defaults: dict[str, Any] | None = None
+) -> TrainConfig:
+    """``defaults`` (without --config) or the --config file, then --preset, then explicit flags.
+    Names in ``skip`` are the command's own options, not config fields."""
     cfg = TrainConfig()
     if args.config:
         with open(args.config) as fh:
             cfg = TrainConfig.from_dict(json.load(fh))
+    elif defaults:
+        apply_overrides(cfg, defaults)
     overrides: dict[str, Any] = {}
     if args.preset:
         overrides.update(PRESETS[args.preset][1])
-    overrides.update({k: v for k, v in vars(args).items() if v is not None and k not in ("preset", "config")})
+    skip = ("preset", "config", *skip)
+    overrides.update({k: v for k, v in vars(args).items() if v is not None and k not in skip})
     apply_overrides(cfg, overrides)
     parse_methods(cfg.method.method)  # validate early: one clear line
     return cfg

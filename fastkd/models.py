@@ -28,12 +28,12 @@ import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-import fastkd.cnn  # noqa: F401,E402  (registers the fastkd_resnet timm model for checkpoints)
-
 import timm
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+import fastkd.cnn  # noqa: F401,E402  (registers the fastkd_resnet timm model for checkpoints)
 
 __all__ = [
     "PRESETS",

@@ -95,8 +95,12 @@ DIGITS_DEFAULT_LIMIT = 360  # the default job's labelled set for the student (RE
 
 def _shape_overrides(cfg: TrainConfig, role: str) -> dict:
     """--student-embed-dim/--student-depth/--student-heads (and the teacher's) as timm overrides."""
-    names = {"embed_dim": f"{role}_embed_dim", "depth": f"{role}_depth", "num_heads": f"{role}_heads",
-             "patch_size": f"{role}_patch_size"}
+    names = {
+        "embed_dim": f"{role}_embed_dim",
+        "depth": f"{role}_depth",
+        "num_heads": f"{role}_heads",
+        "patch_size": f"{role}_patch_size",
+    }
     return {k: getattr(cfg.model, f) for k, f in names.items() if getattr(cfg.model, f) is not None}
 
 
@@ -224,19 +228,29 @@ class Trainer:
         limit = cfg.data.train_limit
         if limit is None and cfg.data.data == "digits" and data is None:
             limit = DIGITS_DEFAULT_LIMIT
-            log(f"fastkd: digits default regime: the student learns from {limit} labelled images, the teacher "
-                f"from all {len(self.full_data.y_train)} (--train-limit 0 for all)")
+            log(
+                f"fastkd: digits default regime: the student learns from {limit} labelled images, "
+                f"the teacher from all {len(self.full_data.y_train)} (--train-limit 0 for all)"
+            )
         if limit:
             self.data = limit_train(self.full_data, limit)
         d = self.data
         self.aug = AugmentConfig.default_for(d.img_size)
         if cfg.data.crop_pad is not None:
             self.aug.crop_pad = cfg.data.crop_pad
-        self.aug.mixup_alpha, self.aug.cutmix_alpha, self.aug.hflip = cfg.data.mixup, cfg.data.cutmix, cfg.data.hflip
+        self.aug.mixup_alpha, self.aug.cutmix_alpha, self.aug.hflip = (
+            cfg.data.mixup,
+            cfg.data.cutmix,
+            cfg.data.hflip,
+        )
         self.x_train = d.x_train.to(self.device)
         self.y_train = d.y_train.to(self.device)
         self.sampler = EpochSampler(
-            len(d.y_train), cfg.optim.batch_size, cfg.run.seed, rank=self.dist.rank, world_size=self.dist.world
+            len(d.y_train),
+            cfg.optim.batch_size,
+            cfg.run.seed,
+            rank=self.dist.rank,
+            world_size=self.dist.world,
         )
 
         # student
@@ -261,7 +275,9 @@ class Trainer:
         if needs_teacher and cfg.run.teacher_cache:
             from fastkd.cache import CachedTeacher
 
-            self.teacher = CachedTeacher(cfg.run.teacher_cache, cfg=cfg, data=d, aug=self.aug, device=self.device)
+            self.teacher = CachedTeacher(
+                cfg.run.teacher_cache, cfg=cfg, data=d, aug=self.aug, device=self.device
+            )
             self.t_info = self.teacher.info
             self.teacher_top1 = self.teacher.teacher_top1
         elif needs_teacher:
@@ -272,7 +288,9 @@ class Trainer:
         self.loss_fn.to(self.device)
         if needs_teacher and self.teacher is None:
             self.teacher = OnlineTeacher(
-                self._t_model, self.loss_fn.teacher_blocks(), self.loss_fn.teacher_signals,
+                self._t_model,
+                self.loss_fn.teacher_blocks(),
+                self.loss_fn.teacher_signals,
                 dense=self.loss_fn.teacher_dense(),
             )
             self.teacher_top1 = self.evaluate_model(self._t_model)["top1"]
@@ -282,8 +300,10 @@ class Trainer:
         # optimizer + schedule
         fused_ok = self.device.type == "cuda"
         self.opt = torch.optim.AdamW(
-            param_groups([self.student, self.loss_fn], cfg.optim.weight_decay), lr=cfg.optim.lr,
-            betas=(0.9, 0.999), **({"fused": True} if fused_ok else {}),
+            param_groups([self.student, self.loss_fn], cfg.optim.weight_decay),
+            lr=cfg.optim.lr,
+            betas=(0.9, 0.999),
+            **({"fused": True} if fused_ok else {}),
         )
         self.steps_per_epoch = len(self.sampler)
         self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lr_lambda(cfg, self.steps_per_epoch))
@@ -325,8 +345,15 @@ class Trainer:
 
     def batch(self, ids: torch.Tensor, epoch: int):
         x, y_soft, y_hard = augment_batch(
-            self.x_train, self.y_train, ids, seed=self.cfg.run.seed, view=self.view_of(epoch), cfg=self.aug,
-            num_classes=self.data.num_classes, mean=self.data.mean, std=self.data.std,
+            self.x_train,
+            self.y_train,
+            ids,
+            seed=self.cfg.run.seed,
+            view=self.view_of(epoch),
+            cfg=self.aug,
+            num_classes=self.data.num_classes,
+            mean=self.data.mean,
+            std=self.data.std,
         )
         return x, y_soft, y_hard
 
@@ -366,7 +393,9 @@ class Trainer:
         if self._bad is None or self._bad.numel() != vals.numel():
             self._bad_names = list(terms)
             self._bad = torch.full_like(vals, -1.0)
-        self._bad = torch.where(bad_now & (self._bad < 0), torch.full_like(vals, float(self.step_idx + 1)), self._bad)
+        self._bad = torch.where(
+            bad_now & (self._bad < 0), torch.full_like(vals, float(self.step_idx + 1)), self._bad
+        )
 
     def check_finite(self) -> None:
         """Host sync (log steps, before checkpoints): stop naming the step and the part that went bad."""
@@ -378,8 +407,8 @@ class Trainer:
             step = min(b for b, _ in hits)
             parts = ", ".join(n for b, n in hits if b == step and n != "loss") or "loss"
             raise NonFiniteLoss(
-                f"non-finite loss at step {step} (part: {parts}); stopped, the last good checkpoint is kept — "
-                "lower --lr, check the data/teacher, then rerun with --resume"
+                f"non-finite loss at step {step} (part: {parts}); stopped, the last good checkpoint is "
+                "kept — lower --lr, check the data/teacher, then rerun with --resume"
             )
 
     # -- eval --------------------------------------------------------------------------------
@@ -429,7 +458,9 @@ class Trainer:
         start_epoch, start_step = 0, 0
         if cfg.run.resume and (ckpt_dir / "state.json").exists():
             start_epoch, start_step = self._load_checkpoint(ckpt_dir)
-            self.log(f"fastkd: resumed from {ckpt_dir} at epoch {start_epoch} step {start_step}") if main else None
+            self.log(
+                f"fastkd: resumed from {ckpt_dir} at epoch {start_epoch} step {start_step}"
+            ) if main else None
             if main:
                 _truncate_metrics(metrics_path, self.step_idx)
         elif main and metrics_path.exists():
@@ -437,14 +468,20 @@ class Trainer:
         if main:
             out.mkdir(parents=True, exist_ok=True)
             atomic_write_json(out / "config.json", cfg.to_dict())
-        tel = Telemetry(self.device, tensorboard_dir=str(out / "tb") if (cfg.run.tensorboard and main) else None)
+        tel = Telemetry(
+            self.device, tensorboard_dir=str(out / "tb") if (cfg.run.tensorboard and main) else None
+        )
         self.student.train()
         self.loss_fn.train()
         t0 = time.perf_counter()
         last_eval = None
         bar = tqdm(
-            total=cfg.optim.epochs * self.steps_per_epoch, initial=self.step_idx, disable=cfg.run.quiet or not main,
-            desc=f"{cfg.method.method} {self.student_arch[0]}", dynamic_ncols=True, leave=False,
+            total=cfg.optim.epochs * self.steps_per_epoch,
+            initial=self.step_idx,
+            disable=cfg.run.quiet or not main,
+            desc=f"{cfg.method.method} {self.student_arch[0]}",
+            dynamic_ncols=True,
+            leave=False,
         )
         mf = open(metrics_path, "a") if main else None
         try:
@@ -452,7 +489,9 @@ class Trainer:
                 self.epoch = epoch
                 first = start_step if epoch == start_epoch else 0
                 if hasattr(self.teacher, "prefetch_epoch"):  # cached teacher: gather records ahead
-                    self.teacher.prefetch_epoch(self.sampler.batches(epoch, start_step=first), self.view_of(epoch))
+                    self.teacher.prefetch_epoch(
+                        self.sampler.batches(epoch, start_step=first), self.view_of(epoch)
+                    )
                 for i, ids in enumerate(self.sampler.batches(epoch, start_step=first), start=first):
                     terms = self.step(ids, epoch, tel)
                     tel.timer.step_done(len(ids) * self.dist.world)
@@ -466,17 +505,27 @@ class Trainer:
                             mf.write(json.dumps(rec) + "\n")
                             mf.flush()
                         bar.set_postfix(loss=f"{rec['loss']:.4f}")
-                    if cfg.run.ckpt_every and self.step_idx % cfg.run.ckpt_every == 0 and i + 1 < self.steps_per_epoch:
+                    if (
+                        cfg.run.ckpt_every
+                        and self.step_idx % cfg.run.ckpt_every == 0
+                        and i + 1 < self.steps_per_epoch
+                    ):
                         self._save_checkpoint(ckpt_dir, epoch, i + 1)
                 last = epoch + 1 == cfg.optim.epochs
                 if last or (cfg.run.eval_every and (epoch + 1) % cfg.run.eval_every == 0):
                     if main:
                         last_eval = self.evaluate_model(self.student)
-                        ev = {"epoch": epoch + 1, "step": self.step_idx, **{f"val_{k}": v for k, v in last_eval.items()}}
+                        ev = {
+                            "epoch": epoch + 1,
+                            "step": self.step_idx,
+                            **{f"val_{k}": v for k, v in last_eval.items()},
+                        }
                         mf.write(json.dumps(ev) + "\n")
                         mf.flush()
                         if not cfg.run.quiet:
-                            bar.write(f"epoch {epoch + 1}/{cfg.optim.epochs}  val top-1 {last_eval['top1']:.2f}%")
+                            bar.write(
+                                f"epoch {epoch + 1}/{cfg.optim.epochs}  val top-1 {last_eval['top1']:.2f}%"
+                            )
                     self.dist.barrier()
                 self._save_checkpoint(ckpt_dir, epoch + 1, 0)
         finally:
@@ -529,8 +578,12 @@ class Trainer:
     def model_meta(self) -> dict:
         d = self.data
         return {
-            "arch": self.student_arch[0], "overrides": self.student_arch[1], "num_classes": d.num_classes,
-            "img_size": d.img_size, "in_chans": d.in_chans, "data_fingerprint": d.fingerprint,
+            "arch": self.student_arch[0],
+            "overrides": self.student_arch[1],
+            "num_classes": d.num_classes,
+            "img_size": d.img_size,
+            "in_chans": d.in_chans,
+            "data_fingerprint": d.fingerprint,
             "method": self.cfg.method.method,
         }
 
@@ -549,7 +602,8 @@ class Trainer:
             **({"rng_cuda": torch.cuda.get_rng_state(self.device)} if self.device.type == "cuda" else {}),
         }
         save_state(
-            ckpt_dir, state,
+            ckpt_dir,
+            state,
             {"epoch": epoch, "step_in_epoch": step_in_epoch, "step": self.step_idx, "world": self.dist.world},
         )
 
@@ -601,6 +655,23 @@ def _truncate_metrics(path: Path, step: int) -> None:
     atomic_write_text(path, "".join(ln + "\n" for ln in keep))
 
 
+#: loss parts drawn in report.png (whatever the run logged of them)
+REPORT_TERMS = (
+    "loss",
+    "ce",
+    "kd",
+    "nkd",
+    "vitkd_mim",
+    "vitkd_gen",
+    "clskd_cls",
+    "clskd_map",
+    "md",
+    "cskd",
+    "deit_ce",
+    "deit_dist",
+)
+
+
 def write_report(path: Path, history: list[dict], evals: list[dict], title: str = "") -> None:
     import matplotlib
 
@@ -610,9 +681,7 @@ def write_report(path: Path, history: list[dict], evals: list[dict], title: str 
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4))
     if history:
         steps = [r["step"] for r in history]
-        skip = {"step", "epoch", "lr", "grad_norm"}
-        keys = [k for k in history[0] if k not in skip and isinstance(history[0][k], float) and not k.startswith(("t_", "tel_", "gpu_", "mem", "img", "data_", "share_"))]
-        keys = [k for k in keys if k == "loss" or k in ("ce", "kd", "nkd", "vitkd_mim", "vitkd_gen", "clskd_cls", "clskd_map", "md", "cskd", "deit_ce", "deit_dist")]
+        keys = [k for k in REPORT_TERMS if k in history[0]]
         for k in keys:
             a1.plot(steps, [r.get(k, float("nan")) for r in history], label=k, lw=2 if k == "loss" else 1)
         a1.set_yscale("log")
@@ -636,7 +705,9 @@ def write_report(path: Path, history: list[dict], evals: list[dict], title: str 
     os.replace(tmp, path)
 
 
-def default_teacher_spec(cfg: TrainConfig, data: Dataset, *, cnn: bool = False) -> tuple[tuple[str, dict], Path]:
+def default_teacher_spec(
+    cfg: TrainConfig, data: Dataset, *, cnn: bool = False
+) -> tuple[tuple[str, dict], Path]:
     """(arch, directory) of the default teacher for this data and recipe.
 
     ViT: ``models.default_arch('teacher')`` + ``--teacher-*`` shape flags. CNN (for ``cskd``):
@@ -668,8 +739,15 @@ def ensure_default_teacher(cfg: TrainConfig, data: Dataset, log=print, *, cnn: b
     log(f"fastkd: no --teacher given; training the default {what} ({arch[0]} {arch[1]}) → {tdir}")
     tcfg = TrainConfig.from_dict(cfg.to_dict())
     tcfg.method = replace(tcfg.method, method="ce", ce_weight=1.0)
-    tcfg.model = replace(tcfg.model, teacher=None, student=arch[0], student_embed_dim=None, student_depth=None,
-                         student_heads=None, student_patch_size=None)
+    tcfg.model = replace(
+        tcfg.model,
+        teacher=None,
+        student=arch[0],
+        student_embed_dim=None,
+        student_depth=None,
+        student_heads=None,
+        student_patch_size=None,
+    )
     tcfg.optim = replace(tcfg.optim, epochs=cfg.model.teacher_epochs, lr=cfg.model.teacher_lr)
     tcfg.run = replace(tcfg.run, seed=0, resume=True, teacher_cache=None, tensorboard=False, compile=False)
     tcfg.data = replace(tcfg.data, train_limit=None, mixup=0.0, cutmix=0.0, crop_pad=None, hflip=False)
@@ -693,7 +771,10 @@ def run(cfg: TrainConfig, log=print) -> dict:
     if not dist.main:
         log = lambda *a, **k: None  # noqa: E731  (only rank 0 talks and writes)
     if dist.world > 1:
-        log(f"fastkd: {dist.world} processes ({torch.distributed.get_backend()}), global batch {cfg.optim.batch_size}")
+        log(
+            f"fastkd: {dist.world} processes ({torch.distributed.get_backend()}), "
+            f"global batch {cfg.optim.batch_size}"
+        )
     trainer = Trainer(cfg, dist=dist, log=log)
     out = Path(cfg.run.out) if cfg.run.out else default_out(cfg)
     if trainer.teacher_top1 is not None:
@@ -720,8 +801,8 @@ def main(argv: list[str] | None = None) -> int:
             raise
         where = f" writing {e.filename}" if e.filename else ""
         print(
-            f"fastkd: error: disk full{where}; nothing partial was kept (atomic writes) — free space and rerun "
-            "with --resume to continue from the last complete checkpoint",
+            f"fastkd: error: disk full{where}; nothing partial was kept (atomic writes) — free space "
+            "and rerun with --resume to continue from the last complete checkpoint",
             file=sys.stderr,
         )
         return 2

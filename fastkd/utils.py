@@ -55,8 +55,10 @@ def _flatten(obj: Any, tensors: dict[str, torch.Tensor], prefix: str) -> Any:
             raise TypeError(f"state at {prefix!r} has non str/int keys")
         return {"__dict__": [[k, _flatten(v, tensors, f"{prefix}.{k}")] for k, v in obj.items()]}
     if isinstance(obj, (list, tuple)):
-        return {"__list__": [_flatten(v, tensors, f"{prefix}[{i}]") for i, v in enumerate(obj)],
-                "tuple": isinstance(obj, tuple)}
+        return {
+            "__list__": [_flatten(v, tensors, f"{prefix}[{i}]") for i, v in enumerate(obj)],
+            "tuple": isinstance(obj, tuple),
+        }
     if obj is None or isinstance(obj, (bool, int, float, str)):
         return obj
     raise TypeError(f"cannot store {type(obj).__name__} at {prefix!r} without pickle")
@@ -112,9 +114,13 @@ def load_state(directory: str | Path, map_location: str | torch.device = "cpu") 
     try:
         doc = json.loads((d / "state.json").read_text())
     except FileNotFoundError:
-        raise FileNotFoundError(f"no checkpoint in {d} (state.json missing); start without --resume") from None
+        raise FileNotFoundError(
+            f"no checkpoint in {d} (state.json missing); start without --resume"
+        ) from None
     except json.JSONDecodeError as e:
-        raise ValueError(f"checkpoint {d / 'state.json'} is corrupted ({e}); remove it and start without --resume") from None
+        raise ValueError(
+            f"checkpoint {d / 'state.json'} is corrupted ({e}); remove it and start without --resume"
+        ) from None
     tfile = d / doc["tensors"]
     if not tfile.exists():
         raise ValueError(f"checkpoint {d} is incomplete: {tfile.name} is missing; remove {d} and start again")

@@ -11,10 +11,31 @@ from fastkd import train
 from fastkd.config import parse_args
 
 TINY = [
-    "--teacher-embed-dim", "32", "--teacher-depth", "2", "--teacher-heads", "2",
-    "--train-limit", "192", "--epochs", "2", "--batch-size", "32", "--teacher-epochs", "2",
-    "--student-embed-dim", "32", "--student-depth", "2", "--student-heads", "2", "--quiet",
-    "--log-every", "2", "--eval-every", "1",
+    "--teacher-embed-dim",
+    "32",
+    "--teacher-depth",
+    "2",
+    "--teacher-heads",
+    "2",
+    "--train-limit",
+    "192",
+    "--epochs",
+    "2",
+    "--batch-size",
+    "32",
+    "--teacher-epochs",
+    "2",
+    "--student-embed-dim",
+    "32",
+    "--student-depth",
+    "2",
+    "--student-heads",
+    "2",
+    "--quiet",
+    "--log-every",
+    "2",
+    "--eval-every",
+    "1",
 ]
 
 
@@ -26,8 +47,14 @@ def _run(tmp_path, *extra):
 def test_run_directory_contract(tmp_path):
     cfg, summary = _run(tmp_path, "--method", "vitkd+nkd")
     run = tmp_path / "run"
-    for f in ("config.json", "metrics.jsonl", "summary.json", "student.safetensors", "loss_modules.safetensors",
-              "report.png"):
+    for f in (
+        "config.json",
+        "metrics.jsonl",
+        "summary.json",
+        "student.safetensors",
+        "loss_modules.safetensors",
+        "report.png",
+    ):
         assert (run / f).exists(), f
     s = json.loads((run / "summary.json").read_text())
     for k in ("method", "teacher_top1", "student_top1", "epochs", "wall_s", "img_per_s"):
@@ -41,7 +68,9 @@ def test_run_directory_contract(tmp_path):
     teachers = list((tmp_path / "work" / "teachers").glob("*/student.safetensors"))
     assert len(teachers) == 1
     logs = []
-    cfg2 = parse_args([*TINY, "--workdir", str(tmp_path / "work"), "--out", str(tmp_path / "run2"), "--method", "kd"])
+    cfg2 = parse_args(
+        [*TINY, "--workdir", str(tmp_path / "work"), "--out", str(tmp_path / "run2"), "--method", "kd"]
+    )
     train.run(cfg2, log=logs.append)
     assert any("reusing teacher" in m for m in logs)
 
@@ -58,15 +87,12 @@ def test_seeded_cpu_runs_repeat(tmp_path):
 
 
 def test_resume_after_interrupted_epoch_boundary(tmp_path):
-    # uninterrupted 2 epochs vs 1 epoch + resume to 2: identical weights
+    """Uninterrupted 2 epochs vs 1 epoch + interrupt + --resume: identical weights."""
     _run(tmp_path / "full", "--method", "ce", "--seed", "1")
-    cfg = parse_args([*TINY, "--workdir", str(tmp_path / "part" / "work"), "--out", str(tmp_path / "part" / "run"),
-                      "--method", "ce", "--seed", "1", "--epochs", "2"])
-    tr = train.Trainer(cfg, log=lambda *a: None)
-    # stop after the first epoch by running fit with a patched epoch count, then resume
-    cfg.optim.epochs = 2
+    part = [*TINY, "--workdir", str(tmp_path / "part" / "work"), "--out", str(tmp_path / "part" / "run")]
+    part += ["--method", "ce", "--seed", "1"]
+    tr = train.Trainer(parse_args(part), log=lambda *a: None)
     orig = tr.sampler.batches
-    calls = {"n": 0}
 
     def one_epoch_then_die(epoch, *a, **k):
         if epoch == 1:
@@ -76,10 +102,7 @@ def test_resume_after_interrupted_epoch_boundary(tmp_path):
     tr.sampler.batches = one_epoch_then_die
     with pytest.raises(KeyboardInterrupt):
         tr.fit(tmp_path / "part" / "run")
-    calls["n"] += 1
-    cfg_r = parse_args([*TINY, "--workdir", str(tmp_path / "part" / "work"), "--out", str(tmp_path / "part" / "run"),
-                        "--method", "ce", "--seed", "1", "--resume"])
-    train.run(cfg_r, log=lambda *a: None)
+    train.run(parse_args([*part, "--resume"]), log=lambda *a: None)
     from safetensors.torch import load_file
 
     wa = load_file(str(tmp_path / "full" / "run" / "student.safetensors"))
@@ -93,8 +116,10 @@ def test_resume_after_interrupted_epoch_boundary(tmp_path):
         (["--method", "vitkd+foo"], "unknown method 'foo'"),
         (["--method", "nkdd"], "did you mean 'nkd'"),
         (["--data", "/no/such/dir"], "no such file"),
-        (["--method", "deit", "--student", "vit_tiny_patch16_224", "--student-patch-size", "2"],
-         "DeiT-distilled student"),
+        (
+            ["--method", "deit", "--student", "vit_tiny_patch16_224", "--student-patch-size", "2"],
+            "DeiT-distilled student",
+        ),
         (["--student", "vit_tiny_patch16_2244"], "did you mean"),
     ],
 )

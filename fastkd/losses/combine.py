@@ -63,7 +63,9 @@ class DistillLoss(nn.Module):
         return terms
 
 
-def build_loss(mcfg: MethodConfig, s_info: ModelInfo, t_info: ModelInfo | None, *, epochs: int = 1) -> DistillLoss:
+def build_loss(
+    mcfg: MethodConfig, s_info: ModelInfo, t_info: ModelInfo | None, *, epochs: int = 1
+) -> DistillLoss:
     """One clear error when a method cannot bridge this teacher/student pair."""
     methods = parse_methods(mcfg.method)
     parts: list[LossPart] = []
@@ -104,8 +106,13 @@ def build_loss(mcfg: MethodConfig, s_info: ModelInfo, t_info: ModelInfo | None, 
                     )
             parts.append(
                 ViTKDLoss(
-                    s_info.embed_dim, t_info.embed_dim, s_info.grid, mimic_blocks=blocks,
-                    alpha=mcfg.vitkd_alpha, beta=mcfg.vitkd_beta, mask_ratio=mcfg.vitkd_mask_ratio,
+                    s_info.embed_dim,
+                    t_info.embed_dim,
+                    s_info.grid,
+                    mimic_blocks=blocks,
+                    alpha=mcfg.vitkd_alpha,
+                    beta=mcfg.vitkd_beta,
+                    mask_ratio=mcfg.vitkd_mask_ratio,
                 )
             )
         elif m in ("clskd", "md", "cskd"):
@@ -129,7 +136,10 @@ def check_student(methods: list[str], s_info: ModelInfo) -> None:
 def _need_vit(s_info: ModelInfo, t_info: ModelInfo | None, what: str) -> None:
     for role, info in (("student", s_info), ("teacher", t_info)):
         if info is None or info.kind != "vit":
-            raise ValueError(f"--method {what} needs a ViT {role} with patch tokens; got a {info.kind if info else 'missing'} model")
+            raise ValueError(
+                f"--method {what} needs a ViT {role} with patch tokens; "
+                f"got a {info.kind if info else 'missing'} model"
+            )
 
 
 def _build_issue4_part(m, mcfg, s_info, t_info, epochs):
@@ -158,8 +168,13 @@ def _build_issue4_part(m, mcfg, s_info, t_info, epochs):
         if m == "md":
             return ManifoldLoss(pairs, k=mcfg.md_k, weight=mcfg.md_weight)
         return CLSKDLoss(
-            s_info.embed_dim, t_info.embed_dim, pairs, w_cls=mcfg.clskd_w_cls, w_map=mcfg.clskd_w_map,
-            mu=mcfg.clskd_mu, detach=mcfg.clskd_detach,
+            s_info.embed_dim,
+            t_info.embed_dim,
+            pairs,
+            w_cls=mcfg.clskd_w_cls,
+            w_map=mcfg.clskd_w_map,
+            mu=mcfg.clskd_mu,
+            detach=mcfg.clskd_detach,
         )
     if s_info.kind != "vit":
         raise ValueError(
@@ -167,6 +182,12 @@ def _build_issue4_part(m, mcfg, s_info, t_info, epochs):
         )
     ce_weight = 0.0 if "deit" in parse_methods(mcfg.method) else mcfg.ce_weight
     return CSKDLoss(
-        epochs, hard=mcfg.cskd_hard, T=mcfg.cskd_T, schedule=mcfg.cskd_schedule, per_iter=mcfg.cskd_per_iter,
-        weight=mcfg.cskd_weight, ce_weight=ce_weight, smoothing=mcfg.label_smoothing,
+        epochs,
+        hard=mcfg.cskd_hard,
+        T=mcfg.cskd_T,
+        schedule=mcfg.cskd_schedule,
+        per_iter=mcfg.cskd_per_iter,
+        weight=mcfg.cskd_weight,
+        ce_weight=ce_weight,
+        smoothing=mcfg.label_smoothing,
     )

@@ -124,7 +124,10 @@ class DeiTLoss(LossPart):
 
     def forward(self, s, t, batch):
         if s.dist_logits is None:
-            raise ValueError("--method deit needs a DeiT-distilled student (e.g. --student deit_tiny_distilled_patch16_224)")
+            raise ValueError(
+                "--method deit needs a DeiT-distilled student "
+                "(e.g. --student deit_tiny_distilled_patch16_224)"
+            )
         if "logits" in t:
             hard = t["logits"].argmax(-1)
         else:

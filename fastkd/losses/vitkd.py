@@ -76,10 +76,19 @@ class ViTKDLoss(LossPart):
         mim = KF.vitkd_mimic_loss(s_feats, t_feats, [w for w, _ in wb], [b for _, b in wb], alpha=self.alpha)
         s_last = s.tokens[:, P:]
         B, N = s_last.shape[:2]
-        mask = random_token_mask(B, N, self.mask_ratio, generator=batch.get("generator"), device=s_last.device)
+        mask = random_token_mask(
+            B, N, self.mask_ratio, generator=batch.get("generator"), device=s_last.device
+        )
         w, b = self._wb(self.align)
         gen = KF.vitkd_gen_loss(
-            s_last, t["vitkd_last"], mask, w, b, self.mask_token, self.generator,
-            beta=self.beta, mask_ratio=self.mask_ratio,
+            s_last,
+            t["vitkd_last"],
+            mask,
+            w,
+            b,
+            self.mask_token,
+            self.generator,
+            beta=self.beta,
+            mask_ratio=self.mask_ratio,
         )
         return {"vitkd_mim": mim, "vitkd_gen": gen}

@@ -17,9 +17,29 @@ from fastkd.config import parse_args
 from fastkd.train import Trainer
 
 TINY = [
-    "--teacher", "vit_tiny_patch16_224", "--teacher-patch-size", "2", "--teacher-embed-dim", "48",
-    "--teacher-depth", "3", "--teacher-heads", "2", "--student-embed-dim", "32", "--student-depth", "3",
-    "--student-heads", "2", "--train-limit", "64", "--batch-size", "5", "--quiet", "--epochs", "1",
+    "--teacher",
+    "vit_tiny_patch16_224",
+    "--teacher-patch-size",
+    "2",
+    "--teacher-embed-dim",
+    "48",
+    "--teacher-depth",
+    "3",
+    "--teacher-heads",
+    "2",
+    "--student-embed-dim",
+    "32",
+    "--student-depth",
+    "3",
+    "--student-heads",
+    "2",
+    "--train-limit",
+    "64",
+    "--batch-size",
+    "5",
+    "--quiet",
+    "--epochs",
+    "1",
 ]
 
 
@@ -36,7 +56,9 @@ def _run(tr: Trainer, *, fused: bool, compiled: bool, dtype: torch.dtype):
     torch.manual_seed(123)  # the same ViTKD token masks for every run
     terms = fwd(x, t_sig, y_soft.to(dtype), y_hard, 0.0)
     terms["loss"].backward()
-    grads = {n: p.grad.detach().double().clone() for n, p in tr.step_module.named_parameters() if p.requires_grad}
+    grads = {
+        n: p.grad.detach().double().clone() for n, p in tr.step_module.named_parameters() if p.requires_grad
+    }
     KF.set_fused(False)
     return {k: v.detach().double() for k, v in terms.items()}, grads
 
