@@ -226,11 +226,12 @@ class Trainer:
         self.full_data = data if data is not None else load_data(cfg.data.data, img_size=cfg.data.img_size)
         self.data = self.full_data
         limit = cfg.data.train_limit
-        if limit is None and cfg.data.data == "digits" and data is None:
+        if limit is None and cfg.data.data == "digits":
             limit = DIGITS_DEFAULT_LIMIT
             log(
                 f"fastkd: digits default regime: the student learns from {limit} labelled images, "
-                f"the teacher from all {len(self.full_data.y_train)} (--train-limit 0 for all)"
+                f"the teacher from all {len(getattr(self.full_data, 'full', self.full_data).y_train)} "
+                "(--train-limit 0 for all)"
             )
         if limit:
             self.data = limit_train(self.full_data, limit)
@@ -572,7 +573,13 @@ class Trainer:
         atomic_write_json(out / "summary.json", summary)
         # the full curves survive a resume: re-read metrics.jsonl for the report
         history, evals = _read_metrics(metrics_path)
-        write_report(out / "report.png", history, evals, title=f"{cfg.method.method} — {self.data.name}")
+        write_report(
+            out / "report.png",
+            history,
+            evals,
+            title=f"{cfg.method.method} — {self.data.name}",
+            teacher_top1=self.teacher_top1,
+        )
         return summary
 
     def model_meta(self) -> dict:
@@ -672,7 +679,9 @@ REPORT_TERMS = (
 )
 
 
-def write_report(path: Path, history: list[dict], evals: list[dict], title: str = "") -> None:
+def write_report(
+    path: Path, history: list[dict], evals: list[dict], title: str = "", teacher_top1: float | None = None
+) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -693,6 +702,8 @@ def write_report(path: Path, history: list[dict], evals: list[dict], title: str 
         for k in ("val_top1_cls", "val_top1_dist"):
             if k in evals[0]:
                 a2.plot([e["epoch"] for e in evals], [e[k] for e in evals], ".--", label=k[4:])
+        if teacher_top1 is not None:
+            a2.axhline(teacher_top1, color="gray", ls=":", label=f"teacher {teacher_top1:.1f}")
         a2.set_xlabel("epoch")
         a2.set_ylabel("val top-1 (%)")
         a2.set_title("validation accuracy")
@@ -750,7 +761,7 @@ def ensure_default_teacher(cfg: TrainConfig, data: Dataset, log=print, *, cnn: b
     )
     tcfg.optim = replace(tcfg.optim, epochs=cfg.model.teacher_epochs, lr=cfg.model.teacher_lr)
     tcfg.run = replace(tcfg.run, seed=0, resume=True, teacher_cache=None, tensorboard=False, compile=False)
-    tcfg.data = replace(tcfg.data, train_limit=None, mixup=0.0, cutmix=0.0, crop_pad=None, hflip=False)
+    tcfg.data = replace(tcfg.data, train_limit=0, mixup=0.0, cutmix=0.0, crop_pad=None, hflip=False)
     s = Trainer(tcfg, data=data, student_arch=arch, log=log).fit(tdir)
     log(f"fastkd: {what} val top-1 {s['student_top1']:.2f}% ({s['wall_s']:.0f}s)")
     return path
