@@ -45,6 +45,16 @@ from fastkd.utils import atomic_write_json, atomic_write_text, load_state, save_
 __all__ = ["Trainer", "main", "run"]
 
 
+_ANNOUNCED: set[str] = set()
+
+
+def _announced(key: str) -> bool:
+    """True if this one-line notice was already printed in this process."""
+    seen = key in _ANNOUNCED
+    _ANNOUNCED.add(key)
+    return seen
+
+
 def pick_device(spec: str) -> torch.device:
     if spec == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -210,7 +220,7 @@ class Trainer:
         self.device = self.dist.device(pick_device(cfg.run.device))
         seed_everything(cfg.run.seed)
         KF.set_fused(cfg.run.fused)
-        if cfg.run.fused:
+        if cfg.run.fused and not _announced(f"fused:{self.device}"):
             log(f"fastkd: --fused → {KF.describe(self.device)}")
         self.methods = parse_methods(cfg.method.method)
         self.amp = cfg.run.amp and self.device.type == "cuda"
@@ -763,7 +773,7 @@ def ensure_default_teacher(cfg: TrainConfig, data: Dataset, log=print, *, cnn: b
     tcfg.run = replace(tcfg.run, seed=0, resume=True, teacher_cache=None, tensorboard=False, compile=False)
     tcfg.data = replace(tcfg.data, train_limit=0, mixup=0.0, cutmix=0.0, crop_pad=None, hflip=False)
     s = Trainer(tcfg, data=data, student_arch=arch, log=log).fit(tdir)
-    log(f"fastkd: {what} val top-1 {s['student_top1']:.2f}% ({s['wall_s']:.0f}s)")
+    log(f"fastkd: default {what} trained in {s['wall_s']:.0f}s → {path}")
     return path
 
 
