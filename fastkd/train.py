@@ -292,7 +292,10 @@ class Trainer:
             self.t_info = self.teacher.info
             self.teacher_top1 = self.teacher.teacher_top1
         elif needs_teacher:
-            t_model = self._teacher_model(mk)
+            # the teacher's construction (timm init, or training the default teacher) must not move the
+            # student's random stream: online and cached runs then draw the same masks
+            with torch.random.fork_rng(devices=[]):
+                t_model = self._teacher_model(mk)
             self.t_info = model_info(t_model)
             self._t_model = t_model
         self.loss_fn: DistillLoss = build_loss(cfg.method, self.s_info, self.t_info, epochs=cfg.optim.epochs)
