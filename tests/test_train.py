@@ -128,3 +128,16 @@ def test_bad_input_one_clear_line(tmp_path, capsys, argv, needle):
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2
     assert len(err) == 1 and needle in err[0], err
+
+
+def test_training_the_teacher_does_not_move_the_students_random_stream(tmp_path):
+    """The first run trains the default teacher, the second reuses it: same seed → identical student
+    (ViTKD masks come from the global RNG; the teacher is built under a forked RNG)."""
+    from safetensors.torch import load_file
+
+    base = [*TINY, "--workdir", str(tmp_path / "work"), "--method", "vitkd+nkd", "--seed", "2"]
+    train.run(parse_args([*base, "--out", str(tmp_path / "first")]), log=lambda *a: None)
+    train.run(parse_args([*base, "--out", str(tmp_path / "again")]), log=lambda *a: None)
+    wa = load_file(str(tmp_path / "first" / "student.safetensors"))
+    wb = load_file(str(tmp_path / "again" / "student.safetensors"))
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
