@@ -46,18 +46,16 @@ BENCH_TIME = "0.2"  # target measured seconds per benchmark (compilation happens
 MIN_STEP_S = 20  # a step with less time left than this is skipped
 
 
-def _write_atomic(path: Path, data: bytes | str) -> None:
-    data = data.encode() if isinstance(data, str) else data
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+def _load_summary():
+    """bench/summary.py as a module (stdlib only: usable even when fastkd itself fails to import)."""
+    spec = importlib.util.spec_from_file_location("fastkd_bench_summary", REPO / "bench" / "summary.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+SUMMARY = _load_summary()
+_write_atomic = SUMMARY.write_atomic
 
 
 class Runner:
@@ -204,9 +202,7 @@ def _merge_bench(parts: list[Path], out: Path) -> Path | None:
 
 def _summarize(bench_json: Path, out: Path) -> str | None:
     """bench_summary.md and bench.csv via bench/summary.py (in-process)."""
-    spec = importlib.util.spec_from_file_location("fastkd_bench_summary", REPO / "bench" / "summary.py")
-    summary = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(summary)
+    summary = SUMMARY
     rows = summary.load(str(bench_json))
     text = summary.render(rows)
     _write_atomic(out / "bench_summary.md", text)

@@ -216,23 +216,29 @@ CSV_FIELDS = ("name", "group", "bench", "loss", "mode", "provider", "variant", "
               "bytes", "gbps", "hbm_pct_nominal", "peak_mem_mb", "torch", "triton", "fastkd", "loadavg_1m")
 
 
-def write_csv(rows: list[dict], path: str) -> None:
-    """One row per benchmark, ``CSV_FIELDS`` columns; written to a temp file then renamed."""
-    buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=CSV_FIELDS, extrasaction="ignore")
-    w.writeheader()
-    w.writerows(rows)
+def write_atomic(path: str | os.PathLike, data: bytes | str) -> None:
+    """Write ``data`` to a temp file beside ``path`` (mode 0644), then rename it into place."""
+    data = data.encode() if isinstance(data, str) else data
     directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".summary.", suffix=".csv.tmp")
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
     try:
-        with os.fdopen(fd, "w", newline="") as fh:
-            fh.write(buf.getvalue())
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
         os.chmod(tmp, 0o644)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def write_csv(rows: list[dict], path: str) -> None:
+    """One row per benchmark, ``CSV_FIELDS`` columns; written to a temp file then renamed."""
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=CSV_FIELDS, extrasaction="ignore")
+    w.writeheader()
+    w.writerows(rows)
+    write_atomic(path, buf.getvalue())
 
 
 def render(rows: list[dict]) -> str:

@@ -433,20 +433,6 @@ def cls_patch_map_loss(
 
 
 # ----------------------------------------------------------------------------------- ViTKD generation
-def _resolve_grid(n: int, grid: tuple[int, int] | None) -> tuple[int, int]:
-    if grid is None:
-        h = int(round(n**0.5))
-        if h * h != n:
-            raise ValueError(
-                f"vitkd_gen_loss: {n} tokens do not form a square grid; pass grid=(h, w) with h*w == {n}"
-            )
-        return h, h
-    h, w = (int(v) for v in grid)
-    if h * w != n:
-        raise ValueError(f"vitkd_gen_loss: grid={tuple(grid)} has {h * w} cells but there are {n} tokens")
-    return h, w
-
-
 def vitkd_gen_loss(
     s_last: Tensor,
     t_last: Tensor,
@@ -494,7 +480,7 @@ def vitkd_gen_loss(
         raise ValueError(f"mask_token must have D_t = {d_t} elements, got {mask_token.numel()}")
     if not 0.0 < mask_ratio <= 1.0:
         raise ValueError(f"mask_ratio must be in (0, 1], got {mask_ratio}")
-    h, w = _resolve_grid(N, grid)
+    h, w = R._resolve_grid(N, grid, "vitkd_gen_loss")
     dev_type = s_last.device.type
     if torch.is_autocast_enabled(dev_type) and torch.get_autocast_dtype(dev_type) == torch.bfloat16:
         x_dtype = torch.bfloat16  # the generator's convolutions would cast it to bf16 anyway

@@ -319,6 +319,7 @@ class Trainer:
             betas=(0.9, 0.999),
             **({"fused": True} if fused_ok else {}),
         )
+        self._params = [p for g in self.opt.param_groups for p in g["params"]]  # what clipping sees
         self.steps_per_epoch = len(self.sampler)
         self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lr_lambda(cfg, self.steps_per_epoch))
         self.step_idx, self.epoch = 0, 0
@@ -393,8 +394,7 @@ class Trainer:
             self._track_finite(terms)
         with ph("optim"):
             if self.cfg.optim.grad_clip > 0:
-                params = [p for g in self.opt.param_groups for p in g["params"]]
-                terms["grad_norm"] = torch.nn.utils.clip_grad_norm_(params, self.cfg.optim.grad_clip)
+                terms["grad_norm"] = torch.nn.utils.clip_grad_norm_(self._params, self.cfg.optim.grad_clip)
             self.opt.step()
             self.sched.step()
         self.step_idx += 1
@@ -649,30 +649,28 @@ class NonFiniteLoss(RuntimeError):
     pass
 
 
-def _read_metrics(path: Path) -> tuple[list[dict], list[dict]]:
-    hist, evals = [], []
+def _metric_lines(path: Path):
+    """(raw line, parsed record) of metrics.jsonl, skipping a line cut short by a crash or a full disk."""
     if path.exists():
         for line in path.read_text().splitlines():
             try:
-                r = json.loads(line)
-            except json.JSONDecodeError:  # a line cut short by a crash or a full disk
+                yield line, json.loads(line)
+            except json.JSONDecodeError:
                 continue
-            (evals if any(k.startswith("val_") for k in r) else hist).append(r)
+
+
+def _read_metrics(path: Path) -> tuple[list[dict], list[dict]]:
+    hist, evals = [], []
+    for _, r in _metric_lines(path):
+        (evals if any(k.startswith("val_") for k in r) else hist).append(r)
     return hist, evals
 
 
 def _truncate_metrics(path: Path, step: int) -> None:
     """Drop records logged after the checkpoint we resume from (they will be logged again)."""
-    if not path.exists():
-        return
-    keep = []
-    for ln in path.read_text().splitlines():
-        try:
-            if json.loads(ln).get("step", 0) <= step:
-                keep.append(ln)
-        except json.JSONDecodeError:
-            continue
-    atomic_write_text(path, "".join(ln + "\n" for ln in keep))
+    if path.exists():
+        keep = [ln for ln, r in _metric_lines(path) if r.get("step", 0) <= step]
+        atomic_write_text(path, "".join(ln + "\n" for ln in keep))
 
 
 #: loss parts drawn in report.png (whatever the run logged of them)

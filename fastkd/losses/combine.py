@@ -33,10 +33,6 @@ class DistillLoss(nn.Module):
         super().__init__()
         self.parts = nn.ModuleList(parts)
 
-    @property
-    def needs_teacher(self) -> bool:
-        return any(p.signals for p in self.parts)
-
     def student_blocks(self) -> list[int]:
         return sorted({i for p in self.parts for i in p.student_blocks()})
 

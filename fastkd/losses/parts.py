@@ -129,10 +129,11 @@ class DeiTLoss(LossPart):
                 "(e.g. --student deit_tiny_distilled_patch16_224)"
             )
         if "logits" in t:
-            hard = t["logits"].argmax(-1)
-        else:
+            dist = KF.deit_hard_loss(s.dist_logits, t["logits"])
+        else:  # sparse cached teacher: its argmax is the id of its largest top-K value
             hard = t["topk_ids"].gather(1, t["topk_vals"].argmax(-1, keepdim=True)).squeeze(1).long()
+            dist = F.cross_entropy(s.dist_logits.float(), hard)
         return {
             "deit_ce": self.ce_weight * _soft_ce(s.logits, batch["y_soft"], self.smoothing),
-            "deit_dist": self.dist_weight * F.cross_entropy(s.dist_logits.float(), hard),
+            "deit_dist": self.dist_weight * dist,
         }
