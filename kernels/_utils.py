@@ -5,12 +5,16 @@
   path does, so interpreter numerics equal the GPU's up to summation order.
 * ``cast_rtne``: every fp32 → 16-bit cast in the kernels goes through it (the interpreter truncates
   fp32 → bf16; the GPU rounds to nearest even).
-* ``Cfg``: one shipped launch configuration (block sizes + warps + stages). Every kernel file ships a
-  small fixed table chosen by shape heuristics (no autotuning: the interpreter cannot time, and a
-  fixed table is what the sm_80 / sm_90a compile check proves spill-free).
-* ``row_layout``: the 2-D "row matrix" view of a [B, T, D] token tensor used by the cuBLAS GEMMs of
-  the backward passes (rows b·T' + n, T' = stride_b / stride_n, so a patch view ``x[:, P:]`` of a
-  contiguous tensor needs no copy; rows that belong to no token of the view are "gap" rows).
+* ``Cfg``: one shipped launch configuration (block sizes + warps + stages). The GEMM-bearing kernels
+  are ``triton.autotune``d over a small list of them (``autotune``: keyed on the problem shape, the
+  tensor dtypes and the precision flags; under the interpreter a ``do_bench`` stand-in picks the first
+  config without timing); the elementwise kernels ship a fixed table. Every shipped config is what
+  the sm_80 / sm_90a compile check proves spill-free and on tensor cores.
+* ``resolve_amp``: the precision rule. Under bf16 autocast every ``tl.dot`` runs on bf16 tensor cores
+  (operands, fp32 or bf16 in memory, rounded to bf16 in registers; fp32 accumulation); exact fp32
+  ``tl.dot`` only for fp32 operands with autocast off. The caller decides (``amp`` argument of the
+  custom ops, read at the op boundary with ``torch.is_autocast_enabled``); the kernels never look.
+* ``grouped_pid``: grouped (super-row) ordering of a 2-D tile grid, for L2 reuse of the shared operand.
 """
 
 import os
@@ -88,41 +92,104 @@ def check_unit_stride(what: str, name: str, x: torch.Tensor) -> None:
         )
 
 
-def dot_precision(*tensors: torch.Tensor | None) -> str:
-    """``tl.dot`` input precision: exact fp32 ("ieee") when any operand is fp32, else tensor-core default."""
-    fp32 = any(x is not None and x.dtype == torch.float32 for x in tensors)
-    return "ieee" if fp32 else "tf32"
+def autocast_bf16_on(device: torch.device) -> bool:
+    """True when bf16 autocast is active for ``device``'s type right now (read at the op boundary)."""
+    dev = device.type
+    try:
+        return bool(torch.is_autocast_enabled(dev)) and torch.get_autocast_dtype(dev) == torch.bfloat16
+    except (TypeError, AttributeError, RuntimeError):  # torch < 2.4: no per-device query
+        if dev == "cuda":
+            return torch.is_autocast_enabled() and torch.get_autocast_gpu_dtype() == torch.bfloat16
+        return torch.is_autocast_cpu_enabled() and torch.get_autocast_cpu_dtype() == torch.bfloat16
 
 
-def row_layout(x: torch.Tensor) -> tuple[int, int]:
-    """(T', R) for a [B, T, D] tensor whose rows lie on one uniform row grid, else (0, 0).
-
-    Row (b, n) sits at row index b·T' + n of the 2-D matrix ``x.as_strided((R, D), (stride_n, 1))``
-    with R = (B − 1)·T' + T; needs unit channel stride, stride_n >= D and stride_b = T'·stride_n.
-    """
-    B, T, D = x.shape
-    sb, sn, sc = x.stride()
-    if sc != 1 or sn < D or sn <= 0 or (B > 1 and sb % sn != 0):
-        return 0, 0
-    tp = sb // sn if B > 1 else T
-    if tp < T:
-        return 0, 0
-    return tp, (B - 1) * tp + T
+def resolve_amp(amp: bool | None, device: torch.device) -> bool:
+    """The op's ``amp`` flag: the caller's explicit choice, or (None) bf16 autocast read now (eager only:
+    under torch.compile the caller must pass it, the traced op runs outside the autocast context)."""
+    return autocast_bf16_on(device) if amp is None else bool(amp)
 
 
-def as_rows(x: torch.Tensor, tp: int, rows: int) -> torch.Tensor:
-    """The 2-D row matrix [rows, D] of ``x`` (see ``row_layout``); a view, no copy."""
-    return x.as_strided((rows, x.shape[2]), (x.stride(1), 1))
+def dot_bf16(amp: bool, *operands: torch.Tensor | None) -> bool:
+    """Whether the GEMM runs on bf16 tensor cores: under bf16 autocast, or when any operand already is
+    bf16 (the weight is then rounded too, as autocast does). False = exact fp32 ``tl.dot`` (fp32
+    operands with autocast off: the ``exact`` variants)."""
+    return bool(amp) or any(x is not None and x.dtype == torch.bfloat16 for x in operands)
 
 
-def empty_rows_like(x: torch.Tensor, width: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """A fresh [B, T, width] tensor laid out on ``x``'s row grid, and its 2-D row matrix (a view of it).
+def interp_bench(kernel_call, quantiles=None, **_):
+    """``do_bench`` stand-in for ``triton.autotune`` under the interpreter: no timing, every config ties,
+    so the first (pruned) config is used; the tests force every other config explicitly."""
+    return [1.0, 1.0, 1.0] if quantiles else 1.0
 
-    Returns (out [B, T, width] with strides (T'·width, width, 1), rows [R, width] contiguous).
-    The gap rows exist in storage only. ``x`` must satisfy ``row_layout``. Works on fake tensors, so
-    ``register_fake`` gives the same strides as the real op.
-    """
-    B, T, _ = x.shape
-    tp, rows = row_layout(x)
-    out = torch.empty_strided((B, T, width), (tp * width, width, 1), dtype=dtype, device=x.device)
-    return out, out.as_strided((rows, width), (width, 1))
+
+def autotune(configs: list[Cfg], key: list[str], prune=None):
+    """``triton.autotune`` over ``configs`` (the shipped list), keyed on ``key`` + tensor dtypes; ``prune``
+    keeps the configs valid for the call's precision / widths (``early_config_prune``)."""
+    tcfgs = [
+        triton.Config(
+            dict(BLOCK_M=c.BLOCK_M, BLOCK_N=c.BLOCK_N, BLOCK_K=c.BLOCK_K),
+            num_warps=c.num_warps,
+            num_stages=c.num_stages,
+        )
+        for c in configs
+    ]
+    kw = {"prune_configs_by": {"early_config_prune": prune}} if prune is not None else {}
+    if INTERPRET:
+        kw["do_bench"] = interp_bench
+    return triton.autotune(tcfgs, key=key, **kw)
+
+
+def cfg_of(config) -> Cfg:
+    """A ``triton.Config`` as a ``Cfg``."""
+    k = config.kwargs
+    return Cfg(k["BLOCK_M"], k["BLOCK_N"], k["BLOCK_K"], config.num_warps, config.num_stages)
+
+
+def launch(kernel, grid, args: tuple, consts: dict, config: Cfg | None = None) -> Cfg:
+    """Launch autotuned ``kernel`` (``grid(META)``) and return the config it ran with; ``config`` forces one
+    (tests: every shipped config) by launching the underlying JIT function directly."""
+    if config is None:
+        kernel[grid](*args, **consts)
+        return cfg_of(kernel.best_config)
+    kernel.fn[grid](
+        *args,
+        **consts,
+        BLOCK_M=config.BLOCK_M,
+        BLOCK_N=config.BLOCK_N,
+        BLOCK_K=config.BLOCK_K,
+        num_warps=config.num_warps,
+        num_stages=config.num_stages,
+    )
+    return config
+
+
+@triton.jit
+def mma(acc, a, b, DOT_BF16: tl.constexpr, UPCAST: tl.constexpr):
+    """acc += a @ b with fp32 accumulation. DOT_BF16: a and b (fp32 or bf16 in registers) are rounded to
+    bf16 (RTNE) and multiplied on bf16 tensor cores; UPCAST (interpreter only) multiplies the rounded
+    values in fp32 instead (its bf16 ``tl.dot`` is wrong). Else exact fp32 ("ieee", the ``exact``
+    variants: CUDA-core FMAs, autocast off only)."""
+    if DOT_BF16:
+        a16 = cast_rtne(a, tl.bfloat16)
+        b16 = cast_rtne(b, tl.bfloat16)
+        if UPCAST:
+            acc = tl.dot(a16.to(tl.float32), b16.to(tl.float32), acc, input_precision="ieee")
+        else:
+            acc = tl.dot(a16, b16, acc)
+    else:
+        acc = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+    return acc
+
+
+@triton.jit
+def grouped_pid(pid, num_m, num_n, GROUP_M: tl.constexpr):
+    """(pid_m, pid_n) of linear program ``pid`` in a num_m × num_n tile grid, walked in groups of GROUP_M
+    tile rows: consecutive programs share the same column tile (its W slice stays in L2) while sweeping
+    GROUP_M row tiles (their S tiles stay in L2 across the column sweep)."""
+    width = GROUP_M * num_n
+    group = pid // width
+    first_m = group * GROUP_M
+    size_m = tl.minimum(num_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % width) % size_m
+    pid_n = (pid % width) // size_m
+    return pid_m, pid_n

@@ -15,9 +15,22 @@ x is laid out channels_last, i.e. physically [B, N, D_t] — the same layout as 
 input kernel is a plain row GEMM, cuDNN runs the convolutions in its fast NHWC path, and G (also
 channels_last) and t are read with the same coalesced row pattern.
 
+Only the unmasked rows are projected: the launcher orders the B·N rows kept-first (one stable
+argsort of the flattened mask, on device, no host sync), so with λ = 0.5 about half of the row tiles
+hold only masked rows; they skip the GEMM and the loads of s and write the mask token (the kept count
+per image, ⌊N(1−λ)⌋, is static, but the kernel needs no count: each tile tests its own rows, so any
+mask is handled exactly).
+
 gen_input backward, upstream dX [B, D_t, h, w] (any layout):
-    gX = (1 − mask)·dX written once on s's row grid [rows, D_t]; dS = gX W, dW = gXᵀ S (cuBLAS);
+    gX = (1 − mask)·dX written once, compact [M, D_t]; dS = gX W, dW = gXᵀ S (cuBLAS);
     db = Σ_{unmasked} dX, dτ = Σ_{masked} dX (per-tile column partials, summed in torch).
+
+Precision (``amp`` = bf16 autocast at the op boundary, decided by the caller; ``_utils.dot_bf16``):
+under autocast, or with bf16 tokens, the projection runs on bf16 tensor cores (s, fp32 or bf16 with
+any row stride, rounded to bf16 in registers; W rounded once per call) with fp32 accumulation, and
+the backward's dS / dW are cuBLAS bf16 GEMMs on a bf16 gX (and on s rounded to bf16 — written by the
+backward kernel as a by-product when s is fp32 or strided). Never an fp32 SIMT GEMM under autocast.
+Autocast off with fp32 tokens: exact fp32 (``exact`` variants).
 
 Bytes (M = B·N, e = element size): gen_input fwd reads s (M·D_s·e) + W, writes x (M·D_t·e); bwd reads
 dX, writes gX (M·D_t·e each), GEMMs read gX twice + s, write dS. gen_loss reads G and t, writes dG
@@ -33,51 +46,72 @@ import triton.language as tl
 from ._utils import (
     INTERPRET,
     Cfg,
-    as_rows,
+    autotune,
     cast_rtne,
     check_device,
     check_float,
     check_unit_stride,
-    dot_precision,
-    empty_rows_like,
+    dot_bf16,
     fail,
-    row_layout,
+    grouped_pid,
+    launch,
+    mma,
+    next_pow2,
+    resolve_amp,
 )
 
 # ---------------------------------------------------------------------------------------- constants
-# Shipped configs by size class (``_size_name``): "small" when every width is <= 128 channels, else
-# "large" (16-bit, tensor cores) or "large_fp32" (fp32 tokens: exact fp32 FMA dot, smaller tiles).
-# gen_input forward (row GEMM + epilogue): program per (BLOCK_M rows, BLOCK_N channels), loop over D_s
-INPUT_FWD_CONFIGS = {
-    "small": Cfg(BLOCK_M=32, BLOCK_N=32, BLOCK_K=32, num_warps=4, num_stages=2),
-    "large": Cfg(BLOCK_M=128, BLOCK_N=64, BLOCK_K=64, num_warps=4, num_stages=3),
-    "large_fp32": Cfg(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, num_warps=4, num_stages=2),
-}
+# gen_input forward (row GEMM + epilogue), autotuned per (M, D_s, D_t, dtypes, precision): program per
+# (BLOCK_M kept-first rows, BLOCK_N channels), loop over D_s. Tensor-core configs (bf16 dot) and
+# ``exact`` configs (fp32 "ieee" dot, autocast off only); the first fitting one is the interpreter's.
+INPUT_TC_CONFIGS = [
+    Cfg(BLOCK_M=128, BLOCK_N=128, BLOCK_K=32, num_warps=8, num_stages=3),  # (BLOCK_K 64 spills on sm_80)
+    Cfg(BLOCK_M=128, BLOCK_N=64, BLOCK_K=64, num_warps=4, num_stages=4),
+    Cfg(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, num_warps=4, num_stages=3),
+]
+INPUT_EXACT_CONFIGS = [
+    Cfg(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, num_warps=4, num_stages=2),
+    Cfg(BLOCK_M=32, BLOCK_N=32, BLOCK_K=32, num_warps=4, num_stages=2),
+]
+INPUT_FWD_CONFIGS = INPUT_TC_CONFIGS + INPUT_EXACT_CONFIGS
 # elementwise kernels (gen_input backward, gen_loss): program per (BLOCK_M rows, BLOCK_N channels)
 ELEMENTWISE_CONFIGS = {
     "small": Cfg(BLOCK_M=32, BLOCK_N=32, BLOCK_K=1, num_warps=4, num_stages=1),
     "large": Cfg(BLOCK_M=32, BLOCK_N=128, BLOCK_K=1, num_warps=4, num_stages=1),
-    "large_fp32": Cfg(BLOCK_M=32, BLOCK_N=128, BLOCK_K=1, num_warps=4, num_stages=1),
 }
 
 
-def _size_name(dtype, *widths: int) -> str:
-    if max(widths) <= 128:
-        return "small"
-    return "large_fp32" if dtype in (torch.float32, "fp32") else "large"
-
-
 def pick_config(table: dict, dtype, *widths: int) -> Cfg:
-    """The shipped config of ``table`` for these channel widths and token dtype."""
-    return table[_size_name(dtype, *widths)]
+    """The shipped elementwise config for these channel widths."""
+    return table["small" if max(widths) <= 128 else "large"]
+
+
+def valid_input_configs(d_s: int, d_t: int, bf16_dot: bool, gemm: bool = True) -> list[Cfg]:
+    """The gen_input configs the autotuner tries for one call (see token_kd.valid_configs)."""
+    cfgs = INPUT_TC_CONFIGS if (bf16_dot or not gemm) else INPUT_EXACT_CONFIGS
+    ok = [c for c in cfgs if c.BLOCK_N <= max(32, next_pow2(d_t)) and c.BLOCK_K <= max(32, next_pow2(d_s))]
+    ok = ok or [min(cfgs, key=lambda c: c.BLOCK_N * c.BLOCK_K)]
+    return ok if gemm else ok[:1]
+
+
+def _prune_input(configs, nargs, **kw):
+    keep = set(valid_input_configs(nargs["D_S"], nargs["D_T"], bool(kw["DOT_BF16"]), bool(kw["HAS_W"])))
+    return [
+        c
+        for c in configs
+        if Cfg(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"], c.num_warps, c.num_stages)
+        in keep
+    ]
 
 
 # ------------------------------------------------------------------------------------------ kernels
+@autotune(INPUT_FWD_CONFIGS, key=["M", "D_S", "D_T", "HAS_W", "DOT_BF16"], prune=_prune_input)
 @triton.jit
 def _gen_input_fwd_kernel(
-    s_ptr,  # [B, N, D_S] student tokens (channel stride 1)
+    s_ptr,  # [B, N, D_S] student tokens, fp32 or bf16 (channel stride 1, any row / sample stride)
     mask_ptr,  # [B, N] uint8 (1 = masked)
-    w_ptr,  # [D_T, D_S] projection weight (channel stride 1); read only if HAS_W
+    order_ptr,  # [M] int: row m = b·N + n of each kept-first position (stable argsort of the flat mask)
+    w_ptr,  # [D_T, D_S] projection weight (channel stride 1; bf16 for a bf16 dot); read only if HAS_W
     b_ptr,  # [D_T] bias; read only if HAS_BIAS
     tok_ptr,  # [D_T] mask token
     x_ptr,  # [B, D_T, h, w] out; element (b, d, n) at b·stride_xb + d·stride_xd + n·stride_xn
@@ -98,41 +132,43 @@ def _gen_input_fwd_kernel(
     BLOCK_K: tl.constexpr,
     HAS_W: tl.constexpr,
     HAS_BIAS: tl.constexpr,
-    DOT_FP32: tl.constexpr,
-    PRECISION: tl.constexpr,
+    DOT_BF16: tl.constexpr,
+    UPCAST: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
-    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    row_ok = rows < M
+    num_m = tl.cdiv(M, BLOCK_M)
+    num_n = tl.cdiv(D_T, BLOCK_N)
+    pid_m, pid_n = grouped_pid(tl.program_id(0), num_m, num_n, 8)
+    pos = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = pos < M
+    rows = tl.load(order_ptr + pos, mask=row_ok, other=0)  # [BLOCK_M] row ids m
     bidx = (rows // N).to(tl.int64)
     n = rows % N
+    masked = tl.load(mask_ptr + bidx * stride_mb + n * stride_mn, mask=row_ok, other=1) != 0
     s_row = s_ptr + bidx * stride_sb + n * stride_sn
-    s_dtype = s_ptr.dtype.element_ty
     j = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     j_ok = j < D_T
     mj = row_ok[:, None] & j_ok[None, :]
-    if HAS_W:
-        acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
-        for k0 in range(0, D_S, BLOCK_K):
-            k = k0 + tl.arange(0, BLOCK_K)
-            k_ok = k < D_S
-            x = tl.load(s_row[:, None] + k[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-            w = tl.load(
-                w_ptr + j[None, :] * stride_w + k[:, None], mask=k_ok[:, None] & j_ok[None, :], other=0.0
-            )
-            w = cast_rtne(w, s_dtype)
-            if DOT_FP32:
-                acc = tl.dot(x.to(tl.float32), w.to(tl.float32), acc, input_precision=PRECISION)
-            else:
-                acc = tl.dot(x, w, acc, input_precision=PRECISION)
-    else:
-        acc = tl.load(s_row[:, None] + j[None, :], mask=mj, other=0.0).to(tl.float32)
-    if HAS_BIAS:
-        acc += tl.load(b_ptr + j, mask=j_ok, other=0.0).to(tl.float32)[None, :]
-    masked = tl.load(mask_ptr + bidx * stride_mb + n * stride_mn, mask=row_ok, other=0) != 0
     tok = tl.load(tok_ptr + j, mask=j_ok, other=0.0).to(tl.float32)
-    acc = tl.where(masked[:, None], tok[None, :], acc)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32) + tok[None, :]
+    keep = row_ok & (masked == 0)
+    if tl.max(keep.to(tl.int32), 0) > 0:  # a tile of masked rows only: no loads of s, no GEMM
+        if HAS_W:
+            acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
+            for k0 in range(0, D_S, BLOCK_K):
+                k = k0 + tl.arange(0, BLOCK_K)
+                k_ok = k < D_S
+                x = tl.load(s_row[:, None] + k[None, :], mask=keep[:, None] & k_ok[None, :], other=0.0)
+                w = tl.load(
+                    w_ptr + j[None, :] * stride_w + k[:, None], mask=k_ok[:, None] & j_ok[None, :], other=0.0
+                )  # [BLOCK_K, BLOCK_N] = Wᵀ
+                acc = mma(acc, x, w, DOT_BF16, UPCAST)
+        else:
+            acc = tl.load(s_row[:, None] + j[None, :], mask=keep[:, None] & j_ok[None, :], other=0.0).to(
+                tl.float32
+            )
+        if HAS_BIAS:
+            acc += tl.load(b_ptr + j, mask=j_ok, other=0.0).to(tl.float32)[None, :]
+        acc = tl.where(masked[:, None], tok[None, :], acc)
     x_out = x_ptr + bidx[:, None] * stride_xb + j[None, :] * stride_xd + n[:, None] * stride_xn
     tl.store(x_out, cast_rtne(acc, x_ptr.dtype.element_ty), mask=mj)
 
@@ -141,11 +177,14 @@ def _gen_input_fwd_kernel(
 def _gen_input_bwd_kernel(
     dx_ptr,  # [B, D_T, h, w] upstream gradient (any strides)
     mask_ptr,  # [B, N] uint8 (1 = masked)
-    gx_ptr,  # [B, N, D_T] out on s's row grid (rows b·stride_gb + n·stride_gn): (1 − mask)·dX
+    s_ptr,  # [B, N, D_S] student tokens (channel stride 1); read only if WRITE_SB
+    gx_ptr,  # [M, D_T] out, compact: (1 − mask)·dX in the GEMM dtype
+    sb_ptr,  # [M, D_S] out, compact: s in the GEMM dtype; written by column-tile 0 if WRITE_SB
     db_part_ptr,  # [cdiv(M, BLOCK_M), D_T] fp32 out: Σ over this tile's unmasked rows of dX
     dtok_part_ptr,  # [cdiv(M, BLOCK_M), D_T] fp32 out: Σ over this tile's masked rows of dX
     M,
     N,
+    D_S,
     D_T,
     W_GRID,
     stride_db,
@@ -154,10 +193,11 @@ def _gen_input_bwd_kernel(
     stride_dw,
     stride_mb,
     stride_mn,
-    stride_gb,
-    stride_gn,
+    stride_sb,
+    stride_sn,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
+    WRITE_SB: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -178,12 +218,23 @@ def _gen_input_bwd_kernel(
     masked = tl.load(mask_ptr + bidx * stride_mb + n * stride_mn, mask=row_ok, other=0) != 0
     keep = tl.where(masked[:, None], 0.0, g)
     tl.store(
-        gx_ptr + bidx[:, None] * stride_gb + n[:, None] * stride_gn + j[None, :],
+        gx_ptr + rows.to(tl.int64)[:, None] * D_T + j[None, :],
         cast_rtne(keep, gx_ptr.dtype.element_ty),
         mask=mj,
     )
     tl.store(db_part_ptr + pid_m * D_T + j, tl.sum(keep, 0), mask=j_ok)
     tl.store(dtok_part_ptr + pid_m * D_T + j, tl.sum(g - keep, 0), mask=j_ok)
+    if WRITE_SB:
+        if pid_n == 0:
+            for k0 in range(0, D_S, BLOCK_N):
+                k = k0 + tl.arange(0, BLOCK_N)
+                mk = row_ok[:, None] & (k < D_S)[None, :]
+                x = tl.load(s_ptr + bidx[:, None] * stride_sb + n[:, None] * stride_sn + k[None, :], mask=mk)
+                tl.store(
+                    sb_ptr + rows.to(tl.int64)[:, None] * D_S + k[None, :],
+                    cast_rtne(x.to(tl.float32), sb_ptr.dtype.element_ty),
+                    mask=mk,
+                )
 
 
 @triton.jit
@@ -303,70 +354,97 @@ def _new_x(s, D_t, h, w, out_dtype):
     )
 
 
-def gen_input_forward(s, mask, weight, bias, mask_token, h, w, out_dtype, config: Cfg | None = None):
-    """x [B, D_t, h, w] (channels_last, ``out_dtype``): projected tokens, the mask token at masked cells."""
+def _gemm_weight(weight, bf16: bool):
+    """W in the GEMM dtype: rounded to bf16 once per call for a bf16 dot (as autocast does)."""
+    return weight.to(torch.bfloat16) if (bf16 and weight.dtype != torch.bfloat16) else weight
+
+
+def gen_input_forward(
+    s, mask, weight, bias, mask_token, h, w, out_dtype, amp: bool = False, config: Cfg | None = None
+):
+    """x [B, D_t, h, w] (channels_last, ``out_dtype``): projected tokens, the mask token at masked cells.
+
+    ``amp``: bf16 autocast is on (bf16 tensor-core GEMM; else exact fp32 for fp32 tokens). ``config``
+    forces one shipped config (tests); by default the kernel is autotuned."""
     B, N, D_s, D_t = _check_input(s, mask, weight, bias, mask_token, h, w)
     M = B * N
-    cfg = config or pick_config(INPUT_FWD_CONFIGS, s.dtype, D_s, D_t)
     x = _new_x(s, D_t, h, w, out_dtype)
     m8 = mask.view(torch.uint8)
+    order = torch.argsort(m8.reshape(-1), stable=True)  # kept rows first, masked rows last (no sync)
     has_w, has_b = weight is not None, bias is not None
-    wt = weight if has_w else s
+    bf16 = dot_bf16(amp, s, weight)
+    wt = _gemm_weight(weight, bf16) if has_w else s
     bb = bias.reshape(-1) if has_b else s
     tok = mask_token.reshape(-1)
-    grid = (triton.cdiv(M, cfg.BLOCK_M), triton.cdiv(D_t, cfg.BLOCK_N))
-    _gen_input_fwd_kernel[grid](
-        s,
-        m8,
-        wt,
-        bb,
-        tok,
-        x,
-        M,
-        N,
-        D_s,
-        D_t,
-        s.stride(0),
-        s.stride(1),
-        m8.stride(0),
-        m8.stride(1),
-        wt.stride(0) if has_w else 0,
-        x.stride(0),
-        x.stride(1),
-        x.stride(3),
-        BLOCK_M=cfg.BLOCK_M,
-        BLOCK_N=cfg.BLOCK_N,
-        BLOCK_K=cfg.BLOCK_K,
-        HAS_W=has_w,
-        HAS_BIAS=has_b,
-        DOT_FP32=INTERPRET,
-        PRECISION=dot_precision(s),
-        num_warps=cfg.num_warps,
-        num_stages=cfg.num_stages,
+    launch(
+        _gen_input_fwd_kernel,
+        lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(D_t, meta["BLOCK_N"]),),
+        (
+            s,
+            m8,
+            order,
+            wt,
+            bb,
+            tok,
+            x,
+            M,
+            N,
+            D_s,
+            D_t,
+            s.stride(0),
+            s.stride(1),
+            m8.stride(0),
+            m8.stride(1),
+            wt.stride(0) if has_w else 0,
+            x.stride(0),
+            x.stride(1),
+            x.stride(3),
+        ),
+        dict(HAS_W=has_w, HAS_BIAS=has_b, DOT_BF16=bf16, UPCAST=INTERPRET),
+        config,
     )
     return x
 
 
-def _gemm_dtype(dx, s):
-    return torch.promote_types(dx.dtype, s.dtype)
+def _as_matrix(x):
+    """x [B, N, D] as a [B·N, D] matrix view (no copy), or None when its strides do not allow one."""
+    B, N, D = x.shape
+    if x.stride(2) == 1 and (B == 1 or x.stride(0) == N * x.stride(1)) and (N == 1 or x.stride(1) >= D):
+        return x.as_strided((B * N, D), (x.stride(1), 1))
+    return None
 
 
 def gen_input_backward(
-    dx, s, mask, weight, bias, mask_token, h, w, need_dw, need_db, need_dtok, config: Cfg | None = None
+    dx,
+    s,
+    mask,
+    weight,
+    bias,
+    mask_token,
+    h,
+    w,
+    need_dw,
+    need_db,
+    need_dtok,
+    amp: bool = False,
+    config: Cfg | None = None,
 ):
-    """(dS, dW, db, dτ) of ``gen_input_forward`` for the upstream dX [B, D_t, h, w]; unneeded ones empty."""
+    """(dS, dW, db, dτ) of ``gen_input_forward`` for the upstream dX [B, D_t, h, w]; unneeded ones empty.
+
+    dS is contiguous [B, N, D_s] in s's dtype. Under ``amp`` (or with bf16 tokens) gX, s and W enter
+    cuBLAS in bf16; else exact fp32."""
     B, N, D_s, D_t = _check_input(s, mask, weight, bias, mask_token, h, w)
     if tuple(dx.shape) != (B, D_t, h, w):
         fail(_WHAT_IN, f"upstream gradient must be [B, D_t, h, w] = {(B, D_t, h, w)}, got {tuple(dx.shape)}")
     M = B * N
-    if not row_layout(s)[0]:
-        s = s.contiguous()
-    tp, rows = row_layout(s)
-    gdt = _gemm_dtype(dx, s)
+    has_w = weight is not None
+    bf16 = dot_bf16(amp, s, weight)
+    gdt = torch.bfloat16 if bf16 else torch.float32
     cfg = config or pick_config(ELEMENTWISE_CONFIGS, gdt, D_t)
-    gx, gx_rows = empty_rows_like(s, D_t, gdt)
-    if tp > N:  # gap rows between samples must be zero for the dW GEMM
-        gx_rows.view(-1)[: (B - 1) * tp * D_t].view(B - 1, tp, D_t)[:, N:].zero_()
+    gx = s.new_empty((M, D_t), dtype=gdt)
+    s_mat = _as_matrix(s) if (has_w and need_dw and s.dtype == gdt) else None
+    write_sb = has_w and need_dw and s_mat is None
+    sb = s.new_empty((M, D_s), dtype=gdt) if write_sb else gx
     grid = (triton.cdiv(M, cfg.BLOCK_M), triton.cdiv(D_t, cfg.BLOCK_N))
     db_part = torch.empty(grid[0], D_t, device=s.device, dtype=torch.float32)
     dtok_part = torch.empty(grid[0], D_t, device=s.device, dtype=torch.float32)
@@ -374,11 +452,14 @@ def gen_input_backward(
     _gen_input_bwd_kernel[grid](
         dx,
         m8,
+        s,
         gx,
+        sb,
         db_part,
         dtok_part,
         M,
         N,
+        D_s,
         D_t,
         w,
         dx.stride(0),
@@ -387,25 +468,28 @@ def gen_input_backward(
         dx.stride(3),
         m8.stride(0),
         m8.stride(1),
-        gx.stride(0),
-        gx.stride(1),
+        s.stride(0),
+        s.stride(1),
         BLOCK_M=cfg.BLOCK_M,
         BLOCK_N=cfg.BLOCK_N,
+        WRITE_SB=write_sb,
         num_warps=cfg.num_warps,
         num_stages=cfg.num_stages,
     )
     empty = lambda: s.new_empty(0, dtype=torch.float32)  # a fresh one per output: outputs must not alias
     dw = empty()
-    if weight is not None:
-        ds, ds_rows = empty_rows_like(s, D_s, gdt)
-        torch.mm(gx_rows, weight.to(gdt), out=ds_rows)
+    if has_w:
+        wg = _gemm_weight(weight, bf16)
+        ds = torch.mm(gx, wg)  # dS = gX W  [M, D_s], cuBLAS in the GEMM dtype
         if need_dw:
-            dw = torch.mm(gx_rows.t(), as_rows(s, tp, rows).to(gdt)).to(weight.dtype)
+            dw = torch.mm(gx.t(), s_mat if s_mat is not None else sb)  # dW = gXᵀ S
+            if dw.dtype != weight.dtype:
+                dw = dw.to(weight.dtype)
     else:
         ds = gx
+    ds = ds.view(B, N, D_s)
     if ds.dtype != s.dtype:
-        out, _ = empty_rows_like(s, D_s, s.dtype)
-        ds = out.copy_(ds)
+        ds = ds.to(s.dtype)
     db = db_part.sum(0).to(bias.dtype).reshape(bias.shape) if (bias is not None and need_db) else empty()
     dtok = dtok_part.sum(0).to(mask_token.dtype).reshape(mask_token.shape) if need_dtok else empty()
     return ds, dw, db, dtok
@@ -483,13 +567,15 @@ def gen_input_op(
     h: int,
     w: int,
     out_dtype: torch.dtype,
+    amp: Optional[bool] = None,  # noqa: UP045
 ) -> torch.Tensor:
-    """x [B, D_t, h, w] channels_last; see ``gen_input_forward``."""
-    return gen_input_forward(s, mask, weight, bias, mask_token, h, w, out_dtype)
+    """x [B, D_t, h, w] channels_last; see ``gen_input_forward``. ``amp``: bf16 autocast is on (the
+    caller reads it at the op boundary; required under torch.compile); None = read it now (eager)."""
+    return gen_input_forward(s, mask, weight, bias, mask_token, h, w, out_dtype, resolve_amp(amp, s.device))
 
 
 @gen_input_op.register_fake
-def _(s, mask, weight, bias, mask_token, h, w, out_dtype):
+def _(s, mask, weight, bias, mask_token, h, w, out_dtype, amp=None):
     _, _, _, D_t = _check_input(s, mask, weight, bias, mask_token, h, w)
     return _new_x(s, D_t, h, w, out_dtype)
 
@@ -507,16 +593,15 @@ def gen_input_backward_op(
     need_dw: bool,
     need_db: bool,
     need_dtok: bool,
+    amp: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dS, dW, db, dτ); see ``gen_input_backward``."""
-    return gen_input_backward(dx, s, mask, weight, bias, mask_token, h, w, need_dw, need_db, need_dtok)
+    return gen_input_backward(dx, s, mask, weight, bias, mask_token, h, w, need_dw, need_db, need_dtok, amp)
 
 
 @gen_input_backward_op.register_fake
-def _(dx, s, mask, weight, bias, mask_token, h, w, need_dw, need_db, need_dtok):
-    if not row_layout(s)[0]:
-        s = s.contiguous()
-    ds, _ = empty_rows_like(s, s.shape[2], s.dtype)
+def _(dx, s, mask, weight, bias, mask_token, h, w, need_dw, need_db, need_dtok, amp=False):
+    ds = torch.empty(s.shape, dtype=s.dtype, device=s.device)
     empty = s.new_empty(0, dtype=torch.float32)
     dw = weight.new_empty(weight.shape) if (weight is not None and need_dw) else empty
     db = bias.new_empty(bias.shape) if (bias is not None and need_db) else empty.clone()
@@ -525,18 +610,20 @@ def _(dx, s, mask, weight, bias, mask_token, h, w, need_dw, need_db, need_dtok):
 
 
 def _input_setup(ctx, inputs, output):
-    s, mask, weight, bias, mask_token, h, w, _ = inputs
+    s, mask, weight, bias, mask_token, h, w = inputs[:7]
+    amp = inputs[8] if len(inputs) > 8 else None
     ctx.save_for_backward(s, mask, weight, bias, mask_token)
     ctx.grid = (h, w)
+    ctx.amp = resolve_amp(amp, s.device)
 
 
 def _input_backward(ctx, dx):
     s, mask, weight, bias, mask_token = ctx.saved_tensors
     need_s, _, need_w, need_b, need_tok = ctx.needs_input_grad[:5]
     if not (need_s or need_w or need_b or need_tok):
-        return (None,) * 8
+        return (None,) * 9
     ds, dw, db, dtok = gen_input_backward_op(
-        dx, s, mask, weight, bias, mask_token, *ctx.grid, bool(need_w), bool(need_b), bool(need_tok)
+        dx, s, mask, weight, bias, mask_token, *ctx.grid, bool(need_w), bool(need_b), bool(need_tok), ctx.amp
     )
     return (
         ds if need_s else None,
@@ -544,6 +631,7 @@ def _input_backward(ctx, dx):
         dw if need_w else None,
         db if need_b else None,
         dtok if need_tok else None,
+        None,
         None,
         None,
         None,
@@ -586,78 +674,84 @@ gen_loss_op.register_autograd(_loss_backward, setup_context=_loss_setup)
 def compile_specs():
     """Every shipped (kernel, config, dtype, flags) variant as (name, fn, pointers, scalars, constexprs, cfg).
 
-    ``scalars`` are representative runtime values: DeiT-S (B=256, 14×14 patches behind one prefix token,
-    D_s=384, D_t=768) for the "large" configs, a small ViT (B=64, 4×4 patches, D_s=64, D_t=128) for
-    "small"; generator tensors channels_last. See ``tests/kernels/compile_check.py``.
+    gen_input forward: for each variant, the configs the autotuner may pick for it
+    (``valid_input_configs``) at DeiT-S training shapes (B=256, 14×14 patches read through the
+    [B, 1+N, D] row stride, D_s=384, D_t=768) and a small ViT (B=64, 4×4, D_s=64, D_t=128); fp32 tokens
+    (what training feeds under autocast) and bf16 tokens, fp32 parameters. Names carry ``bf16dot``,
+    ``exact`` (autocast off only) or ``nodot``. Elementwise kernels: each fixed config, both dtypes.
+    See ``tests/kernels/compile_check.py``.
     """
     specs = []
-
-    def shapes(cname):
-        return (64, 16, 1, 64, 128, 4) if cname == "small" else (256, 196, 1, 384, 768, 14)
-
-    def dtypes_of(cname):
-        return {"small": ("bf16", "fp32"), "large": ("bf16",), "large_fp32": ("fp32",)}[cname]
-
-    for cname, cfg in INPUT_FWD_CONFIGS.items():
-        B, N, P, D_s, D_t, _ = shapes(cname)
+    shapes = {"deit_s": (256, 196, 1, 384, 768, 14), "small": (64, 16, 1, 64, 128, 4)}
+    seen = set()
+    # (token dtype, bf16 dot, output dtype, HAS_W)
+    variants = (
+        ("fp32", True, "bf16", True),  # training under autocast: fp32 strided tokens, bf16 generator input
+        ("bf16", True, "bf16", True),
+        ("bf16", True, "bf16", False),
+        ("fp32", False, "fp32", True),  # exact: autocast off
+        ("fp32", False, "fp32", False),
+    )
+    for B, N, P, D_s, D_t, _ in shapes.values():
         T = P + N
-        for dt, wdt, xdt, has_w in (
-            ("bf16", "fp32", "bf16", True),
-            ("bf16", "fp32", "fp32", True),
-            ("bf16", "fp32", "bf16", False),
-            ("fp32", "fp32", "fp32", True),
-            ("fp32", "fp32", "fp32", False),
-        ):
-            if dt not in dtypes_of(cname):
-                continue
-            ptrs = {"s_ptr": dt, "mask_ptr": "u8", "w_ptr": wdt, "b_ptr": wdt, "tok_ptr": wdt, "x_ptr": xdt}
-            scalars = dict(
-                M=B * N,
-                N=N,
-                D_S=D_s,
-                D_T=D_t,
-                stride_sb=T * D_s,
-                stride_sn=D_s,
-                stride_mb=N,
-                stride_mn=1,
-                stride_w=D_s,
-                stride_xb=N * D_t,
-                stride_xd=1,
-                stride_xn=D_t,
-            )
-            const = dict(
-                BLOCK_M=cfg.BLOCK_M,
-                BLOCK_N=cfg.BLOCK_N,
-                BLOCK_K=cfg.BLOCK_K,
-                HAS_W=has_w,
-                HAS_BIAS=True,
-                DOT_FP32=False,
-                PRECISION="ieee" if dt == "fp32" else "tf32",
-            )
-            specs.append(
-                (
-                    f"input_fwd/{cname}/{dt}->{xdt}/w{int(has_w)}",
-                    _gen_input_fwd_kernel,
-                    ptrs,
-                    scalars,
-                    const,
-                    cfg,
+        for dt, bf16, xdt, has_w in variants:
+            prec = ("bf16dot" if bf16 else "exact") if has_w else "nodot"
+            for cfg in valid_input_configs(D_s, D_t, bf16, has_w):
+                tag = f"input_fwd/{dt}->{xdt}/{prec}/w{int(has_w)}/{cfg.BLOCK_M}x{cfg.BLOCK_N}x{cfg.BLOCK_K}"
+                if tag in seen:
+                    continue
+                seen.add(tag)
+                wdt = "bf16" if bf16 else "fp32"  # the launcher rounds W once for a bf16 dot
+                ptrs = {
+                    "s_ptr": dt,
+                    "mask_ptr": "u8",
+                    "order_ptr": "i64",
+                    "w_ptr": wdt,
+                    "b_ptr": "fp32",
+                    "tok_ptr": "fp32",
+                    "x_ptr": xdt,
+                }
+                scalars = dict(
+                    M=B * N,
+                    N=N,
+                    D_S=D_s,
+                    D_T=D_t,
+                    stride_sb=T * D_s,
+                    stride_sn=D_s,
+                    stride_mb=N,
+                    stride_mn=1,
+                    stride_w=D_s,
+                    stride_xb=N * D_t,
+                    stride_xd=1,
+                    stride_xn=D_t,
                 )
-            )
+                const = dict(
+                    BLOCK_M=cfg.BLOCK_M,
+                    BLOCK_N=cfg.BLOCK_N,
+                    BLOCK_K=cfg.BLOCK_K,
+                    HAS_W=has_w,
+                    HAS_BIAS=True,
+                    DOT_BF16=bf16,
+                    UPCAST=False,
+                )
+                specs.append((tag, _gen_input_fwd_kernel.fn, ptrs, scalars, const, cfg))
     for cname, cfg in ELEMENTWISE_CONFIGS.items():
-        B, N, P, _, D_t, W = shapes(cname)
+        B, N, P, D_s, D_t, W = shapes["small" if cname == "small" else "deit_s"]
         T = P + N
-        for dt in dtypes_of(cname):
+        for dt, gdt, write_sb in (("fp32", "bf16", True), ("bf16", "bf16", False), ("fp32", "fp32", True)):
             ptrs = {
-                "dx_ptr": dt,
+                "dx_ptr": "bf16" if gdt == "bf16" else "fp32",
                 "mask_ptr": "u8",
-                "gx_ptr": dt,
+                "s_ptr": dt,
+                "gx_ptr": gdt,
+                "sb_ptr": gdt,
                 "db_part_ptr": "fp32",
                 "dtok_part_ptr": "fp32",
             }
             scalars = dict(
                 M=B * N,
                 N=N,
+                D_S=D_s,
                 D_T=D_t,
                 W_GRID=W,
                 stride_db=N * D_t,
@@ -666,12 +760,22 @@ def compile_specs():
                 stride_dw=D_t,
                 stride_mb=N,
                 stride_mn=1,
-                stride_gb=T * D_t,
-                stride_gn=D_t,
+                stride_sb=T * D_s,
+                stride_sn=D_s,
             )
-            const = dict(BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N)
-            specs.append((f"input_bwd/{cname}/{dt}", _gen_input_bwd_kernel, ptrs, scalars, const, cfg))
-            ptrs = {"g_ptr": dt, "t_ptr": dt, "mask_ptr": "u8", "part_ptr": "fp32", "dg_ptr": dt}
+            const = dict(BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, WRITE_SB=write_sb)
+            specs.append(
+                (
+                    f"input_bwd/{dt}->{gdt}/nodot/{cname}/sb{int(write_sb)}",
+                    _gen_input_bwd_kernel,
+                    ptrs,
+                    scalars,
+                    const,
+                    cfg,
+                )
+            )
+        for dt in ("fp32", "bf16"):
+            ptrs = {"g_ptr": dt, "t_ptr": "fp32", "mask_ptr": "u8", "part_ptr": "fp32", "dg_ptr": dt}
             scalars = dict(
                 M=B * N,
                 N=N,
@@ -692,7 +796,7 @@ def compile_specs():
                 stride_ow=D_t,
             )
             const = dict(BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, NEED_GRAD=True)
-            specs.append((f"loss_fwd/{cname}/{dt}", _gen_loss_fwd_kernel, ptrs, scalars, const, cfg))
+            specs.append((f"loss_fwd/{dt}/nodot/{cname}", _gen_loss_fwd_kernel, ptrs, scalars, const, cfg))
     return specs
 
 

@@ -20,18 +20,29 @@ Backward, upstream g_mim, g_map (scalars, read on device: no host sync), g_as [B
     dS_m   += γ_m (ĉ_s − a_s[m] ŝ_m) / ‖s_m‖
     dS_cls += Σ_n γ_n (ŝ_n − a_s[n] ĉ_s) / ‖c_s‖ + (g_cls − (g_cls·ĉ_s) ĉ_s) / ‖c_s‖
 
-gR and dS live on s's row grid (``_utils.row_layout``), so a patch view x[:, P:] or a prefix-carrying
-token tensor needs no copy and prefix / gap rows of gR are zero (they then drop out of dW = gRᵀ S).
-dW accumulates over all B·N rows: done by cuBLAS on gR rather than in-kernel, because a per-tile
-[D_t, D_s] partial buffer (or atomics) would cost more than the gR round trip.
+gR is written compact [M, D_t] (rows m = b·N + n, whatever s's strides: a patch view x[:, P:] of
+[B, 1+N, D] or a prefix-carrying token tensor is read in place, never copied). dW accumulates over all
+M rows: done by cuBLAS on gR rather than in-kernel (a per-tile [D_t, D_s] partial buffer or atomics
+would cost more than the gR round trip). When s cannot be viewed as an [M, D_s] matrix in the GEMM
+dtype (fp32 tokens under autocast, or a strided view), the recompute kernel writes S rounded to the
+GEMM dtype, compact, as a by-product of the loads it does anyway (column-tile 0 only).
+
+Precision (``amp`` = bf16 autocast at the op boundary, decided by the caller; ``_utils.dot_bf16``):
+    amp, or bf16 tokens: every GEMM on bf16 tensor cores, fp32 accumulation. The recompute/forward
+        kernels load s (fp32 or bf16, any row stride) and round it to bf16 in registers; W (fp32
+        parameter) is rounded to bf16 once per call by the launcher (as autocast does); gR is
+        stored bf16; dS = gR W and dW = gRᵀ S are cuBLAS bf16 GEMMs (as autocast's reference
+        does), dS converted to s's dtype by the map kernel (or one cast when there is no map
+        term), dW to W's dtype.
+    autocast off with fp32 tokens: exact fp32 (``tl.dot`` "ieee", fp32 gR, fp32 cuBLAS) — the
+        compile-spec names of these variants say ``exact``.
 
 Bytes (e = element size of s / t; M = B·N; map/CLS side buffers are O(M·16 + B·D) bytes):
     forward   reads M·D_s·e + M·D_t·e (+ D_t·D_s·e_W), writes O(M·16) — s and t exactly once.
     backward  gR kernel: reads s, t, writes gR (M·D_t·e); dS GEMM: reads gR, W, writes dS (M·D_s·e);
               dW GEMM: reads gR, s; map kernel: reads s, reads+writes dS (M·D_s·e each).
 Flops: forward 2·M·D_s·D_t (the projection GEMM, fp32 accumulation); backward 3× that (recompute,
-dS, dW). fp32 tokens use exact fp32 ``tl.dot`` (no TF32); bf16 tokens use tensor cores (W is rounded
-to bf16 first, as autocast does).
+dS, dW). bench/NOTES.md has the per-config roofline (bytes, flops, predicted µs on H100 / H200).
 """
 
 from typing import Optional
@@ -43,65 +54,103 @@ import triton.language as tl
 from ._utils import (
     INTERPRET,
     Cfg,
-    as_rows,
+    autotune,
     cast_rtne,
     check_device,
     check_float,
     check_unit_stride,
-    dot_precision,
-    empty_rows_like,
+    dot_bf16,
     fail,
-    row_layout,
+    grouped_pid,
+    launch,
+    mma,
+    next_pow2,
+    resolve_amp,
 )
 
 # ---------------------------------------------------------------------------------------- constants
 EPS = tl.constexpr(1e-12)  # F.normalize's eps: norm(x) = x / max(‖x‖, EPS)
-# Shipped configs, by size class (``_size_name``): "small" when both widths are <= 128 channels, else
-# "large" (16-bit tokens, tensor cores) or "large_fp32" (fp32 tokens: exact fp32 FMA dot, smaller tiles).
+GROUP_M = 8  # grouped tile ordering of the recompute kernel's 2-D grid (L2 reuse of S tiles and W)
+# Shipped configs, autotuned per (M, D_s, D_t, dtypes, flags). Tensor-core configs (bf16 dot): the first
+# that fits the widths is the interpreter's choice. ``exact`` configs: fp32 "ieee" dot (CUDA-core FMAs),
+# smaller tiles so the fp32 operand tiles fit the registers without spills.
 # forward: one program per BLOCK_M patch rows, looping over D_t (BLOCK_N) and D_s (BLOCK_K)
-FWD_CONFIGS = {
-    "small": Cfg(BLOCK_M=32, BLOCK_N=32, BLOCK_K=32, num_warps=8, num_stages=2),
-    "large": Cfg(BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, num_warps=8, num_stages=3),
-    "large_fp32": Cfg(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, num_warps=8, num_stages=2),
-}
+# (BLOCK_M = 128 spills here: the row-resident design keeps the map statistics and the per-row loop
+# state live across the D_t loop; see the compile-check table in bench/NOTES.md)
+FWD_TC_CONFIGS = [
+    Cfg(BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, num_warps=8, num_stages=3),
+    Cfg(BLOCK_M=64, BLOCK_N=128, BLOCK_K=32, num_warps=8, num_stages=3),
+    Cfg(BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, num_warps=8, num_stages=3),
+]
+FWD_EXACT_CONFIGS = [
+    Cfg(BLOCK_M=32, BLOCK_N=64, BLOCK_K=32, num_warps=4, num_stages=2),
+    Cfg(BLOCK_M=32, BLOCK_N=32, BLOCK_K=32, num_warps=4, num_stages=2),
+]
 # backward gR recompute: program per (BLOCK_M rows, BLOCK_N teacher channels), loop over D_s
-BWD_CONFIGS = {
-    "small": Cfg(BLOCK_M=32, BLOCK_N=32, BLOCK_K=32, num_warps=4, num_stages=2),
-    "large": Cfg(BLOCK_M=128, BLOCK_N=64, BLOCK_K=64, num_warps=4, num_stages=3),
-    "large_fp32": Cfg(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, num_warps=4, num_stages=2),
-}
-# backward map/CLS: program per (sample, BLOCK_K student channels), loop over patches in BLOCK_M rows
+BWD_TC_CONFIGS = [
+    Cfg(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, num_warps=8, num_stages=3),
+    Cfg(BLOCK_M=128, BLOCK_N=64, BLOCK_K=64, num_warps=4, num_stages=4),
+    Cfg(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, num_warps=4, num_stages=3),
+]
+BWD_EXACT_CONFIGS = [
+    Cfg(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, num_warps=4, num_stages=2),
+    Cfg(BLOCK_M=32, BLOCK_N=32, BLOCK_K=32, num_warps=4, num_stages=2),
+]
+# backward map/CLS (no GEMM, fixed table): program per (sample, BLOCK_K student channels), loop over
+# patches in BLOCK_M rows
 MAP_BWD_CONFIGS = {
     "small": Cfg(BLOCK_M=16, BLOCK_N=1, BLOCK_K=32, num_warps=4, num_stages=1),
     "large": Cfg(BLOCK_M=32, BLOCK_N=1, BLOCK_K=128, num_warps=4, num_stages=1),
-    "large_fp32": Cfg(BLOCK_M=32, BLOCK_N=1, BLOCK_K=128, num_warps=4, num_stages=1),
 }
+FWD_CONFIGS = FWD_TC_CONFIGS + FWD_EXACT_CONFIGS
+BWD_CONFIGS = BWD_TC_CONFIGS + BWD_EXACT_CONFIGS
 
 
-def _size_name(d_s: int, d_t: int, dtype) -> str:
-    if max(d_s, d_t) <= 128:
-        return "small"
-    return "large_fp32" if dtype in (torch.float32, "fp32") else "large"
+def _fits(cfgs, d_n: int, d_k: int):
+    """The configs whose tiles do not exceed the widths (BLOCK_N ≤ D_n, BLOCK_K ≤ D_k, rounded up to a
+    power of two, at least 32); the smallest one when none does."""
+    ok = [c for c in cfgs if c.BLOCK_N <= max(32, next_pow2(d_n)) and c.BLOCK_K <= max(32, next_pow2(d_k))]
+    return ok or [min(cfgs, key=lambda c: c.BLOCK_N * c.BLOCK_K)]
 
 
-def pick_config(table: dict, d_s: int, d_t: int, dtype) -> Cfg:
-    """The shipped config of ``table`` for these widths and token dtype."""
-    return table[_size_name(d_s, d_t, dtype)]
+def valid_configs(kind: str, d_s: int, d_t: int, bf16_dot: bool, gemm: bool = True) -> list[Cfg]:
+    """The shipped configs the autotuner tries for one call ("fwd" or "bwd"): the tensor-core list for a
+    bf16 dot, the exact list for an exact fp32 dot, the first fitting one when there is no GEMM (the map
+    terms or identity W: the tile only sets the loop width)."""
+    tc, exact = (FWD_TC_CONFIGS, FWD_EXACT_CONFIGS) if kind == "fwd" else (BWD_TC_CONFIGS, BWD_EXACT_CONFIGS)
+    cfgs = _fits(tc if (bf16_dot or not gemm) else exact, d_t, d_s)
+    return cfgs if gemm else cfgs[:1]
+
+
+def _prune(kind):
+    def prune(configs, nargs, **kw):
+        gemm = bool(kw["HAS_W"]) and (kind == "bwd" or bool(kw["MIMIC"]))
+        keep = set(valid_configs(kind, nargs["D_S"], nargs["D_T"], bool(kw["DOT_BF16"]), gemm))
+        return [c for c in configs if _cfg(c) in keep]
+
+    return prune
+
+
+def _cfg(c) -> Cfg:
+    return Cfg(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"], c.num_warps, c.num_stages)
 
 
 # ------------------------------------------------------------------------------------------ kernels
+@autotune(
+    FWD_CONFIGS,
+    key=["M", "D_S", "D_T", "HAS_W", "MIMIC", "CLS_MAP", "HAS_T", "DOT_BF16"],
+    prune=_prune("fwd"),
+)
 @triton.jit
 def _token_kd_fwd_kernel(
-    s_ptr,  # [B, P_S+N, D_S] student tokens (channel stride 1)
-    t_ptr,  # [B, P_T+N, D_T] teacher tokens (channel stride 1)
+    s_ptr,  # [B, P_S+N, D_S] student tokens, fp32 or bf16 (channel stride 1, any row / sample stride)
+    t_ptr,  # [B, P_T+N, D_T] teacher tokens, fp32 or bf16 (channel stride 1)
     w_ptr,  # [D_T, D_S] projection weight (channel stride 1); read only if HAS_W
     b_ptr,  # [D_T] projection bias; read only if HAS_BIAS
-    mim_part_ptr,  # [cdiv(M, BLOCK_M)] fp32 out: Σ r² over this program's rows
-    map_part_ptr,  # [cdiv(M, BLOCK_M)] fp32 out: Σ (a_t − a_s)² over this program's rows (if HAS_T)
-    as_ptr,  # [M] fp32 out: a_s, the student CLS–patch map ([B, N] row-major)
-    stats_ptr,  # [3, M] fp32 out: a_t (0 without teacher), 1/‖s_m‖, 1/‖c_s‖ per patch row
-    scls_ptr,  # [B, D_S] fp32 out: norm(student CLS)
-    tcls_ptr,  # [B, D_T] fp32 out: norm(teacher CLS) (if HAS_T)
+    as_ptr,  # [M] fp32 out: a_s, the student CLS–patch map ([B, N] row-major); written if CLS_MAP
+    stats_ptr,  # [5, M] fp32 out, per row: a_t, 1/‖s_m‖, 1/‖c_s‖, Σ_d r², (a_t − a_s)² (0 where off)
+    scls_ptr,  # [B, D_S] fp32 out: norm(student CLS) (if CLS_MAP)
+    tcls_ptr,  # [B, D_T] fp32 out: norm(teacher CLS) (if CLS_MAP and HAS_T)
     M,
     N,
     D_S,
@@ -121,8 +170,8 @@ def _token_kd_fwd_kernel(
     MIMIC: tl.constexpr,
     CLS_MAP: tl.constexpr,
     HAS_T: tl.constexpr,
-    DOT_FP32: tl.constexpr,
-    PRECISION: tl.constexpr,
+    DOT_BF16: tl.constexpr,
+    UPCAST: tl.constexpr,
 ):
     pid = tl.program_id(0)
     rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -133,7 +182,6 @@ def _token_kd_fwd_kernel(
     s_cls = s_ptr + bidx * stride_sb  # [BLOCK_M] CLS row of each row's sample
     t_row = t_ptr + bidx * stride_tb + (P_T + n) * stride_tn
     t_cls = t_ptr + bidx * stride_tb
-    s_dtype = s_ptr.dtype.element_ty
 
     if CLS_MAP:
         ss = tl.zeros((BLOCK_M,), tl.float32)
@@ -152,45 +200,47 @@ def _token_kd_fwd_kernel(
         ct = tl.zeros((BLOCK_M,), tl.float32)
 
     sq = tl.zeros((BLOCK_M,), tl.float32)
-    if HAS_T:
+    if MIMIC:
         for j0 in range(0, D_T, BLOCK_N):
             j = j0 + tl.arange(0, BLOCK_N)
             j_ok = j < D_T
             mj = row_ok[:, None] & j_ok[None, :]
+            if HAS_W:
+                acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
+                for k0 in range(0, D_S, BLOCK_K):
+                    k = k0 + tl.arange(0, BLOCK_K)
+                    k_ok = k < D_S
+                    x = tl.load(
+                        s_row[:, None] + k[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0
+                    )  # [BLOCK_M, BLOCK_K] in s's dtype
+                    w = tl.load(
+                        w_ptr + j[None, :] * stride_w + k[:, None],
+                        mask=k_ok[:, None] & j_ok[None, :],
+                        other=0.0,
+                    )  # [BLOCK_K, BLOCK_N] = Wᵀ
+                    acc = mma(acc, x, w, DOT_BF16, UPCAST)
+            else:
+                acc = tl.load(s_row[:, None] + j[None, :], mask=mj, other=0.0).to(tl.float32)
+            if HAS_BIAS:
+                acc += tl.load(b_ptr + j, mask=j_ok, other=0.0).to(tl.float32)[None, :]
             y = tl.load(t_row[:, None] + j[None, :], mask=mj, other=0.0).to(tl.float32)
-            if MIMIC:
-                if HAS_W:
-                    acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
-                    for k0 in range(0, D_S, BLOCK_K):
-                        k = k0 + tl.arange(0, BLOCK_K)
-                        k_ok = k < D_S
-                        x = tl.load(
-                            s_row[:, None] + k[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0
-                        )
-                        w = tl.load(
-                            w_ptr + j[None, :] * stride_w + k[:, None],
-                            mask=k_ok[:, None] & j_ok[None, :],
-                            other=0.0,
-                        )  # [BLOCK_K, BLOCK_N] = Wᵀ
-                        w = cast_rtne(w, s_dtype)
-                        if DOT_FP32:
-                            acc = tl.dot(x.to(tl.float32), w.to(tl.float32), acc, input_precision=PRECISION)
-                        else:
-                            acc = tl.dot(x, w, acc, input_precision=PRECISION)
-                else:
-                    acc = tl.load(s_row[:, None] + j[None, :], mask=mj, other=0.0).to(tl.float32)
-                if HAS_BIAS:
-                    acc += tl.load(b_ptr + j, mask=j_ok, other=0.0).to(tl.float32)[None, :]
-                r = tl.where(mj, acc - y, 0.0)
-                sq += tl.sum(r * r, 1)
-            if CLS_MAP:
-                c = tl.load(t_cls[:, None] + j[None, :], mask=mj, other=0.0).to(tl.float32)
-                tt += tl.sum(y * y, 1)
-                tc += tl.sum(y * c, 1)
-                ct += tl.sum(c * c, 1)
+            r = tl.where(mj, acc - y, 0.0)
+            sq += tl.sum(r * r, 1)
+    if CLS_MAP and HAS_T:
+        # teacher-side map statistics in their own pass over t (an L2 hit after the GEMM pass): keeping
+        # them out of the GEMM epilogue keeps the big tiles spill-free
+        for j0 in range(0, D_T, BLOCK_N):
+            j = j0 + tl.arange(0, BLOCK_N)
+            mj = row_ok[:, None] & (j < D_T)[None, :]
+            y = tl.load(t_row[:, None] + j[None, :], mask=mj, other=0.0).to(tl.float32)
+            c = tl.load(t_cls[:, None] + j[None, :], mask=mj, other=0.0).to(tl.float32)
+            tt += tl.sum(y * y, 1)
+            tc += tl.sum(y * c, 1)
+            ct += tl.sum(c * c, 1)
 
-    if MIMIC:
-        tl.store(mim_part_ptr + pid, tl.sum(sq, 0))
+    # every row of stats is written (zeros where a term is off): the op's outputs are deterministic
+    zero = tl.zeros((BLOCK_M,), tl.float32)
+    tl.store(stats_ptr + 3 * M + rows, sq, mask=row_ok)
     if CLS_MAP:
         inv_s = 1.0 / tl.maximum(tl.sqrt(ss), EPS)
         inv_cs = 1.0 / tl.maximum(tl.sqrt(cc), EPS)
@@ -199,15 +249,16 @@ def _token_kd_fwd_kernel(
             inv_t = 1.0 / tl.maximum(tl.sqrt(tt), EPS)
             inv_ct = 1.0 / tl.maximum(tl.sqrt(ct), EPS)
             a_t = tc * inv_t * inv_ct
-            d = tl.where(row_ok, a_t - a_s, 0.0)
-            tl.store(map_part_ptr + pid, tl.sum(d * d, 0))
+            d = a_t - a_s
+            tl.store(stats_ptr + 4 * M + rows, d * d, mask=row_ok)
         else:
-            a_t = tl.zeros((BLOCK_M,), tl.float32)
+            a_t = zero
+            tl.store(stats_ptr + 4 * M + rows, zero, mask=row_ok)
         tl.store(as_ptr + rows, a_s, mask=row_ok)
         tl.store(stats_ptr + rows, a_t, mask=row_ok)
         tl.store(stats_ptr + M + rows, inv_s, mask=row_ok)
         tl.store(stats_ptr + 2 * M + rows, inv_cs, mask=row_ok)
-        # the CLS-embedding inputs, written by the program holding patch 0 of each sample
+        # the CLS-embedding inputs, written by the program holding patch 0 of each sample (CLS_MAP only)
         first = row_ok & (n == 0)
         for k0 in range(0, D_S, BLOCK_K):
             k = k0 + tl.arange(0, BLOCK_K)
@@ -220,17 +271,23 @@ def _token_kd_fwd_kernel(
                 m2 = first[:, None] & (j < D_T)[None, :]
                 c = tl.load(t_cls[:, None] + j[None, :], mask=m2, other=0.0).to(tl.float32)
                 tl.store(tcls_ptr + bidx[:, None] * D_T + j[None, :], c * inv_ct[:, None], mask=m2)
+    else:
+        for q in range(0, 3):
+            tl.store(stats_ptr + q * M + rows, zero, mask=row_ok)
+        tl.store(stats_ptr + 4 * M + rows, zero, mask=row_ok)
 
 
+@autotune(BWD_CONFIGS, key=["M", "D_S", "D_T", "HAS_W", "DOT_BF16", "WRITE_SB"], prune=_prune("bwd"))
 @triton.jit
 def _token_kd_bwd_kernel(
-    s_ptr,  # [B, P_S+N, D_S] student tokens (channel stride 1)
+    s_ptr,  # [B, P_S+N, D_S] student tokens, fp32 or bf16 (channel stride 1, any row / sample stride)
     t_ptr,  # [B, P_T+N, D_T] teacher tokens (channel stride 1)
     w_ptr,  # [D_T, D_S] projection weight; read only if HAS_W
     b_ptr,  # [D_T] projection bias; read only if HAS_BIAS
     g_ptr,  # [] fp32 upstream gradient of the mimic sum
-    gr_ptr,  # [B, P_S+N, D_T] out (row stride stride_gn): gR = 2·g·r on patch rows
-    db_part_ptr,  # [cdiv(M, BLOCK_M), D_T] fp32 out: Σ_rows gR of this row tile; written if HAS_BIAS
+    gr_ptr,  # [M, D_T] out, compact: gR = 2·g·r (bf16 for a bf16 dot, else fp32)
+    sb_ptr,  # [M, D_S] out, compact: S in the GEMM dtype; written by column-tile 0 if WRITE_SB
+    db_part_ptr,  # [≥ cdiv(M, BLOCK_M), D_T] fp32 out: Σ_rows gR of this row tile; written if HAS_BIAS
     M,
     N,
     D_S,
@@ -242,26 +299,24 @@ def _token_kd_bwd_kernel(
     stride_tb,
     stride_tn,
     stride_w,
-    stride_gb,
-    stride_gn,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     HAS_W: tl.constexpr,
     HAS_BIAS: tl.constexpr,
-    DOT_FP32: tl.constexpr,
-    PRECISION: tl.constexpr,
+    WRITE_SB: tl.constexpr,
+    DOT_BF16: tl.constexpr,
+    UPCAST: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
+    num_m = tl.cdiv(M, BLOCK_M)
+    num_n = tl.cdiv(D_T, BLOCK_N)
+    pid_m, pid_n = grouped_pid(tl.program_id(0), num_m, num_n, 8)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rows < M
     bidx = (rows // N).to(tl.int64)
     n = rows % N
     s_row = s_ptr + bidx * stride_sb + (P_S + n) * stride_sn
     t_row = t_ptr + bidx * stride_tb + (P_T + n) * stride_tn
-    g_row = gr_ptr + bidx * stride_gb + (P_S + n) * stride_gn
-    s_dtype = s_ptr.dtype.element_ty
 
     j = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     j_ok = j < D_T
@@ -271,15 +326,18 @@ def _token_kd_bwd_kernel(
         for k0 in range(0, D_S, BLOCK_K):
             k = k0 + tl.arange(0, BLOCK_K)
             k_ok = k < D_S
-            x = tl.load(s_row[:, None] + k[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+            mk = row_ok[:, None] & k_ok[None, :]
+            x = tl.load(s_row[:, None] + k[None, :], mask=mk, other=0.0)  # [BLOCK_M, BLOCK_K]
             w = tl.load(
                 w_ptr + j[None, :] * stride_w + k[:, None], mask=k_ok[:, None] & j_ok[None, :], other=0.0
-            )
-            w = cast_rtne(w, s_dtype)
-            if DOT_FP32:
-                acc = tl.dot(x.to(tl.float32), w.to(tl.float32), acc, input_precision=PRECISION)
-            else:
-                acc = tl.dot(x, w, acc, input_precision=PRECISION)
+            )  # [BLOCK_K, BLOCK_N] = Wᵀ
+            if WRITE_SB:
+                tl.store(
+                    sb_ptr + rows.to(tl.int64)[:, None] * D_S + k[None, :],
+                    cast_rtne(x.to(tl.float32), sb_ptr.dtype.element_ty),
+                    mask=mk & (pid_n == 0),
+                )
+            acc = mma(acc, x, w, DOT_BF16, UPCAST)
     else:
         acc = tl.load(s_row[:, None] + j[None, :], mask=mj, other=0.0).to(tl.float32)
     if HAS_BIAS:
@@ -287,7 +345,11 @@ def _token_kd_bwd_kernel(
     y = tl.load(t_row[:, None] + j[None, :], mask=mj, other=0.0).to(tl.float32)
     g = 2.0 * tl.load(g_ptr).to(tl.float32)
     gr = tl.where(mj, acc - y, 0.0) * g
-    tl.store(g_row[:, None] + j[None, :], cast_rtne(gr, gr_ptr.dtype.element_ty), mask=mj)
+    tl.store(
+        gr_ptr + rows.to(tl.int64)[:, None] * D_T + j[None, :],
+        cast_rtne(gr, gr_ptr.dtype.element_ty),
+        mask=mj,
+    )
     if HAS_BIAS:
         tl.store(db_part_ptr + pid_m * D_T + j, tl.sum(gr, 0), mask=j_ok)
 
@@ -296,12 +358,13 @@ def _token_kd_bwd_kernel(
 def _token_kd_map_bwd_kernel(
     s_ptr,  # [B, P_S+N, D_S] student tokens (channel stride 1)
     as_ptr,  # [M] fp32: a_s (from the forward)
-    stats_ptr,  # [3, M] fp32: a_t, 1/‖s_m‖, 1/‖c_s‖ (from the forward)
+    stats_ptr,  # [5, M] fp32: a_t, 1/‖s_m‖, 1/‖c_s‖, … (from the forward)
     scls_ptr,  # [B, D_S] fp32: norm(student CLS) (from the forward)
     g_ptr,  # [] fp32 upstream gradient of the map sum; read only if HAS_T
     gas_ptr,  # [M] fp32 upstream gradient of a_s; read only if HAS_GAS
     gcls_ptr,  # [B, D_S] upstream gradient of s_cls (row stride stride_gc); read only if HAS_GCLS
-    ds_ptr,  # [B, P_S+N, D_S] out: dS (channel stride 1); += if ACCUMULATE else =
+    mim_ptr,  # [M, D_S] compact dS of the mimic term (any float dtype); added if HAS_MIM
+    ds_ptr,  # [B, P_S+N, D_S] out, contiguous: dS (prefix rows 1..P_S−1 written as 0)
     M,
     N,
     D_S,
@@ -316,7 +379,7 @@ def _token_kd_map_bwd_kernel(
     HAS_T: tl.constexpr,
     HAS_GAS: tl.constexpr,
     HAS_GCLS: tl.constexpr,
-    ACCUMULATE: tl.constexpr,
+    HAS_MIM: tl.constexpr,
 ):
     b = tl.program_id(0).to(tl.int64)
     k = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
@@ -347,9 +410,9 @@ def _token_kd_map_bwd_kernel(
         ).to(tl.float32)
         coef_c = ga * inv_s * inv_c
         grad = coef_c[:, None] * c[None, :] - (ga * a_s * inv_s * inv_s)[:, None] * x
+        if HAS_MIM:
+            grad += tl.load(mim_ptr + m[:, None] * D_S + k[None, :], mask=m2, other=0.0).to(tl.float32)
         dptr = ds_ptr + b * stride_db + (P_S + n)[:, None] * stride_dn + k[None, :]
-        if ACCUMULATE:
-            grad += tl.load(dptr, mask=m2, other=0.0).to(tl.float32)
         tl.store(dptr, cast_rtne(grad, out_dtype), mask=m2)
         acc_c += tl.sum(coef_c[:, None] * x, 0)
         acc_ga += ga * a_s
@@ -364,10 +427,9 @@ def _token_kd_map_bwd_kernel(
         u = tl.load(gcls_ptr + b * stride_gc + k, mask=k_ok, other=0.0).to(tl.float32)
         ch = tl.load(scls_ptr + b * D_S + k, mask=k_ok, other=0.0)
         dc += (u - tl.sum(ud, 0) * ch) * inv_c
-    dptr = ds_ptr + b * stride_db + k
-    if ACCUMULATE:
-        dc += tl.load(dptr, mask=k_ok, other=0.0).to(tl.float32)
-    tl.store(dptr, cast_rtne(dc, out_dtype), mask=k_ok)
+    tl.store(ds_ptr + b * stride_db + k, cast_rtne(dc, out_dtype), mask=k_ok)
+    for p in range(1, P_S):  # prefix tokens other than CLS (e.g. DeiT's dist token): no gradient here
+        tl.store(ds_ptr + b * stride_db + p * stride_dn + k, tl.zeros((BLOCK_K,), out_dtype), mask=k_ok)
 
 
 # ---------------------------------------------------------------------------------------- launchers
@@ -432,19 +494,13 @@ def _check(s, t, weight, bias, num_prefix_s, num_prefix_t, mimic, cls_map):
 
 
 def _fwd_outputs(s, t, N, cls_map):
-    """(mim_sum, map_sum, a_s, s_cls, t_cls, stats) buffers; unused ones are empty."""
+    """(a_s, s_cls, t_cls, stats) buffers, all written by the forward kernel; unused ones are empty."""
     B, _, D_s = s.shape
     new = lambda *shape: s.new_empty(shape, dtype=torch.float32)
+    stats = new(5, B * N)
     if not cls_map:
-        return new(), new(), new(0), new(0), new(0), new(0)
-    return (
-        new(),
-        new(),
-        new(B, N),
-        new(B, D_s),
-        (new(B, t.shape[2]) if t is not None else new(0)),
-        new(3, B * N),
-    )
+        return new(0), new(0), new(0), stats
+    return new(B, N), new(B, D_s), (new(B, t.shape[2]) if t is not None else new(0)), stats
 
 
 def token_kd_forward(
@@ -456,68 +512,77 @@ def token_kd_forward(
     num_prefix_t=1,
     mimic=True,
     cls_map=True,
+    amp: bool = False,
     config: Cfg | None = None,
 ):
     """Launch the forward kernel. Returns (mimic_sum [], map_sum [], a_s [B, N], s_cls, t_cls, stats).
 
     Semantics in the module docstring; ``t`` may be None for the student map alone (cls_map=True,
-    mimic=False; map_sum is then 0). Unused outputs are empty tensors. ``config`` overrides the
-    shipped config (tests).
+    mimic=False; map_sum is then 0). Unused outputs are empty tensors. ``amp``: bf16 autocast is on
+    (bf16 tensor-core GEMM; else exact fp32 for fp32 tokens). ``config`` forces one shipped config
+    (tests); by default the kernel is autotuned. Allocations: 4 buffers + the 2 sums, whatever the shape.
     """
     B, N, D_s, D_t = _check(s, t, weight, bias, num_prefix_s, num_prefix_t, mimic, cls_map)
     M = B * N
-    cfg = config or pick_config(FWD_CONFIGS, D_s, D_t, s.dtype)
-    grid = (triton.cdiv(M, cfg.BLOCK_M),)
-    _, _, a_s, s_cls, t_cls, stats = _fwd_outputs(s, t, N, cls_map)
-    mim_part = torch.zeros(grid[0], device=s.device, dtype=torch.float32)
-    map_part = torch.zeros(grid[0], device=s.device, dtype=torch.float32)
+    a_s, s_cls, t_cls, stats = _fwd_outputs(s, t, N, cls_map)
     has_t = t is not None
     has_w = mimic and weight is not None
     has_b = mimic and bias is not None
     tt = t if has_t else s
-    w = weight if has_w else s
-    bb = bias.reshape(-1) if has_b else s
-    _token_kd_fwd_kernel[grid](
-        s,
-        tt,
-        w,
-        bb,
-        mim_part,
-        map_part,
-        a_s,
-        stats,
-        s_cls,
-        t_cls,
-        M,
-        N,
-        D_s,
-        D_t,
-        num_prefix_s,
-        num_prefix_t,
-        s.stride(0),
-        s.stride(1),
-        tt.stride(0),
-        tt.stride(1),
-        w.stride(0) if has_w else 0,
-        BLOCK_M=cfg.BLOCK_M,
-        BLOCK_N=cfg.BLOCK_N,
-        BLOCK_K=cfg.BLOCK_K,
-        HAS_W=has_w,
-        HAS_BIAS=has_b,
-        MIMIC=mimic,
-        CLS_MAP=cls_map,
-        HAS_T=has_t,
-        DOT_FP32=INTERPRET,
-        PRECISION=dot_precision(s),
-        num_warps=cfg.num_warps,
-        num_stages=cfg.num_stages,
+    bf16 = dot_bf16(amp, s, t, weight if mimic else None)
+    w = _gemm_weight(weight, bf16) if has_w else s
+    bb = (bias if bias.dim() == 1 else bias.reshape(-1)) if has_b else s
+    launch(
+        _token_kd_fwd_kernel,
+        lambda meta: (triton.cdiv(M, meta["BLOCK_M"]),),
+        (
+            s,
+            tt,
+            w,
+            bb,
+            a_s,
+            stats,
+            s_cls,
+            t_cls,
+            M,
+            N,
+            D_s,
+            D_t,
+            num_prefix_s,
+            num_prefix_t,
+            s.stride(0),
+            s.stride(1),
+            tt.stride(0),
+            tt.stride(1),
+            w.stride(0) if has_w else 0,
+        ),
+        dict(
+            HAS_W=has_w,
+            HAS_BIAS=has_b,
+            MIMIC=mimic,
+            CLS_MAP=cls_map,
+            HAS_T=has_t,
+            DOT_BF16=bf16,
+            UPCAST=INTERPRET,
+        ),
+        config,
     )
-    return mim_part.sum(), map_part.sum(), a_s, s_cls, t_cls, stats
+    mim, msum = stats[3].sum(), stats[4].sum()  # rows of zeros when the term is off
+    return mim, msum, a_s, s_cls, t_cls, stats
 
 
-def _ds_layout(s):
-    """s itself if it lies on a uniform row grid (no copy), else a contiguous copy."""
-    return s if row_layout(s)[0] else s.contiguous()
+def _gemm_weight(weight, bf16: bool):
+    """W in the GEMM dtype: rounded to bf16 once per call for a bf16 dot (what autocast does; the kernels
+    then stream half the bytes of W from L2 per row tile), as is for an exact one."""
+    return weight.to(torch.bfloat16) if (bf16 and weight.dtype != torch.bfloat16) else weight
+
+
+def _as_matrix(x, N):
+    """x [B, N, D] as an [B·N, D] matrix view (no copy), or None when its strides do not allow one."""
+    B, _, D = x.shape
+    if x.stride(2) == 1 and (B == 1 or x.stride(0) == N * x.stride(1)) and (N == 1 or x.stride(1) >= D):
+        return x.as_strided((B * N, D), (x.stride(1), 1))
+    return None
 
 
 def token_kd_backward(
@@ -538,112 +603,119 @@ def token_kd_backward(
     cls_map,
     need_dw,
     need_db,
+    amp: bool = False,
     config: Cfg | None = None,
     map_config: Cfg | None = None,
 ):
     """Gradients (dS, dW, db) of ``token_kd_forward``; dW / db are empty when not needed.
 
     g_mim, g_map: 0-d upstream gradients (stay on device); g_as [B, N] / g_cls [B, D_s]: upstream
-    gradients of a_s / s_cls, or None. dS has s's dtype and the row-grid strides of ``row_layout(s)``.
+    gradients of a_s / s_cls, or None. dS is a fresh contiguous tensor of s's shape and dtype. ``amp``
+    as in the forward (the autograd formula passes the forward's value).
     """
     B, N, D_s, D_t = _check(s, t, weight, bias, num_prefix_s, num_prefix_t, mimic, cls_map)
     M = B * N
-    s = _ds_layout(s)
-    tp, rows = row_layout(s)
+    P = num_prefix_s
     dw, db = s.new_empty(0, dtype=torch.float32), s.new_empty(0, dtype=torch.float32)  # distinct: no aliasing
+    mim_ds = None  # compact [M, D_s] dS of the mimic term
     if mimic:
         has_w = weight is not None
         has_b = bias is not None
-        cfg = config or pick_config(BWD_CONFIGS, D_s, D_t, s.dtype)
-        # gR lives on s's row grid, in s's dtype; rows that are not patch tokens (prefix, gaps) are zero
-        gr, gr_rows = empty_rows_like(s, D_t, s.dtype)
-        if num_prefix_s:
-            gr[:, :num_prefix_s].zero_()
-        if tp > s.shape[1]:
-            gr_rows[: (B - 1) * tp].view(B - 1, tp, D_t)[:, s.shape[1] :].zero_()
-        grid = (triton.cdiv(M, cfg.BLOCK_M), triton.cdiv(D_t, cfg.BLOCK_N))
-        db_part = s.new_empty((grid[0] if has_b else 0, D_t), dtype=torch.float32)
-        w = weight if has_w else s
-        bb = bias.reshape(-1) if has_b else s
-        _token_kd_bwd_kernel[grid](
-            s,
-            t,
-            w,
-            bb,
-            g_mim.reshape(()).float(),
-            gr,
-            db_part,
-            M,
-            N,
-            D_s,
-            D_t,
-            num_prefix_s,
-            num_prefix_t,
-            s.stride(0),
-            s.stride(1),
-            t.stride(0),
-            t.stride(1),
-            w.stride(0) if has_w else 0,
-            gr.stride(0),
-            gr.stride(1),
-            BLOCK_M=cfg.BLOCK_M,
-            BLOCK_N=cfg.BLOCK_N,
-            BLOCK_K=cfg.BLOCK_K,
-            HAS_W=has_w,
-            HAS_BIAS=has_b,
-            DOT_FP32=INTERPRET,
-            PRECISION=dot_precision(s),
-            num_warps=cfg.num_warps,
-            num_stages=cfg.num_stages,
+        bf16 = dot_bf16(amp, s, t, weight)
+        gdt = torch.bfloat16 if bf16 else torch.float32  # the GEMM dtype
+        gr = s.new_empty((M, D_t), dtype=gdt)  # compact, every row written by the kernel
+        s_mat = None
+        if has_w and need_dw:
+            s_mat = _as_matrix(s[:, P:], N) if s.dtype == gdt else None
+        write_sb = has_w and need_dw and s_mat is None
+        sb = s.new_empty((M, D_s), dtype=gdt) if write_sb else gr
+        n_tiles = triton.cdiv(M, 32)  # the smallest BLOCK_M shipped: enough partial rows for any config
+        db_part = s.new_empty((n_tiles if has_b else 0, D_t), dtype=torch.float32)
+        w = _gemm_weight(weight, bf16) if has_w else s
+        bb = (bias if bias.dim() == 1 else bias.reshape(-1)) if has_b else s
+        g = g_mim if g_mim.dtype == torch.float32 else g_mim.float()
+        cfg = launch(
+            _token_kd_bwd_kernel,
+            lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(D_t, meta["BLOCK_N"]),),
+            (
+                s,
+                t,
+                w,
+                bb,
+                g,
+                gr,
+                sb,
+                db_part,
+                M,
+                N,
+                D_s,
+                D_t,
+                num_prefix_s,
+                num_prefix_t,
+                s.stride(0),
+                s.stride(1),
+                t.stride(0),
+                t.stride(1),
+                w.stride(0) if has_w else 0,
+            ),
+            dict(HAS_W=has_w, HAS_BIAS=has_b, WRITE_SB=write_sb, DOT_BF16=bf16, UPCAST=INTERPRET),
+            config,
         )
         if has_w:
-            ds, ds_rows = empty_rows_like(s, D_s, s.dtype)
-            torch.mm(gr_rows, weight.to(s.dtype), out=ds_rows)  # dS = gR W  [rows, D_s]
+            mim_ds = torch.mm(gr, w)  # dS = gR W  [M, D_s], cuBLAS in the GEMM dtype
             if need_dw:
-                dw = torch.mm(gr_rows.t(), as_rows(s, tp, rows)).to(weight.dtype)  # dW = gRᵀ S
+                dw = torch.mm(gr.t(), s_mat if s_mat is not None else sb)  # dW = gRᵀ S
+                if dw.dtype != weight.dtype:
+                    dw = dw.to(weight.dtype)
         else:
-            ds = gr  # identity: dS = gR
+            mim_ds = gr  # identity: dS = gR
         if has_b and need_db:
-            db = db_part.sum(0).to(bias.dtype).reshape(bias.shape)
-    else:
-        ds, _ = empty_rows_like(s, D_s, s.dtype)
-        if num_prefix_s > 1:
-            ds[:, 1:num_prefix_s].zero_()
-    if cls_map:
-        mcfg = map_config or pick_config(MAP_BWD_CONFIGS, D_s, D_t, s.dtype)
-        has_gcls = g_cls is not None
-        gc = g_cls if has_gcls else s_cls
-        if gc.stride(-1) != 1:
-            gc = gc.contiguous()
-        gas = g_as.contiguous() if g_as is not None else a_s
-        grid = (B, triton.cdiv(D_s, mcfg.BLOCK_K))
-        _token_kd_map_bwd_kernel[grid](
-            s,
-            a_s,
-            stats,
-            s_cls,
-            g_map.reshape(()).float(),
-            gas,
-            gc,
-            ds,
-            M,
-            N,
-            D_s,
-            num_prefix_s,
-            s.stride(0),
-            s.stride(1),
-            ds.stride(0),
-            ds.stride(1),
-            gc.stride(0),
-            BLOCK_M=mcfg.BLOCK_M,
-            BLOCK_K=mcfg.BLOCK_K,
-            HAS_T=t is not None,
-            HAS_GAS=g_as is not None,
-            HAS_GCLS=has_gcls,
-            ACCUMULATE=mimic,
-            num_warps=mcfg.num_warps,
-            num_stages=mcfg.num_stages,
-        )
+            db = db_part[: triton.cdiv(M, cfg.BLOCK_M)].sum(0)
+            if db.dtype != bias.dtype or db.shape != bias.shape:
+                db = db.to(bias.dtype).reshape(bias.shape)
+    if not cls_map:
+        if P == 0:
+            ds = mim_ds.view(B, N, D_s)
+            return (ds if ds.dtype == s.dtype else ds.to(s.dtype)), dw, db
+        ds = s.new_zeros(s.shape)
+        ds[:, P:] = mim_ds.view(B, N, D_s)
+        return ds, dw, db
+    ds = torch.empty(s.shape, dtype=s.dtype, device=s.device)
+    mcfg = map_config or MAP_BWD_CONFIGS["small" if D_s <= 64 else "large"]
+    has_gcls = g_cls is not None
+    gc = g_cls if has_gcls else s_cls
+    if gc.stride(-1) != 1:
+        gc = gc.contiguous()
+    gas = g_as if g_as is None or g_as.is_contiguous() else g_as.contiguous()
+    gm = g_map if g_map.dtype == torch.float32 else g_map.float()
+    _token_kd_map_bwd_kernel[(B, triton.cdiv(D_s, mcfg.BLOCK_K))](
+        s,
+        a_s,
+        stats,
+        s_cls,
+        gm,
+        gas if gas is not None else a_s,
+        gc,
+        mim_ds if mim_ds is not None else ds,
+        ds,
+        M,
+        N,
+        D_s,
+        num_prefix_s,
+        s.stride(0),
+        s.stride(1),
+        ds.stride(0),
+        ds.stride(1),
+        gc.stride(0),
+        BLOCK_M=mcfg.BLOCK_M,
+        BLOCK_K=mcfg.BLOCK_K,
+        HAS_T=t is not None,
+        HAS_GAS=g_as is not None,
+        HAS_GCLS=has_gcls,
+        HAS_MIM=mim_ds is not None,
+        num_warps=mcfg.num_warps,
+        num_stages=mcfg.num_stages,
+    )
     return ds, dw, db
 
 
@@ -658,15 +730,22 @@ def token_kd_op(
     num_prefix_t: int,
     mimic: bool,
     cls_map: bool,
+    amp: Optional[bool] = None,  # noqa: UP045
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(mimic_sum, map_sum, a_s, s_cls, t_cls, stats); see ``token_kd_forward``."""
-    return token_kd_forward(s, t, weight, bias, num_prefix_s, num_prefix_t, mimic, cls_map)
+    """(mimic_sum, map_sum, a_s, s_cls, t_cls, stats); see ``token_kd_forward``.
+
+    ``amp``: bf16 autocast is on (the caller reads ``torch.is_autocast_enabled`` at the op boundary and
+    passes it; required under torch.compile). None = read it now (eager callers only)."""
+    return token_kd_forward(
+        s, t, weight, bias, num_prefix_s, num_prefix_t, mimic, cls_map, resolve_amp(amp, s.device)
+    )
 
 
 @token_kd_op.register_fake
-def _(s, t, weight, bias, num_prefix_s, num_prefix_t, mimic, cls_map):
+def _(s, t, weight, bias, num_prefix_s, num_prefix_t, mimic, cls_map, amp=None):
     _, N, _, _ = _check(s, t, weight, bias, num_prefix_s, num_prefix_t, mimic, cls_map)
-    return _fwd_outputs(s, t, N, cls_map)
+    new = lambda: s.new_empty((), dtype=torch.float32)
+    return (new(), new(), *_fwd_outputs(s, t, N, cls_map))
 
 
 @torch.library.custom_op("fastkd::token_kd_backward", mutates_args=())
@@ -688,6 +767,7 @@ def token_kd_backward_op(
     cls_map: bool,
     need_dw: bool,
     need_db: bool,
+    amp: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dS, dW, db); see ``token_kd_backward``."""
     return token_kd_backward(
@@ -708,6 +788,7 @@ def token_kd_backward_op(
         cls_map,
         need_dw,
         need_db,
+        amp,
     )
 
 
@@ -730,9 +811,9 @@ def _(
     cls_map,
     need_dw,
     need_db,
+    amp=False,
 ):
-    s = _ds_layout(s)
-    ds, _ = empty_rows_like(s, s.shape[2], s.dtype)
+    ds = torch.empty(s.shape, dtype=s.dtype, device=s.device)  # contiguous, as every real path returns
     empty = s.new_empty(0, dtype=torch.float32)
     dw = weight.new_empty(weight.shape) if (mimic and need_dw and weight is not None) else empty
     db = bias.new_empty(bias.shape) if (mimic and need_db and bias is not None) else empty.clone()
@@ -740,21 +821,24 @@ def _(
 
 
 def _setup_context(ctx, inputs, output):
-    s, t, weight, bias, num_prefix_s, num_prefix_t, mimic, cls_map = inputs
+    s, t, weight, bias, num_prefix_s, num_prefix_t, mimic, cls_map = inputs[:8]
+    amp = inputs[8] if len(inputs) > 8 else None
     _, _, a_s, s_cls, _, stats = output
     ctx.save_for_backward(s, t, weight, bias, a_s, stats, s_cls)
-    ctx.args = (num_prefix_s, num_prefix_t, mimic, cls_map)
+    ctx.args = (num_prefix_s, num_prefix_t, mimic, cls_map, resolve_amp(amp, s.device))
 
 
 def _backward(ctx, g_mim, g_map, g_as, g_scls, g_tcls, g_stats):
     s, t, weight, bias, a_s, stats, s_cls = ctx.saved_tensors
-    num_prefix_s, num_prefix_t, mimic, cls_map = ctx.args
+    num_prefix_s, num_prefix_t, mimic, cls_map, amp = ctx.args
     need_s, _, need_w, need_b = ctx.needs_input_grad[:4]
     need_w = bool(need_w and mimic and weight is not None)
     need_b = bool(need_b and mimic and bias is not None)
     if not (need_s or need_w or need_b):
-        return None, None, None, None, None, None, None, None
-    zero = s.new_zeros((), dtype=torch.float32)
+        return (None,) * 9
+    zero = None
+    if g_mim is None or g_map is None:
+        zero = s.new_zeros((), dtype=torch.float32)
     ds, dw, db = token_kd_backward_op(
         zero if g_mim is None else g_mim,
         zero if g_map is None else g_map,
@@ -773,12 +857,14 @@ def _backward(ctx, g_mim, g_map, g_as, g_scls, g_tcls, g_stats):
         cls_map,
         need_w,
         need_b,
+        amp,
     )
     return (
         (ds if need_s else None),
         None,
         (dw if need_w else None),
         (db if need_b else None),
+        None,
         None,
         None,
         None,
@@ -793,135 +879,134 @@ token_kd_op.register_autograd(_backward, setup_context=_setup_context)
 def compile_specs():
     """Every shipped (kernel, config, dtype, flags) variant as (name, fn, pointers, scalars, constexprs, cfg).
 
-    ``scalars`` holds representative runtime values: DeiT-S shapes (B=256, N=196, P=1, D_s=384, D_t=768,
-    contiguous tokens) for the "large" configs, a small ViT (B=64, N=16, D_s=64, D_t=128) for "small".
-    The compile check specializes them as the JIT does (1 → constant, multiples of 16 → divisibility
-    hint), builds each variant for sm_80 and sm_90a and requires no local memory / stack (no spills).
+    For each variant, the configs the autotuner may pick for it (``valid_configs``) at two
+    representative shapes: DeiT-S training (B=256, N=196, P=1, D_s=384, D_t=768; the patch rows read
+    through the [B, 1+N, D] row stride, as training passes them) and a small ViT (B=64, N=16, D_s=64,
+    D_t=128). Token dtypes: fp32 (what training feeds under autocast: fp32 residual stream) and bf16;
+    weights fp32. Names carry ``bf16dot`` (tensor-core GEMM) or ``exact`` (fp32 "ieee" dot, autocast
+    off only) or ``nodot``. The compile check builds each for sm_80 and sm_90a, requires no spills, and
+    requires every ``tl.dot`` of a non-``exact`` variant to be an mma / wgmma.
     """
     specs = []
-    fwd_variants = [  # (token dtype, weight dtype, HAS_W, HAS_BIAS, MIMIC, CLS_MAP, HAS_T)
-        ("bf16", "fp32", True, True, True, True, True),
-        ("bf16", "fp32", True, True, True, False, True),
-        ("bf16", "fp32", False, False, False, True, True),
-        ("bf16", "fp32", False, False, False, True, False),
-        ("bf16", "bf16", False, True, True, True, True),
-        ("fp32", "fp32", True, True, True, True, True),
-        ("fp32", "fp32", True, True, True, False, True),
-        ("fp32", "fp32", False, False, False, True, True),
-        ("fp32", "fp32", False, False, False, True, False),
+    shapes = {"deit_s": (256, 196, 1, 384, 768), "small": (64, 16, 1, 64, 128)}
+    # (token dtype, bf16 dot, HAS_W, HAS_BIAS, MIMIC, CLS_MAP, HAS_T)
+    fwd_variants = [
+        ("fp32", True, True, True, True, True, True),  # training under autocast: mimic + map, one pass
+        ("fp32", True, True, True, True, False, True),  # training under autocast: ViTKD mimic
+        ("bf16", True, True, True, True, True, True),
+        ("bf16", True, True, True, True, False, True),
+        ("fp32", False, True, True, True, True, True),  # exact: autocast off
+        ("fp32", False, True, True, True, False, True),
+        ("fp32", False, False, False, False, True, True),  # the map loss alone (no GEMM)
+        ("fp32", False, False, False, False, True, False),  # the student map alone
+        ("bf16", True, False, True, True, True, True),  # identity projection (no GEMM)
     ]
+    # (token dtype, bf16 dot, HAS_W, HAS_BIAS, WRITE_SB)
     bwd_variants = [
-        ("bf16", "fp32", True, True),
-        ("bf16", "bf16", False, True),
-        ("fp32", "fp32", True, True),
-        ("fp32", "fp32", False, True),
+        ("fp32", True, True, True, True),  # autocast, fp32 strided tokens: S rounded to bf16 on the way
+        ("bf16", True, True, True, True),
+        ("bf16", True, True, True, False),
+        ("fp32", False, True, True, True),  # exact
+        ("fp32", False, False, True, False),  # identity, exact
     ]
 
-    def shapes(cname):
-        return (64, 16, 1, 64, 128) if cname == "small" else (256, 196, 1, 384, 768)
+    def precision(bf16, gemm):
+        return "bf16dot" if (bf16 and gemm) else ("exact" if gemm else "nodot")
 
-    def dtypes_of(cname):
-        return {"small": ("bf16", "fp32"), "large": ("bf16",), "large_fp32": ("fp32",)}[cname]
-
-    for cname, cfg in FWD_CONFIGS.items():
-        B, N, P, D_s, D_t = shapes(cname)
+    seen = set()
+    for B, N, P, D_s, D_t in shapes.values():
         T = P + N
-        for dt, wdt, has_w, has_b, mimic, cls_map, has_t in fwd_variants:
-            if dt not in dtypes_of(cname):
-                continue
-            ptrs = {
-                "s_ptr": dt,
-                "t_ptr": dt,
-                "w_ptr": wdt,
-                "b_ptr": wdt,
-                "mim_part_ptr": "fp32",
-                "map_part_ptr": "fp32",
-                "as_ptr": "fp32",
-                "stats_ptr": "fp32",
-                "scls_ptr": "fp32",
-                "tcls_ptr": "fp32",
-            }
-            scalars = dict(
-                M=B * N,
-                N=N,
-                D_S=D_s,
-                D_T=D_t,
-                P_S=P,
-                P_T=P,
-                stride_sb=T * D_s,
-                stride_sn=D_s,
-                stride_tb=T * D_t,
-                stride_tn=D_t,
-                stride_w=D_s,
-            )
-            const = dict(
-                BLOCK_M=cfg.BLOCK_M,
-                BLOCK_N=cfg.BLOCK_N,
-                BLOCK_K=cfg.BLOCK_K,
-                HAS_W=has_w,
-                HAS_BIAS=has_b,
-                MIMIC=mimic,
-                CLS_MAP=cls_map,
-                HAS_T=has_t,
-                DOT_FP32=False,
-                PRECISION="ieee" if dt == "fp32" else "tf32",
-            )
-            tag = f"fwd/{cname}/{dt}/w{int(has_w)}b{int(has_b)}/mim{int(mimic)}map{int(cls_map)}t{int(has_t)}"
-            specs.append((tag, _token_kd_fwd_kernel, ptrs, scalars, const, cfg))
-    for cname, cfg in BWD_CONFIGS.items():
-        B, N, P, D_s, D_t = shapes(cname)
-        T = P + N
-        for dt, wdt, has_w, has_b in bwd_variants:
-            if dt not in dtypes_of(cname):
-                continue
-            ptrs = {
-                "s_ptr": dt,
-                "t_ptr": dt,
-                "w_ptr": wdt,
-                "b_ptr": wdt,
-                "g_ptr": "fp32",
-                "gr_ptr": dt,
-                "db_part_ptr": "fp32",
-            }
-            scalars = dict(
-                M=B * N,
-                N=N,
-                D_S=D_s,
-                D_T=D_t,
-                P_S=P,
-                P_T=P,
-                stride_sb=T * D_s,
-                stride_sn=D_s,
-                stride_tb=T * D_t,
-                stride_tn=D_t,
-                stride_w=D_s,
-                stride_gb=T * D_t,
-                stride_gn=D_t,
-            )
-            const = dict(
-                BLOCK_M=cfg.BLOCK_M,
-                BLOCK_N=cfg.BLOCK_N,
-                BLOCK_K=cfg.BLOCK_K,
-                HAS_W=has_w,
-                HAS_BIAS=has_b,
-                DOT_FP32=False,
-                PRECISION="ieee" if dt == "fp32" else "tf32",
-            )
-            specs.append(
-                (
-                    f"bwd/{cname}/{dt}/w{int(has_w)}b{int(has_b)}",
-                    _token_kd_bwd_kernel,
-                    ptrs,
-                    scalars,
-                    const,
-                    cfg,
+        for dt, bf16, has_w, has_b, mimic, cls_map, has_t in fwd_variants:
+            gemm = has_w and mimic
+            for cfg in valid_configs("fwd", D_s, D_t, bf16, gemm):
+                flags = f"w{int(has_w)}b{int(has_b)}/mim{int(mimic)}map{int(cls_map)}t{int(has_t)}"
+                tag = f"fwd/{dt}/{precision(bf16, gemm)}/{flags}/{cfg.BLOCK_M}x{cfg.BLOCK_N}x{cfg.BLOCK_K}"
+                if tag in seen:
+                    continue
+                seen.add(tag)
+                ptrs = {
+                    "s_ptr": dt,
+                    "t_ptr": dt,
+                    "w_ptr": "bf16" if bf16 else "fp32",  # the launcher rounds W once for a bf16 dot
+                    "b_ptr": "fp32",
+                    "as_ptr": "fp32",
+                    "stats_ptr": "fp32",
+                    "scls_ptr": "fp32",
+                    "tcls_ptr": "fp32",
+                }
+                scalars = dict(
+                    M=B * N,
+                    N=N,
+                    D_S=D_s,
+                    D_T=D_t,
+                    P_S=P,
+                    P_T=P,
+                    stride_sb=T * D_s,
+                    stride_sn=D_s,
+                    stride_tb=T * D_t,
+                    stride_tn=D_t,
+                    stride_w=D_s,
                 )
-            )
+                const = dict(
+                    BLOCK_M=cfg.BLOCK_M,
+                    BLOCK_N=cfg.BLOCK_N,
+                    BLOCK_K=cfg.BLOCK_K,
+                    HAS_W=has_w,
+                    HAS_BIAS=has_b,
+                    MIMIC=mimic,
+                    CLS_MAP=cls_map,
+                    HAS_T=has_t,
+                    DOT_BF16=bf16,
+                    UPCAST=False,
+                )
+                specs.append((tag, _token_kd_fwd_kernel.fn, ptrs, scalars, const, cfg))
+        for dt, bf16, has_w, has_b, write_sb in bwd_variants:
+            for cfg in valid_configs("bwd", D_s, D_t, bf16, has_w):
+                flags = f"w{int(has_w)}b{int(has_b)}sb{int(write_sb)}"
+                tag = f"bwd/{dt}/{precision(bf16, has_w)}/{flags}/{cfg.BLOCK_M}x{cfg.BLOCK_N}x{cfg.BLOCK_K}"
+                if tag in seen:
+                    continue
+                seen.add(tag)
+                gdt = "bf16" if bf16 else "fp32"
+                ptrs = {
+                    "s_ptr": dt,
+                    "t_ptr": dt,
+                    "w_ptr": "bf16" if bf16 else "fp32",
+                    "b_ptr": "fp32",
+                    "g_ptr": "fp32",
+                    "gr_ptr": gdt,
+                    "sb_ptr": gdt,
+                    "db_part_ptr": "fp32",
+                }
+                scalars = dict(
+                    M=B * N,
+                    N=N,
+                    D_S=D_s,
+                    D_T=D_t,
+                    P_S=P,
+                    P_T=P,
+                    stride_sb=T * D_s,
+                    stride_sn=D_s,
+                    stride_tb=T * D_t,
+                    stride_tn=D_t,
+                    stride_w=D_s,
+                )
+                const = dict(
+                    BLOCK_M=cfg.BLOCK_M,
+                    BLOCK_N=cfg.BLOCK_N,
+                    BLOCK_K=cfg.BLOCK_K,
+                    HAS_W=has_w,
+                    HAS_BIAS=has_b,
+                    WRITE_SB=write_sb,
+                    DOT_BF16=bf16,
+                    UPCAST=False,
+                )
+                specs.append((tag, _token_kd_bwd_kernel.fn, ptrs, scalars, const, cfg))
     for cname, cfg in MAP_BWD_CONFIGS.items():
-        B, N, P, D_s, _ = shapes(cname)
+        B, N, P, D_s, _ = shapes["small" if cname == "small" else "deit_s"]
         T = P + N
-        for dt in dtypes_of(cname):
-            for has_t, acc in ((True, True), (True, False), (False, False)):
+        for dt in ("fp32", "bf16"):
+            for has_t, has_mim, mdt in ((True, True, "bf16"), (True, True, "fp32"), (False, False, "fp32")):
                 ptrs = {
                     "s_ptr": dt,
                     "as_ptr": "fp32",
@@ -930,6 +1015,7 @@ def compile_specs():
                     "g_ptr": "fp32",
                     "gas_ptr": "fp32",
                     "gcls_ptr": "fp32",
+                    "mim_ptr": mdt,
                     "ds_ptr": dt,
                 }
                 scalars = dict(
@@ -949,11 +1035,11 @@ def compile_specs():
                     HAS_T=has_t,
                     HAS_GAS=True,
                     HAS_GCLS=True,
-                    ACCUMULATE=acc,
+                    HAS_MIM=has_mim,
                 )
                 specs.append(
                     (
-                        f"map_bwd/{cname}/{dt}/t{int(has_t)}acc{int(acc)}",
+                        f"map_bwd/{dt}/nodot/{cname}/t{int(has_t)}mim{int(has_mim)}{mdt if has_mim else ''}",
                         _token_kd_map_bwd_kernel,
                         ptrs,
                         scalars,

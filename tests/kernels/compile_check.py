@@ -6,8 +6,17 @@ Run as a script (``python tests/kernels/compile_check.py [--jobs N]``) in a proc
 builds a cubin, and ``cuobjdump --dump-resource-usage`` (shipped in the Triton wheel) reports its
 registers, STACK and LOCAL bytes (SMEM is Triton's dynamic shared memory from the kernel metadata).
 Register spills show up as a per-thread STACK frame (LOCAL counts only global-scope local data), so
-a variant passes only with STACK = LOCAL = 0. Prints one table row per build and exits non-zero if a
-build fails or spills. ``test_compile_check.py`` runs it.
+a variant passes only with STACK = LOCAL = 0.
+
+Tensor cores: every build whose TTIR holds a ``tt.dot`` must lower each of them to a tensor-core MMA —
+``wgmma.mma_async`` or ``mma.sync`` in the sm_90a PTX, ``mma.sync`` in the sm_80 PTX — and its TTGIR
+must hold no dot on a ``#blocked`` (CUDA-core FMA) layout. Only variants whose spec name says
+``exact`` (the fp32 "ieee" dot kept for autocast-off training) may skip that rule. ``dot_rule`` is the
+rule; ``--selftest`` proves it rejects an fp32-operand dot that is not named ``exact`` (what every
+fp32-token build of the kernels did before the bf16-in-registers rewrite) and accepts a bf16 one.
+
+Prints one table row per build and exits non-zero if a build fails, spills or breaks the dot rule.
+``test_compile_check.py`` runs it.
 """
 
 import argparse
@@ -107,6 +116,34 @@ def build(fn, ptrs, scalars, const, num_warps, num_stages, cc):
     return kernel, usage
 
 
+def dot_facts(kernel) -> dict:
+    """What the compiled kernel's IR says about its dots: counts of TTIR dots, CUDA-core (#blocked) TTGIR
+    dots, and whether the PTX holds wgmma / mma.sync instructions."""
+    ttir, ttgir, ptx = kernel.asm["ttir"], kernel.asm["ttgir"], kernel.asm["ptx"]
+    fma_dots = 0
+    for ln in ttgir.splitlines():
+        if re.search(r"= tt\.dot\b", ln) and re.search(r"->\s*tensor<[^>]*#blocked", ln):
+            fma_dots += 1
+    return {
+        "dots": len(re.findall(r"= tt\.dot\b", ttir)),
+        "fma_dots": fma_dots,
+        "wgmma": "wgmma.mma_async" in ptx,
+        "mma": "mma.sync" in ptx,
+    }
+
+
+def dot_rule(name: str, cc: int, facts: dict) -> str | None:
+    """None when the build obeys the tensor-core rule, else why not (see the module docstring)."""
+    if not facts["dots"] or "exact" in name.split("/"):
+        return None
+    if facts["fma_dots"]:
+        return f"{facts['fma_dots']} tl.dot on CUDA cores (FMA)"
+    ok = (facts["wgmma"] or facts["mma"]) if cc >= 90 else facts["mma"]
+    if not ok:
+        return "tl.dot without " + ("wgmma/mma" if cc >= 90 else "mma")
+    return None
+
+
 def _build(job):
     """Compile spec ``index`` (of module ``only``) for compute capability ``cc``; returns a result row."""
     only, index, cc = job
@@ -119,21 +156,49 @@ def _build(job):
         row["target"] = next(
             (ln.split()[1] for ln in kernel.asm["ptx"].splitlines() if ln.startswith(".target")), "?"
         )
-        row["wgmma"] = "wgmma" in kernel.asm["ptx"]
+        row.update(dot_facts(kernel))
+        row["dot_error"] = dot_rule(name, cc, row)
     except Exception as e:  # reported as a failed row
         row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
     row["seconds"] = round(time.time() - t0, 2)
     return row
 
 
+def selftest() -> int:
+    """Build one shipped exact (fp32 "ieee" dot) spec under a name without ``exact`` — the fp32-token
+    kernels as they were before the rewrite — and one bf16-dot spec, on both targets: the rule must
+    reject the first (FMA dot, no mma) and accept the second."""
+    specs = _specs("token_kd")
+    exact = next(s for s in specs if "/exact/" in s[0] and "/fwd/" in "/" + s[0])
+    tc = next(s for s in specs if "/bf16dot/" in s[0] and s[0].split("/")[2] == "fp32")
+    bad = 0
+    for label, (_, fn, ptrs, scalars, const, cfg), renamed, want in (
+        ("fp32 dot named as a tensor-core variant", exact, exact[0].replace("/exact/", "/fp32dot/"), False),
+        ("bf16 dot on fp32 tokens", tc, tc[0], True),
+    ):
+        for cc in TARGETS:
+            kernel, _ = build(fn, ptrs, scalars, const, cfg.num_warps, cfg.num_stages, cc)
+            facts = dot_facts(kernel)
+            why = dot_rule(renamed, cc, facts)
+            ok = (why is None) == want
+            bad += not ok
+            verdict = f"{why or 'accepted'} {'OK' if ok else 'WRONG'}"
+            print(f"selftest sm_{cc} {label}: {renamed}: {facts} -> {verdict}")
+    print(f"compile_check selftest: {'passed' if not bad else 'FAILED'}")
+    return 1 if bad else 0
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--jobs", type=int, default=min(4, os.cpu_count() or 1))
     ap.add_argument("--only", choices=MODULES, help="check one kernel module")
+    ap.add_argument("--selftest", action="store_true", help="prove the dot rule rejects an fp32 dot")
     args = ap.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET", "0") == "1":
         print("compile_check: unset TRITON_INTERPRET (kernels must be real JIT functions)", file=sys.stderr)
         return 2
+    if args.selftest:
+        return selftest()
     jobs = [(args.only, i, cc) for i in range(len(_specs(args.only))) for cc in TARGETS]
     t0 = time.time()
     with ProcessPoolExecutor(max_workers=args.jobs) as pool:
@@ -141,7 +206,7 @@ def main(argv=None) -> int:
     bad = 0
     print(
         f"{'kernel variant':<62} {'target':>6} {'warps':>5} {'REG':>4} {'SMEM':>7} "
-        f"{'STACK':>5} {'LOCAL':>5}  note"
+        f"{'STACK':>5} {'LOCAL':>5}  dot"
     )
     for r in rows:
         if "error" in r:
@@ -152,8 +217,13 @@ def main(argv=None) -> int:
             )
             continue
         spills = bool(r["LOCAL"] or r["STACK"])
-        note = ("wgmma" if r["wgmma"] else "") + (" SPILLS" if spills else "")
-        bad += spills
+        tc = "wgmma" if r["wgmma"] else ("mma" if r["mma"] else ("fma" if r["dots"] else "-"))
+        note = (
+            tc
+            + (" SPILLS" if spills else "")
+            + (f" NOT-TENSOR-CORE ({r['dot_error']})" if r["dot_error"] else "")
+        )
+        bad += bool(spills or r["dot_error"])
         print(
             f"{r['name']:<62} {r['target']:>6} {r['warps']:>5} {r['REG']:>4} {r['SMEM']:>7} "
             f"{r['STACK']:>5} {r['LOCAL']:>5}  {note}"

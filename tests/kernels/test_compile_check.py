@@ -1,6 +1,8 @@
 """Every shipped kernel configuration compiles for sm_80 and sm_90a on this (GPU-less) machine with no
-spills: runs tests/kernels/compile_check.py in a subprocess without TRITON_INTERPRET and prints its table
-(registers, dynamic shared memory, local memory per variant; see it with ``pytest -rP``)."""
+spills and with every ``tl.dot`` on tensor cores (wgmma / mma; only ``exact`` variants may use FMAs):
+runs tests/kernels/compile_check.py in a subprocess without TRITON_INTERPRET and prints its table
+(registers, dynamic shared memory, local memory, dot lowering per variant; see it with ``pytest -rP``).
+``test_dot_rule_rejects_an_fp32_dot`` proves the rule catches the fp32-token builds of before."""
 
 import os
 import subprocess
@@ -19,17 +21,32 @@ FAMILIES = {
 }
 
 
-@pytest.mark.parametrize("module", list(FAMILIES))
-def test_every_shipped_config_compiles_for_sm80_and_sm90a_without_spills(module):
+def _check(*args):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
-    out = subprocess.run(
-        [sys.executable, os.path.join(HERE, "compile_check.py"), "--jobs", "2", "--only", module],
+    return subprocess.run(
+        [sys.executable, os.path.join(HERE, "compile_check.py"), *args],
         capture_output=True,
         text=True,
         env=env,
         timeout=600,
     )
+
+
+def test_dot_rule_rejects_an_fp32_dot():
+    """The check that would have caught the fp32-token builds: an fp32 "ieee" tl.dot not named ``exact``
+    (FMA in TTGIR, no mma in the PTX) is rejected on both targets; a bf16 dot on fp32 tokens passes."""
+    out = _check("--selftest")
+    print(out.stdout)
+    assert out.returncode == 0, f"{out.stdout[-4000:]}\n{out.stderr[-3000:]}"
+    lines = [ln for ln in out.stdout.splitlines() if ln.startswith("selftest sm_")]
+    assert len(lines) == 4 and all(ln.endswith(" OK") for ln in lines), lines
+    assert sum("CUDA cores" in ln for ln in lines) == 2
+
+
+@pytest.mark.parametrize("module", list(FAMILIES))
+def test_every_shipped_config_compiles_for_sm80_and_sm90a_without_spills(module):
+    out = _check("--jobs", "2", "--only", module)
     print(out.stdout)
     assert out.returncode == 0, f"compile check failed:\n{out.stdout[-6000:]}\n{out.stderr[-3000:]}"
     summary = out.stdout.strip().splitlines()[-1]
@@ -38,3 +55,7 @@ def test_every_shipped_config_compiles_for_sm80_and_sm90a_without_spills(module)
     for family in FAMILIES[module]:
         assert any(r.startswith(family) and "sm_80" in r for r in rows), f"no sm_80 build of {family}"
         assert any(r.startswith(family) and "sm_90a" in r for r in rows), f"no sm_90a build of {family}"
+    for r in rows:  # tensor cores for every GEMM variant that training feeds (fp32 and bf16 tokens)
+        if "/bf16dot/" in r:
+            dot = r.split()[-1]
+            assert dot == ("wgmma" if " sm_90a " in r else "mma"), r

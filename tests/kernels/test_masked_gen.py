@@ -7,7 +7,15 @@ import copy
 import pytest
 import torch
 from fastkd.kernels import masked_gen as mg
-from kd_testutil import DEVICE, assert_bf16, assert_fp32, autocast_bf16, randn, upstream_scalar
+from kd_testutil import (
+    DEVICE,
+    assert_bf16,
+    assert_fp32,
+    autocast_bf16,
+    bf16_scalar_atol,
+    randn,
+    upstream_scalar,
+)
 
 from fastkd import functional as KF
 from fastkd.losses import reference as R
@@ -129,8 +137,21 @@ def triton_path():
     KF.set_fused(False)
 
 
+@pytest.fixture
+def no_tf32():
+    """Exact fp32 torch on a GPU: cuDNN convolutions (and cuBLAS matmuls if enabled) default to TF32 on
+    Ampere+, which made the fp32 end-to-end checks fail on the H200 (relative 4e-4 and 1e-2 against
+    1e-5, ``../shared/gpu/2026-11-26-h200/gpu_check.json``) although the kernels are exact fp32 there:
+    the generator convolutions ran in TF32. The 1e-5 rule is for fp32, so TF32 is off here."""
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = False
+    torch.backends.cuda.matmul.allow_tf32 = False
+    yield
+    torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+
+
 @pytest.mark.parametrize("case", ["ds!=dt,3x5", "ds=dt,identity,5x10,2-prefix"])
-def test_vitkd_gen_loss_end_to_end(case, triton_path):
+def test_vitkd_gen_loss_end_to_end(case, triton_path, no_tf32):
     """functional.vitkd_gen_loss (both kernels + a conv generator) vs reference.vitkd_gen_loss in fp64."""
     x = make(case, seed=2)
     gen = _generator(x["t"].shape[-1], 0)
@@ -207,37 +228,72 @@ def test_vitkd_gen_loss_bf16_autocast(triton_path):
     ref_in = [v.detach().double().requires_grad_() for v in leaves(x)]
     ref = R.vitkd_gen_loss(*args(ref_in[0][:, 1:], *ref_in[1:], copy.deepcopy(gen).double()), grid=(3, 5))
     ref.backward()
-    assert_bf16(loss, low, ref, "loss", factor=3.0)
+    # the loss is one scalar summing n = masked cells × D_t bf16-rounded terms: see bf16_scalar_atol (the H200
+    # failure: kernel error 1.2e-7 vs torch 8.6e-9, |L| 2.2e-3, n = 960 -> atol 2.8e-7)
+    n_terms = int(x["mask"].sum()) * x["t"].shape[-1]
+    assert_bf16(loss, low, ref, "loss", factor=3.0, atol=bf16_scalar_atol(ref, n_terms))
     for name, g, lo, r in zip(
         ["ds", "dW", "db", "dtok"], got, [v.grad for v in low_in], [v.grad for v in ref_in], strict=True
     ):
         assert_bf16(g, lo, r, name, factor=3.0)
 
 
-@pytest.mark.parametrize("name", sorted(set(mg.INPUT_FWD_CONFIGS) | set(mg.ELEMENTWISE_CONFIGS)))
-def test_masked_gen_every_shipped_config(name):
+_EVERY = [("input", c) for c in mg.INPUT_FWD_CONFIGS] + [
+    ("elementwise", c) for c in mg.ELEMENTWISE_CONFIGS.values()
+]
+
+
+@pytest.mark.parametrize(
+    "kind, cfg", _EVERY, ids=[f"{k}-{c.BLOCK_M}x{c.BLOCK_N}x{c.BLOCK_K}-w{c.num_warps}" for k, c in _EVERY]
+)
+def test_masked_gen_every_shipped_config(kind, cfg):
+    """Each shipped config in its precision: tensor-core input configs with the bf16 dot (2x rule vs the
+    reference input under autocast), exact ones and the elementwise kernels in fp32 (1e-5)."""
+    amp = kind == "input" and cfg in mg.INPUT_TC_CONFIGS
     x = make("ds!=dt,3x5", seed=4)
     s, W, b, tok, mask = x["s"].detach(), x["W"].detach(), x["b"].detach(), x["tok"].detach(), x["mask"]
-    out = mg.gen_input_forward(s, mask, W, b, tok, 3, 5, torch.float32, config=mg.INPUT_FWD_CONFIGS[name])
+    out = mg.gen_input_forward(
+        s, mask, W, b, tok, 3, 5, torch.float32, amp=amp, config=cfg if kind == "input" else None
+    )
     up = randn(*out.shape, gen=x["gen"])
     ds, dW, db, dtok = mg.gen_input_backward(
-        up, s, mask, W, b, tok, 3, 5, True, True, True, config=mg.ELEMENTWISE_CONFIGS[name]
+        up,
+        s,
+        mask,
+        W,
+        b,
+        tok,
+        3,
+        5,
+        True,
+        True,
+        True,
+        amp=amp,
+        config=cfg if kind == "elementwise" else None,
     )
     ref_in = [v.detach().double().requires_grad_() for v in (s, W, b, tok)]
     ref = ref_input(*ref_in[:1], mask, *ref_in[1:], 3, 5)
     (ref * up.double()).sum().backward()
-    assert_fp32(out, ref, f"{name}: x")
-    for n_, g, r in zip(
-        ["ds", "dW", "db", "dtok"], [ds, dW, db, dtok], [v.grad for v in ref_in], strict=True
-    ):
-        assert_fp32(g, r, f"{name}: {n_}")
+    got = [ds, dW, db, dtok]
+    if amp:
+        low_in = [v.detach().clone().requires_grad_() for v in (s, W, b, tok)]
+        with autocast_bf16():
+            low = ref_input(*low_in[:1], mask, *low_in[1:], 3, 5)
+        (low.float() * up).sum().backward()
+        assert_bf16(out, low, ref, f"{cfg}: x")
+        for n_, g, lo, r in zip(["ds", "dW", "db", "dtok"], got, low_in, ref_in, strict=True):
+            assert_bf16(g, lo.grad, r.grad, f"{cfg}: {n_}")
+        return
+    assert_fp32(out, ref, f"{cfg}: x")
+    for n_, g, r in zip(["ds", "dW", "db", "dtok"], got, [v.grad for v in ref_in], strict=True):
+        assert_fp32(g, r, f"{cfg}: {n_}")
     G = randn(3, 40, 3, 5, gen=x["gen"])
-    loss, dG = mg.gen_loss_forward(G, x["t"], mask, 0.25, True, config=mg.ELEMENTWISE_CONFIGS[name])
+    loss, dG = mg.gen_loss_forward(G, x["t"], mask, 0.25, True, config=cfg if kind == "elementwise" else None)
     G64 = G.double().requires_grad_()
     ref = ((G64.reshape(3, 40, 15).transpose(1, 2) - x["t"].double()).pow(2) * mask[:, :, None]).sum() * 0.25
     ref.backward()
-    assert_fp32(loss, ref, f"{name}: loss")
-    assert_fp32(dG, G64.grad, f"{name}: dG")
+    assert_fp32(loss, ref, f"{cfg}: loss")
+    assert_fp32(dG, G64.grad, f"{cfg}: dG")
 
 
 def test_masked_gen_compiles_fullgraph():

@@ -180,13 +180,37 @@ def test_token_kd_bf16(case):
             assert_bf16(grads[k], lgrads[k], r, f"d{k}")
 
 
-@pytest.mark.parametrize("name", sorted(set(tk.FWD_CONFIGS) | set(tk.BWD_CONFIGS) | set(tk.MAP_BWD_CONFIGS)))
-def test_token_kd_every_shipped_config(name):
-    """Each shipped config (not only the one the heuristic picks for these widths), forward + backward."""
+_EVERY = (
+    [("fwd", i, c) for i, c in enumerate(tk.FWD_CONFIGS)]
+    + [("bwd", i, c) for i, c in enumerate(tk.BWD_CONFIGS)]
+    + [("map", n, c) for n, c in tk.MAP_BWD_CONFIGS.items()]
+)
+
+
+@pytest.mark.parametrize(
+    "kind, idx, cfg",
+    _EVERY,
+    ids=[f"{k}-{c.BLOCK_M}x{c.BLOCK_N}x{c.BLOCK_K}-w{c.num_warps}" for k, _, c in _EVERY],
+)
+def test_token_kd_every_shipped_config(kind, idx, cfg):
+    """Each shipped config (not only the one the autotuner / interpreter picks), forward + backward, in
+    its precision: tensor-core configs with the bf16 dot (the 2x rule vs the reference under autocast),
+    exact configs in fp32 (1e-5)."""
+    exact = cfg in (tk.FWD_EXACT_CONFIGS if kind == "fwd" else tk.BWD_EXACT_CONFIGS)
+    amp = kind != "map" and not exact
     x = make("ds=dt,linear,2-prefix-teacher", seed=5)
     s, t, w, b, P_s, P_t, up = x["s"], x["t"], x["w"], x["b"], x["P_s"], x["P_t"], x["up"]
     mim, msum, a_s, s_cls, t_cls, stats = tk.token_kd_forward(
-        s.detach(), t, w.detach(), b.detach(), P_s, P_t, True, True, config=tk.FWD_CONFIGS[name]
+        s.detach(),
+        t,
+        w.detach(),
+        b.detach(),
+        P_s,
+        P_t,
+        True,
+        True,
+        amp=amp,
+        config=cfg if kind == "fwd" else None,
     )
     ds, dw, db = tk.token_kd_backward(
         torch.tensor(up["mim"], device=DEVICE),
@@ -206,14 +230,24 @@ def test_token_kd_every_shipped_config(name):
         True,
         True,
         True,
-        config=tk.BWD_CONFIGS[name],
-        map_config=tk.MAP_BWD_CONFIGS[name],
+        amp=amp,
+        config=cfg if kind == "bwd" else None,
+        map_config=cfg if kind == "map" else None,
     )
     ref, rgrads = reference_outputs(x)
-    for k, v in dict(mim=mim, map=msum, a_s=a_s, s_cls=s_cls, t_cls=t_cls).items():
-        assert_fp32(v, ref[k], f"{name}: {k}")
-    for k, v in dict(s=ds, w=dw, b=db).items():
-        assert_fp32(v, rgrads[k], f"{name}: d{k}")
+    got = dict(mim=mim, map=msum, a_s=a_s, s_cls=s_cls, t_cls=t_cls)
+    gotg = dict(s=ds, w=dw, b=db)
+    if not amp:
+        for k, v in got.items():
+            assert_fp32(v, ref[k], f"{cfg}: {k}")
+        for k, v in gotg.items():
+            assert_fp32(v, rgrads[k], f"{cfg}: d{k}")
+        return
+    low, lgrads = reference_outputs(x, dtype=torch.float32, autocast=True)
+    for k, v in got.items():
+        assert_bf16(v, low[k], ref[k], f"{cfg}: {k}")
+    for k, v in gotg.items():
+        assert_bf16(v, lgrads[k], rgrads[k], f"{cfg}: d{k}")
 
 
 def test_token_kd_no_grad_inputs():

@@ -1,0 +1,229 @@
+"""The fused ops on exactly what training hands them (issues 12 item 4 and 13 item 3).
+
+Under bf16 autocast, timm's ViT residual stream stays fp32: the ViTKD / [CLS]-KD taps are fp32
+[B, P+N, D] tensors and the patch tokens are NON-contiguous views [B, N, D] of them (row stride D, sample
+stride (P+N)·D). This file captures those tensors from a real timm forward under autocast (CPU autocast
+here; CUDA autocast keeps the same fp32 residual stream, as ``../shared/gpu/.../sync_report.txt`` shows
+for the H200 step), checks their dtype/strides are what the kernels are specialised for, then runs the
+kernels on exactly those tensors, with ``amp=True`` as the dispatch passes it under autocast, against:
+
+* the reference run under the same autocast (torch's own bf16 error), and the fp64 reference;
+* the flash-attention rule (DESIGN.md): kernel error ≤ 2 × torch's bf16 error + small atol.
+
+Shapes: odd B (3), 1 prefix (ViT) and 2 prefixes (DeiT-distilled), D_s ≠ D_t and D_s = D_t, random
+upstream gradients. The kernels must never copy the strided fp32 tokens (no ``.contiguous()``): the
+gradient flows to the [B, P+N, D] leaf through the view.
+"""
+
+import pytest
+import torch
+from fastkd.kernels import masked_gen as mg
+from fastkd.kernels import token_kd as tk
+from kd_testutil import DEVICE, assert_bf16, bf16_scalar_atol, randn, upstream_scalar
+
+from fastkd.losses import reference as R
+
+timm = pytest.importorskip("timm")
+
+
+def _vit(kind: str, dim: int, seed: int):
+    from timm.models.deit import VisionTransformerDistilled
+    from timm.models.vision_transformer import VisionTransformer
+
+    torch.manual_seed(seed)
+    cls = VisionTransformerDistilled if kind == "deit-distilled" else VisionTransformer
+    return cls(img_size=32, patch_size=8, embed_dim=dim, depth=2, num_heads=2, num_classes=10).to(DEVICE)
+
+
+def capture(kind: str, dim: int, seed: int, B: int = 3):
+    """Block-0 output and final tokens of a real timm ViT forward under bf16 autocast, as fastkd's
+    ``forward_taps`` builds them (prefix tokens concatenated back in front). Returns (block0 [B,P+N,D],
+    last [B,P+N,D], P), detached: the test makes its own leaves with the same strides."""
+    model = _vit(kind, dim, seed)
+    x = torch.randn(B, 3, 32, 32, generator=torch.Generator().manual_seed(seed)).to(DEVICE)
+    with torch.no_grad(), torch.autocast(DEVICE.type, dtype=torch.bfloat16):
+        tokens, inter = model.forward_intermediates(
+            x, indices=[0], return_prefix_tokens=True, norm=False, output_fmt="NLC"
+        )
+        block0 = torch.cat([inter[0][1], inter[0][0]], dim=1)
+    return block0, tokens, int(model.num_prefix_tokens)
+
+
+def leaf_like(x: torch.Tensor) -> torch.Tensor:
+    """A grad-requiring leaf with x's values, dtype, shape and strides."""
+    out = torch.empty_strided(x.shape, x.stride(), dtype=x.dtype, device=x.device)
+    return out.copy_(x.detach()).requires_grad_()
+
+
+PAIRS = {  # (student kind, D_s, teacher kind, D_t)
+    "vit,ds!=dt": ("vit", 48, "vit", 64),
+    "deit-distilled student,ds=dt": ("deit-distilled", 64, "vit", 64),
+}
+
+
+@pytest.fixture(scope="module", params=list(PAIRS))
+def taps(request):
+    ks, ds, kt, dt = PAIRS[request.param]
+    s0, s_last, P_s = capture(ks, ds, seed=1)
+    t0, t_last, P_t = capture(kt, dt, seed=2)
+    return dict(name=request.param, s0=s0, s_last=s_last, P_s=P_s, t0=t0, t_last=t_last, P_t=P_t)
+
+
+def test_training_hands_fp32_strided_patch_views(taps):
+    """The contract the kernels are specialised for (fails if timm or the tap code changes it)."""
+    for key, P in (("s0", taps["P_s"]), ("s_last", taps["P_s"]), ("t0", taps["P_t"])):
+        full = taps[key]
+        view = full[:, P:]
+        assert full.dtype == torch.float32, f"{key}: {full.dtype}"
+        assert not view.is_contiguous() and view.stride(-1) == 1
+        assert view.stride(0) == full.shape[1] * full.shape[2] and view.stride(1) == full.shape[2]
+
+
+def _grads(leaves):
+    out = [v.grad for v in leaves]
+    for v in leaves:
+        v.grad = None
+    return out
+
+
+def _three(tensors, fn, up):
+    """fn run three ways on copies of ``tensors`` (leaves keep their strides): (kernel under amp,
+    reference under autocast, fp64 reference). Returns [(outputs, grads)] × 3."""
+    res = []
+    for mode in ("kernel", "low", "ref"):
+        if mode == "ref":
+            leaves = [
+                v.detach().double().requires_grad_() if v.requires_grad else v.double() for v in tensors
+            ]
+        else:
+            leaves = [leaf_like(v) if v.requires_grad else v for v in tensors]
+        if mode == "low":
+            with torch.autocast(DEVICE.type, dtype=torch.bfloat16):
+                outs = fn(mode, *leaves)
+        else:
+            outs = fn(mode, *leaves)
+        total = sum((u * o.double()).sum() for u, o in zip(up, outs, strict=True))
+        total.backward()
+        res.append((outs, _grads([v for v in leaves if v.requires_grad])))
+    return res
+
+
+def _check(res, names, gnames, what, n_terms=None):
+    """The 2x rule on every output and gradient; 0-d sums get ``bf16_scalar_atol`` (``n_terms``: how many
+    bf16-rounded terms the sum has)."""
+    (k, kg), (lo, lg), (r, rg) = res
+    for n, a, b, c in zip(names, k, lo, r, strict=True):
+        atol = bf16_scalar_atol(c, n_terms[n]) if (a.dim() == 0 and n_terms and n in n_terms) else None
+        assert_bf16(a, b, c, f"{what}: {n}", atol=atol)
+    for n, a, b, c in zip(gnames, kg, lg, rg, strict=True):
+        assert a.dtype == b.dtype, f"{what}: d{n} dtype {a.dtype} != autocast reference {b.dtype}"
+        assert_bf16(a, b, c, f"{what}: d{n}")
+
+
+def test_mimic_on_training_inputs(taps):
+    """ViTKD mimic: fp32 strided patch views of both, fp32 W / b, the bf16 tensor-core path (amp=True)."""
+    s_full, t_full, P_s, P_t = taps["s0"], taps["t0"], taps["P_s"], taps["P_t"]
+    D_s, D_t = s_full.shape[2], t_full.shape[2]
+    g = torch.Generator().manual_seed(3)
+    s_leaf = s_full.clone().requires_grad_()
+    W = randn(D_t, D_s, gen=g, scale=D_s**-0.5).requires_grad_()
+    b = randn(D_t, gen=g, scale=0.1).requires_grad_()
+    up = [upstream_scalar(g)]
+
+    def fn(mode, s_full_, W_, b_):
+        s, t = s_full_[:, P_s:], (t_full.double() if mode == "ref" else t_full)[:, P_t:]
+        if mode == "kernel":
+            assert s.dtype == torch.float32 and not s.is_contiguous()
+            return [tk.token_kd_op(s, t, W_, b_, 0, 0, True, False, True)[0]]
+        return [R.vitkd_mimic_loss([s], [t], [W_], [b_], alpha=float(s.shape[0]))]
+
+    n_terms = {"mim": s_full[:, P_s:].shape[0] * s_full[:, P_s:].shape[1] * D_t}
+    _check(_three([s_leaf, W, b], fn, up), ["mim"], ["s", "W", "b"], taps["name"], n_terms)
+
+
+def test_mimic_and_map_fused_on_training_inputs(taps):
+    """token_kd with the prefix tokens (mimic + map + CLS inputs in one pass) on the fp32 block output."""
+    s_full, t_full, P_s, P_t = taps["s0"], taps["t0"], taps["P_s"], taps["P_t"]
+    B, T, D_s = s_full.shape
+    N, D_t = T - P_s, t_full.shape[2]
+    g = torch.Generator().manual_seed(4)
+    W = randn(D_t, D_s, gen=g, scale=D_s**-0.5).requires_grad_()
+    b = randn(D_t, gen=g, scale=0.1).requires_grad_()
+    up = [upstream_scalar(g), upstream_scalar(g), randn(B, N, gen=g), randn(B, D_s, gen=g)]
+
+    def fn(mode, s_, W_, b_):
+        t = t_full.double() if mode == "ref" else t_full
+        if mode == "kernel":
+            mim, msum, a_s, s_cls, _, _ = tk.token_kd_op(s_, t, W_, b_, P_s, P_t, True, True, True)
+            return [mim, msum, a_s, s_cls]
+        mim = R.vitkd_mimic_loss([s_[:, P_s:]], [t[:, P_t:]], [W_], [b_], alpha=float(B))
+        msum = R.cls_patch_map_loss(s_, t, P_s, P_t) * (B * N)
+        a_s = R.cls_patch_map(s_, P_s)
+        s_cls = torch.nn.functional.normalize(s_[:, 0].to(a_s.dtype), dim=-1)
+        return [mim, msum, a_s, s_cls]
+
+    res = _three([s_full.clone().requires_grad_(), W, b], fn, up)
+    # the map sum is fp32 math on fp32 tokens in both paths (no bf16 rounding): no scalar atol for it
+    _check(res, ["mim", "map", "a_s", "s_cls"], ["s", "W", "b"], taps["name"], {"mim": B * N * D_t})
+
+
+def test_gen_input_on_training_inputs(taps):
+    """ViTKD generation input: the final tokens' fp32 strided patch view, bf16 generator input (autocast)."""
+    s_full, P_s, D_t = taps["s_last"], taps["P_s"], taps["t0"].shape[2]
+    B, T, D_s = s_full.shape
+    N = T - P_s
+    h = w = int(N**0.5)
+    g = torch.Generator().manual_seed(5)
+    W = randn(D_t, D_s, gen=g, scale=D_s**-0.5).requires_grad_()
+    b = randn(D_t, gen=g, scale=0.1).requires_grad_()
+    tok = randn(D_t, gen=g).requires_grad_()
+    mask = R.random_token_mask(B, N, 0.5, generator=g).to(DEVICE)
+    up = [randn(B, D_t, h, w, gen=g)]
+
+    def fn(mode, s_full_, W_, b_, tok_):
+        s = s_full_[:, P_s:]
+        if mode == "kernel":
+            assert s.dtype == torch.float32 and not s.is_contiguous()
+            return [mg.gen_input_op(s, mask, W_, b_, tok_, h, w, torch.bfloat16, True)]
+        x = torch.nn.functional.linear(s, W_, b_)
+        x = torch.where(mask[:, :, None], tok_.reshape(1, 1, -1).to(x.dtype), x)
+        return [x.transpose(1, 2).reshape(B, D_t, h, w)]
+
+    res = _three([s_full.clone().requires_grad_(), W, b, tok], fn, up)
+    assert res[0][0][0].dtype == torch.bfloat16
+    _check(res, ["x"], ["s", "W", "b", "tok"], taps["name"])
+
+
+def test_kernels_never_copy_the_strided_tokens(taps):
+    """No fp32 copy and no .contiguous() of the [B, N, D] views: the only token-sized allocations of a
+    fwd+bwd are the outputs the op must produce (dS) and the GEMM-dtype (bf16) operands of cuBLAS."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    s_full, t_full, P_s, P_t = taps["s0"], taps["t0"], taps["P_s"], taps["P_t"]
+    D_s, D_t = s_full.shape[2], t_full.shape[2]
+    s_leaf = s_full.clone().requires_grad_()
+    W = torch.zeros(D_t, D_s, device=DEVICE, requires_grad=True)
+    numel_s = s_full[:, P_s:].numel()
+
+    class Allocs(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.fp32_token_sized = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            name = func.overloadpacket.__name__
+            for o in out if isinstance(out, (tuple, list)) else (out,):
+                if (
+                    isinstance(o, torch.Tensor)
+                    and o.dtype == torch.float32
+                    and o.numel() >= numel_s
+                    and name in ("clone", "contiguous", "_to_copy", "copy", "empty_like", "clone_")
+                ):
+                    self.fp32_token_sized.append(name)
+            return out
+
+    with Allocs() as mode:
+        mim = tk.token_kd_op(s_leaf[:, P_s:], t_full[:, P_t:], W, None, 0, 0, True, False, True)[0]
+        mim.backward()
+    assert mode.fp32_token_sized == [], f"fp32 token copies: {mode.fp32_token_sized}"
