@@ -484,6 +484,7 @@ def _(s, t_vals, t_ids, t_lse, target, T, gamma, nkd, need_grad):
 
 
 def _setup(ctx, inputs, output):
+    ctx.set_materialize_grads(False)  # no zeros [B, C] for the unused gradient output (per-call cost)
     ctx.need_grad = inputs[-1]
     ctx.n_inputs = len(inputs)
     ctx.s_dtype = inputs[0].dtype
@@ -492,6 +493,8 @@ def _setup(ctx, inputs, output):
 
 def _backward(ctx, g_loss, g_ds):
     (ds,) = ctx.saved_tensors
+    if g_loss is None:
+        return (None,) * ctx.n_inputs
     if not ctx.need_grad:
         raise RuntimeError("fastkd logit_kd: backward through a call made with need_grad=False")
     return ((ds * g_loss).to(ctx.s_dtype),) + (None,) * (ctx.n_inputs - 1)

@@ -610,6 +610,7 @@ def _(dx, s, mask, weight, bias, mask_token, h, w, need_dw, need_db, need_dtok, 
 
 
 def _input_setup(ctx, inputs, output):
+    ctx.set_materialize_grads(False)
     s, mask, weight, bias, mask_token, h, w = inputs[:7]
     amp = inputs[8] if len(inputs) > 8 else None
     ctx.save_for_backward(s, mask, weight, bias, mask_token)
@@ -620,7 +621,7 @@ def _input_setup(ctx, inputs, output):
 def _input_backward(ctx, dx):
     s, mask, weight, bias, mask_token = ctx.saved_tensors
     need_s, _, need_w, need_b, need_tok = ctx.needs_input_grad[:5]
-    if not (need_s or need_w or need_b or need_tok):
+    if dx is None or not (need_s or need_w or need_b or need_tok):
         return (None,) * 9
     ds, dw, db, dtok = gen_input_backward_op(
         dx, s, mask, weight, bias, mask_token, *ctx.grid, bool(need_w), bool(need_b), bool(need_tok), ctx.amp
@@ -656,12 +657,15 @@ def _(g, t, mask, scale, need_grad):
 
 
 def _loss_setup(ctx, inputs, output):
+    ctx.set_materialize_grads(False)  # dG is an output nobody differentiates: no zeros_like(G) per call
     ctx.need_grad = inputs[4]
     ctx.save_for_backward(output[1])
 
 
 def _loss_backward(ctx, g_loss, g_dg):
     (dg,) = ctx.saved_tensors
+    if g_loss is None:
+        return None, None, None, None, None
     if not ctx.need_grad:
         raise RuntimeError("fastkd gen_loss: backward through a call made with need_grad=False")
     return dg * g_loss, None, None, None, None  # g stays fp32: one rounding of the product

@@ -616,7 +616,7 @@ def token_kd_backward(
     B, N, D_s, D_t = _check(s, t, weight, bias, num_prefix_s, num_prefix_t, mimic, cls_map)
     M = B * N
     P = num_prefix_s
-    dw, db = s.new_empty(0, dtype=torch.float32), s.new_empty(0, dtype=torch.float32)  # distinct: no aliasing
+    dw = db = None  # empty placeholders made at the end when not computed (distinct: no aliasing)
     mim_ds = None  # compact [M, D_s] dS of the mimic term
     if mimic:
         has_w = weight is not None
@@ -673,11 +673,15 @@ def token_kd_backward(
             db = db_part[: triton.cdiv(M, cfg.BLOCK_M)].sum(0)
             if db.dtype != bias.dtype or db.shape != bias.shape:
                 db = db.to(bias.dtype).reshape(bias.shape)
+    if dw is None:
+        dw = s.new_empty(0, dtype=torch.float32)
+    if db is None:
+        db = s.new_empty(0, dtype=torch.float32)
     if not cls_map:
         if P == 0:
             ds = mim_ds.view(B, N, D_s)
             return (ds if ds.dtype == s.dtype else ds.to(s.dtype)), dw, db
-        ds = s.new_zeros(s.shape)
+        ds = s.new_zeros(s.shape)  # prefix rows get no gradient from the mimic term (rare: mimic alone)
         ds[:, P:] = mim_ds.view(B, N, D_s)
         return ds, dw, db
     ds = torch.empty(s.shape, dtype=s.dtype, device=s.device)
@@ -821,6 +825,9 @@ def _(
 
 
 def _setup_context(ctx, inputs, output):
+    # unused outputs (stats, t_cls, often a_s / s_cls) get None, not materialised zeros: those zeros
+    # were most of the ~9 zeros/fill_ per call measured on the H200 (issue 12, item 6)
+    ctx.set_materialize_grads(False)
     s, t, weight, bias, num_prefix_s, num_prefix_t, mimic, cls_map = inputs[:8]
     amp = inputs[8] if len(inputs) > 8 else None
     _, _, a_s, s_cls, _, stats = output
@@ -834,10 +841,12 @@ def _backward(ctx, g_mim, g_map, g_as, g_scls, g_tcls, g_stats):
     need_s, _, need_w, need_b = ctx.needs_input_grad[:4]
     need_w = bool(need_w and mimic and weight is not None)
     need_b = bool(need_b and mimic and bias is not None)
+    if g_mim is None and g_map is None and g_as is None and g_scls is None:
+        return (None,) * 9
     if not (need_s or need_w or need_b):
         return (None,) * 9
     zero = None
-    if g_mim is None or g_map is None:
+    if g_mim is None or g_map is None:  # one 0-d zero at most (the kernels read the scale on device)
         zero = s.new_zeros((), dtype=torch.float32)
     ds, dw, db = token_kd_backward_op(
         zero if g_mim is None else g_mim,
