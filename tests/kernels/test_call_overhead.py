@@ -112,7 +112,7 @@ def _gen(x, amp):
 
 def _kd(x, amp):
     return lk.logit_kd_op(
-        x["logits"], x["t_logits"], torch.empty(0, dtype=torch.long), 2.0, 1.0, False, True
+        x["logits"], x["t_logits"], torch.empty(0, dtype=torch.long, device=DEVICE), 2.0, 1.0, False, True
     )[0]
 
 
