@@ -381,8 +381,16 @@ def _mix_specs(cfg: AugmentConfig, n: int) -> list[tuple[str, int]]:
     return specs
 
 
-def _view_params(ids: torch.Tensor, seed: int, view: int, cfg: AugmentConfig, channels: int, h: int, w: int,
-                 dr: _Draws | None = None):
+def _view_params(
+    ids: torch.Tensor,
+    seed: int,
+    view: int,
+    cfg: AugmentConfig,
+    channels: int,
+    h: int,
+    w: int,
+    dr: _Draws | None = None,
+):
     """Crop/flip/erase parameters of ``ids`` (int64 [B], any device; results on that device); see AugParams.
 
     dr: the draws of ``ids`` holding (at least) ``_view_specs``; None -> computed here.
@@ -500,8 +508,25 @@ def sample_params(
     return _sample(ids, seed, view, cfg, n, channels, height, width, partner_view=False)[0]
 
 
-_DIGEST_FIELDS = ("shift_y", "shift_x", "flip", "erase", "ey1", "ey2", "ex1", "ex2", "erase_fill", "mixed",
-                  "cut", "partner", "lam", "cy1", "cy2", "cx1", "cx2")
+_DIGEST_FIELDS = (
+    "shift_y",
+    "shift_x",
+    "flip",
+    "erase",
+    "ey1",
+    "ey2",
+    "ex1",
+    "ex2",
+    "erase_fill",
+    "mixed",
+    "cut",
+    "partner",
+    "lam",
+    "cy1",
+    "cy2",
+    "cx1",
+    "cx2",
+)
 
 
 def param_digest(
@@ -622,7 +647,8 @@ def _fetch(src, ids: torch.Tensor, device) -> torch.Tensor:
         _check_images(src, "x_all")
         x = src.index_select(0, _on(ids, src.device))
     else:
-        x = src(_on(ids, torch.device("cpu")))  # a fetch function reads host data: it takes host ids (a sync if on device)
+        # a fetch function reads host data, so it takes host ids (a sync when ids are on a GPU)
+        x = src(_on(ids, torch.device("cpu")))
         _check_images(x, "the fetch function's result")
         if x.shape[0] != ids.shape[0]:
             raise ValueError(
@@ -655,7 +681,8 @@ def _check_labels(y_all: torch.Tensor, num_classes: int) -> None:
     if key is not None and getattr(y_all, "_fastkd_labels_ok", None) == key:
         return
     if y_all.dtype.is_floating_point or y_all.dtype == torch.bool or y_all.dim() != 1:
-        raise ValueError(f"y_all must be an integer tensor [N] of labels, got {y_all.dtype} {tuple(y_all.shape)}")
+        desc = f"{y_all.dtype} {tuple(y_all.shape)}"
+        raise ValueError(f"y_all must be an integer tensor [N] of labels, got {desc}")
     if y_all.numel() and (int(y_all.min()) < 0 or int(y_all.max()) >= num_classes):
         raise ValueError(f"labels must lie in [0, num_classes={num_classes}); pass Dataset.num_classes")
     if key is not None:

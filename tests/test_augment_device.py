@@ -25,8 +25,25 @@ import torch
 
 from fastkd.augment import AugmentConfig, augment_batch, param_digest, sample_params
 
-FIELDS = ("shift_y", "shift_x", "flip", "erase", "ey1", "ey2", "ex1", "ex2", "erase_fill", "mixed", "cut",
-          "partner", "lam", "cy1", "cy2", "cx1", "cx2")
+FIELDS = (
+    "shift_y",
+    "shift_x",
+    "flip",
+    "erase",
+    "ey1",
+    "ey2",
+    "ex1",
+    "ex2",
+    "erase_fill",
+    "mixed",
+    "cut",
+    "partner",
+    "lam",
+    "cy1",
+    "cy2",
+    "cx1",
+    "cx2",
+)
 
 IMNET = AugmentConfig.default_for(224, hflip=True, mixup_alpha=0.8, cutmix_alpha=1.0, erase_prob=0.25)
 DIGITS_FULL = AugmentConfig.default_for(8, hflip=True, mixup_alpha=0.8, cutmix_alpha=1.0, erase_prob=0.5)
@@ -41,8 +58,17 @@ CASES = [
     ("digits_default", AugmentConfig.default_for(8), 1437, 1, 8, 8, 0, 0, torch.arange(64)),
     ("digits_full", DIGITS_FULL, 1437, 1, 8, 8, 3, 2, _ids(77, 1437, 0)),
     ("imagenet", IMNET, 1281167, 3, 224, 224, 7, 11, _ids(256, 1281167, 1)),
-    ("mixup_small_alpha", AugmentConfig(crop_pad=2, mixup_alpha=0.2, mix_prob=0.7), 5000, 3, 32, 32, 1, 5,
-     _ids(50, 5000, 2)),
+    (
+        "mixup_small_alpha",
+        AugmentConfig(crop_pad=2, mixup_alpha=0.2, mix_prob=0.7),
+        5000,
+        3,
+        32,
+        32,
+        1,
+        5,
+        _ids(50, 5000, 2),
+    ),
     ("cutmix_rect", AugmentConfig(crop_pad=0, cutmix_alpha=1.0), 300, 2, 12, 20, 2, 1, torch.arange(300)),
     ("erase_only", AugmentConfig(crop_pad=0, erase_prob=1.0), 100, 3, 10, 10, 4, 0, torch.arange(33)),
     ("nothing", AugmentConfig(crop_pad=0), 10, 1, 4, 4, 0, 0, torch.arange(10)),
@@ -91,14 +117,23 @@ def _rgb_set(n, c, h, w, classes, seed=0):
 
 @pytest.mark.parametrize(
     "cfg",
-    [AugmentConfig.default_for(16), DIGITS_FULL, IMNET, AugmentConfig(crop_pad=3, mixup_alpha=0.3, mix_prob=0.6),
-     AugmentConfig(crop_pad=0, cutmix_alpha=0.5, erase_prob=0.7)],
+    [
+        AugmentConfig.default_for(16),
+        DIGITS_FULL,
+        IMNET,
+        AugmentConfig(crop_pad=3, mixup_alpha=0.3, mix_prob=0.6),
+        AugmentConfig(crop_pad=0, cutmix_alpha=0.5, erase_prob=0.7),
+    ],
     ids=["default", "digits_full", "imagenet", "mixup", "cutmix_erase"],
 )
 def test_augment_batch_matches_frozen_v1(cfg):
     x, y = _rgb_set(200, 3, 16, 16, 7)
     mean, std = (0.4, 0.5, 0.6), (0.2, 0.25, 0.3)
-    for seed, view, ids in ((0, 0, torch.arange(64)), (9, 4, _ids(37, 200, 4)), (2, 1, torch.tensor([199, 0]))):
+    for seed, view, ids in (
+        (0, 0, torch.arange(64)),
+        (9, 4, _ids(37, 200, 4)),
+        (2, 1, torch.tensor([199, 0])),
+    ):
         kw = dict(seed=seed, view=view, cfg=cfg, num_classes=7, mean=mean, std=std)
         new = augment_batch(x, y, ids, **kw)
         old = _v1_augment_batch(x, y, ids, **kw)
@@ -197,8 +232,16 @@ def no_host_sync():
 def test_guard_catches_syncs():
     t = torch.arange(3)
     with no_host_sync():
-        for bad in (lambda: t.item(), lambda: t.tolist(), lambda: int(t[0]), lambda: bool(t[0]),
-                    lambda: t.to("cpu"), lambda: t.cpu(), lambda: float(t[0]), lambda: [0, 1][t[0]]):
+        for bad in (
+            lambda: t.item(),
+            lambda: t.tolist(),
+            lambda: int(t[0]),
+            lambda: bool(t[0]),
+            lambda: t.to("cpu"),
+            lambda: t.cpu(),
+            lambda: float(t[0]),
+            lambda: [0, 1][t[0]],
+        ):
             with pytest.raises(HostSync):
                 bad()
     assert t.tolist() == [0, 1, 2]
@@ -220,13 +263,15 @@ def test_augment_batch_makes_no_host_sync(cfg):
 def test_bad_input_still_gets_one_clear_line():
     x, y = _rgb_set(20, 1, 8, 8, 3)
     kw = dict(seed=0, view=0, cfg=DIGITS_FULL, num_classes=3, mean=[0.5], std=[0.5])
-    with pytest.raises(ValueError, match=r"sample ids must lie in \[0, 20\) \(len\(y_all\)\); got ids in \[-1, 3\]"):
+    msg = r"sample ids must lie in \[0, 20\) \(len\(y_all\)\); got ids in \[-1, 3\]"
+    with pytest.raises(ValueError, match=msg):
         augment_batch(x, y, torch.tensor([3, -1]), **kw)
     with pytest.raises(ValueError, match=r"sample ids must lie in \[0, 20\)"):
         augment_batch(x, y, torch.tensor([20]), **kw)
     augment_batch(x, y, torch.tensor([1]), **kw)  # labels checked once ...
     y[4] = 3  # ... and again after an in-place change
-    with pytest.raises(ValueError, match=r"labels must lie in \[0, num_classes=3\); pass Dataset.num_classes"):
+    msg = r"labels must lie in \[0, num_classes=3\); pass Dataset.num_classes"
+    with pytest.raises(ValueError, match=msg):
         augment_batch(x, y, torch.tensor([1]), **kw)
     with pytest.raises(ValueError, match="labels must lie"):
         augment_batch(x, y, torch.tensor([1]), **{**kw, "num_classes": 2})
@@ -251,8 +296,10 @@ def test_cuda_draw_equals_cpu_draw(case):
         if a.dtype == torch.float64:  # last-bit differences of float64 log/cos/exp/sigmoid are allowed
             ndiff = int((a != b).sum())
             if ndiff:
-                print(f"{case[0]}.{name}: {ndiff}/{a.numel()} float64 values differ in the last bits, "
-                      f"max rel {float(((a - b).abs() / a.abs().clamp_min(1e-300)).max()):.2e}")
+                print(
+                    f"{case[0]}.{name}: {ndiff}/{a.numel()} float64 values differ in the last bits, "
+                    f"max rel {float(((a - b).abs() / a.abs().clamp_min(1e-300)).max()):.2e}"
+                )
             assert torch.equal(a.float(), b.float()), name
         else:
             assert torch.equal(a, b), name
@@ -268,9 +315,11 @@ def test_cuda_many_ids_float32_draw_equals_cpu():
     for name in FIELDS:
         a, b = getattr(cpu, name), getattr(gpu, name).cpu()
         if a.dtype == torch.float64:
-            report.append(f"{name}: f64 differ {int((a != b).sum())}, f32 differ {int((a.float() != b.float()).sum())}")
+            n64, n32 = int((a != b).sum()), int((a.float() != b.float()).sum())
+            report.append(f"{name}: float64 values differ {n64}, float32 differ {n32}")
             assert torch.equal(a.float(), b.float()), report
-            assert torch.equal(a >= 0.5, b >= 0.5) if name == "lam" else True
+            if name == "lam":
+                assert torch.equal(a >= 0.5, b >= 0.5)
         else:
             assert torch.equal(a, b), name
     print("; ".join(report))
@@ -431,7 +480,9 @@ class OldAugParams:
     cx2: torch.Tensor
 
 
-def _v1_view_params(ids: torch.Tensor, seed: int, view: int, cfg: AugmentConfig, channels: int, h: int, w: int):
+def _v1_view_params(
+    ids: torch.Tensor, seed: int, view: int, cfg: AugmentConfig, channels: int, h: int, w: int
+):
     """Crop/flip/erase parameters of ``ids`` (CPU int64 [B]); see OldAugParams."""
     b = ids.shape[0]
     pad = cfg.pad_for(max(h, w))
@@ -557,7 +608,8 @@ def _v1_view_images(x: torch.Tensor, params: tuple, mean, std) -> torch.Tensor:
     """Apply translation (zero fill), flip, normalisation and erasing to uint8 images.
 
     x: uint8 [B, C, H, W] (the raw images of the ids the params were drawn for).
-    params: the first 9 fields of OldAugParams (shift_y, shift_x, flip, erase, ey1, ey2, ex1, ex2, erase_fill).
+    params: the first 9 fields of OldAugParams (shift_y, shift_x, flip, erase, ey1, ey2, ex1, ex2,
+    erase_fill).
     Returns float32 [B, C, H, W] on x's device.
     """
     sy, sx, flip, erase, ey1, ey2, ex1, ex2, fill = params
