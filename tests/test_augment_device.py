@@ -260,6 +260,53 @@ def test_augment_batch_makes_no_host_sync(cfg):
         assert torch.equal(a, b)
 
 
+def test_trainer_batch_makes_no_host_sync(tmp_path):
+    """The data part of a real Trainer step (digits default, mixup + cutmix + flip) under the guard.
+    (The whole step's guard test belongs with the trainer: today ``Trainer.step`` moves the sampler's
+    host ids with ``.to(device)``, and the CPU AdamW reads its step count with ``.item()``.)"""
+    from fastkd.config import parse_args
+    from fastkd.train import Trainer
+
+    argv = [
+        "--method",
+        "ce",
+        "--student-embed-dim",
+        "16",
+        "--student-depth",
+        "1",
+        "--student-heads",
+        "2",
+        "--batch-size",
+        "32",
+        "--mixup",
+        "0.8",
+        "--cutmix",
+        "1.0",
+        "--hflip",
+        "--quiet",
+        "--workdir",
+        str(tmp_path),
+    ]
+    tr = Trainer(parse_args(argv), log=lambda *a: None)
+    ids = next(iter(tr.sampler.batches(0))).to(tr.device)
+    ref = tr.batch(ids, 0)  # warm-up
+    with no_host_sync():
+        got = tr.batch(ids, 0)
+        tr.batch(ids, 1)
+    assert (ref[1].max(1).values < 1).any()  # mixing is in play
+    for a, b in zip(ref, got, strict=True):
+        assert torch.equal(a, b)
+
+
+def test_guard_flags_the_v1_path():
+    """The guard is not vacuous: the v1 implementation (ids and labels to the host, range checks read
+    back) fails it."""
+    x, y = _rgb_set(30, 3, 16, 16, 5)
+    kw = dict(seed=1, view=0, cfg=None, num_classes=5, mean=(0.5,) * 3, std=(0.25,) * 3)
+    with no_host_sync(), pytest.raises(HostSync):
+        _v1_augment_batch(x, y, torch.arange(8), **kw)
+
+
 def test_bad_input_still_gets_one_clear_line():
     x, y = _rgb_set(20, 1, 8, 8, 3)
     kw = dict(seed=0, view=0, cfg=DIGITS_FULL, num_classes=3, mean=[0.5], std=[0.5])
