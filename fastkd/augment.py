@@ -431,8 +431,9 @@ def _view_params(
 
 
 def _sample(ids, seed, view, cfg, n, channels, h, w, *, partner_view: bool):
-    """AugParams of ``ids`` on ids' device, and (when mixing and ``partner_view``) the partners' own
-    view parameters. Two batched hash passes: mixing streams of ids, then view streams of [ids; partners]."""
+    """AugParams of ``ids`` on ids' device, and (when mixing and ``partner_view``) the view parameters of
+    [ids; partners] (2B rows: the partners' own crop/flip/erase). Two batched hash passes: the mixing
+    streams of ids, then the view streams of [ids; partners]."""
     b, dev = ids.shape[0], ids.device
     zero = torch.zeros(b, dtype=torch.int64, device=dev)
     mixing = cfg.mixing and n > 1
@@ -472,9 +473,8 @@ def _sample(ids, seed, view, cfg, n, channels, h, w, *, partner_view: bool):
         lam = torch.where(mixed, lam, ones)
         if partner_view:  # own and partners' view parameters in one pass over [ids; partners]
             both = torch.cat([ids, partner])
-            vp = _view_params(both, seed, view, cfg, channels, h, w, _Draws(both, seed, view, vspecs))
-            own = tuple(t[:b] for t in vp)
-            pview = tuple(t[b:] for t in vp)
+            pview = _view_params(both, seed, view, cfg, channels, h, w, _Draws(both, seed, view, vspecs))
+            own = tuple(t[:b] for t in pview)
         else:
             own = _view_params(ids, seed, view, cfg, channels, h, w, _Draws(ids, seed, view, vspecs))
     else:
@@ -725,20 +725,31 @@ def augment_batch(
     n = int(y_all.shape[0])
     _check_ids(ids, n)
     _check_labels(y_all, num_classes)
-    x = _fetch(x_all_or_fetch, ids, device)
-    dev = x.device
-    _, ch, h, w = x.shape
+    if isinstance(x_all_or_fetch, torch.Tensor):  # shape known up front: one gather for ids and partners
+        _check_images(x_all_or_fetch, "x_all")
+        x = None
+        dev = x_all_or_fetch.device if device is None else torch.device(device)
+        _, ch, h, w = x_all_or_fetch.shape
+    else:
+        x = _fetch(x_all_or_fetch, ids, device)
+        dev = x.device
+        _, ch, h, w = x.shape
     if cfg is None:
         cfg = AugmentConfig.default_for(h)
     mixing = cfg.mixing and n > 1
-    p, pfields = _sample(ids, seed, view, cfg, n, ch, h, w, partner_view=True)
-    fields = (p.shift_y, p.shift_x, p.flip, p.erase, p.ey1, p.ey2, p.ex1, p.ex2, p.erase_fill)
-    out = view_images(x, fields, mean, std)
-    y = _on(y_all.detach().index_select(0, _on(ids, y_all.device)), dev).to(torch.int64)
-    lam = _on(p.lam, dev)
+    b = ids.shape[0]
+    p, vp_both = _sample(ids, seed, view, cfg, n, ch, h, w, partner_view=True)
     if mixing:
-        y_p = _on(y_all.detach().index_select(0, _on(p.partner, y_all.device)), dev).to(torch.int64)
-        other = view_images(_fetch(x_all_or_fetch, p.partner, dev), pfields, mean, std)
+        both = torch.cat([ids, p.partner])
+        if x is None:
+            x = _fetch(x_all_or_fetch, both, dev)
+        else:
+            x = torch.cat([x, _fetch(x_all_or_fetch, p.partner, dev)])
+        imgs = view_images(x, vp_both, mean, std)  # [2B]: own views, then the partners' own views
+        out, other = imgs[:b], imgs[b:]
+        y_both = _on(y_all.detach().index_select(0, _on(both, y_all.device)), dev).to(torch.int64)
+        y, y_p = y_both[:b], y_both[b:]
+        lam = _on(p.lam, dev)
         # mixup: lam*x + (1-lam)*other (lam = 1 for unmixed rows), written as mul/mul/add -- no fused ops,
         # so each pixel is bit-identical whatever batch it is computed in.
         lam_mix = torch.where(_on(p.cut, dev), 1.0, lam).to(torch.float32)[:, None, None, None]
@@ -746,7 +757,13 @@ def augment_batch(
         paste = _box_mask(p.cy1, p.cy2, p.cx1, p.cx2, h, w, dev)  # empty unless cut
         out = torch.where(paste, other, blended)
     else:
+        if x is None:
+            x = _fetch(x_all_or_fetch, ids, dev)
+        fields = (p.shift_y, p.shift_x, p.flip, p.erase, p.ey1, p.ey2, p.ex1, p.ex2, p.erase_fill)
+        out = view_images(x, fields, mean, std)
+        y = _on(y_all.detach().index_select(0, _on(ids, y_all.device)), dev).to(torch.int64)
         y_p = y  # partner == id: lam = 1, y_soft = one-hot(y)
+        lam = _on(p.lam, dev)
     lam32 = lam.to(torch.float32)
     y_soft = torch.zeros(ids.shape[0], num_classes, dtype=torch.float32, device=dev)
     y_soft.scatter_(1, y[:, None], lam32[:, None])
