@@ -162,6 +162,7 @@ class _Draws:
 
     def __init__(self, ids: torch.Tensor, seed: int, view: int, specs: Sequence[tuple[str, int]]):
         specs = tuple((str(s), int(e)) for s, e in specs)
+        self.device = ids.device
         order = [sp for sp in specs if sp[1] == 0] + [sp for sp in specs if sp[1] > 0]
         self._slot: dict[str, tuple[int, int]] = {}
         lanes: list[tuple[int, int, int]] = []
@@ -202,61 +203,106 @@ class _Draws:
             self._u = ((self._h >> 8).to(torch.float64) + 0.5) * (1.0 / (1 << 24))
         return self._take(self._u, stream).contiguous()
 
+    def u_block(self, streams: Sequence[str]) -> torch.Tensor:
+        """Uniforms of streams laid out next to each other, with the same ``extra``: [B, len] or
+        [B, len, extra], a view of the lanes (no copy)."""
+        a, extra = self._slot[streams[0]]
+        width = max(extra, 1)
+        for i, s in enumerate(streams):
+            assert self._slot[s] == (a + i * width, extra), f"streams {streams} are not laid out as a block"
+        self.u(streams[0])
+        blk = self._u[:, a : a + width * len(streams)]
+        return blk if extra == 0 else blk.unflatten(1, (len(streams), extra))
+
     def randint(self, stream: str, n) -> torch.Tensor:
         return (self.h(stream) * n) >> 32
 
 
-def _gamma_specs(stream: str, alpha: float) -> list[tuple[str, int]]:
-    """The hash streams one ``_log_gamma_sample`` draws from."""
+def _chains(betas: Sequence[tuple[str, float]]) -> list[tuple[str, float]]:
+    """The Gamma chains (stream, alpha) of some symmetric Betas: two per Beta (g1, g2), the ones that
+    need the alpha < 1 boost first (so the boosted chains are a prefix)."""
+    ch = [(f"{s}/{g}", float(a)) for s, a in betas for g in ("g1", "g2")]
+    return [c for c in ch if c[1] < 1.0] + [c for c in ch if c[1] >= 1.0]
+
+
+def _gamma_chain_specs(chains: Sequence[tuple[str, float]]) -> list[tuple[str, int]]:
+    """Hash streams of Gamma chains, laid out so each kind is one contiguous [B, G, 16] block of lanes."""
     k = 16
-    specs = [(stream + "/n1", k), (stream + "/n2", k), (stream + "/acc", k)]
-    return specs + ([(stream + "/boost", 0)] if alpha < 1.0 else [])
+    specs = [(f"{s}/{kind}", k) for kind in ("n1", "n2", "acc") for s, _ in chains]
+    return specs + [(s + "/boost", 0) for s, a in chains if a < 1.0]
 
 
-def _beta_specs(stream: str, alpha: float) -> list[tuple[str, int]]:
-    return _gamma_specs(stream + "/g1", alpha) + _gamma_specs(stream + "/g2", alpha)
+def _beta_specs(betas: Sequence[tuple[str, float]]) -> list[tuple[str, int]]:
+    return _gamma_chain_specs(_chains(betas))
 
 
-def _log_gamma_from(dr: _Draws, stream: str, alpha: float) -> torch.Tensor:
-    """log of a Gamma(alpha, 1) draw per id (float64 [B]), Marsaglia-Tsang with 16 hashed candidates.
+def _log_gammas(dr: _Draws, chains: Sequence[tuple[str, float]]) -> torch.Tensor:
+    """log of a Gamma(alpha, 1) draw per id and chain (float64 [B, G]), Marsaglia-Tsang with 16 hashed
+    candidates, all chains in one batched computation.
 
     For alpha < 1 the boost Gamma(alpha) = Gamma(alpha + 1) * U**(1/alpha) is used (in log space, so a tiny
     alpha cannot underflow). The first accepted candidate is taken; the acceptance rate is >= 0.95, so all
     16 rejecting has probability < 1e-20 (then the candidate-free value log(d) is used).
-    Float64 log/cos/sigmoid are the only ops here that are not exactly rounded (see ``param_digest``).
+    The per-chain constants are float64 tensors holding exactly the Python floats v1 used as scalars, and
+    every expression keeps v1's order of operations, so each value is bit-identical to v1's one-chain code.
+    Float64 log/cos are the only ops here that are not exactly rounded (see ``param_digest``).
     """
-    a = alpha + 1.0 if alpha < 1.0 else alpha
-    d = a - 1.0 / 3.0
-    c = 1.0 / math.sqrt(9.0 * d)
-    u1 = dr.u(stream + "/n1")
-    u2 = dr.u(stream + "/n2")
-    u3 = dr.u(stream + "/acc")
+    dev = dr.device
+    a = [al + 1.0 if al < 1.0 else al for _, al in chains]
+    d = [x - 1.0 / 3.0 for x in a]
+    c = [1.0 / math.sqrt(9.0 * x) for x in d]
+    key = ("gamma", tuple(chains))
+
+    def build():
+        return torch.tensor([d, c, [math.log(x) for x in d]], dtype=torch.float64)
+
+    consts = _device_const(key, build, dev)  # [3, G]: d, c, log(d)
+    dd, cc, logd = consts[0][:, None], consts[1][:, None], consts[2]
+    names = [s for s, _ in chains]
+    u1 = dr.u_block([s + "/n1" for s in names])  # [B, G, 16]
+    u2 = dr.u_block([s + "/n2" for s in names])
+    u3 = dr.u_block([s + "/acc" for s in names])
     z = torch.sqrt(-2.0 * torch.log(u1)) * torch.cos(2.0 * math.pi * u2)
-    v = (1.0 + c * z) ** 3
+    v = (1.0 + cc * z) ** 3
     log_v = torch.log(v.clamp_min(1e-300))
-    ok = (v > 0) & (torch.log(u3) < 0.5 * z * z + d - d * v + d * log_v)
-    first = torch.argmax(ok.to(torch.int8), dim=1, keepdim=True)  # first accepted (ties -> first)
-    log_g = math.log(d) + torch.where(ok.any(dim=1), log_v.gather(1, first)[:, 0], 0.0)
-    if alpha < 1.0:
-        log_g = log_g + torch.log(dr.u(stream + "/boost")) / alpha
+    ok = (v > 0) & (torch.log(u3) < 0.5 * z * z + dd - dd * v + dd * log_v)
+    first = torch.argmax(ok.to(torch.int8), dim=2, keepdim=True)  # first accepted (ties -> first)
+    log_g = logd + torch.where(ok.any(dim=2), log_v.gather(2, first)[..., 0], 0.0)  # [B, G]
+    boosted = [s for s, al in chains if al < 1.0]  # a prefix of chains (see _chains)
+    if boosted:
+        nb = len(boosted)
+        alphas = _device_const(
+            ("boost", tuple(chains)),
+            lambda: torch.tensor([al for _, al in chains[:nb]], dtype=torch.float64),
+            dev,
+        )
+        boost = torch.log(dr.u_block([s + "/boost" for s in boosted])) / alphas
+        log_g = log_g + boost if nb == len(chains) else torch.cat([log_g[:, :nb] + boost, log_g[:, nb:]], 1)
     return log_g
 
 
-def _beta_from(dr: _Draws, stream: str, alpha: float) -> torch.Tensor:
-    """Beta(alpha, alpha) per id (float64 [B]) as G1/(G1+G2) = sigmoid(log G1 - log G2)."""
-    g1 = _log_gamma_from(dr, stream + "/g1", alpha)
-    g2 = _log_gamma_from(dr, stream + "/g2", alpha)
-    return torch.sigmoid(g1 - g2)
+def _betas(dr: _Draws, betas: Sequence[tuple[str, float]]) -> list[torch.Tensor]:
+    """Beta(alpha, alpha) per id (float64 [B] each) as G1/(G1+G2) = sigmoid(log G1 - log G2).
+
+    ``torch.sigmoid`` runs on each Beta's own contiguous [B] tensor, as in v1: on the CPU its vectorised
+    and scalar (tail) paths round differently, so the layout is part of the value.
+    """
+    chains = _chains(betas)
+    log_g = _log_gammas(dr, chains)
+    col = {s: i for i, (s, _) in enumerate(chains)}
+    return [torch.sigmoid(log_g[:, col[f"{s}/g1"]] - log_g[:, col[f"{s}/g2"]]) for s, _ in betas]
 
 
 def _log_gamma_sample(ids: torch.Tensor, seed: int, view: int, stream: str, alpha: float) -> torch.Tensor:
-    """``_log_gamma_from`` for ids alone (tests, one-off use)."""
-    return _log_gamma_from(_Draws(ids, seed, view, _gamma_specs(stream, alpha)), stream, alpha)
+    """log of one Gamma(alpha, 1) draw per id (float64 [B]); device follows ids (tests, one-off use)."""
+    chains = [(stream, float(alpha))]
+    return _log_gammas(_Draws(ids, seed, view, _gamma_chain_specs(chains)), chains)[:, 0]
 
 
 def _beta_symmetric(ids: torch.Tensor, seed: int, view: int, stream: str, alpha: float) -> torch.Tensor:
     """Beta(alpha, alpha) per id (float64 [B]); device follows ids."""
-    return _beta_from(_Draws(ids, seed, view, _beta_specs(stream, alpha)), stream, alpha)
+    betas = [(stream, float(alpha))]
+    return _betas(_Draws(ids, seed, view, _beta_specs(betas)), betas)[0]
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -374,11 +420,16 @@ def _mix_specs(cfg: AugmentConfig, n: int) -> list[tuple[str, int]]:
     specs = [("mix", 0), ("partner", 0)]
     if cfg.mixup_alpha > 0 and cfg.cutmix_alpha > 0:
         specs += [("switch", 0)]
-    if cfg.mixup_alpha > 0:
-        specs += _beta_specs("lam_mixup", cfg.mixup_alpha)
+    specs += _beta_specs(_mix_betas(cfg))
     if cfg.cutmix_alpha > 0:
-        specs += _beta_specs("lam_cutmix", cfg.cutmix_alpha) + [("cut_y", 0), ("cut_x", 0)]
+        specs += [("cut_y", 0), ("cut_x", 0)]
     return specs
+
+
+def _mix_betas(cfg: AugmentConfig) -> list[tuple[str, float]]:
+    """The lambda Betas (stream, alpha) of ``cfg``: mixup's and/or cutmix's."""
+    betas = [("lam_mixup", cfg.mixup_alpha)] if cfg.mixup_alpha > 0 else []
+    return betas + ([("lam_cutmix", cfg.cutmix_alpha)] if cfg.cutmix_alpha > 0 else [])
 
 
 def _view_params(
@@ -450,11 +501,10 @@ def _sample(ids, seed, view, cfg, n, channels, h, w, *, partner_view: bool):
         p = dr.randint("partner", n - 1)  # uniform over the n-1 others
         partner = torch.where(mixed, p + (p >= ids).to(torch.int64), ids)
         ones = torch.ones(b, dtype=torch.float64, device=dev)
-        lam_mix = ones
-        if cfg.mixup_alpha > 0:
-            lam_mix = _beta_from(dr, "lam_mixup", cfg.mixup_alpha)
+        lams = dict(zip([s for s, _ in _mix_betas(cfg)], _betas(dr, _mix_betas(cfg)), strict=True))
+        lam_mix = lams.get("lam_mixup", ones)
         if cfg.cutmix_alpha > 0:
-            lam_cut = _beta_from(dr, "lam_cutmix", cfg.cutmix_alpha)
+            lam_cut = lams["lam_cutmix"]
             # timm's rand_bbox: a box of side sqrt(1 - lam) * H/W at a uniform centre, clipped at the border.
             rat = torch.sqrt(1.0 - lam_cut)
             ch = (h * rat).to(torch.int64)
