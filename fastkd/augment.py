@@ -65,12 +65,11 @@ _M16 = 0xFFFF
 def _mul32(x: torch.Tensor, c: int) -> torch.Tensor:
     """(x * c) mod 2**32 for int64 x in [0, 2**32) and a Python int c in [0, 2**32), overflow-free.
 
-    Split x = hi*2**16 + lo; then x*c = lo*c + ((hi*c) mod 2**16)*2**16 (mod 2**32), and every partial
+    Split c = ch*2**16 + cl; then x*c = x*cl + ((x*ch) mod 2**16)*2**16 (mod 2**32), and every partial
     product stays below 2**48.
     """
-    lo = x & _M16
-    hi = x >> 16
-    return (lo * c + (((hi * c) & _M16) << 16)) & _M32
+    cl, ch = c & _M16, c >> 16
+    return (x * cl + (((x * ch) & _M16) << 16)) & _M32
 
 
 def _mix32(x: torch.Tensor) -> torch.Tensor:
@@ -669,27 +668,49 @@ def view_images(x: torch.Tensor, params: tuple, mean, std) -> torch.Tensor:
 
     x: uint8 [B, C, H, W] (the raw images of the ids the params were drawn for).
     params: the first 9 fields of AugParams (shift_y, shift_x, flip, erase, ey1, ey2, ex1, ex2, erase_fill).
+        shift_y/shift_x, flip or erase may be None: that step is off (skipped, same result as no-op values).
     Returns float32 [B, C, H, W] on x's device.
     """
     sy, sx, flip, erase, ey1, ey2, ex1, ex2, fill = params
     b, ch, h, w = x.shape
     dev = x.device
-    r = torch.arange(h, device=dev)
-    c = torch.arange(w, device=dev)
-    src_y = r[None, :] + _on(sy, dev)[:, None]  # [B, H]
-    col = torch.where(_on(flip, dev)[:, None], (w - 1) - c[None, :], c[None, :])  # flip after translation
-    src_x = col + _on(sx, dev)[:, None]  # [B, W]
-    ok_y = (src_y >= 0) & (src_y < h)
-    ok_x = (src_x >= 0) & (src_x < w)
-    iy = src_y.clamp(0, h - 1)[:, None, :, None].expand(b, ch, h, w)
-    ix = src_x.clamp(0, w - 1)[:, None, None, :].expand(b, ch, h, w)
-    out = torch.gather(torch.gather(x, 2, iy), 3, ix)
-    valid = (ok_y[:, :, None] & ok_x[:, None, :])[:, None]  # [B, 1, H, W]
-    out = out * valid.to(out.dtype)  # zero fill (uint8 0 = black) outside the shifted image
+    out = x
+    if sy is not None or flip is not None:
+        c = torch.arange(w, device=dev)
+        col = c[None, :]
+        if flip is not None:
+            col = torch.where(_on(flip, dev)[:, None], (w - 1) - col, col)  # flip after translation
+        if sy is None:  # flip only: a column gather, nothing leaves the image
+            out = torch.gather(x, 3, col[:, None, None, :].expand(b, ch, h, w))
+        else:
+            r = torch.arange(h, device=dev)
+            src_y = r[None, :] + _on(sy, dev)[:, None]  # [B, H]
+            src_x = col + _on(sx, dev)[:, None]  # [B, W]
+            ok_y = (src_y >= 0) & (src_y < h)
+            ok_x = (src_x >= 0) & (src_x < w)
+            iy = src_y.clamp(0, h - 1)[:, None, :, None].expand(b, ch, h, w)
+            ix = src_x.clamp(0, w - 1)[:, None, None, :].expand(b, ch, h, w)
+            out = torch.gather(torch.gather(x, 2, iy), 3, ix)
+            valid = (ok_y[:, :, None] & ok_x[:, None, :])[:, None]  # [B, 1, H, W]
+            out = out * valid.to(out.dtype)  # zero fill (uint8 0 = black) outside the shifted image
     m, s = _norm_consts(mean, std, ch, dev)
     out = (out.to(torch.float32) / 255.0 - m) / s
+    if erase is None:
+        return out
     box = _box_mask(ey1, ey2, ex1, ex2, h, w, dev) & _on(erase, dev)[:, None, None, None]
     return torch.where(box, _on(fill, dev).to(torch.float32)[:, :, None, None], out)
+
+
+def _active(fields: tuple, cfg: AugmentConfig, h: int, w: int) -> tuple:
+    """View fields with the steps ``cfg`` turns off set to None (decided by the config, never by data)."""
+    sy, sx, flip, erase, ey1, ey2, ex1, ex2, fill = fields
+    if cfg.pad_for(max(h, w)) == 0:
+        sy = sx = None
+    if not cfg.hflip:
+        flip = None
+    if cfg.erase_prob <= 0:
+        erase = None
+    return sy, sx, flip, erase, ey1, ey2, ex1, ex2, fill
 
 
 def _fetch(src, ids: torch.Tensor, device) -> torch.Tensor:
@@ -795,7 +816,9 @@ def augment_batch(
             x = _fetch(x_all_or_fetch, both, dev)
         else:
             x = torch.cat([x, _fetch(x_all_or_fetch, p.partner, dev)])
-        imgs = view_images(x, vp_both, mean, std)  # [2B]: own views, then the partners' own views
+        imgs = view_images(
+            x, _active(vp_both, cfg, h, w), mean, std
+        )  # [2B]: own views, then the partners' own views
         out, other = imgs[:b], imgs[b:]
         y_both = _on(y_all.detach().index_select(0, _on(both, y_all.device)), dev).to(torch.int64)
         y, y_p = y_both[:b], y_both[b:]
@@ -810,7 +833,7 @@ def augment_batch(
         if x is None:
             x = _fetch(x_all_or_fetch, ids, dev)
         fields = (p.shift_y, p.shift_x, p.flip, p.erase, p.ey1, p.ey2, p.ex1, p.ex2, p.erase_fill)
-        out = view_images(x, fields, mean, std)
+        out = view_images(x, _active(fields, cfg, h, w), mean, std)
         y = _on(y_all.detach().index_select(0, _on(ids, y_all.device)), dev).to(torch.int64)
         y_p = y  # partner == id: lam = 1, y_soft = one-hot(y)
         lam = _on(p.lam, dev)

@@ -93,6 +93,18 @@ def _assert_same(a, b, what):
 # ----------------------------------------------------------------------------------------------------
 
 
+def test_mul32_matches_python_integers():
+    from fastkd.augment import _mul32
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.cat(
+        [torch.tensor([0, 1, 0xFFFF, 0x10000, 0xFFFFFFFF]), torch.randint(0, 2**32, (2000,), generator=g)]
+    )
+    for c in (0, 1, 0xFFFF, 0x10000, 0xFFFFFFFF, 0x7FEB352D, 0x846CA68B, 0x12345678):
+        expect = [(int(v) * c) & 0xFFFFFFFF for v in x]
+        assert _mul32(x, c).tolist() == expect, hex(c)
+
+
 @pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
 def test_params_match_frozen_v1(case):
     ids = case[-1]
@@ -123,8 +135,10 @@ def _rgb_set(n, c, h, w, classes, seed=0):
         IMNET,
         AugmentConfig(crop_pad=3, mixup_alpha=0.3, mix_prob=0.6),
         AugmentConfig(crop_pad=0, cutmix_alpha=0.5, erase_prob=0.7),
+        AugmentConfig(crop_pad=0, hflip=True),
+        AugmentConfig(crop_pad=0),
     ],
-    ids=["default", "digits_full", "imagenet", "mixup", "cutmix_erase"],
+    ids=["default", "digits_full", "imagenet", "mixup", "cutmix_erase", "flip_only", "nothing"],
 )
 def test_augment_batch_matches_frozen_v1(cfg):
     x, y = _rgb_set(200, 3, 16, 16, 7)
