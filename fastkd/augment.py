@@ -162,31 +162,33 @@ class _Draws:
     def __init__(self, ids: torch.Tensor, seed: int, view: int, specs: Sequence[tuple[str, int]]):
         specs = tuple((str(s), int(e)) for s, e in specs)
         self.device = ids.device
-        order = [sp for sp in specs if sp[1] == 0] + [sp for sp in specs if sp[1] > 0]
+        order = tuple([sp for sp in specs if sp[1] == 0] + [sp for sp in specs if sp[1] > 0])
         self._slot: dict[str, tuple[int, int]] = {}
-        lanes: list[tuple[int, int, int]] = []
+        n_lanes = 0
         for stream, extra in order:
-            k1, k2, k3 = _keys(seed, view, stream)
-            self._slot[stream] = (len(lanes), extra)
-            if extra == 0:
-                lanes.append((k1, k2, 0))
-            else:
-                lanes.extend((k1, k2, _lowbias32_int(j ^ k3)) for j in range(extra))
+            self._slot[stream] = (n_lanes, extra)
+            n_lanes += max(extra, 1)
         n_plain = sum(1 for _, e in order if e == 0)
-
         self._u: torch.Tensor | None = None
-        if not lanes:  # nothing to draw (e.g. no crop, no flip, no erasing)
+        if n_lanes == 0:  # nothing to draw (e.g. no crop, no flip, no erasing)
             self._h = torch.zeros(ids.shape[0], 0, dtype=torch.int64, device=ids.device)
             return
 
-        def build():
+        def build():  # host work (BLAKE2b keys, sub-keys) once per (seed, view, specs, device)
+            lanes: list[tuple[int, int, int]] = []
+            for stream, extra in order:
+                k1, k2, k3 = _keys(seed, view, stream)
+                if extra == 0:
+                    lanes.append((k1, k2, 0))
+                else:
+                    lanes.extend((k1, k2, _lowbias32_int(j ^ k3)) for j in range(extra))
             return torch.tensor(lanes, dtype=torch.int64).t().contiguous()  # [3, L]
 
-        keys = _device_const(("draws", int(seed), int(view), tuple(order)), build, ids.device)
+        keys = _device_const(("draws", int(seed), int(view), order), build, ids.device)
         ids = ids.to(torch.int64)
         h = _mix32((ids & _M32)[:, None] ^ keys[0])
         h = _mix32(h ^ ((ids >> 32) & _M32)[:, None] ^ keys[1])
-        if n_plain < len(lanes):
+        if n_plain < n_lanes:
             h = torch.cat([h[:, :n_plain], _mix32(h[:, n_plain:] ^ keys[2, n_plain:])], dim=1)
         self._h = h
 
