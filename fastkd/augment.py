@@ -202,7 +202,7 @@ class _Draws:
     def u(self, stream: str) -> torch.Tensor:
         if self._u is None:  # hash_uniform's formula, for all lanes at once
             self._u = ((self._h >> 8).to(torch.float64) + 0.5) * (1.0 / (1 << 24))
-        return self._take(self._u, stream).contiguous()
+        return self._take(self._u, stream)
 
     def u_block(self, streams: Sequence[str]) -> torch.Tensor:
         """Uniforms of streams laid out next to each other, with the same ``extra``: [B, len] or

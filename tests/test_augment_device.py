@@ -368,8 +368,9 @@ def test_cuda_draw_equals_cpu_draw(case):
 
 @cuda
 def test_cuda_many_ids_float32_draw_equals_cpu():
-    """1M ids of the ImageNet recipe: float64 differences are counted; float32 (what is used) must agree."""
-    ids = torch.arange(1 << 20)
+    """262,144 ids of the ImageNet recipe: float64 last-bit differences are counted and printed (run with
+    -s); the float32 values, integers and lam >= 0.5 (what pixels and labels use) must agree."""
+    ids = torch.arange(1 << 18)
     kw = dict(seed=0, view=0, cfg=IMNET, n=1281167, channels=3, height=224, width=224)
     cpu, gpu = sample_params(ids, **kw), sample_params(ids.cuda(), **kw)
     report = []
