@@ -113,11 +113,6 @@ def hash_uniform(
     return ((h >> 8).to(dtype) + 0.5) * (1.0 / (1 << 24))
 
 
-def _randint(ids: torch.Tensor, seed: int, view: int, stream: str, n) -> torch.Tensor:
-    """Integers in [0, n) (n: int or int64 tensor [B], 1 <= n < 2**31): ``(h * n) >> 32``."""
-    return (hash32(ids, seed, view, stream) * n) >> 32
-
-
 def _lowbias32_int(x: int) -> int:
     """``_mix32`` on one Python int (for constants computed on the host, never per step)."""
     x ^= x >> 16
@@ -802,6 +797,8 @@ def augment_batch(
         _check_images(x_all_or_fetch, "x_all")
         x = None
         dev = x_all_or_fetch.device if device is None else torch.device(device)
+        if dev.type == "cuda" and dev.index is None:
+            dev = torch.device("cuda", torch.cuda.current_device())
         _, ch, h, w = x_all_or_fetch.shape
     else:
         x = _fetch(x_all_or_fetch, ids, device)
