@@ -46,6 +46,7 @@ __all__ = [
     "AugmentConfig",
     "AugParams",
     "augment_batch",
+    "check_labels",
     "eval_batch",
     "hash32",
     "hash_uniform",
@@ -739,9 +740,10 @@ def _check_ids(ids: torch.Tensor, n: int) -> None:
         raise ValueError(f"{msg}; got ids in [{lo}, {hi}]") from None
 
 
-def _check_labels(y_all: torch.Tensor, num_classes: int) -> None:
+def check_labels(y_all: torch.Tensor, num_classes: int) -> None:
     """Labels in [0, num_classes): checked once per label tensor (a host read the first time only),
-    remembered on the tensor together with its version counter, so an in-place change is checked again."""
+    remembered on the tensor together with its version counter, so an in-place change is checked again.
+    augment_batch calls it; call it where the data is set up to take that one read out of the first step."""
     try:
         key = (int(num_classes), y_all._version, y_all.data_ptr(), tuple(y_all.shape))
     except RuntimeError:  # inference tensors have no version counter: check every time
@@ -775,7 +777,7 @@ def augment_batch(
     x_all_or_fetch: the whole training set, uint8 [N, C, H, W] (any device), or a function
         ``fetch(ids: int64 CPU [k]) -> uint8 [k, C, H, W]``.
     y_all: int64 [N] labels of the whole training set (N = len(y_all) is the partner range). Its range is
-        checked on first use only (one host read per label tensor; see ``_check_labels``).
+        checked on first use only (one host read per label tensor; see ``check_labels``).
     ids: int64 [B] sample ids in [0, N). The parameters are drawn on ids' device.
     seed, view: the run seed and the view (usually the epoch; a cached teacher stores one entry per view).
     cfg: None -> ``AugmentConfig.default_for(H)``.
@@ -792,7 +794,7 @@ def augment_batch(
     ids = ids.detach().to(torch.int64).reshape(-1)
     n = int(y_all.shape[0])
     _check_ids(ids, n)
-    _check_labels(y_all, num_classes)
+    check_labels(y_all, num_classes)
     if isinstance(x_all_or_fetch, torch.Tensor):  # shape known up front: one gather for ids and partners
         _check_images(x_all_or_fetch, "x_all")
         x = None
