@@ -16,7 +16,9 @@ of the ids (all hash streams of a batch as one [B, L] tensor, ``_Draws``), label
 y_soft built there, and the pixel work (gather-based crop/flip, erase, mixing, normalisation) runs on
 the images' device, as batched tensor ops with no per-sample Python loop and no host sync.
 
-CPU vs CUDA: the hashes, integer parameters and every +, -, *, /, sqrt are exact on both. The float64
+CPU vs CUDA: the hashes, integer parameters and every +, -, *, /, sqrt are exact on both (a division
+by a Python number is not: CUDA multiplies by its reciprocal, so the parameters divide by tensors only;
+the pixels' ``/ 255.0`` is such a division, as in v1). The float64
 ``log``/``cos``/``exp``/``sigmoid`` behind the Beta lambdas, the erase box aspect and the erase fill are
 not exactly rounded (CPU: SLEEF, or glibc for the scalar tail of ``sigmoid``; CUDA: libdevice), so
 their float64 value may differ in the last bit. What the pixels and labels use is rounded further
@@ -512,7 +514,10 @@ def _sample(ids, seed, view, cfg, n, channels, h, w, *, partner_view: bool):
             cy2 = torch.where(cut, (cy + ch // 2).clamp(0, h), zero)
             cx1 = torch.where(cut, (cx - cw // 2).clamp(0, w), zero)
             cx2 = torch.where(cut, (cx + cw // 2).clamp(0, w), zero)
-            lam_cut = 1.0 - ((cy2 - cy1) * (cx2 - cx1)).to(torch.float64) / (h * w)
+            # divide by a device tensor, not a Python number: CUDA turns x / scalar into x * (1/scalar),
+            # which can differ in the last bit from the CPU's (and v1's) exact division
+            hw = _device_const(("hw", h * w), lambda: torch.tensor(float(h * w), dtype=torch.float64), dev)
+            lam_cut = 1.0 - ((cy2 - cy1) * (cx2 - cx1)).to(torch.float64) / hw
         else:
             lam_cut = ones
             cy1 = cy2 = cx1 = cx2 = zero

@@ -404,8 +404,11 @@ def test_cuda_augment_batch_no_sync_and_equal_to_cpu(cfg):
     finally:
         torch.cuda.set_sync_debug_mode("default")
     ref = augment_batch(x, y, ids, view=0, **kw)
-    for a, b, what in zip(ref, got, ("x", "y_soft", "y_hard"), strict=True):
-        assert torch.equal(a, b.cpu()), what
+    assert torch.equal(ref[1], got[1].cpu()) and torch.equal(ref[2], got[2].cpu())  # labels: exact
+    # pixels: CUDA computes v1's ``x / 255.0`` as x * (1/255), which may differ in the last bit
+    diff = (ref[0] - got[0].cpu()).abs().max()
+    print(f"pixels CPU vs CUDA: max abs diff {float(diff):.3g}, {int((ref[0] != got[0].cpu()).sum())} differ")
+    assert torch.allclose(ref[0], got[0].cpu(), rtol=1e-6, atol=1e-6)
 
 
 # ----------------------------------------------------------------------------------------------------
