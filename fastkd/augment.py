@@ -738,6 +738,9 @@ def _check_ids(ids: torch.Tensor, n: int) -> None:
         return
     ok = ((ids >= 0) & (ids < n)).all()
     msg = f"sample ids must lie in [0, {n}) (len(y_all))"
+    if ids.device.type != "cpu":  # a device-side assert kernel: no sync (the message is CPU-only)
+        torch._assert_async(ok)
+        return
     try:
         torch._assert_async(ok, msg)
     except RuntimeError:  # CPU: the assert is synchronous; the error path may read values
@@ -822,9 +825,8 @@ def augment_batch(
             x = _fetch(x_all_or_fetch, both, dev)
         else:
             x = torch.cat([x, _fetch(x_all_or_fetch, p.partner, dev)])
-        imgs = view_images(
-            x, _active(vp_both, cfg, h, w), mean, std
-        )  # [2B]: own views, then the partners' own views
+        # [2B] rows: the own views, then the partners' own views
+        imgs = view_images(x, _active(vp_both, cfg, h, w), mean, std)
         out, other = imgs[:b], imgs[b:]
         y_both = _on(y_all.detach().index_select(0, _on(both, y_all.device)), dev).to(torch.int64)
         y, y_p = y_both[:b], y_both[b:]
