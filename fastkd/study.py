@@ -15,7 +15,7 @@ Methods (``--methods``, comma-separated): the labels below, any ``--preset`` nam
 - ``kd``, ``nkd``, ``vitkd``, ``vitkd+nkd``, ``clskd``, ``clskd+kd``: the default ViT teacher (trained
   once and reused, see fastkd.train); CE(ls 0.1) stays in every total;
 - ``cskd+deit``: the CSKD release total (½ CE + ½ DeiT hard + CSKD) with the default CNN teacher
-  (``fastkd.losses.cskd.default_cnn_arch``, trained once with the same teacher recipe) and the
+  (``fastkd.methods.cskd.default_cnn_arch``, trained once with the same teacher recipe) and the
   DeiT-distilled version of the default student (same width/depth/heads/patch, plus a dist token and
   head). Its top-1 is the CSKD eval (mean of cls, dist and dense dist-head logits); the cls-head top-1
   is listed beside it.
@@ -94,7 +94,7 @@ class Study:
             raise ValueError("--methods is empty; e.g. --methods " + ",".join(DEFAULT_METHODS))
         self.overrides = {lab: method_overrides(lab) for lab in self.labels}
         self.data = load_data(args.data, img_size=args.img_size)
-        from fastkd.train import DIGITS_DEFAULT_LIMIT, limit_train
+        from fastkd.train.trainer import DIGITS_DEFAULT_LIMIT, limit_train
 
         limit = args.train_limit
         if limit is None and args.data == "digits":  # the default job's regime (fastkd.train)
@@ -116,12 +116,12 @@ class Study:
         return cfg
 
     def cnn_teacher(self) -> str:
-        from fastkd.train import ensure_default_cnn_teacher
+        from fastkd.train.trainer import ensure_default_cnn_teacher
 
         return str(ensure_default_cnn_teacher(self.base_config(0), self.data, log=self.log))
 
     def run_one(self, label: str, seed: int) -> dict:
-        from fastkd.train import Trainer
+        from fastkd.train.trainer import Trainer
 
         run_dir = self.out / "runs" / f"{label.replace('+', '_')}-s{seed}"
         ov = self.overrides[label]

@@ -266,7 +266,7 @@ def test_bad_dataset_one_line(tmp_path, capsys, case, needles):
 def test_non_finite_loss_stops_naming_step_and_part(tmp_path, capsys, monkeypatch, log_every, bad):
     """CE turns non-finite from step 3 on. With --log-every 1 the log check of step 3 stops the run; with
     --log-every 100 the check before the step-4 checkpoint does. Either way the step-2 checkpoint stays."""
-    from fastkd.losses.parts import CELoss
+    from fastkd.methods.base import CELoss
 
     orig, calls = CELoss.forward, {"n": 0}
 
@@ -369,7 +369,7 @@ def test_loss_code_is_dtype_safe_in_bf16():
     computation on the same (bf16-representable) values; backward gives every trainable parameter and every
     student tap a finite gradient. Checked plain (bf16 tensors in, fp32 loss parameters) and under CPU bf16
     autocast (what --amp does on CUDA, where the loss runs inside the autocast region)."""
-    from fastkd.losses.combine import build_loss
+    from fastkd.methods.registry import build_loss
     from fastkd.models import ModelInfo, Taps
 
     B, C, Ds, Dt, depth, grid = 6, 10, 16, 24, 2, (4, 4)

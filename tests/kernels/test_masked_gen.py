@@ -6,10 +6,10 @@ import copy
 
 import pytest
 import torch
-from fastkd.kernels import masked_gen as mg
 from kd_testutil import DEVICE, assert_bf16, assert_fp32, autocast_bf16, randn, upstream_scalar
 
 from fastkd import functional as KF
+from fastkd.kernels import masked_gen as mg
 from fastkd.losses import reference as R
 
 # (B, N, (h, w), P, D_s, D_t, projection); P prefix tokens precede the patches (the kernel sees x[:, P:])

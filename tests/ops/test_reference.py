@@ -1,4 +1,4 @@
-"""Tests for fastkd.losses.reference: hand computations (numpy loops), invariants, errors, gradchecks."""
+"""Tests for fastkd.ops.reference: hand computations (numpy loops), invariants, errors, gradchecks."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from fastkd.losses import reference as R
+from fastkd.ops import reference as R
 
 DT = torch.float64
 

@@ -8,7 +8,8 @@ import torch
 import torch.nn.functional as F
 from scipy import stats
 
-from fastkd.augment import (
+from fastkd.data import load_data
+from fastkd.data.augment import (
     AugmentConfig,
     _beta_symmetric,
     _mix32,
@@ -18,7 +19,6 @@ from fastkd.augment import (
     sample_params,
     view_images,
 )
-from fastkd.data import load_data
 
 FULL = AugmentConfig.default_for(8, hflip=True, mixup_alpha=0.8, cutmix_alpha=1.0, erase_prob=0.5)
 

@@ -32,13 +32,13 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from fastkd import functional as KF
-from fastkd.augment import AugmentConfig, augment_batch, eval_batch
 from fastkd.config import TrainConfig, parse_args, parse_methods
 from fastkd.data import Dataset, EpochSampler, load_data
-from fastkd.losses.combine import DistillLoss, build_loss, check_student
+from fastkd.data.augment import AugmentConfig, augment_batch, eval_batch
+from fastkd.methods.registry import DistillLoss, build_loss, check_student
 from fastkd.models import default_arch, forward_taps, model_info, resolve_model, save_model
-from fastkd.teacher import OnlineTeacher
+from fastkd.ops import dispatch as KF
+from fastkd.teachers.online import OnlineTeacher
 from fastkd.telemetry import Telemetry, require_tensorboard
 from fastkd.utils import atomic_write_json, atomic_write_text, load_state, save_state
 
@@ -738,7 +738,7 @@ def default_teacher_spec(
     split (a ``--train-limit`` view carries it as ``.full``)."""
     data = getattr(data, "full", data)
     if cnn:
-        from fastkd.losses.cskd import default_cnn_arch
+        from fastkd.methods.cskd import default_cnn_arch
 
         arch, prefix = default_cnn_arch(data.img_size), "cnn-"
     else:

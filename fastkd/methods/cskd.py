@@ -28,9 +28,9 @@ import math
 
 import torch
 
-import fastkd.cnn  # noqa: F401  (registers the fastkd_resnet CNN teacher with timm)
-from fastkd.losses.clskd import kf
-from fastkd.losses.parts import LossPart, _soft_ce
+import fastkd.models.cnn  # noqa: F401  (registers the fastkd_resnet CNN teacher with timm)
+from fastkd.methods.base import LossPart, _soft_ce
+from fastkd.methods.clskd import kf
 from fastkd.models import default_patch_size, patch_logits
 
 SCHEDULES = ("linear", "square", "cos")

@@ -1,4 +1,4 @@
-"""fastkd.functional dispatch on CPU: reference by default and under FASTKD_KERNELS=0, the compiled
+"""fastkd.ops.dispatch dispatch on CPU: reference by default and under FASTKD_KERNELS=0, the compiled
 reference (same values) in fused mode, re-exports, and no kernel import on CPU."""
 
 import os
@@ -8,8 +8,8 @@ import sys
 import pytest
 import torch
 
-from fastkd import functional as KF
-from fastkd.losses import reference as R
+from fastkd.ops import dispatch as KF
+from fastkd.ops import reference as R
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -131,7 +131,7 @@ def test_not_kernel_covered_functions_are_the_reference_ones():
 def test_cpu_fused_mode_never_imports_the_kernels():
     """tests/kernels relies on this: on a CPU machine nothing imports fastkd.kernels before its conftest."""
     code = (
-        "import sys, torch; import fastkd.functional as KF; KF.set_fused(True); x = torch.randn(2, 5); "
+        "import sys, torch; import fastkd.ops.dispatch as KF; KF.set_fused(True); x = torch.randn(2, 5); "
         "assert KF.active_path(x) == 'compiled', KF.active_path(x); KF.describe(); KF.describe('cuda'); "
         "print(sorted(m for m in sys.modules if m.startswith('fastkd.kernels')))"
     )

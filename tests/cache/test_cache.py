@@ -20,11 +20,11 @@ import numpy as np
 import pytest
 import torch
 
-from fastkd import cache
+from fastkd.cache import build as cache
 from fastkd.cache import CachedTeacher, CacheError, build_cache, default_topk, topk_record, verify_cache
 from fastkd.config import parse_args
-from fastkd.losses import reference as R
 from fastkd.models import create_model, save_model
+from fastkd.ops import reference as R
 from fastkd.train import Trainer
 
 REPO = Path(__file__).resolve().parents[1]

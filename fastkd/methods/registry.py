@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from fastkd.config import MethodConfig, parse_methods
-from fastkd.losses.parts import CELoss, DeiTLoss, KDLoss, LossPart, NKDLoss
+from fastkd.methods.base import CELoss, DeiTLoss, KDLoss, LossPart, NKDLoss
 from fastkd.models import ModelInfo, Taps
 
 
@@ -85,7 +85,7 @@ def build_loss(
                 )
             parts.append(DeiTLoss(mcfg.label_smoothing))
         elif m == "vitkd":
-            from fastkd.losses.vitkd import ViTKDLoss
+            from fastkd.methods.vitkd import ViTKDLoss
 
             _need_vit(s_info, t_info, "vitkd")
             if tuple(s_info.grid) != tuple(t_info.grid):
@@ -146,9 +146,8 @@ def _build_issue4_part(m, mcfg, s_info, t_info, epochs):
     cskd: ViT student; teacher with dense logits (CNN or ViT). Without ``deit`` in the method the
     CSKD part also carries ce_weight·CE on the cls head (the combiner leaves the cls CE to it).
     """
-    from fastkd.losses.clskd import CLSKDLoss, ManifoldLoss
-    from fastkd.losses.cskd import CSKDLoss
-    from fastkd.models import clskd_pairs
+    from fastkd.methods.clskd import CLSKDLoss, ManifoldLoss, clskd_pairs
+    from fastkd.methods.cskd import CSKDLoss
 
     if m in ("clskd", "md"):
         _need_vit(s_info, t_info, m)

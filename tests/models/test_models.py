@@ -7,15 +7,13 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+from fastkd.methods.clskd import clskd_pairs, clskd_student_blocks, layer_map
 from fastkd.models import (
-    clskd_pairs,
-    clskd_student_blocks,
     count_flops,
     create_model,
     default_arch,
     forward_taps,
     freeze,
-    layer_map,
     load_model,
     model_info,
     patch_logits,

@@ -1,7 +1,7 @@
 """[CLS]-KD (Kang, Son, Kim, KBS 2024) and manifold distillation (Hao et al. 2022), as released
 (github.com/kmc3661/cls-kd). The exact formulas are in METHODS.md; summary:
 
-Layer pairs (``fastkd.models.clskd_pairs``): student blocks [0,1,2,3, L_s−4, …, L_s−1] (deduplicated;
+Layer pairs (``clskd_pairs`` below): student blocks [0,1,2,3, L_s−4, …, L_s−1] (deduplicated;
 every block when L_s ≤ 8) or a custom ``--clskd-blocks`` list; the teacher block for student block i
 is i when L_t = L_s, else round_half_up((i+1)·L_t/L_s) − 1. Raw block outputs, all tokens.
 
@@ -31,13 +31,61 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from fastkd import functional as KF
-from fastkd.losses import reference as R
-from fastkd.losses.parts import LossPart
+from fastkd.methods.base import LossPart
+from fastkd.ops import dispatch as KF
+from fastkd.ops import reference as R
+
+# --------------------------------------------------------------------------------------------------
+# layer mapping ([CLS]-KD)
+# --------------------------------------------------------------------------------------------------
+
+
+def layer_map(i: int, L_s: int, L_t: int) -> int:
+    """Teacher block for student block ``i``: i when L_s == L_t, else round((i+1)·L_t/L_s) − 1.
+
+    round is half-up, floor(x + 1/2), computed exactly in integers ((2(i+1)L_t + L_s) // (2 L_s)); Python's
+    round() would round halves to even (12 -> 6: i = 0 would map to round(0.5) − 1 = −1).
+    12 -> 6: [0,0,1,1,2,2,3,3,4,4,5,5]; 6 -> 12: [1,3,5,7,9,11].
+    """
+    for key, val in (("L_s", L_s), ("L_t", L_t)):
+        if isinstance(val, bool) or not isinstance(val, int) or val < 1:
+            raise ValueError(f"{key} must be a positive int depth, got {val!r}")
+    if isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < L_s:
+        raise ValueError(f"student block {i!r} is out of range for student depth {L_s} (valid: 0..{L_s - 1})")
+    if L_s == L_t:
+        return i
+    return (2 * (i + 1) * L_t + L_s) // (2 * L_s) - 1
+
+
+def clskd_student_blocks(L_s: int, pairs: Sequence[int] | None = None) -> list[int]:
+    """Student blocks [CLS]-KD taps: default [0,1,2,3, L_s−4, …, L_s−1] deduplicated and sorted
+    (8 blocks at depth 12; all blocks when L_s ≤ 8). ``pairs``: a custom list of student blocks
+    (negative = from the end), validated, deduplicated and sorted."""
+    if isinstance(L_s, bool) or not isinstance(L_s, int) or L_s < 1:
+        raise ValueError(f"L_s must be a positive int depth, got {L_s!r}")
+    if pairs is None:
+        return sorted({i for i in (0, 1, 2, 3, L_s - 4, L_s - 3, L_s - 2, L_s - 1) if 0 <= i < L_s})
+    out = set()
+    for i in pairs:
+        if isinstance(i, bool) or not isinstance(i, int) or not -L_s <= i < L_s:
+            raise ValueError(
+                f"clskd student block {i!r} is out of range for student depth {L_s} "
+                f"(valid: {-L_s}..{L_s - 1})"
+            )
+        out.add(i % L_s)
+    if not out:
+        raise ValueError("clskd needs at least one student block; pass a non-empty list (or None)")
+    return sorted(out)
+
+
+def clskd_pairs(L_s: int, L_t: int, student_blocks: Sequence[int] | None = None) -> list[tuple[int, int]]:
+    """[(student block, teacher block)] for [CLS]-KD: ``clskd_student_blocks`` mapped by ``layer_map``.
+    Depth 12 -> 12: [(0,0),(1,1),(2,2),(3,3),(8,8),(9,9),(10,10),(11,11)]."""
+    return [(i, layer_map(i, L_s, L_t)) for i in clskd_student_blocks(L_s, student_blocks)]
 
 
 def kf(name: str):
-    """The dispatching ``fastkd.functional`` function ``name`` when it exists, else the reference one."""
+    """The dispatching ``fastkd.ops.dispatch`` function ``name`` when it exists, else the reference one."""
     return getattr(KF, name, None) or getattr(R, name)
 
 

@@ -11,7 +11,7 @@ cached teacher from an online one):
   whatever names the [CLS]-KD / CSKD parts declare): ``--feat-dtype`` (fp16 by default).
 
 Views: the augmentation of sample ``id`` in view ``v`` is a pure function of (seed, v, id) — mixup/cutmix
-partner and λ included (fastkd.augment) — so training epoch e uses view ``e mod V`` and regenerates the
+partner and λ included (fastkd.data.augment) — so training epoch e uses view ``e mod V`` and regenerates the
 very images the teacher saw. The images themselves are never stored.
 
 Layout of a cache directory::
@@ -109,7 +109,7 @@ def topk_record(logits: torch.Tensor, k: int) -> dict[str, torch.Tensor]:
     """Dense teacher logits [B, C] → sparse record (CPU tensors).
 
     Returns topk_vals fp16 [B, K] (largest logits, descending), topk_ids [B, K] (int16 if C ≤ 32767 else
-    int32), topk_lse fp32 [B] = logsumexp_c logits (fp32, T = 1). Semantics: fastkd.losses.reference.
+    int32), topk_lse fp32 [B] = logsumexp_c logits (fp32, T = 1). Semantics: fastkd.ops.reference.
     """
     z = logits.detach().float()
     C = z.shape[-1]
@@ -206,7 +206,7 @@ def run_teacher_identity(cfg, data) -> dict:
         sha = file_sha256(src) if os.path.isfile(src) else None
         return {"source": src, "sha256": sha, "default_key": None}
     from fastkd.config import parse_methods
-    from fastkd.train import default_teacher_spec
+    from fastkd.train.trainer import default_teacher_spec
 
     _, tdir = default_teacher_spec(cfg, data, cnn="cskd" in parse_methods(cfg.method.method))
     key, path = tdir.name, tdir / "student.safetensors"
@@ -343,7 +343,7 @@ class _Interrupted(RuntimeError):
 def _teacher_for_build(cfg, trainer, log):
     """(model, identity dict) of the teacher named by cfg (the default teacher, trained if needed)."""
     from fastkd.models import resolve_model
-    from fastkd.train import ensure_default_teacher
+    from fastkd.train.trainer import ensure_default_teacher
 
     d = trainer.data
     mk = dict(num_classes=d.num_classes, img_size=d.img_size, in_chans=d.in_chans)
@@ -364,7 +364,7 @@ def _teacher_for_build(cfg, trainer, log):
 def _builder_trainer(cfg, log):
     """A plain-CE Trainer on the same data/augmentation/student: its ``batch`` makes the training images."""
     from fastkd.config import TrainConfig
-    from fastkd.train import Trainer
+    from fastkd.train.trainer import Trainer
 
     c = TrainConfig.from_dict(cfg.to_dict())
     c.method.method, c.method.ce_weight = "ce", 1.0
@@ -442,9 +442,9 @@ def build_cache(
     from tqdm.auto import tqdm
 
     from fastkd.config import parse_methods
-    from fastkd.losses.combine import build_loss
+    from fastkd.methods.registry import build_loss
     from fastkd.models import model_info
-    from fastkd.teacher import OnlineTeacher
+    from fastkd.teachers.online import OnlineTeacher
 
     out = Path(out)
     if views < 1:
@@ -904,9 +904,9 @@ def verify_cache(path: str | os.PathLike, n: int, *, seed: int = 0, rel_tol: flo
     Returns {"fields": {name: {"max_abs", "scale", "ok"}}, "ok", "records"}.
     """
     from fastkd.config import TrainConfig
-    from fastkd.losses.combine import build_loss
+    from fastkd.methods.registry import build_loss
     from fastkd.models import model_info, resolve_model
-    from fastkd.teacher import OnlineTeacher
+    from fastkd.teachers.online import OnlineTeacher
 
     man = read_manifest(path)
     cfg = TrainConfig.from_dict(man["config"])

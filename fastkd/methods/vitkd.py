@@ -18,9 +18,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from fastkd import functional as KF
-from fastkd.losses.parts import LossPart
-from fastkd.losses.reference import random_token_mask
+from fastkd.methods.base import LossPart
+from fastkd.ops import dispatch as KF
+from fastkd.ops.reference import random_token_mask
 
 
 class ViTKDLoss(LossPart):

@@ -14,8 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fastkd import functional as KF
 from fastkd.models import Taps
+from fastkd.ops import dispatch as KF
 
 
 class LossPart(nn.Module):

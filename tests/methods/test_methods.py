@@ -1,7 +1,7 @@
 """[CLS]-KD, manifold and CSKD inside training (issue 4).
 
 Every check runs the real training path (Trainer: augment → online teacher → student taps → DistillLoss)
-on tiny models (8×8 digits, depth 4, widths 16/32) and compares with fastkd.losses.reference computed
+on tiny models (8×8 digits, depth 4, widths 16/32) and compares with fastkd.ops.reference computed
 independently from the same tensors.
 """
 
@@ -14,13 +14,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import fastkd.cnn  # noqa: F401  (registers fastkd_resnet)
+import fastkd.models.cnn  # noqa: F401  (registers fastkd_resnet)
 from fastkd.config import MethodConfig, parse_args
 from fastkd.data import load_data
-from fastkd.losses import reference as R
-from fastkd.losses.combine import build_loss
-from fastkd.losses.cskd import CSKDLoss, default_cnn_arch
-from fastkd.models import Taps, clskd_pairs, create_model, forward_taps, model_info, save_model
+from fastkd.methods.clskd import clskd_pairs
+from fastkd.methods.cskd import CSKDLoss, default_cnn_arch
+from fastkd.methods.registry import build_loss
+from fastkd.models import Taps, create_model, forward_taps, model_info, save_model
+from fastkd.ops import reference as R
 from fastkd.train import Trainer
 
 VIT = "vit_tiny_patch16_224"
@@ -360,7 +361,7 @@ def test_cskd_eval_rule_and_summary(tmp_path, data, teachers):
     assert on_disk["student_top1"] == summary["student_top1"]
     # the CSKD eval, by hand: mean of cls logits, dist logits and the mean dense dist-head logits
     m = tr.student.eval()
-    from fastkd.augment import eval_batch
+    from fastkd.data.augment import eval_batch
 
     with torch.no_grad():
         x = eval_batch(data.x_val, data.mean, data.std)

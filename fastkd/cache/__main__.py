@@ -1,0 +1,5 @@
+import sys
+
+from fastkd.cache.build import main
+
+sys.exit(main())

@@ -1,0 +1,5 @@
+import sys
+
+from fastkd.train.trainer import main
+
+sys.exit(main())
