@@ -266,7 +266,7 @@ def test_bad_dataset_one_line(tmp_path, capsys, case, needles):
 def test_non_finite_loss_stops_naming_step_and_part(tmp_path, capsys, monkeypatch, log_every, bad):
     """CE turns non-finite from step 3 on. With --log-every 1 the log check of step 3 stops the run; with
     --log-every 100 the check before the step-4 checkpoint does. Either way the step-2 checkpoint stays."""
-    from fastkd.methods.base import CELoss
+    from fastkd.methods.ce import CELoss
 
     orig, calls = CELoss.forward, {"n": 0}
 

@@ -1,4 +1,4 @@
-"""Loss parts: the unit the combiner adds up.
+"""Loss parts (the unit the registry adds up) and ``Method``, the one place a method declares itself.
 
 A part declares which student/teacher blocks it needs tapped, which teacher signals it
 consumes (named tensors, so a cached teacher can serve them from disk), and returns a dict
@@ -10,18 +10,23 @@ Teacher signals are produced from the teacher's :class:`fastkd.models.Taps` by
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from fastkd.models import Taps
-from fastkd.ops import dispatch as KF
 
 
 class LossPart(nn.Module):
     name = "part"
     #: teacher signal names this part reads
     signals: tuple[str, ...] = ()
+    #: the online teacher must give dense per-location logits (``forward_taps(dense=True)``)
+    needs_dense = False
 
     def student_blocks(self) -> list[int]:
         return []
@@ -40,100 +45,76 @@ def logit_signals(t: Taps) -> dict[str, torch.Tensor]:
     return {"logits": t.logits}
 
 
-def _soft_ce(logits: torch.Tensor, y_soft: torch.Tensor, smoothing: float) -> torch.Tensor:
+def soft_ce(logits: torch.Tensor, y_soft: torch.Tensor, smoothing: float) -> torch.Tensor:
     """Cross-entropy against (possibly mixed) soft labels with label smoothing, mean over B."""
     C = logits.shape[-1]
     target = y_soft * (1.0 - smoothing) + smoothing / C
     return -(target * F.log_softmax(logits.float(), dim=-1)).sum(-1).mean()
 
 
-class CELoss(LossPart):
-    """Ground-truth CE on the main (cls) head; label smoothing; mixup-aware (soft labels)."""
 
-    name = "ce"
+@dataclass(frozen=True)
+class Method:
+    """Everything fastkd needs to know about one method, declared in the method's own file.
 
-    def __init__(self, weight: float = 1.0, smoothing: float = 0.1):
-        super().__init__()
-        self.weight, self.smoothing = weight, smoothing
-
-    def forward(self, s, t, batch):
-        return {"ce": self.weight * _soft_ce(s.logits, batch["y_soft"], self.smoothing)}
-
-
-class KDLoss(LossPart):
-    """Hinton KD (KL form), T² scaled; dense teacher logits or sparse top-K from the cache."""
-
-    name = "kd"
-    signals = ("logits",)
-
-    def __init__(self, T: float = 4.0, weight: float = 1.0):
-        super().__init__()
-        self.T, self.weight = T, weight
-
-    def teacher_signals(self, t):
-        return logit_signals(t)
-
-    def forward(self, s, t, batch):
-        if "logits" in t:
-            loss = KF.kd_loss(s.logits, t["logits"], T=self.T)
-        else:
-            loss = KF.kd_loss_topk(s.logits, t["topk_vals"], t["topk_ids"], t["topk_lse"], T=self.T)
-        return {"kd": self.weight * loss}
-
-
-class NKDLoss(LossPart):
-    """NKD (Yang et al. 2023): target term + normalized non-target KD; label = argmax of the soft label."""
-
-    name = "nkd"
-    signals = ("logits",)
-
-    def __init__(self, tau: float = 1.0, gamma: float = 1.0, weight: float = 1.0):
-        super().__init__()
-        self.tau, self.gamma, self.weight = tau, gamma, weight
-
-    def teacher_signals(self, t):
-        return logit_signals(t)
-
-    def forward(self, s, t, batch):
-        y = batch["y_hard"]
-        if "logits" in t:
-            loss = KF.nkd_loss(s.logits, t["logits"], y, tau=self.tau, gamma=self.gamma)
-        else:
-            loss = KF.nkd_loss_topk(
-                s.logits, t["topk_vals"], t["topk_ids"], t["topk_lse"], y, tau=self.tau, gamma=self.gamma
-            )
-        return {"nkd": self.weight * loss}
-
-
-class DeiTLoss(LossPart):
-    """DeiT hard distillation: ½·CE(cls, labels) + ½·CE(dist, argmax teacher).
-
-    The ½·CE on the cls head is applied here (the combiner drops its own CE when `deit` is on).
-    Needs a DeiT-distilled student (a second, distillation head).
+    name: the ``--method`` name. build(mcfg, s_info, t_info, ctx) → the method's ``LossPart`` (or None),
+      raising one clear ValueError when it cannot bridge this student/teacher pair; mcfg is the run's
+      ``MethodConfig`` (the method's fields are its ``<name>_*`` flags); ctx a ``BuildContext``.
+      The part declares the taps (student/teacher blocks), the teacher signals it reads and
+      ``needs_dense`` (a dense CNN map).
+    teacher: None = no teacher; "vit" = the default teacher is the ViT; "cnn" = the default teacher is
+      the CNN with dense logits.
+    student_vit: needs a ViT student with patch tokens.
+    dist_head: "require" (a DeiT-distilled student, and the default student gets that head), "prefer"
+      (the study's student has it: the method's eval reads it), or None.
+    owns_ce: the method applies the cls-head CE itself; the plain CE part is left out.
+    terms: the loss terms it logs (and report.png plots), in order.
+    eval_dense_heads: eval rule (CSKD release): a distilled student's top-1 is the argmax of the mean of
+      (cls logits, dist logits, mean over patches of the dense dist-head logits).
     """
 
-    name = "deit"
-    signals = ("logits",)
+    name: str
+    build: Callable[..., LossPart | None]
+    teacher: str | None = "vit"
+    student_vit: bool = False
+    dist_head: str | None = None
+    owns_ce: bool = False
+    terms: tuple[str, ...] = ()
+    eval_dense_heads: bool = False
 
-    def __init__(self, smoothing: float = 0.1, ce_weight: float = 0.5, dist_weight: float = 0.5):
-        super().__init__()
-        self.smoothing, self.ce_weight, self.dist_weight = smoothing, ce_weight, dist_weight
 
-    def teacher_signals(self, t):
-        return logit_signals(t)
+@dataclass(frozen=True)
+class BuildContext:
+    """What a method's ``build`` may know beyond its flags: the other methods of the total and the epochs."""
 
-    def forward(self, s, t, batch):
-        if s.dist_logits is None:
+    methods: tuple[Method, ...]
+    epochs: int = 1
+
+    def others_own_ce(self, me: str) -> bool:
+        return any(m.owns_ce for m in self.methods if m.name != me)
+
+
+#: name → Method, in registration order (``fastkd.methods.registry`` imports every method file)
+REGISTRY: dict[str, Method] = {}
+
+
+def register(method: Method) -> Method:
+    """Add a method to the registry (timm style: each method file registers itself on import)."""
+    REGISTRY[method.name] = method
+    return method
+
+
+def int_list(spec: Any) -> list[int] | None:
+    """'0,1' → [0, 1]; None or '' → None."""
+    if spec is None or spec == "":
+        return None
+    return [int(x) for x in str(spec).split(",") if x.strip()]
+
+
+def need_vit(s_info, t_info, what: str) -> None:
+    for role, info in (("student", s_info), ("teacher", t_info)):
+        if info is None or info.kind != "vit":
             raise ValueError(
-                "--method deit needs a DeiT-distilled student "
-                "(e.g. --student deit_tiny_distilled_patch16_224)"
+                f"--method {what} needs a ViT {role} with patch tokens; "
+                f"got a {info.kind if info else 'missing'} model"
             )
-        if "logits" in t:
-            dist = KF.deit_hard_loss(s.dist_logits, t["logits"])
-        else:  # sparse cached teacher: its argmax is the id of its largest top-K value
-            hard = t["topk_ids"].gather(1, t["topk_vals"].argmax(-1, keepdim=True)).squeeze(1).long()
-            dist = F.cross_entropy(s.dist_logits.float(), hard)
-        return {
-            "deit_ce": self.ce_weight * _soft_ce(s.logits, batch["y_soft"], self.smoothing),
-            "deit_dist": self.dist_weight * dist,
-        }

@@ -31,9 +31,8 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from fastkd.methods.base import LossPart
+from fastkd.methods.base import BuildContext, LossPart, Method, int_list, need_vit, register
 from fastkd.ops import dispatch as KF
-from fastkd.ops import reference as R
 
 # --------------------------------------------------------------------------------------------------
 # layer mapping ([CLS]-KD)
@@ -82,11 +81,6 @@ def clskd_pairs(L_s: int, L_t: int, student_blocks: Sequence[int] | None = None)
     """[(student block, teacher block)] for [CLS]-KD: ``clskd_student_blocks`` mapped by ``layer_map``.
     Depth 12 -> 12: [(0,0),(1,1),(2,2),(3,3),(8,8),(9,9),(10,10),(11,11)]."""
     return [(i, layer_map(i, L_s, L_t)) for i in clskd_student_blocks(L_s, student_blocks)]
-
-
-def kf(name: str):
-    """The dispatching ``fastkd.ops.dispatch`` function ``name`` when it exists, else the reference one."""
-    return getattr(KF, name, None) or getattr(R, name)
 
 
 def cls_and_patches(tokens: torch.Tensor, num_prefix: int) -> torch.Tensor:
@@ -148,13 +142,13 @@ class CLSKDLoss(LossPart):
         for k, (_, j) in enumerate(self.pairs):
             tok = t.blocks[j]
             out[f"clskd_cls_{k}"] = tok[:, 0]
-            out[f"clskd_map_{k}"] = kf("cls_patch_map")(tok, t.num_prefix)
+            out[f"clskd_map_{k}"] = KF.cls_patch_map(tok, t.num_prefix)
         return out
 
     def layer_losses(self, s, t) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         """Per-pair (L_cls,k list, L_map,k list), each a 0-d tensor, before ALD and weights."""
         cls_l, map_l = [], []
-        embed, cmap = kf("cls_embed_loss"), kf("cls_patch_map")
+        embed, cmap = KF.cls_embed_loss, KF.cls_patch_map
         for k, (i, _) in enumerate(self.pairs):
             tok = s.blocks[i]
             cls_l.append(embed(tok[:, 0], t[f"clskd_cls_{k}"], self.projector))
@@ -171,39 +165,37 @@ class CLSKDLoss(LossPart):
 
     def forward(self, s, t, batch):
         cls_l, map_l = self.layer_losses(s, t)
-        ald = kf("ald")
+        ald = KF.ald
         return {
             "clskd_cls": self.w_cls * ald(cls_l, last_weight=self.mu, detach=self.detach),
             "clskd_map": self.w_map * ald(map_l, last_weight=self.mu, detach=self.detach),
         }
 
 
-class ManifoldLoss(LossPart):
-    """Manifold distillation over the [CLS]-KD layer pairs; returns {"md": weight·L_MD}."""
+def check_pair(name: str, s_info, t_info) -> None:
+    """[CLS]-KD and manifold KD: ViT student and teacher with CLS tokens and the same patch grid."""
+    need_vit(s_info, t_info, name)
+    for role, info in (("student", s_info), ("teacher", t_info)):
+        if not info.has_cls_token or info.num_prefix < 1:
+            raise ValueError(f"--method {name} needs a CLS token, but the {role} {info.name} has none")
+    if tuple(s_info.grid) != tuple(t_info.grid):
+        raise ValueError(
+            f"--method {name} needs equal patch grids; student {tuple(s_info.grid)} vs teacher "
+            f"{tuple(t_info.grid)} (use the same img_size/patch_size for both)"
+        )
 
-    name = "md"
 
-    def __init__(self, pairs: Sequence[tuple[int, int]], *, k: int = 192, weight: float = 1.0):
-        super().__init__()
-        if not pairs:
-            raise ValueError("md needs at least one layer pair; check --clskd-blocks")
-        self.pairs = [(int(i), int(j)) for i, j in pairs]
-        self.k, self.weight = int(k), weight
-        self.signals = tuple(f"md_tok_{k}" for k in range(len(self.pairs)))
+def build(mcfg, s_info, t_info, ctx: BuildContext):
+    check_pair("clskd", s_info, t_info)
+    return CLSKDLoss(
+        s_info.embed_dim,
+        t_info.embed_dim,
+        clskd_pairs(s_info.depth, t_info.depth, int_list(mcfg.clskd_blocks)),
+        w_cls=mcfg.clskd_w_cls,
+        w_map=mcfg.clskd_w_map,
+        mu=mcfg.clskd_mu,
+        detach=mcfg.clskd_detach,
+    )
 
-    def student_blocks(self):
-        return sorted({i for i, _ in self.pairs})
 
-    def teacher_blocks(self):
-        return sorted({j for _, j in self.pairs})
-
-    def teacher_signals(self, t):
-        return {
-            f"md_tok_{k}": cls_and_patches(t.blocks[j], t.num_prefix) for k, (_, j) in enumerate(self.pairs)
-        }
-
-    def forward(self, s, t, batch):
-        s_tok = [cls_and_patches(s.blocks[i], s.num_prefix) for i, _ in self.pairs]
-        t_tok = [t[f"md_tok_{k}"] for k in range(len(self.pairs))]
-        loss = kf("manifold_loss")(s_tok, t_tok, k=self.k, generator=batch.get("generator"))
-        return {"md": self.weight * loss}
+METHOD = register(Method("clskd", build, student_vit=True, terms=("clskd_cls", "clskd_map")))

@@ -29,9 +29,10 @@ import math
 import torch
 
 import fastkd.models.cnn  # noqa: F401  (registers the fastkd_resnet CNN teacher with timm)
-from fastkd.methods.base import LossPart, _soft_ce
-from fastkd.methods.clskd import kf
+from fastkd.methods.base import BuildContext, LossPart, Method, register, soft_ce
 from fastkd.models import default_patch_size, patch_logits
+from fastkd.ops import dispatch as KF
+from fastkd.ops import reference as R
 
 SCHEDULES = ("linear", "square", "cos")
 
@@ -57,7 +58,7 @@ class CSKDLoss(LossPart):
     """CSKD loss part; returns {"cskd": weight·L_CSKD} (+ {"ce": ce_weight·CE} when ce_weight > 0)."""
 
     name = "cskd"
-    needs_dense = True  # DistillLoss.teacher_dense(): the online teacher runs forward_taps(dense=True)
+    needs_dense = True
     signals = ("dense_logits",)
 
     def __init__(
@@ -91,13 +92,9 @@ class CSKDLoss(LossPart):
         ⌊epoch_frac⌋ per epoch, or epoch_frac itself with ``per_iter``. A 0-d tensor in → tensor out."""
         if not isinstance(epoch_frac, torch.Tensor):
             e = float(epoch_frac) if self.per_iter else math.floor(epoch_frac)
-            return kf("cskd_alpha")(e, self.epochs, self.schedule)
-        x = (epoch_frac if self.per_iter else torch.floor(epoch_frac)) / self.epochs
-        if self.schedule == "linear":
-            return 1.0 - x
-        if self.schedule == "square":
-            return (1.0 - x) ** 2
-        return torch.cos(x * (math.pi / 2.0))
+            return R.cskd_alpha(e, self.epochs, self.schedule)
+        e = epoch_frac if self.per_iter else torch.floor(epoch_frac)
+        return R.cskd_alpha(e, self.epochs, self.schedule)
 
     @staticmethod
     def student_patch_logits(s, batch) -> torch.Tensor:
@@ -121,8 +118,41 @@ class CSKDLoss(LossPart):
             )
         pl = self.student_patch_logits(s, batch)
         a = self.alpha(batch.get("epoch_frac", 0.0))
-        loss = kf("cskd_loss")(pl, dense, a, hard=self.hard, T=self.T, grid=(h, w))
+        loss = KF.cskd_loss(pl, dense, a, hard=self.hard, T=self.T, grid=(h, w))
         out = {"cskd": self.weight * loss}
         if self.ce_weight > 0:
-            out["ce"] = self.ce_weight * _soft_ce(s.logits, batch["y_soft"], self.smoothing)
+            out["ce"] = self.ce_weight * soft_ce(s.logits, batch["y_soft"], self.smoothing)
         return out
+
+
+def build(mcfg, s_info, t_info, ctx: BuildContext):
+    """ViT student; teacher with dense logits (CNN or ViT). When no other method of the total owns the cls
+    CE, the CSKD part carries ce_weight·CE on the cls head (logged as ``ce``)."""
+    if s_info.kind != "vit":
+        raise ValueError(
+            f"--method cskd needs a ViT student with patch tokens; got the {s_info.kind} {s_info.name}"
+        )
+    return CSKDLoss(
+        ctx.epochs,
+        hard=mcfg.cskd_hard,
+        T=mcfg.cskd_T,
+        schedule=mcfg.cskd_schedule,
+        per_iter=mcfg.cskd_per_iter,
+        weight=mcfg.cskd_weight,
+        ce_weight=0.0 if ctx.others_own_ce("cskd") else mcfg.ce_weight,
+        smoothing=mcfg.label_smoothing,
+    )
+
+
+METHOD = register(
+    Method(
+        "cskd",
+        build,
+        teacher="cnn",
+        student_vit=True,
+        dist_head="prefer",
+        owns_ce=True,
+        terms=("cskd",),
+        eval_dense_heads=True,
+    )
+)

@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from fastkd.methods.base import LossPart
+from fastkd.methods.base import BuildContext, LossPart, Method, int_list, need_vit, register
 from fastkd.ops import dispatch as KF
 from fastkd.ops.reference import random_token_mask
 
@@ -92,3 +92,31 @@ class ViTKDLoss(LossPart):
             mask_ratio=self.mask_ratio,
         )
         return {"vitkd_mim": mim, "vitkd_gen": gen}
+
+
+def build(mcfg, s_info, t_info, ctx: BuildContext):
+    need_vit(s_info, t_info, "vitkd")
+    if tuple(s_info.grid) != tuple(t_info.grid):
+        raise ValueError(
+            f"--method vitkd needs equal token grids; student {s_info.grid} vs teacher {t_info.grid} "
+            "(use the same img_size/patch_size for both)"
+        )
+    blocks = tuple(int_list(mcfg.vitkd_blocks) or (0, 1))
+    for i in blocks:
+        if i >= min(s_info.depth, t_info.depth):
+            raise ValueError(
+                f"--vitkd-blocks {mcfg.vitkd_blocks}: block {i} is out of range "
+                f"(student depth {s_info.depth}, teacher depth {t_info.depth})"
+            )
+    return ViTKDLoss(
+        s_info.embed_dim,
+        t_info.embed_dim,
+        s_info.grid,
+        mimic_blocks=blocks,
+        alpha=mcfg.vitkd_alpha,
+        beta=mcfg.vitkd_beta,
+        mask_ratio=mcfg.vitkd_mask_ratio,
+    )
+
+
+METHOD = register(Method("vitkd", build, student_vit=True, terms=("vitkd_mim", "vitkd_gen")))

@@ -674,10 +674,11 @@ def cskd_loss(
     return (log_q.exp() * (log_q - log_p)).sum() * (T * T / B)
 
 
-def cskd_alpha(epoch: int, epochs: int, schedule: str = "linear") -> float:
+def cskd_alpha(epoch: int | float | Tensor, epochs: int, schedule: str = "linear") -> float | Tensor:
     """CSKD fusion weight α for 0-based ``epoch`` of ``epochs``; x = epoch / epochs.
 
-    "linear": 1 − x (the release); "square": (1 − x)²; "cos": cos(π·x/2). Returns a python float.
+    "linear": 1 − x (the release); "square": (1 − x)²; "cos": cos(π·x/2). Returns a python float, or a
+    0-d tensor for a tensor ``epoch`` (the training step passes one: no recompiles, no host sync).
     """
     if epochs <= 0:
         raise ValueError(f"epochs must be positive, got {epochs}")
@@ -687,7 +688,7 @@ def cskd_alpha(epoch: int, epochs: int, schedule: str = "linear") -> float:
     if schedule == "square":
         return (1.0 - x) ** 2
     if schedule == "cos":
-        return math.cos(math.pi * x / 2.0)
+        return torch.cos(x * (math.pi / 2.0)) if isinstance(x, Tensor) else math.cos(math.pi * x / 2.0)
     raise ValueError(f"unknown cskd_alpha schedule {schedule!r}; use 'linear', 'square' or 'cos'")
 
 
