@@ -23,8 +23,8 @@ import numpy as np
 import pytest
 import torch
 
-from fastkd import train
 from fastkd.config import MethodConfig, parse_args
+from fastkd.train import __main__ as train
 from fastkd.utils import load_state
 
 REPO = Path(__file__).resolve().parents[1]
@@ -76,10 +76,11 @@ def _env() -> dict[str, str]:
 # ------------------------------------------------------------------------- (a) kill mid-epoch + resume
 KILL_AFTER = """
 import os, signal, sys
-from fastkd import train
+from fastkd.train import __main__ as train
 
 K = int(sys.argv[1])
-orig = train.Trainer.step
+from fastkd.train.trainer import Trainer
+orig = Trainer.step
 
 
 def step(self, *a, **k):
@@ -89,7 +90,7 @@ def step(self, *a, **k):
     return out
 
 
-train.Trainer.step = step
+Trainer.step = step
 sys.exit(train.main(sys.argv[2:]))
 """
 
@@ -172,7 +173,7 @@ def npz16(tmp_path_factory) -> str:
 
 
 def _has_clskd() -> bool:
-    return (REPO / "fastkd" / "losses" / "clskd.py").is_file()
+    return (REPO / "fastkd" / "methods" / "clskd.py").is_file()
 
 
 @pytest.mark.parametrize(
@@ -194,7 +195,7 @@ def _has_clskd() -> bool:
 )
 def test_teacher_student_mismatch_one_line(tmp_path, capsys, npz16, case, argv, needles):
     if case.startswith("cls") and not _has_clskd():
-        pytest.skip("fastkd/losses/clskd.py (issue 4) is not in this checkout")
+        pytest.skip("fastkd/methods/clskd.py (issue 4) is not in this checkout")
     data = ["--data", npz16, "--train-limit", "64"] if case in ("grid", "cls", "cls-md") else []
     rc, err = _main([*TINY, "--workdir", tmp_path / "w", "--out", tmp_path / "r", *argv, *data], capsys)
     assert rc == 2

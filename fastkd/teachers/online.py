@@ -1,38 +1,41 @@
-"""Teachers: the frozen model that produces the signals the losses read.
-
-``OnlineTeacher`` runs the teacher every step (no grad, eval mode) and hands the loss the
-named signals it asked for (``DistillLoss.teacher_signals``). ``CachedTeacher`` (cache.py)
-serves the same names from disk, so the losses cannot tell the two apart.
-"""
+"""``OnlineTeacher``: runs the frozen teacher every step (no grad, eval mode) and hands the loss the named
+signals it asked for (``DistillLoss.teacher_signals``). ``CachedTeacher`` (teachers/cached.py) serves the
+same names from disk, so the losses cannot tell the two apart."""
 
 from __future__ import annotations
-
-from collections.abc import Callable
 
 import torch
 from torch import nn
 
-from fastkd.models import Taps, forward_taps, freeze
+from fastkd.models import forward_taps, freeze, model_info
 
 
 class OnlineTeacher:
-    kind = "online"
+    """The Teacher protocol (teachers/base.py) over a live model; ``loss`` says which blocks to tap,
+    whether to compute dense logits and which signals to hand over."""
 
-    def __init__(
-        self,
-        model: nn.Module,
-        blocks: list[int],
-        signal_fn: Callable[[Taps], dict[str, torch.Tensor]],
-        *,
-        dense: bool = False,
-    ):
+    kind = "online"
+    views = None
+
+    def __init__(self, model: nn.Module, loss, *, top1: float | None = None, source: str | None = None):
         self.model = freeze(model)
-        self.blocks, self.signal_fn, self.dense = list(blocks), signal_fn, dense
+        self.info = model_info(self.model)
+        self.blocks, self.signal_fn, self.dense = loss.teacher_blocks(), loss.teacher_signals, loss.teacher_dense()
+        self.top1, self.source = top1, source
 
     @torch.no_grad()
     def __call__(self, x: torch.Tensor, ids: torch.Tensor | None = None, view: int | None = None):
         taps = forward_taps(self.model, x, self.blocks, dense=self.dense)
         return self.signal_fn(taps)
+
+    def prefetch_epoch(self, batches, view: int) -> None:
+        pass
+
+    def check_signals(self, loss) -> None:
+        pass  # the signals come from the same loss
+
+    def close(self) -> None:
+        pass
 
     def to(self, device):
         self.model.to(device)

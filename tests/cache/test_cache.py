@@ -20,12 +20,18 @@ import numpy as np
 import pytest
 import torch
 
-from fastkd.cache import build as cache
-from fastkd.cache import CachedTeacher, CacheError, build_cache, default_topk, topk_record, verify_cache
+from fastkd.cache import __main__ as cache_cli
+from fastkd.cache import build
+from fastkd.cache import format as cache_format
+from fastkd.cache.build import build_cache
+from fastkd.cache.format import CacheError, default_topk, topk_record
+from fastkd.cache.verify import verify_cache
 from fastkd.config import parse_args
 from fastkd.models import create_model, save_model
 from fastkd.ops import reference as R
-from fastkd.train import Trainer
+from fastkd.teachers.cached import CachedTeacher
+from fastkd.train import setup
+from fastkd.train.setup import build_trainer
 
 REPO = Path(__file__).resolve().parents[1]
 TEACHER = dict(patch_size=2, embed_dim=32, depth=3, num_heads=2)
@@ -94,8 +100,8 @@ def test_topk_record_size(env):
         assert K == min(C, 10)
         man = {"topk_vals": {"dtype": "float16", "shape": [K]}, "topk_ids": {"dtype": "int16", "shape": [K]},
                "topk_lse": {"dtype": "float32", "shape": []}}
-        assert cache.record_bytes(man) == 4 * K + 4
-    assert cache.ids_dtype(40000) == np.int32 and default_topk(40000) == 6  # 6·(2+4)+4 = 40 <= 44 bytes
+        assert cache_format.record_bytes(man) == 4 * K + 4
+    assert cache_format.ids_dtype(40000) == np.int32 and default_topk(40000) == 6  # 6·(2+4)+4 = 40 <= 44 bytes
     man = json.loads((env.top4 / "manifest.json").read_text())
     assert man["record_bytes"] == 4 * 4 + 4 and man["topk"] == 4
     assert man["fields"]["topk_ids"]["dtype"] == "int16"
@@ -120,8 +126,8 @@ def test_topk_record_size(env):
 @pytest.mark.parametrize("kind", ["topk", "dense"])
 def test_online_and_cached_teachers_give_the_same_losses(env, kind):
     path = env.topk if kind == "topk" else env.dense
-    on = Trainer(parse_args(env.args("--method", FEAT)), log=lambda *a: None)
-    ca = Trainer(parse_args(env.args("--method", FEAT, "--teacher-cache", str(path))), log=lambda *a: None)
+    on = build_trainer(parse_args(env.args("--method", FEAT)), log=lambda *a: None)
+    ca = build_trainer(parse_args(env.args("--method", FEAT, "--teacher-cache", str(path))), log=lambda *a: None)
     assert ca.teacher.kind == "cached" and ca.teacher.views == 2
     ca.student.load_state_dict(on.student.state_dict())
     ca.loss_fn.load_state_dict(on.loss_fn.state_dict())
@@ -157,9 +163,9 @@ def test_online_and_cached_teachers_give_the_same_losses(env, kind):
 
 def test_sparse_topk_cache_feeds_kd_and_nkd_without_dense_teacher(env):
     """K < C: the cached record gives the losses of the implied (remainder-uniform) teacher."""
-    on = Trainer(parse_args(env.args("--method", "kd+nkd")), log=lambda *a: None)
+    on = build_trainer(parse_args(env.args("--method", "kd+nkd")), log=lambda *a: None)
     argv = env.args("--method", "kd+nkd", "--teacher-cache", str(env.top4))
-    ca = Trainer(parse_args(argv), log=lambda *a: None)
+    ca = build_trainer(parse_args(argv), log=lambda *a: None)
     ca.student.load_state_dict(on.student.state_dict())
     ids = next(iter(on.sampler.batches(0)))
     x, ys, yh = on.batch(ids, 0)
@@ -185,9 +191,9 @@ def test_clskd_and_md_signals_cache_and_pair_mismatch_is_refused(env, tmp_path):
     fields = json.loads((out / "manifest.json").read_text())["fields"]
     assert fields["clskd_cls_1"]["shape"] == [32] and fields["clskd_map_0"]["shape"] == [16]
     assert fields["md_tok_0"]["shape"] == [17, 32]
-    on = Trainer(parse_args(env.args(*base)), log=lambda *a: None)
-    ca = Trainer(parse_args(env.args(*base, "--teacher-cache", str(out))), log=lambda *a: None)
-    ca.teacher.check_signals(ca.loss_fn.signal_names(), ca.loss_fn)
+    on = build_trainer(parse_args(env.args(*base)), log=lambda *a: None)
+    ca = build_trainer(parse_args(env.args(*base, "--teacher-cache", str(out))), log=lambda *a: None)
+    ca.teacher.check_signals(ca.loss_fn)
     ca.student.load_state_dict(on.student.state_dict())
     ca.loss_fn.load_state_dict(on.loss_fn.state_dict())
     ids = next(iter(on.sampler.batches(0)))
@@ -202,14 +208,14 @@ def test_clskd_and_md_signals_cache_and_pair_mismatch_is_refused(env, tmp_path):
         torch.testing.assert_close(terms[1][k], terms[0][k], rtol=3e-3, atol=1e-6)
     # student depth 3 with --clskd-blocks 0,1: pairs (0,0),(1,1) instead of (0,1),(1,2), same names
     with pytest.raises(CacheError) as e:  # refused when the trainer is built, before any step
-        Trainer(parse_args(env.args(*base, "--student-depth", "3", "--teacher-cache", str(out))),
+        build_trainer(parse_args(env.args(*base, "--student-depth", "3", "--teacher-cache", str(out))),
                 log=lambda *a: None)
     assert "teacher blocks [1, 2]" in _one_line(e) and "needs blocks [0, 1]" in str(e.value)
 
 
 # ------------------------------------------------------------------------------------------ replay
 def test_replay_is_exact_whatever_the_batch_and_across_two_processes(env, tmp_path):
-    tr = Trainer(parse_args(env.args("--method", "ce")), log=lambda *a: None)
+    tr = build_trainer(parse_args(env.args("--method", "ce")), log=lambda *a: None)
     ids = torch.tensor([5, 17, 3, 90, 41, 0, 64, 33])
     x, ys, _ = tr.batch(ids, 1)
     assert (ys.max(1).values < 1).any()  # mixup/cutmix partners are in play
@@ -266,7 +272,7 @@ def test_prefetch_serves_the_announced_batches_in_order(env, threaded):
 def test_resume_after_a_killed_build_keeps_finished_shards(env, tmp_path):
     out = tmp_path / "resume"
     cfg = parse_args(env.args("--method", FEAT))
-    with pytest.raises(cache._Interrupted):
+    with pytest.raises(build._Interrupted):
         build_cache(cfg, out, views=2, shard_size=32, stop_after=2, **env.quiet)
     assert not json.loads((out / "manifest.json").read_text())["complete"]
     with pytest.raises(CacheError, match="incomplete"):
@@ -312,7 +318,7 @@ def test_trainer_refuses_a_mismatched_cache(env, change, expect):
     argv = env.args("--method", change.get("method", "kd"), *change.get("extra", ()),
                     "--teacher-cache", str(path), teacher=teacher, data=data)
     with pytest.raises(CacheError) as e:
-        Trainer(parse_args(argv), log=lambda *a: None)
+        build_trainer(parse_args(argv), log=lambda *a: None)
     msg = _one_line(e)
     assert expect in msg, msg
     assert str(path) in msg
@@ -370,7 +376,7 @@ def test_verify_reports_agreement_and_catches_a_wrong_record(env, tmp_path, caps
     assert set(res["fields"]) == {"topk_vals", "topk_ids", "topk_lse", "vitkd_0", "vitkd_1", "vitkd_last"}
     for f, r in res["fields"].items():
         assert r["max_abs"] <= 2e-3 * max(1.0, r["scale"]), (f, r)  # fp16 rounding only
-    assert cache.main(["--verify", "8", "--out", str(env.dense)]) == 0
+    assert cache_cli.main(["--verify", "8", "--out", str(env.dense)]) == 0
     # a wrong record with a consistent checksum (e.g. a buggy writer) is caught by re-running the teacher
     bad = tmp_path / "wrong"
     shutil.copytree(env.top4, bad)
@@ -383,7 +389,7 @@ def test_verify_reports_agreement_and_catches_a_wrong_record(env, tmp_path, caps
     info["sha256"] = hashlib.sha256(f.read_bytes()).hexdigest()
     info["bytes"] = f.stat().st_size
     (bad / "manifest.json").write_text(json.dumps(man))
-    assert cache.main(["--verify", "96", "--out", str(bad)]) == 1
+    assert cache_cli.main(["--verify", "96", "--out", str(bad)]) == 1
     assert "FAIL" in capsys.readouterr().out
 
 
@@ -391,10 +397,10 @@ def test_train_from_cache_runs_no_teacher_and_prefetches(env, tmp_path, monkeypa
     def no_teacher(*a, **k):
         raise AssertionError("the teacher model must not be loaded when training from a cache")
 
-    monkeypatch.setattr(Trainer, "_teacher_model", no_teacher)
+    monkeypatch.setattr(setup, "resolve_teacher", no_teacher)
     cfg = parse_args(env.args("--method", "kd+nkd", "--epochs", "3", "--teacher-cache", str(env.topk),
                               "--eval-every", "3", "--log-every", "1"))
-    tr = Trainer(cfg, log=lambda *a: None)
+    tr = build_trainer(cfg, log=lambda *a: None)
     s = tr.fit(tmp_path / "run")
     assert s["teacher_mode"] == "cached" and s["student_top1"] is not None
     assert s["teacher_top1"] == json.loads((env.topk / "manifest.json").read_text())["teacher"]["top1"]

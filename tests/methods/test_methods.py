@@ -22,7 +22,8 @@ from fastkd.methods.cskd import CSKDLoss, default_cnn_arch
 from fastkd.methods.registry import build_loss
 from fastkd.models import Taps, create_model, forward_taps, model_info, save_model
 from fastkd.ops import reference as R
-from fastkd.train import Trainer
+from fastkd.train.setup import build_trainer
+from fastkd.train.trainer import Trainer
 
 VIT = "vit_tiny_patch16_224"
 DEIT = "deit_tiny_distilled_patch16_224"
@@ -57,7 +58,7 @@ def make_trainer(tmp_path, data, teachers, method, *, teacher="vit", distilled=F
     ]
     cfg = parse_args(argv)
     torch.manual_seed(0)
-    return Trainer(cfg, data=data, student_arch=(DEIT if distilled else VIT, dict(S_OV)), log=lambda *a: None)
+    return build_trainer(cfg, data=data, student_arch=(DEIT if distilled else VIT, dict(S_OV)), log=lambda *a: None)
 
 
 def forward_once(tr: Trainer, epoch_frac: float = 0.0):

@@ -22,8 +22,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from fastkd import train
 from fastkd.config import parse_args
+from fastkd.train import __main__ as train
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -134,7 +134,7 @@ def test_ddp_online_teacher_matches_single_process(env):
 
 
 def test_ddp_cached_teacher_matches_single_process(env):
-    from fastkd.cache import build_cache
+    from fastkd.cache.build import build_cache
 
     # the cache names the teacher file explicitly (a cache built for the default teacher with --train-limit
     # and --teacher-* shape flags does not match the run's default-teacher key: reported to the cache owner)

@@ -7,8 +7,9 @@ import json
 import pytest
 import torch
 
-from fastkd import train
 from fastkd.config import parse_args
+from fastkd.train import __main__ as train
+from fastkd.train.setup import build_trainer
 
 TINY = [
     "--teacher-embed-dim",
@@ -91,7 +92,7 @@ def test_resume_after_interrupted_epoch_boundary(tmp_path):
     _run(tmp_path / "full", "--method", "ce", "--seed", "1")
     part = [*TINY, "--workdir", str(tmp_path / "part" / "work"), "--out", str(tmp_path / "part" / "run")]
     part += ["--method", "ce", "--seed", "1"]
-    tr = train.Trainer(parse_args(part), log=lambda *a: None)
+    tr = build_trainer(parse_args(part), log=lambda *a: None)
     orig = tr.sampler.batches
 
     def one_epoch_then_die(epoch, *a, **k):
