@@ -196,7 +196,8 @@ class Study:
             ))
         meta = dict(
             command=a.command,
-            data=self.student_data.name, train=len(self.student_data.y_train), val=len(self.student_data.y_val),
+            data=self.student_data.name, train=len(self.student_data.y_train),
+            val=len(self.student_data.y_val),
             epochs=a.epochs, teacher_epochs=a.teacher_epochs, seeds=self.seeds,
             batch_size=self.base_config(0).optim.batch_size, lr=self.base_config(0).optim.lr,
             machine=_machine(a.device),

@@ -162,7 +162,8 @@ def build_cache(
         raise CacheError(f"--worker {wi}/{wn}: use i/n with 0 <= i < n")
     if not needs_teacher(cfg.method.method):
         raise CacheError(
-            f"--method {cfg.method.method} needs no teacher, so there is nothing to cache; pick e.g. --method kd"
+            f"--method {cfg.method.method} needs no teacher, so there is nothing to cache; "
+            "pick e.g. --method kd"
         )
 
     rp = run_parts(cfg, log)

@@ -19,11 +19,12 @@ class CELoss(LossPart):
         self.weight, self.smoothing = weight, smoothing
 
     def forward(self, s, t, batch):
-        return {"ce": self.weight * soft_ce(s.logits, batch["y_soft"], self.smoothing)}
+        return {CE_TERM: self.weight * soft_ce(s.logits, batch["y_soft"], self.smoothing)}
 
 
 def build(mcfg, s_info, t_info, ctx: BuildContext):
     return None  # the CE part is added by the registry for every total (see the module docstring)
 
 
-METHOD = register(Method("ce", build, teacher=None, terms=("ce",)))
+CE_TERM = "ce"  # the logged term (cskd logs its cls-head CE under the same name)
+METHOD = register(Method("ce", build, teacher=None, terms=(CE_TERM,)))

@@ -30,6 +30,7 @@ import torch
 
 import fastkd.models.cnn  # noqa: F401  (registers the fastkd_resnet CNN teacher with timm)
 from fastkd.methods.base import BuildContext, LossPart, Method, register, soft_ce
+from fastkd.methods.ce import CE_TERM
 from fastkd.models import default_patch_size, patch_logits
 from fastkd.ops import dispatch as KF
 from fastkd.ops import reference as R
@@ -55,7 +56,8 @@ def default_cnn_arch(img_size: int) -> tuple[str, dict]:
 
 
 class CSKDLoss(LossPart):
-    """CSKD loss part; returns {"cskd": weight·L_CSKD} (+ {"ce": ce_weight·CE} when ce_weight > 0)."""
+    """CSKD loss part; returns {"cskd": weight·L_CSKD} (+ the plain CE term, ce_weight·CE on the cls head,
+    when ce_weight > 0)."""
 
     name = "cskd"
     needs_dense = True
@@ -121,7 +123,7 @@ class CSKDLoss(LossPart):
         loss = KF.cskd_loss(pl, dense, a, hard=self.hard, T=self.T, grid=(h, w))
         out = {"cskd": self.weight * loss}
         if self.ce_weight > 0:
-            out["ce"] = self.ce_weight * soft_ce(s.logits, batch["y_soft"], self.smoothing)
+            out[CE_TERM] = self.ce_weight * soft_ce(s.logits, batch["y_soft"], self.smoothing)
         return out
 
 

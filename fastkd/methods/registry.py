@@ -16,21 +16,29 @@ import difflib
 import torch
 from torch import nn
 
-# the method files: importing one registers it (order = the order of REGISTRY, of logs and plots)
-from fastkd.methods import ce, clskd, cskd, deit, kd, md, nkd, vitkd  # noqa: F401,I001
+# the method files: importing one registers it (_BUILTIN below orders them for logs and plots)
+from fastkd.methods import ce, clskd, cskd, deit, kd, md, nkd, vitkd
 from fastkd.methods.base import REGISTRY, BuildContext, LossPart, Method
 from fastkd.methods.ce import CELoss
 from fastkd.models import ModelInfo, Taps
 
+_BUILTIN = (ce, kd, nkd, vitkd, clskd, md, cskd, deit)
+
+
+def registered() -> list[Method]:
+    """Every registered Method: the built-in ones in the order above, then any registered later."""
+    first = [m.METHOD for m in _BUILTIN]
+    return first + [m for m in REGISTRY.values() if m not in first]
+
 
 def method_names() -> tuple[str, ...]:
-    return tuple(REGISTRY)
+    return tuple(m.name for m in registered())
 
 
 def methods_of(spec: str | list[str]) -> list[Method]:
     """'+'-joined names (or a list) → their Methods, deduplicated in order; one clear line for a typo."""
     names = [m.strip().lower() for m in spec.split("+") if m.strip()] if isinstance(spec, str) else spec
-    known = list(REGISTRY)
+    known = list(method_names())
     if not names:
         raise ValueError("--method is empty; give '+'-joined names from: " + ", ".join(known))
     for m in names:
@@ -62,7 +70,7 @@ def eval_dense_heads(spec: str) -> bool:
 
 def report_terms() -> tuple[str, ...]:
     """Loss terms report.png draws (whatever a run logged of them): the total, then every method's terms."""
-    return ("loss", *(t for m in REGISTRY.values() for t in m.terms))
+    return ("loss", *(t for m in registered() for t in m.terms))
 
 
 class DistillLoss(nn.Module):

@@ -91,7 +91,7 @@ def _dense_logits_cnn(model: nn.Module, f: torch.Tensor) -> torch.Tensor:
     return F.linear(f.permute(0, 2, 3, 1), w, fc.bias).permute(0, 3, 1, 2)
 
 
-def require_dense_head(model: nn.Module, what: str = "cskd") -> ModelInfo:
+def require_dense_head(model: nn.Module, what: str = "dense logits") -> ModelInfo:
     """Check ``model`` can give dense per-location logits (CSKD teacher); ValueError otherwise.
 
     ViTs: the head applied to every patch token (``patch_logits``). CNNs: the structure check of

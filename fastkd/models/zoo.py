@@ -288,7 +288,7 @@ def require_vit(model: nn.Module, what: str = "this method") -> ModelInfo:
     return info
 
 
-def require_cls_token(model: nn.Module, what: str = "clskd") -> ModelInfo:
+def require_cls_token(model: nn.Module, what: str = "this method") -> ModelInfo:
     """ModelInfo of a ViT with a CLS token at position 0, or ValueError."""
     info = require_vit(model, what)
     if not info.has_cls_token or info.num_prefix == 0:
@@ -299,7 +299,7 @@ def require_cls_token(model: nn.Module, what: str = "clskd") -> ModelInfo:
     return info
 
 
-def require_dist_head(model: nn.Module, what: str = "deit") -> ModelInfo:
+def require_dist_head(model: nn.Module, what: str = "this method") -> ModelInfo:
     """ModelInfo of a DeiT-distilled ViT (dist token + ``head_dist``), or ValueError."""
     info = require_vit(model, what)
     if not info.has_dist_head:

@@ -22,6 +22,7 @@ Tests route CPU tensors through the Triton interpreter with ``set_fused(True, in
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import os
 from collections.abc import Callable, Sequence
@@ -181,56 +182,53 @@ def _needs_grad(x: Tensor) -> bool:
     return x.requires_grad and torch.is_grad_enabled()
 
 
-def _work_dtype(*tensors: Tensor | None) -> torch.dtype:
-    """The reference's compute dtype: promoted floating dtype, bf16/fp16 -> fp32."""
-    dt = None
-    for x in tensors:
-        if x is not None and x.is_floating_point():
-            dt = x.dtype if dt is None else torch.promote_types(dt, x.dtype)
-    return torch.float32 if dt is None or dt in (torch.float16, torch.bfloat16) else dt
-
-
 def _unit_stride(x: Tensor) -> Tensor:
     return x if x.dim() == 0 or x.stride(-1) == 1 else x.contiguous()
 
 
-def _hard_labels(target: Tensor, B: int, C: int) -> Tensor:
-    """int labels [B] from int [B] or soft [B, C] (argmax) targets; same rules and errors as the reference."""
-    if target.dim() == 1 and not target.is_floating_point():
-        if target.shape[0] != B:
-            raise ValueError(f"target has {target.shape[0]} labels but the logits have batch {B}")
-        return target.long()
-    if target.dim() == 2 and tuple(target.shape) == (B, C):
-        return target.argmax(dim=1)
-    raise ValueError(
-        f"target must be int labels [B]={B} or a soft label [B, C]=({B}, {C}), "
-        f"got {target.dtype} {tuple(target.shape)}"
-    )
+def fused(tensors: Callable[..., tuple], unsupported: Callable[..., bool] | None = None):
+    """Make a Triton implementation the dispatching version of the reference function of the same name.
+
+    ``tensors(*args, **kwargs)`` → the tensors that decide the path (``active_path``; none: the reference);
+    ``unsupported(*args, **kwargs)`` → True for inputs the kernels do not take (then the eager reference).
+    Paths other than "triton" call the reference, eagerly or ``torch.compile``d; the decorated function
+    runs only on the Triton path. The wrapper carries the reference's name, signature and docstring.
+    """
+
+    def deco(kernel_fn: Callable) -> Callable:
+        name = kernel_fn.__name__
+        ref = getattr(R, name)
+
+        @functools.wraps(ref)
+        def dispatched(*args, **kwargs):
+            ts = tensors(*args, **kwargs)
+            path = active_path(*ts) if ts else "reference"
+            if path == "triton" and unsupported is not None and unsupported(*args, **kwargs):
+                path = "reference"
+            if path != "triton":
+                return _call(name, path, *args, **kwargs)
+            return kernel_fn(*args, **kwargs)
+
+        return dispatched
+
+    return deco
 
 
 # ------------------------------------------------------------------------------------------ logit KD
+@fused(lambda s_logits, t_logits, *a, **k: (s_logits, t_logits))
 def kd_loss(s_logits: Tensor, t_logits: Tensor, T: float = 4.0) -> Tensor:
-    """Hinton KD; see ``reference.kd_loss``."""
-    path = active_path(s_logits, t_logits)
-    if path != "triton":
-        return _call("kd_loss", path, s_logits, t_logits, T)
     k = _kern().logit_kd
     s, t = _unit_stride(s_logits), _unit_stride(t_logits.detach())
     dummy = torch.empty(0, dtype=torch.long, device=s.device)
     return k.logit_kd_op(s, t, dummy, float(T), 1.0, False, _needs_grad(s))[0]
 
 
+@fused(lambda s_logits, t_logits, *a, **k: (s_logits, t_logits), lambda s, *a, **k: s.dim() != 2)
 def nkd_loss(
     s_logits: Tensor, t_logits: Tensor, target: Tensor, tau: float = 1.0, gamma: float = 1.0
 ) -> Tensor:
-    """NKD; see ``reference.nkd_loss``."""
-    path = active_path(s_logits, t_logits)
-    if path != "triton" or s_logits.dim() != 2:
-        return _call(
-            "nkd_loss", path if path != "triton" else "reference", s_logits, t_logits, target, tau, gamma
-        )
     B, C = s_logits.shape
-    y = _hard_labels(target, B, C)
+    y = R._labels(target, B, C)
     k = _kern().logit_kd
     s, t = _unit_stride(s_logits), _unit_stride(t_logits.detach())
     return k.logit_kd_op(s, t, y, float(tau), float(gamma), True, _needs_grad(s))[0]
@@ -240,29 +238,21 @@ def _topk_ok(t_vals: Tensor) -> bool:
     return t_vals.dim() == 2 and t_vals.shape[1] <= _kern().logit_kd.MAX_TOPK
 
 
+# top-K records: the student's logits decide the path (the record's values may be fp16; the launcher
+# checks them); K above the kernels' MAX_TOPK takes the reference
+@fused(lambda s_logits, *a, **k: (s_logits,), lambda s_logits, t_vals, *a, **k: not _topk_ok(t_vals))
 def kd_loss_topk(s_logits: Tensor, t_vals: Tensor, t_ids: Tensor, t_lse: Tensor, T: float = 4.0) -> Tensor:
-    """Hinton KD against a sparse top-K teacher record; see ``reference.kd_loss_topk``."""
-    path = active_path(s_logits)  # the record's values may be fp16 (checked by the launcher)
-    if path == "triton" and not _topk_ok(t_vals):
-        path = "reference"
-    if path != "triton":
-        return _call("kd_loss_topk", path, s_logits, t_vals, t_ids, t_lse, T)
     k = _kern().logit_kd
     s = _unit_stride(s_logits)
     dummy = torch.empty(0, dtype=torch.long, device=s.device)
-    return k.logit_kd_topk_op(
-        s,
-        _unit_stride(t_vals.detach()),
-        _unit_stride(t_ids),
-        t_lse.detach(),
-        dummy,
-        float(T),
-        1.0,
-        False,
-        _needs_grad(s),
-    )[0]
+    vals, ids, lse = _unit_stride(t_vals.detach()), _unit_stride(t_ids), t_lse.detach()
+    return k.logit_kd_topk_op(s, vals, ids, lse, dummy, float(T), 1.0, False, _needs_grad(s))[0]
 
 
+@fused(
+    lambda s_logits, *a, **k: (s_logits,),
+    lambda s_logits, t_vals, *a, **k: not _topk_ok(t_vals) or s_logits.dim() != 2,
+)
 def nkd_loss_topk(
     s_logits: Tensor,
     t_vals: Tensor,
@@ -272,27 +262,12 @@ def nkd_loss_topk(
     tau: float = 1.0,
     gamma: float = 1.0,
 ) -> Tensor:
-    """NKD against a sparse top-K teacher record; see ``reference.nkd_loss_topk``."""
-    path = active_path(s_logits)  # the record's values may be fp16 (checked by the launcher)
-    if path == "triton" and (not _topk_ok(t_vals) or s_logits.dim() != 2):
-        path = "reference"
-    if path != "triton":
-        return _call("nkd_loss_topk", path, s_logits, t_vals, t_ids, t_lse, target, tau, gamma)
     B, C = s_logits.shape
-    y = _hard_labels(target, B, C)
+    y = R._labels(target, B, C)
     k = _kern().logit_kd
     s = _unit_stride(s_logits)
-    return k.logit_kd_topk_op(
-        s,
-        _unit_stride(t_vals.detach()),
-        _unit_stride(t_ids),
-        t_lse.detach(),
-        y,
-        float(tau),
-        float(gamma),
-        True,
-        _needs_grad(s),
-    )[0]
+    vals, ids, lse = _unit_stride(t_vals.detach()), _unit_stride(t_ids), t_lse.detach()
+    return k.logit_kd_topk_op(s, vals, ids, lse, y, float(tau), float(gamma), True, _needs_grad(s))[0]
 
 
 # ---------------------------------------------------------------------------------------- token KD
@@ -368,6 +343,23 @@ def token_kd(
     return TokenKD(mim if mimic else None, msum / (B * N), s_cls, t_cls)
 
 
+def _mimic_tensors(s_feats, t_feats, weights=None, biases=None, *a, **k):
+    n = len(s_feats)
+    ws = [None] * n if weights is None else list(weights)
+    bs = [None] * n if biases is None else list(biases)
+    return (*s_feats, *t_feats, *ws, *bs)
+
+
+def _mimic_unsupported(s_feats, t_feats, weights=None, biases=None, *a, **k):
+    n = len(s_feats)
+    return (
+        len(t_feats) != n
+        or (weights is not None and len(weights) != n)
+        or (biases is not None and len(biases) != n)
+    )
+
+
+@fused(_mimic_tensors, _mimic_unsupported)
 def vitkd_mimic_loss(
     s_feats: Sequence[Tensor],
     t_feats: Sequence[Tensor],
@@ -375,21 +367,10 @@ def vitkd_mimic_loss(
     biases: Sequence[Tensor | None] | None,
     alpha: float = 3e-5,
 ) -> Tensor:
-    """ViTKD mimic loss; see ``reference.vitkd_mimic_loss`` (one kernel launch per layer)."""
+    """One kernel launch per layer."""
     n = len(s_feats)
     ws = [None] * n if weights is None else list(weights)
     bs = [None] * n if biases is None else list(biases)
-    path = active_path(*s_feats, *t_feats, *ws, *bs) if n else "reference"
-    if path != "triton" or len(t_feats) != n or len(ws) != n or len(bs) != n:
-        return _call(
-            "vitkd_mimic_loss",
-            path if path != "triton" else "reference",
-            s_feats,
-            t_feats,
-            weights,
-            biases,
-            alpha,
-        )
     k = _kern().token_kd
     B = s_feats[0].shape[0]
     total = None
@@ -404,35 +385,31 @@ def vitkd_mimic_loss(
     return total * (alpha / B)
 
 
+@fused(lambda tokens, *a, **k: (tokens,), lambda tokens, *a, **k: tokens.dim() != 3)
 def cls_patch_map(tokens: Tensor, num_prefix: int = 1) -> Tensor:
-    """[B, N] CLS–patch cosine map (fp32 for low-precision tokens); see ``reference.cls_patch_map``."""
-    path = active_path(tokens)
-    if path != "triton" or tokens.dim() != 3:
-        return _call("cls_patch_map", path if path != "triton" else "reference", tokens, num_prefix)
     k = _kern().token_kd
     return k.token_kd_op(_unit_stride(tokens), None, None, None, num_prefix, 0, False, True)[2]
 
 
+@fused(lambda s_tokens, t_tokens, *a, **k: (s_tokens, t_tokens), lambda s, *a, **k: s.dim() != 3)
 def cls_patch_map_loss(
     s_tokens: Tensor, t_tokens: Tensor, num_prefix_s: int = 1, num_prefix_t: int = 1
 ) -> Tensor:
-    """[CLS]-KD map loss; see ``reference.cls_patch_map_loss``."""
-    path = active_path(s_tokens, t_tokens)
-    if path != "triton" or s_tokens.dim() != 3:
-        return _call(
-            "cls_patch_map_loss",
-            path if path != "triton" else "reference",
-            s_tokens,
-            t_tokens,
-            num_prefix_s,
-            num_prefix_t,
-        )
     return token_kd(
         s_tokens, t_tokens, num_prefix_s=num_prefix_s, num_prefix_t=num_prefix_t, mimic=False
     ).cls_map
 
 
 # ----------------------------------------------------------------------------------- ViTKD generation
+def _gen_tensors(s_last, t_last, mask, weight, bias, mask_token, *a, **k):
+    return (s_last, t_last, weight, bias, mask_token)
+
+
+def _gen_unsupported(s_last, t_last, *a, **k):
+    return s_last.dim() != 3 or t_last.dim() != 3
+
+
+@fused(_gen_tensors, _gen_unsupported)
 def vitkd_gen_loss(
     s_last: Tensor,
     t_last: Tensor,
@@ -446,28 +423,9 @@ def vitkd_gen_loss(
     *,
     grid: tuple[int, int] | None = None,
 ) -> Tensor:
-    """ViTKD generation loss; see ``reference.vitkd_gen_loss``.
-
-    Triton path: one kernel builds the generator input (projection + mask-token substitution, laid out
+    """Triton path: one kernel builds the generator input (projection + mask-token substitution, laid out
     channels_last [B, D_t, h, w]); the generator runs in torch (cuDNN); one kernel computes the masked
-    squared error and its gradient. Under autocast the generator input is made in the autocast dtype.
-    """
-    path = active_path(s_last, t_last, weight, bias, mask_token)
-    if path != "triton" or s_last.dim() != 3 or t_last.dim() != 3:
-        return _call(
-            "vitkd_gen_loss",
-            path if path != "triton" else "reference",
-            s_last,
-            t_last,
-            mask,
-            weight,
-            bias,
-            mask_token,
-            generator,
-            beta,
-            mask_ratio,
-            grid=grid,
-        )
+    squared error and its gradient. Under autocast the generator input is made in the autocast dtype."""
     B, N, _ = s_last.shape
     d_t = t_last.shape[-1]
     if t_last.shape[:2] != (B, N):
@@ -485,7 +443,7 @@ def vitkd_gen_loss(
     if torch.is_autocast_enabled(dev_type) and torch.get_autocast_dtype(dev_type) == torch.bfloat16:
         x_dtype = torch.bfloat16  # the generator's convolutions would cast it to bf16 anyway
     else:
-        x_dtype = _work_dtype(s_last, t_last, weight, bias, mask_token)
+        x_dtype = R._work_dtype(s_last, t_last, weight, bias, mask_token)
     k = _kern().masked_gen
     x = k.gen_input_op(_unit_stride(s_last), mask, weight, bias, mask_token, h, w, x_dtype)
     g = generator(x)

@@ -39,8 +39,8 @@ class CachedTeacher:
     itself is the host's work, a gather from the page cache takes ~0.02 ms for 64 records, and a
     second Python thread only competes for the GIL and the cores).
 
-    The Teacher protocol (teachers/base.py). Attributes: ``info`` (teacher ModelInfo), ``top1`` (= ``teacher_top1``),
-    ``source``, ``views``, ``kind = 'cached'``,
+    The Teacher protocol (teachers/base.py). Attributes: ``info`` (teacher ModelInfo), ``top1``
+    (= ``teacher_top1``), ``source``, ``views``, ``kind = 'cached'``,
     ``fields`` (name → {dtype, shape}), ``wait_s`` / ``calls`` / ``prefetched`` (time spent in and
     number of ``__call__``s, and how many were served by the prefetch thread).
     ``__call__(x, ids, view)`` → {signal name: tensor [B, ...] on device}; floats as fp32, top-K ids as

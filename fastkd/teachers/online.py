@@ -20,7 +20,8 @@ class OnlineTeacher:
     def __init__(self, model: nn.Module, loss, *, top1: float | None = None, source: str | None = None):
         self.model = freeze(model)
         self.info = model_info(self.model)
-        self.blocks, self.signal_fn, self.dense = loss.teacher_blocks(), loss.teacher_signals, loss.teacher_dense()
+        self.blocks, self.dense = loss.teacher_blocks(), loss.teacher_dense()
+        self.signal_fn = loss.teacher_signals
         self.top1, self.source = top1, source
 
     @torch.no_grad()

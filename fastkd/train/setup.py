@@ -194,7 +194,8 @@ def build_trainer(
 def ensure_default_teacher(cfg: TrainConfig, data: Dataset, log=print) -> Path:
     """Train the default teacher for this data once (CE, ``--teacher-epochs``, ``--teacher-lr``, seed 0,
     the whole training split ``data``); later runs reuse it. Resumable: an interrupted teacher run
-    continues. A plain ``fit`` on the teacher's own parts (a student of the teacher's arch, CE, no teacher)."""
+    continues. A plain ``fit`` on the teacher's own parts (a student of the teacher's arch, CE, no
+    teacher)."""
     arch, tdir, cnn = default_teacher_spec(cfg, data)
     path = tdir / "student.safetensors"
     what = "CNN teacher" if cnn else "teacher"

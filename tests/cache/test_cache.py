@@ -101,7 +101,8 @@ def test_topk_record_size(env):
         man = {"topk_vals": {"dtype": "float16", "shape": [K]}, "topk_ids": {"dtype": "int16", "shape": [K]},
                "topk_lse": {"dtype": "float32", "shape": []}}
         assert cache_format.record_bytes(man) == 4 * K + 4
-    assert cache_format.ids_dtype(40000) == np.int32 and default_topk(40000) == 6  # 6·(2+4)+4 = 40 <= 44 bytes
+    # 6·(2+4)+4 = 40 <= 44 bytes
+    assert cache_format.ids_dtype(40000) == np.int32 and default_topk(40000) == 6
     man = json.loads((env.top4 / "manifest.json").read_text())
     assert man["record_bytes"] == 4 * 4 + 4 and man["topk"] == 4
     assert man["fields"]["topk_ids"]["dtype"] == "int16"
@@ -127,7 +128,8 @@ def test_topk_record_size(env):
 def test_online_and_cached_teachers_give_the_same_losses(env, kind):
     path = env.topk if kind == "topk" else env.dense
     on = build_trainer(parse_args(env.args("--method", FEAT)), log=lambda *a: None)
-    ca = build_trainer(parse_args(env.args("--method", FEAT, "--teacher-cache", str(path))), log=lambda *a: None)
+    ca = build_trainer(parse_args(env.args("--method", FEAT, "--teacher-cache", str(path))),
+                       log=lambda *a: None)
     assert ca.teacher.kind == "cached" and ca.teacher.views == 2
     ca.student.load_state_dict(on.student.state_dict())
     ca.loss_fn.load_state_dict(on.loss_fn.state_dict())

@@ -58,7 +58,8 @@ def make_trainer(tmp_path, data, teachers, method, *, teacher="vit", distilled=F
     ]
     cfg = parse_args(argv)
     torch.manual_seed(0)
-    return build_trainer(cfg, data=data, student_arch=(DEIT if distilled else VIT, dict(S_OV)), log=lambda *a: None)
+    arch = (DEIT if distilled else VIT, dict(S_OV))
+    return build_trainer(cfg, data=data, student_arch=arch, log=lambda *a: None)
 
 
 def forward_once(tr: Trainer, epoch_frac: float = 0.0):
