@@ -238,13 +238,12 @@ def check_run(man: dict, cfg, data, aug, where: str = "", run_teacher: dict | No
 
 def part_signatures(loss) -> list[dict]:
     """Per loss part that reads teacher signals: its name, signal names and the teacher blocks behind
-    them, in pair order when the part has layer pairs (``pairs`` = [(student, teacher)])."""
+    them, in signal order (``LossPart.signal_blocks``)."""
     out = []
     for p in loss.parts:
         if not p.signals:
             continue
-        pairs = getattr(p, "pairs", None)
-        blocks = [int(j) for _, j in pairs] if pairs else [int(b) for b in p.teacher_blocks()]
+        blocks = [int(b) for b in p.signal_blocks()]
         out.append({"name": p.name, "signals": sorted(p.signals), "teacher_blocks": blocks})
     return out
 

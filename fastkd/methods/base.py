@@ -34,6 +34,11 @@ class LossPart(nn.Module):
     def teacher_blocks(self) -> list[int]:
         return []
 
+    def signal_blocks(self) -> list[int]:
+        """The teacher blocks behind this part's signals, in signal order (a cache checks them: [CLS]-KD
+        names signals by layer-pair index). Default: ``teacher_blocks``."""
+        return self.teacher_blocks()
+
     def teacher_signals(self, t: Taps) -> dict[str, torch.Tensor]:
         return {}
 

@@ -137,6 +137,9 @@ class CLSKDLoss(LossPart):
     def teacher_blocks(self):
         return sorted({j for _, j in self.pairs})
 
+    def signal_blocks(self):
+        return [j for _, j in self.pairs]
+
     def teacher_signals(self, t):
         out = {}
         for k, (_, j) in enumerate(self.pairs):

@@ -34,6 +34,9 @@ class ManifoldLoss(LossPart):
     def teacher_blocks(self):
         return sorted({j for _, j in self.pairs})
 
+    def signal_blocks(self):
+        return [j for _, j in self.pairs]
+
     def teacher_signals(self, t):
         return {
             f"md_tok_{k}": cls_and_patches(t.blocks[j], t.num_prefix) for k, (_, j) in enumerate(self.pairs)
