@@ -11,7 +11,7 @@ Teacher signals are produced from the teacher's :class:`fastkd.models.Taps` by
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Any
 
 import torch
@@ -62,9 +62,12 @@ def soft_ce(logits: torch.Tensor, y_soft: torch.Tensor, smoothing: float) -> tor
 class Method:
     """Everything fastkd needs to know about one method, declared in the method's own file.
 
-    name: the ``--method`` name. build(mcfg, s_info, t_info, ctx) → the method's ``LossPart`` (or None),
-      raising one clear ValueError when it cannot bridge this student/teacher pair; mcfg is the run's
-      ``MethodConfig`` (the method's fields are its ``<name>_*`` flags); ctx a ``BuildContext``.
+    name: the ``--method`` name. build(cfg, s_info, t_info, ctx) → the method's ``LossPart`` (or None),
+      raising one clear ValueError when it cannot bridge this student/teacher pair; cfg is the method's
+      typed ``config`` filled from the run's flags (the whole ``MethodConfig`` when ``config`` is None);
+      ctx a ``BuildContext``.
+    config: the method's typed config, a dataclass whose fields are ``fastkd.config.MethodConfig`` fields
+      (the CLI flags and config.json keys stay flat; a test checks names, types and defaults agree).
       The part declares the taps (student/teacher blocks), the teacher signals it reads and
       ``needs_dense`` (a dense CNN map).
     teacher: None = no teacher; "vit" = the default teacher is the ViT; "cnn" = the default teacher is
@@ -80,6 +83,7 @@ class Method:
 
     name: str
     build: Callable[..., LossPart | None]
+    config: type | None = None
     teacher: str | None = "vit"
     student_vit: bool = False
     dist_head: str | None = None
@@ -97,6 +101,13 @@ class BuildContext:
 
     def others_own_ce(self, me: str) -> bool:
         return any(m.owns_ce for m in self.methods if m.name != me)
+
+
+def typed_config(method: Method, mcfg: Any) -> Any:
+    """The method's typed config filled from the run's ``MethodConfig`` (or ``mcfg`` itself)."""
+    if method.config is None:
+        return mcfg
+    return method.config(**{f.name: getattr(mcfg, f.name) for f in fields(method.config)})
 
 
 #: name → Method, in registration order (``fastkd.methods.registry`` imports every method file)

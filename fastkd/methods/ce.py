@@ -6,6 +6,8 @@ in it; ``--method ce`` alone trains the student without a teacher.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from fastkd.methods.base import BuildContext, LossPart, Method, register, soft_ce
 
 
@@ -22,9 +24,17 @@ class CELoss(LossPart):
         return {CE_TERM: self.weight * soft_ce(s.logits, batch["y_soft"], self.smoothing)}
 
 
-def build(mcfg, s_info, t_info, ctx: BuildContext):
+@dataclass
+class CEConfig:
+    """The cls-head CE flags (fields of ``fastkd.config.MethodConfig``, same names and defaults)."""
+
+    ce_weight: float = 1.0  # 0 leaves CE out (the [CLS]-KD release preset)
+    label_smoothing: float = 0.1
+
+
+def build(mcfg: CEConfig, s_info, t_info, ctx: BuildContext):
     return None  # the CE part is added by the registry for every total (see the module docstring)
 
 
 CE_TERM = "ce"  # the logged term (cskd logs its cls-head CE under the same name)
-METHOD = register(Method("ce", build, teacher=None, terms=(CE_TERM,)))
+METHOD = register(Method("ce", build, config=CEConfig, teacher=None, terms=(CE_TERM,)))

@@ -27,6 +27,7 @@ Teacher signals (named, so a cache can store them), k = index in the pair list:
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -188,7 +189,18 @@ def check_pair(name: str, s_info, t_info) -> None:
         )
 
 
-def build(mcfg, s_info, t_info, ctx: BuildContext):
+@dataclass
+class CLSKDConfig:
+    """The ``--clskd-*`` flags (fields of ``fastkd.config.MethodConfig``, same names and defaults)."""
+
+    clskd_blocks: str | None = None  # student blocks; default [0,1,2,3,L-4..L-1]
+    clskd_w_cls: float = 1.0
+    clskd_w_map: float = 2.0
+    clskd_mu: float = 4.0
+    clskd_detach: bool = False
+
+
+def build(mcfg: CLSKDConfig, s_info, t_info, ctx: BuildContext):
     check_pair("clskd", s_info, t_info)
     return CLSKDLoss(
         s_info.embed_dim,
@@ -201,4 +213,6 @@ def build(mcfg, s_info, t_info, ctx: BuildContext):
     )
 
 
-METHOD = register(Method("clskd", build, student_vit=True, terms=("clskd_cls", "clskd_map")))
+METHOD = register(
+    Method("clskd", build, config=CLSKDConfig, student_vit=True, terms=("clskd_cls", "clskd_map"))
+)

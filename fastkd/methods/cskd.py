@@ -25,6 +25,7 @@ top-1 of the mean of (cls logits, dist logits, mean over patches of the dense di
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 
@@ -127,7 +128,20 @@ class CSKDLoss(LossPart):
         return out
 
 
-def build(mcfg, s_info, t_info, ctx: BuildContext):
+@dataclass
+class CSKDConfig:
+    """The ``--cskd-*`` flags (fields of ``fastkd.config.MethodConfig``, same names and defaults)."""
+
+    cskd_hard: bool = True
+    cskd_T: float = 1.0
+    cskd_schedule: str = "linear"  # linear | square | cos
+    cskd_per_iter: bool = False
+    cskd_weight: float = 1.0
+    ce_weight: float = 1.0  # of the cls-head CE this part carries when no other method owns it
+    label_smoothing: float = 0.1
+
+
+def build(mcfg: CSKDConfig, s_info, t_info, ctx: BuildContext):
     """ViT student; teacher with dense logits (CNN or ViT). When no other method of the total owns the cls
     CE, the CSKD part carries ce_weight·CE on the cls head (logged as ``ce``)."""
     if s_info.kind != "vit":
@@ -150,6 +164,7 @@ METHOD = register(
     Method(
         "cskd",
         build,
+        config=CSKDConfig,
         teacher="cnn",
         student_vit=True,
         dist_head="prefer",

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch.nn.functional as F
 
 from fastkd.methods.base import BuildContext, LossPart, Method, logit_signals, register, soft_ce
@@ -47,12 +49,21 @@ class DeiTLoss(LossPart):
         }
 
 
-def build(mcfg, s_info, t_info, ctx: BuildContext):
+@dataclass
+class DeiTConfig:
+    """The ``--deit-*`` flags (fields of ``fastkd.config.MethodConfig``, same names and defaults)."""
+
+    label_smoothing: float = 0.1  # of the ½·CE on the cls head
+
+
+def build(mcfg: DeiTConfig, s_info, t_info, ctx: BuildContext):
     if not s_info.has_dist_head:
         raise ValueError(NEEDS_DIST_HEAD)
     return DeiTLoss(mcfg.label_smoothing)
 
 
 METHOD = register(
-    Method("deit", build, dist_head="require", owns_ce=True, terms=("deit_ce", "deit_dist"))
+    Method(
+        "deit", build, config=DeiTConfig, dist_head="require", owns_ce=True, terms=("deit_ce", "deit_dist")
+    )
 )

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from fastkd.methods.base import BuildContext, LossPart, Method, logit_signals, register
 from fastkd.ops import dispatch as KF
 
@@ -27,8 +29,16 @@ class KDLoss(LossPart):
         return {"kd": self.weight * loss}
 
 
-def build(mcfg, s_info, t_info, ctx: BuildContext):
+@dataclass
+class KDConfig:
+    """The ``--kd-*`` flags (fields of ``fastkd.config.MethodConfig``, same names and defaults)."""
+
+    kd_T: float = 4.0  # temperature (the [CLS]-KD preset uses 1)
+    kd_weight: float = 1.0
+
+
+def build(mcfg: KDConfig, s_info, t_info, ctx: BuildContext):
     return KDLoss(mcfg.kd_T, mcfg.kd_weight)
 
 
-METHOD = register(Method("kd", build, terms=("kd",)))
+METHOD = register(Method("kd", build, config=KDConfig, terms=("kd",)))

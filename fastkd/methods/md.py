@@ -9,6 +9,7 @@ random tokens). No ALD. Teacher signal ``md_tok_{k}`` [B, 1+N, D_t] for pair k.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 from fastkd.methods.base import BuildContext, LossPart, Method, int_list, register
 from fastkd.methods.clskd import check_pair, cls_and_patches, clskd_pairs
@@ -49,10 +50,19 @@ class ManifoldLoss(LossPart):
         return {"md": self.weight * loss}
 
 
-def build(mcfg, s_info, t_info, ctx: BuildContext):
+@dataclass
+class MDConfig:
+    """The ``--md-*`` flags (fields of ``fastkd.config.MethodConfig``, same names and defaults)."""
+
+    clskd_blocks: str | None = None  # the [CLS]-KD layer pairs
+    md_weight: float = 1.0
+    md_k: int = 192
+
+
+def build(mcfg: MDConfig, s_info, t_info, ctx: BuildContext):
     check_pair("md", s_info, t_info)
     pairs = clskd_pairs(s_info.depth, t_info.depth, int_list(mcfg.clskd_blocks))
     return ManifoldLoss(pairs, k=mcfg.md_k, weight=mcfg.md_weight)
 
 
-METHOD = register(Method("md", build, student_vit=True, terms=("md",)))
+METHOD = register(Method("md", build, config=MDConfig, student_vit=True, terms=("md",)))

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from fastkd.methods.base import BuildContext, LossPart, Method, logit_signals, register
 from fastkd.ops import dispatch as KF
 
@@ -30,8 +32,17 @@ class NKDLoss(LossPart):
         return {"nkd": self.weight * loss}
 
 
-def build(mcfg, s_info, t_info, ctx: BuildContext):
+@dataclass
+class NKDConfig:
+    """The ``--nkd-*`` flags (fields of ``fastkd.config.MethodConfig``, same names and defaults)."""
+
+    nkd_tau: float = 1.0
+    nkd_gamma: float = 1.0  # ViT students (the release's CNN default is 1.5)
+    nkd_weight: float = 1.0
+
+
+def build(mcfg: NKDConfig, s_info, t_info, ctx: BuildContext):
     return NKDLoss(mcfg.nkd_tau, mcfg.nkd_gamma, mcfg.nkd_weight)
 
 
-METHOD = register(Method("nkd", build, terms=("nkd",)))
+METHOD = register(Method("nkd", build, config=NKDConfig, terms=("nkd",)))

@@ -18,7 +18,7 @@ from torch import nn
 
 # the method files: importing one registers it (_BUILTIN below orders them for logs and plots)
 from fastkd.methods import ce, clskd, cskd, deit, kd, md, nkd, vitkd
-from fastkd.methods.base import REGISTRY, BuildContext, LossPart, Method
+from fastkd.methods.base import REGISTRY, BuildContext, LossPart, Method, typed_config
 from fastkd.methods.ce import CELoss
 from fastkd.models import ModelInfo, Taps
 
@@ -109,12 +109,13 @@ def build_loss(mcfg, s_info: ModelInfo, t_info: ModelInfo | None, *, epochs: int
     methods = methods_of(mcfg.method)
     ctx = BuildContext(tuple(methods), epochs)
     parts: list[LossPart] = []
-    if mcfg.ce_weight > 0 and not any(m.owns_ce for m in methods):
-        parts.append(CELoss(mcfg.ce_weight, mcfg.label_smoothing))
+    ce_cfg = typed_config(ce.METHOD, mcfg)
+    if ce_cfg.ce_weight > 0 and not any(m.owns_ce for m in methods):
+        parts.append(CELoss(ce_cfg.ce_weight, ce_cfg.label_smoothing))
     if any(m.teacher for m in methods) and t_info is None:
         raise ValueError(f"--method {mcfg.method} needs a teacher (give --teacher or --teacher-cache)")
     for m in methods:
-        part = m.build(mcfg, s_info, t_info, ctx)
+        part = m.build(typed_config(m, mcfg), s_info, t_info, ctx)
         if part is not None:
             parts.append(part)
     if not parts:

@@ -15,6 +15,8 @@ final norm.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import nn
 
@@ -94,7 +96,17 @@ class ViTKDLoss(LossPart):
         return {"vitkd_mim": mim, "vitkd_gen": gen}
 
 
-def build(mcfg, s_info, t_info, ctx: BuildContext):
+@dataclass
+class ViTKDConfig:
+    """The ``--vitkd-*`` flags (fields of ``fastkd.config.MethodConfig``, same names and defaults)."""
+
+    vitkd_alpha: float = 3e-5
+    vitkd_beta: float = 3e-6
+    vitkd_mask_ratio: float = 0.5
+    vitkd_blocks: str = "0,1"  # shallow student/teacher blocks for the mimic loss
+
+
+def build(mcfg: ViTKDConfig, s_info, t_info, ctx: BuildContext):
     need_vit(s_info, t_info, "vitkd")
     if tuple(s_info.grid) != tuple(t_info.grid):
         raise ValueError(
@@ -119,4 +131,6 @@ def build(mcfg, s_info, t_info, ctx: BuildContext):
     )
 
 
-METHOD = register(Method("vitkd", build, student_vit=True, terms=("vitkd_mim", "vitkd_gen")))
+METHOD = register(
+    Method("vitkd", build, config=ViTKDConfig, student_vit=True, terms=("vitkd_mim", "vitkd_gen"))
+)
