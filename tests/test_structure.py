@@ -195,13 +195,13 @@ def test_cache_and_train_build_the_identical_teacher_with_shape_overrides(tmp_pa
             "--workdir", str(tmp_path), "--quiet"]
     cfg = parse_args(args)
     rp = run_parts(cfg, log=lambda *a: None)
-    t_cache, id_cache = setup.resolve_teacher(cfg, rp.full, rp.device, log=lambda *a: None)
+    t_cache, src_cache = setup.resolve_teacher(cfg, rp.full, rp.device, log=lambda *a: None)
     tr = setup.build_trainer(parse_args(args), log=lambda *a: None)
     t_train = tr.teacher.model
     info = model_info_of(t_cache)
     assert info == model_info_of(t_train)
     assert (info.depth, info.embed_dim, info.grid) == (1, 48, (4, 4))
-    assert id_cache["source"] == tr.teacher.source == "vit_tiny_patch16_224"
+    assert src_cache == tr.teacher.source == "vit_tiny_patch16_224"
     sd_c, sd_t = t_cache.state_dict(), t_train.state_dict()
     assert sd_c.keys() == sd_t.keys() and all(sd_c[k].shape == sd_t[k].shape for k in sd_c)
 

@@ -38,6 +38,7 @@ from fastkd.data.augment import AugmentConfig
 from fastkd.data.batches import TrainBatches
 from fastkd.methods.registry import build_loss, needs_teacher
 from fastkd.models import ModelInfo, model_info
+from fastkd.teachers.factory import teacher_identity
 from fastkd.teachers.online import OnlineTeacher
 from fastkd.train.setup import (
     build_aug,
@@ -168,7 +169,8 @@ def build_cache(
 
     rp = run_parts(cfg, log)
     d, amp = rp.data, rp.amp
-    t_model, ident = resolve_teacher(cfg, rp.full, rp.device, log=log)  # the same path as fastkd.train
+    t_model, _ = resolve_teacher(cfg, rp.full, rp.device, log=log)  # the same path as fastkd.train
+    ident = teacher_identity(cfg, rp.full, t_model)
     t_info = model_info(t_model)
     loss = build_loss(cfg.method, rp.s_info, t_info, epochs=cfg.optim.epochs)
     teacher = OnlineTeacher(t_model, loss)

@@ -121,10 +121,11 @@ def build_student(cfg: TrainConfig, data: Dataset, device, arch: tuple[str, dict
 
 
 def resolve_teacher(cfg: TrainConfig, full: Dataset, device, *, dist: Dist | None = None, log=print):
-    """(teacher model on device, identity {"source", "sha256", "default_key"}) — the one teacher-resolution
-    path of train and cache. No --teacher: the default teacher (trained once if missing; rank 0 trains it,
-    the other ranks wait, then load it). Runs under a forked RNG, so the student's random stream does not
-    depend on whether the teacher was trained, loaded or cached."""
+    """(teacher model on device, its source) — the one teacher-resolution path of train and cache:
+    ``--teacher`` (timm name + ``--teacher-*`` shape flags, or a checkpoint as saved), else the default
+    teacher of the full split (trained once if missing; rank 0 trains it, the other ranks wait, then load
+    it). Runs under a forked RNG, so the student's random stream does not depend on whether the teacher
+    was trained, loaded or cached."""
     dist = dist or Dist()
     with torch.random.fork_rng(devices=[]):
         path = None
@@ -135,32 +136,29 @@ def resolve_teacher(cfg: TrainConfig, full: Dataset, device, *, dist: Dist | Non
             if not dist.main:
                 path = ensure_default_teacher(cfg, full, log=log)
         model = teacher_model(cfg, full, path)
-    return model.to(device), teacher_identity(cfg, full, model)
+    return model.to(device), str(cfg.model.teacher or path)
 
 
 def build_teacher_and_loss(
     cfg: TrainConfig, full: Dataset, data: Dataset, aug: AugmentConfig, s_info, device, *,
     dist: Dist | None = None, amp: bool = False, log=print,
 ) -> tuple[Teacher | None, DistillLoss]:
-    """The teacher (online, cached, or None for a teacher-free total) and the loss built against it."""
-    teacher: Teacher | None = None
-    t_model = None
-    if needs_teacher(cfg.method.method) and cfg.run.teacher_cache:
-        teacher = CachedTeacher(
+    """The teacher (online, cached, or None for a teacher-free total) and the loss built against it:
+    the loss needs the teacher's ModelInfo, the online teacher the loss's taps and signal names."""
+    if not needs_teacher(cfg.method.method):
+        return None, build_loss(cfg.method, s_info, None, epochs=cfg.optim.epochs).to(device)
+    if cfg.run.teacher_cache:
+        cached = CachedTeacher(
             cfg.run.teacher_cache, cfg=cfg, data=data, aug=aug, device=device,
-            run_teacher=teacher_identity(cfg, full) if (full is not None or cfg.model.teacher) else None,
-            source=cfg.model.teacher or cfg.run.teacher_cache,
+            run_teacher=teacher_identity(cfg, full), source=cfg.model.teacher or cfg.run.teacher_cache,
         )
-    elif needs_teacher(cfg.method.method):
-        t_model, ident = resolve_teacher(cfg, full, device, dist=dist, log=log)
-    t_info = teacher.info if teacher is not None else (model_info(t_model) if t_model is not None else None)
-    loss = build_loss(cfg.method, s_info, t_info, epochs=cfg.optim.epochs).to(device)
-    if t_model is not None:
-        top1 = evaluate(t_model, data, device, amp)["top1"]
-        teacher = OnlineTeacher(t_model, loss, top1=top1, source=ident["source"])
-    elif teacher is not None:
-        teacher.check_signals(loss)
-    return teacher, loss
+        loss = build_loss(cfg.method, s_info, cached.info, epochs=cfg.optim.epochs).to(device)
+        cached.check_signals(loss)
+        return cached, loss
+    t_model, source = resolve_teacher(cfg, full, device, dist=dist, log=log)
+    loss = build_loss(cfg.method, s_info, model_info(t_model), epochs=cfg.optim.epochs).to(device)
+    top1 = evaluate(t_model, data, device, amp)["top1"]
+    return OnlineTeacher(t_model, loss, top1=top1, source=source), loss
 
 
 def build_trainer(
