@@ -35,6 +35,7 @@ from fastkd.teachers.factory import (
     teacher_model,
 )
 from fastkd.teachers.online import OnlineTeacher
+from fastkd.telemetry import require_tensorboard
 from fastkd.train.distributed import Dist
 from fastkd.train.trainer import Trainer, evaluate
 
@@ -175,6 +176,11 @@ def build_trainer(
     student_arch: (timm name, overrides) used as given (default: from the flags)."""
     dist = dist or Dist()
     device = dist.device(pick_device(cfg.run.device))
+    if cfg.run.tensorboard:  # fail fast, before any teacher is trained
+        try:
+            require_tensorboard()
+        except RuntimeError as e:
+            raise ValueError(str(e)) from None
     seed_everything(cfg.run.seed)
     KF.set_fused(cfg.run.fused)
     if cfg.run.fused and not announced(f"fused:{device}"):

@@ -30,7 +30,7 @@ from fastkd.methods.registry import DistillLoss, eval_dense_heads
 from fastkd.models import forward_taps, model_info, save_model
 from fastkd.ops import dispatch as KF
 from fastkd.teachers.base import Teacher
-from fastkd.telemetry import Telemetry, require_tensorboard
+from fastkd.telemetry import Telemetry
 from fastkd.train.artifacts import read_metrics, save_loss_modules, truncate_metrics, write_report
 from fastkd.train.distributed import Dist
 from fastkd.utils import atomic_write_json, load_state, save_state
@@ -107,11 +107,6 @@ class Trainer:
         self.amp = cfg.run.amp and self.device.type == "cuda"
         self.eval_dense = eval_dense_heads(cfg.method.method)
         self.teacher_top1 = teacher.top1 if teacher is not None else None
-        if cfg.run.tensorboard:
-            try:
-                require_tensorboard()
-            except RuntimeError as e:
-                raise ValueError(str(e)) from None
         self.batches = TrainBatches(data, aug, cfg.run.seed, self.device)
         self.y_train = self.batches.y_train
         self.sampler = EpochSampler(
