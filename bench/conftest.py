@@ -10,8 +10,8 @@ is in the project's addopts, and ``testpaths`` is ``tests``). Options:
 * ``--bench-providers eager,compiled,fused`` (default: all three),
 * ``--bench-time SECONDS`` (target measured time per benchmark; default 0.4 on CUDA, 0.15 on CPU).
 
-Providers: ``eager`` = ``fastkd.losses.reference``; ``compiled`` = ``torch.compile(reference fn,
-dynamic=False)``; ``fused`` = ``fastkd.functional`` with ``set_fused(True)`` — Triton kernels, so
+Providers: ``eager`` = ``fastkd.ops.reference``; ``compiled`` = ``torch.compile(reference fn,
+dynamic=False)``; ``fused`` = ``fastkd.ops.dispatch`` with ``set_fused(True)`` — Triton kernels, so
 CUDA only (on CPU fused mode *is* the compiled reference, which ``compiled`` already measures).
 """
 
@@ -189,41 +189,41 @@ def env_info(device) -> dict[str, Any]:
 
 @functools.cache
 def _compiled(name: str) -> Callable:
-    from fastkd.losses import reference
+    from fastkd.ops import reference
 
     return torch.compile(getattr(reference, name), dynamic=False)
 
 
 def _fused_module():
-    """``fastkd.functional`` in fused mode, or a skip with the reason."""
+    """``fastkd.ops.dispatch`` in fused mode, or a skip with the reason."""
     try:
-        functional = importlib.import_module("fastkd.functional")
+        functional = importlib.import_module("fastkd.ops.dispatch")
     except ImportError as e:
-        pytest.skip(f"fused provider: fastkd.functional not importable ({e})")
+        pytest.skip(f"fused provider: fastkd.ops.dispatch not importable ({e})")
     if os.environ.get("FASTKD_KERNELS") == "0":
         pytest.skip("fused provider: FASTKD_KERNELS=0 forces the reference")
     if not hasattr(functional, "set_fused"):
-        pytest.skip("fused provider: fastkd.functional has no set_fused()")
+        pytest.skip("fused provider: fastkd.ops.dispatch has no set_fused()")
     functional.set_fused(True)
     return functional
 
 
 @pytest.fixture
 def loss_fn(provider: str, device: torch.device) -> Callable[[str], Callable]:
-    """``loss_fn(name)`` → the provider's implementation of ``fastkd.losses.reference.<name>``."""
+    """``loss_fn(name)`` → the provider's implementation of ``fastkd.ops.reference.<name>``."""
     if provider == "fused" and device.type != "cuda":
         pytest.skip("fused provider: Triton kernels need CUDA (on CPU fused mode = the compiled reference)")
 
     def get(name: str) -> Callable:
         if provider == "eager":
-            from fastkd.losses import reference
+            from fastkd.ops import reference
 
             return getattr(reference, name)
         if provider == "compiled":
             return _compiled(name)
         functional = _fused_module()
         if not hasattr(functional, name):
-            pytest.skip(f"fused provider: fastkd.functional has no {name}")
+            pytest.skip(f"fused provider: fastkd.ops.dispatch has no {name}")
         return getattr(functional, name)
 
     return get

@@ -134,7 +134,7 @@ try:
 except Exception as e:
     info["fastkd.kernels"] = f"NOT importable ({type(e).__name__}: {e})"
 try:
-    from fastkd import functional as KF
+    from fastkd.ops import dispatch as KF
     KF.set_fused(True)
     info["fused_path"] = KF.describe(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
 except Exception as e:

@@ -3,7 +3,7 @@
 #   bash bench/gpu_check.sh OUT_DIR [--budget SECONDS] [--skip STEP,...]
 # Kernel correctness with real Triton compilation, the benchmark suite, a short training run with
 # telemetry; JSON/CSV/markdown into OUT_DIR (at most 8 files). Installs nothing: the repo is used
-# in place through PYTHONPATH (fastkd/__init__.py maps fastkd.kernels onto kernels/).
+# in place through PYTHONPATH (fastkd/kernels is a git-tracked symlink to kernels/).
 # Finishes inside 9 minutes on an H100; a failing step is recorded and the next one runs.
 set -u
 if [ $# -lt 1 ]; then

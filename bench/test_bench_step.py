@@ -46,11 +46,11 @@ def _sync(device: torch.device) -> None:
 @pytest.fixture(scope="session")
 def step_env(tmp_path_factory, device):
     """Teacher checkpoint, its logit cache, and one Trainer per variant (same seed, same batch)."""
-    from fastkd.cache import build_cache
+    from fastkd.cache.build import build_cache
     from fastkd.config import parse_args
     from fastkd.data import load_data
     from fastkd.models import count_flops, create_model, default_arch, save_model
-    from fastkd.train import Trainer
+    from fastkd.train.setup import build_trainer
 
     root = tmp_path_factory.mktemp("bench_step")
     data = load_data("digits")
@@ -73,7 +73,7 @@ def step_env(tmp_path_factory, device):
         "online": [*base, "--method", "kd"],
         "cached": [*base, "--method", "kd", "--teacher-cache", str(cache_dir)],
     }
-    trainers = {v: Trainer(parse_args(a), data=data, log=quiet) for v, a in argv.items()}
+    trainers = {v: build_trainer(parse_args(a), data=data, log=quiet) for v, a in argv.items()}
     ids = next(iter(trainers["plain"].sampler.batches(0)))
     ct = trainers["cached"].teacher
     ct.prefetch_epoch(itertools.repeat(ids), 0)  # as Trainer.fit does, for an endless epoch of this batch

@@ -15,7 +15,7 @@ Methods (``--methods``, comma-separated): the labels below, any ``--preset`` nam
 - ``kd``, ``nkd``, ``vitkd``, ``vitkd+nkd``, ``clskd``, ``clskd+kd``: the default ViT teacher (trained
   once and reused, see fastkd.train); CE(ls 0.1) stays in every total;
 - ``cskd+deit``: the CSKD release total (½ CE + ½ DeiT hard + CSKD) with the default CNN teacher
-  (``fastkd.losses.cskd.default_cnn_arch``, trained once with the same teacher recipe) and the
+  (``fastkd.methods.cskd.default_cnn_arch``, trained once with the same teacher recipe) and the
   DeiT-distilled version of the default student (same width/depth/heads/patch, plus a dist token and
   head). Its top-1 is the CSKD eval (mean of cls, dist and dense dist-head logits); the cls-head top-1
   is listed beside it.
@@ -37,7 +37,9 @@ import torch
 
 from fastkd.config import PRESETS, ModelConfig, OptimConfig, TrainConfig, apply_overrides, parse_methods
 from fastkd.data import load_data
+from fastkd.methods import registry
 from fastkd.models import default_arch
+from fastkd.train.setup import build_data, build_trainer, ensure_default_teacher
 from fastkd.utils import atomic_write_json, atomic_write_text
 
 DEFAULT_METHODS = ("plain", "kd", "nkd", "vitkd", "vitkd+nkd", "clskd", "clskd+kd", "cskd+deit")
@@ -61,11 +63,11 @@ def method_overrides(label: str) -> dict:
 
 
 def needs_cnn_teacher(overrides: dict) -> bool:
-    return "cskd" in parse_methods(overrides["method"])
+    return registry.needs_cnn_teacher(overrides["method"])
 
 
 def needs_distilled_student(overrides: dict) -> bool:
-    return bool({"cskd", "deit"} & set(parse_methods(overrides["method"])))
+    return registry.wants_dist_head(overrides["method"], strict=False)
 
 
 def _mean_std(v: list[float]) -> tuple[float, float]:
@@ -93,14 +95,10 @@ class Study:
         if not self.labels:
             raise ValueError("--methods is empty; e.g. --methods " + ",".join(DEFAULT_METHODS))
         self.overrides = {lab: method_overrides(lab) for lab in self.labels}
+        # the full split: each run applies --train-limit (the digits default regime) itself, and the
+        # default teachers learn from all of it (fastkd.train.setup)
         self.data = load_data(args.data, img_size=args.img_size)
-        from fastkd.train import DIGITS_DEFAULT_LIMIT, limit_train
-
-        limit = args.train_limit
-        if limit is None and args.data == "digits":  # the default job's regime (fastkd.train)
-            limit = DIGITS_DEFAULT_LIMIT
-        if limit:
-            self.data = limit_train(self.data, limit)
+        self.student_data = build_data(self.base_config(0), self.data, log=lambda *a: None)[1]
 
     def base_config(self, seed: int) -> TrainConfig:
         a = self.args
@@ -115,14 +113,11 @@ class Study:
                 apply_overrides(cfg, {k: getattr(a, k)})
         return cfg
 
-    def cnn_teacher(self) -> str:
-        from fastkd.train import ensure_default_cnn_teacher
-
-        return str(ensure_default_cnn_teacher(self.base_config(0), self.data, log=self.log))
+    def cnn_teacher(self, overrides: dict) -> str:
+        cfg = apply_overrides(self.base_config(0), overrides)
+        return str(ensure_default_teacher(cfg, self.data, log=self.log))
 
     def run_one(self, label: str, seed: int) -> dict:
-        from fastkd.train import Trainer
-
         run_dir = self.out / "runs" / f"{label.replace('+', '_')}-s{seed}"
         ov = self.overrides[label]
         cfg = apply_overrides(self.base_config(seed), ov)
@@ -137,8 +132,8 @@ class Study:
         if done.exists():
             return json.loads(done.read_text())
         if needs_cnn_teacher(ov):
-            cfg.model = replace(cfg.model, teacher=self.cnn_teacher())
-        trainer = Trainer(cfg, data=d, student_arch=arch, log=self.log)
+            cfg.model = replace(cfg.model, teacher=self.cnn_teacher(ov))
+        trainer = build_trainer(cfg, data=d, student_arch=arch, log=self.log)
         return trainer.fit(run_dir)
 
     @staticmethod
@@ -201,7 +196,8 @@ class Study:
             ))
         meta = dict(
             command=a.command,
-            data=self.data.name, train=len(self.data.y_train), val=len(self.data.y_val),
+            data=self.student_data.name, train=len(self.student_data.y_train),
+            val=len(self.student_data.y_val),
             epochs=a.epochs, teacher_epochs=a.teacher_epochs, seeds=self.seeds,
             batch_size=self.base_config(0).optim.batch_size, lr=self.base_config(0).optim.lr,
             machine=_machine(a.device),

@@ -23,8 +23,8 @@ import numpy as np
 import pytest
 import torch
 
-from fastkd import train
 from fastkd.config import MethodConfig, parse_args
+from fastkd.train import __main__ as train
 from fastkd.utils import load_state
 
 REPO = Path(__file__).resolve().parents[1]
@@ -76,10 +76,11 @@ def _env() -> dict[str, str]:
 # ------------------------------------------------------------------------- (a) kill mid-epoch + resume
 KILL_AFTER = """
 import os, signal, sys
-from fastkd import train
+from fastkd.train import __main__ as train
 
 K = int(sys.argv[1])
-orig = train.Trainer.step
+from fastkd.train.trainer import Trainer
+orig = Trainer.step
 
 
 def step(self, *a, **k):
@@ -89,7 +90,7 @@ def step(self, *a, **k):
     return out
 
 
-train.Trainer.step = step
+Trainer.step = step
 sys.exit(train.main(sys.argv[2:]))
 """
 
@@ -172,7 +173,7 @@ def npz16(tmp_path_factory) -> str:
 
 
 def _has_clskd() -> bool:
-    return (REPO / "fastkd" / "losses" / "clskd.py").is_file()
+    return (REPO / "fastkd" / "methods" / "clskd.py").is_file()
 
 
 @pytest.mark.parametrize(
@@ -194,7 +195,7 @@ def _has_clskd() -> bool:
 )
 def test_teacher_student_mismatch_one_line(tmp_path, capsys, npz16, case, argv, needles):
     if case.startswith("cls") and not _has_clskd():
-        pytest.skip("fastkd/losses/clskd.py (issue 4) is not in this checkout")
+        pytest.skip("fastkd/methods/clskd.py (issue 4) is not in this checkout")
     data = ["--data", npz16, "--train-limit", "64"] if case in ("grid", "cls", "cls-md") else []
     rc, err = _main([*TINY, "--workdir", tmp_path / "w", "--out", tmp_path / "r", *argv, *data], capsys)
     assert rc == 2
@@ -266,7 +267,7 @@ def test_bad_dataset_one_line(tmp_path, capsys, case, needles):
 def test_non_finite_loss_stops_naming_step_and_part(tmp_path, capsys, monkeypatch, log_every, bad):
     """CE turns non-finite from step 3 on. With --log-every 1 the log check of step 3 stops the run; with
     --log-every 100 the check before the step-4 checkpoint does. Either way the step-2 checkpoint stays."""
-    from fastkd.losses.parts import CELoss
+    from fastkd.methods.ce import CELoss
 
     orig, calls = CELoss.forward, {"n": 0}
 
@@ -369,7 +370,7 @@ def test_loss_code_is_dtype_safe_in_bf16():
     computation on the same (bf16-representable) values; backward gives every trainable parameter and every
     student tap a finite gradient. Checked plain (bf16 tensors in, fp32 loss parameters) and under CPU bf16
     autocast (what --amp does on CUDA, where the loss runs inside the autocast region)."""
-    from fastkd.losses.combine import build_loss
+    from fastkd.methods.registry import build_loss
     from fastkd.models import ModelInfo, Taps
 
     B, C, Ds, Dt, depth, grid = 6, 10, 16, 24, 2, (4, 4)

@@ -3,6 +3,7 @@
 import contextlib
 
 import torch
+
 from fastkd.kernels._utils import INTERPRET
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() and not INTERPRET else "cpu")

@@ -3,10 +3,11 @@ dtypes, strides as the real kernels produce them) and AOT dispatch — what torc
 
 import pytest
 import torch
+from kd_testutil import DEVICE
+
 from fastkd.kernels import logit_kd as lk
 from fastkd.kernels import masked_gen as mg
 from fastkd.kernels import token_kd as tk
-from kd_testutil import DEVICE
 
 
 def _inputs():

@@ -4,10 +4,10 @@ gradients, C not a power of two, multi-block rows, every shipped config."""
 
 import pytest
 import torch
-from fastkd.kernels import logit_kd as lk
 from kd_testutil import DEVICE, assert_bf16, assert_fp32, autocast_bf16, randn, upstream_scalar
 
 from fastkd import functional as KF
+from fastkd.kernels import logit_kd as lk
 from fastkd.losses import reference as R
 
 

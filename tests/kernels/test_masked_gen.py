@@ -6,7 +6,6 @@ import copy
 
 import pytest
 import torch
-from fastkd.kernels import masked_gen as mg
 from kd_testutil import (
     DEVICE,
     assert_bf16,
@@ -18,6 +17,7 @@ from kd_testutil import (
 )
 
 from fastkd import functional as KF
+from fastkd.kernels import masked_gen as mg
 from fastkd.losses import reference as R
 
 # (B, N, (h, w), P, D_s, D_t, projection); P prefix tokens precede the patches (the kernel sees x[:, P:])

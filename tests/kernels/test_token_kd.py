@@ -4,9 +4,9 @@ gradient (dS, dW, db) under random upstream gradients, on awkward shapes, every 
 import pytest
 import torch
 import torch.nn.functional as F
-from fastkd.kernels import token_kd as tk
 from kd_testutil import DEVICE, assert_bf16, assert_fp32, autocast_bf16, randn, upstream_scalar
 
+from fastkd.kernels import token_kd as tk
 from fastkd.losses import reference as R
 
 # (B, P_s, P_t, N, D_s, D_t, projection)

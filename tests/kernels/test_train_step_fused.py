@@ -14,7 +14,8 @@ import torch
 
 from fastkd import functional as KF
 from fastkd.config import parse_args
-from fastkd.train import Trainer
+from fastkd.train.setup import build_trainer
+from fastkd.train.trainer import Trainer
 
 TINY = [
     "--teacher",
@@ -70,7 +71,7 @@ def _err(a: torch.Tensor, ref: torch.Tensor) -> float:
 @pytest.mark.parametrize("method", ["vitkd+nkd+kd"])
 def test_fused_compiled_step_matches_reference(tmp_path, method):
     cfg = parse_args([*TINY, "--method", method, "--workdir", str(tmp_path)])
-    tr = Trainer(cfg, log=lambda *a: None)
+    tr = build_trainer(cfg, log=lambda *a: None)
     t64, g64 = _run(tr, fused=False, compiled=False, dtype=torch.float64)
     t32, g32 = _run(tr, fused=False, compiled=False, dtype=torch.float32)
     tf, gf = _run(tr, fused=True, compiled=True, dtype=torch.float32)

@@ -1,0 +1,1 @@
+"""Distillation methods: one file per method plus the registry that builds the total loss."""

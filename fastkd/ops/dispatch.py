@@ -1,0 +1,457 @@
+"""Loss dispatch: the public loss API of ``fastkd.ops.reference``, routed to the fastest valid path.
+
+Paths (``describe()`` names the active one; the trainer prints it once):
+
+* ``reference`` — the eager pure-torch reference. Always used when fused mode is off
+  (``set_fused(False)``, the default) or when ``FASTKD_KERNELS=0`` is set in the environment
+  (read by ``set_fused`` / ``refresh_env``; it forces the reference anywhere).
+* ``triton`` — fused mode on CUDA tensors: the Triton kernels of ``fastkd.kernels`` (registered torch
+  custom ops, so ``torch.compile(fullgraph=True)`` works). Inputs the kernels do not take fall back to
+  the eager reference per call: fp64 or fp16 tensors, top-K records with K > 256.
+* ``compiled`` — fused mode on CPU (Triton needs CUDA), or on CUDA without Triton:
+  ``torch.compile`` of the reference function (same values; compiled once per function).
+
+Kernel-covered functions (same names and signatures as the reference): ``kd_loss``, ``kd_loss_topk``,
+``nkd_loss``, ``nkd_loss_topk``, ``vitkd_mimic_loss``, ``vitkd_gen_loss``, ``cls_patch_map``,
+``cls_patch_map_loss``, plus the fused ``token_kd`` (mimic + map + CLS-embedding inputs of one layer
+pair in one pass). Every other reference function is re-exported unchanged (same object).
+
+Tests route CPU tensors through the Triton interpreter with ``set_fused(True, interpreter=True)``
+(needs ``TRITON_INTERPRET=1`` before ``fastkd.kernels`` is first imported).
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+import os
+from collections.abc import Callable, Sequence
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+
+from fastkd.ops import reference as R
+from fastkd.ops.reference import (  # noqa: F401  (re-exported: not kernel-covered)
+    ald,
+    cls_embed_loss,
+    cskd_alpha,
+    cskd_loss,
+    deit_hard_loss,
+    manifold_loss,
+    random_token_mask,
+)
+
+Tensor = torch.Tensor
+
+__all__ = [
+    "set_fused",
+    "is_fused",
+    "refresh_env",
+    "describe",
+    "active_path",
+    "TokenKD",
+    "token_kd",
+    "kd_loss",
+    "kd_loss_topk",
+    "nkd_loss",
+    "nkd_loss_topk",
+    "vitkd_mimic_loss",
+    "vitkd_gen_loss",
+    "cls_patch_map",
+    "cls_patch_map_loss",
+    "cls_embed_loss",
+    "random_token_mask",
+    "ald",
+    "manifold_loss",
+    "cskd_loss",
+    "cskd_alpha",
+    "deit_hard_loss",
+]
+
+_FLOAT = (torch.float32, torch.bfloat16)  # what the kernels take; others use the reference
+
+
+class _State:
+    """Process-wide dispatch state (one instance, ``_S``)."""
+
+    def __init__(self):
+        self.fused = False
+        self.interpreter = False
+        self.env_off = os.environ.get("FASTKD_KERNELS", "1").strip() == "0"
+        self.kernels = None  # the imported kernel modules, once the Triton path is needed
+        self.compiled: dict[str, Callable] = {}  # torch.compile'd reference functions, by name
+
+
+_S = _State()
+
+
+def refresh_env() -> None:
+    """Re-read ``FASTKD_KERNELS`` (``0`` forces the reference path everywhere)."""
+    _S.env_off = os.environ.get("FASTKD_KERNELS", "1").strip() == "0"
+
+
+def set_fused(on: bool, *, interpreter: bool = False) -> None:
+    """Turn fused mode on or off (process-wide). ``interpreter=True`` (tests only) sends CPU tensors to the
+    Triton kernels too, which then run in the Triton interpreter (set ``TRITON_INTERPRET=1`` first)."""
+    _S.fused = bool(on)
+    _S.interpreter = bool(on and interpreter)
+    refresh_env()
+    if _S.fused and not _S.env_off and (_S.interpreter or _cuda_triton_ok()):
+        _load_kernels()
+
+
+def is_fused() -> bool:
+    return _S.fused
+
+
+_TRITON_INSTALLED = importlib.util.find_spec("triton") is not None  # checked once: not traceable
+
+
+def _triton_installed() -> bool:
+    return _TRITON_INSTALLED
+
+
+def _cuda_triton_ok() -> bool:
+    return torch.cuda.is_available() and _triton_installed()
+
+
+def _load_kernels():
+    """Import the kernel modules (outside any traced region: ``set_fused`` calls this eagerly)."""
+    if _S.kernels is None:
+        from fastkd.kernels import logit_kd, masked_gen, token_kd
+
+        class _K:
+            pass
+
+        k = _K()
+        k.logit_kd, k.masked_gen, k.token_kd = logit_kd, masked_gen, token_kd
+        _S.kernels = k
+    return _S.kernels
+
+
+def _kern():
+    return _S.kernels if _S.kernels is not None else _load_kernels()
+
+
+def describe(device: torch.device | str | None = None) -> str:
+    """One line naming the loss path fused mode takes on ``device`` (default: CUDA if available)."""
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    dev = torch.device(device)
+    if not _S.fused:
+        return "reference losses (eager torch; --fused is off)"
+    if _S.env_off:
+        return "reference losses (FASTKD_KERNELS=0 forces the reference path)"
+    if dev.type == "cuda" and _triton_installed():
+        import triton
+
+        return f"fused Triton kernels (triton {triton.__version__}) on {dev}"
+    if dev.type == "cpu" and _S.interpreter:
+        return "fused Triton kernels in the Triton interpreter (CPU, tests only)"
+    why = "Triton kernels need CUDA" if dev.type != "cuda" else "Triton is not installed"
+    return f"compiled reference losses (torch.compile on {dev.type}; {why})"
+
+
+def active_path(*tensors: Tensor | None) -> str:
+    """ "reference", "triton" or "compiled": the path a call with these tensors takes."""
+    if not _S.fused or _S.env_off:
+        return "reference"
+    xs = [x for x in tensors if x is not None]
+    dev = xs[0].device if xs else torch.device("cpu")
+    if (dev.type == "cuda" and _triton_installed()) or (dev.type == "cpu" and _S.interpreter):
+        if all(x.dtype in _FLOAT for x in xs if x.is_floating_point()):
+            return "triton"
+        return "reference"  # e.g. fp64 / fp16: the kernels take fp32 and bf16
+    return "compiled"
+
+
+def _compiled(name: str, fn: Callable | None = None) -> Callable:
+    if name not in _S.compiled:
+        _S.compiled[name] = torch.compile(fn or getattr(R, name))
+    return _S.compiled[name]
+
+
+def _call(name: str, path: str, *args, **kwargs):
+    """Run reference function ``name`` eagerly or compiled, per ``path``."""
+    fn = getattr(R, name)
+    return _compiled(name)(*args, **kwargs) if path == "compiled" else fn(*args, **kwargs)
+
+
+def _needs_grad(x: Tensor) -> bool:
+    return x.requires_grad and torch.is_grad_enabled()
+
+
+def _unit_stride(x: Tensor) -> Tensor:
+    return x if x.dim() == 0 or x.stride(-1) == 1 else x.contiguous()
+
+
+def fused(tensors: Callable[..., tuple], unsupported: Callable[..., bool] | None = None):
+    """Make a Triton implementation the dispatching version of the reference function of the same name.
+
+    ``tensors(*args, **kwargs)`` → the tensors that decide the path (``active_path``; none: the reference);
+    ``unsupported(*args, **kwargs)`` → True for inputs the kernels do not take (then the eager reference).
+    Paths other than "triton" call the reference, eagerly or ``torch.compile``d; the decorated function
+    runs only on the Triton path. The wrapper carries the reference's name, signature and docstring.
+    """
+
+    def deco(kernel_fn: Callable) -> Callable:
+        name = kernel_fn.__name__
+        ref = getattr(R, name)
+
+        @functools.wraps(ref)
+        def dispatched(*args, **kwargs):
+            ts = tensors(*args, **kwargs)
+            path = active_path(*ts) if ts else "reference"
+            if path == "triton" and unsupported is not None and unsupported(*args, **kwargs):
+                path = "reference"
+            if path != "triton":
+                return _call(name, path, *args, **kwargs)
+            return kernel_fn(*args, **kwargs)
+
+        return dispatched
+
+    return deco
+
+
+# ------------------------------------------------------------------------------------------ logit KD
+@fused(lambda s_logits, t_logits, *a, **k: (s_logits, t_logits))
+def kd_loss(s_logits: Tensor, t_logits: Tensor, T: float = 4.0) -> Tensor:
+    k = _kern().logit_kd
+    s, t = _unit_stride(s_logits), _unit_stride(t_logits.detach())
+    dummy = torch.empty(0, dtype=torch.long, device=s.device)
+    return k.logit_kd_op(s, t, dummy, float(T), 1.0, False, _needs_grad(s))[0]
+
+
+@fused(lambda s_logits, t_logits, *a, **k: (s_logits, t_logits), lambda s, *a, **k: s.dim() != 2)
+def nkd_loss(
+    s_logits: Tensor, t_logits: Tensor, target: Tensor, tau: float = 1.0, gamma: float = 1.0
+) -> Tensor:
+    B, C = s_logits.shape
+    y = R._labels(target, B, C)
+    k = _kern().logit_kd
+    s, t = _unit_stride(s_logits), _unit_stride(t_logits.detach())
+    return k.logit_kd_op(s, t, y, float(tau), float(gamma), True, _needs_grad(s))[0]
+
+
+def _topk_ok(t_vals: Tensor) -> bool:
+    return t_vals.dim() == 2 and t_vals.shape[1] <= _kern().logit_kd.MAX_TOPK
+
+
+# top-K records: the student's logits decide the path (the record's values may be fp16; the launcher
+# checks them); K above the kernels' MAX_TOPK takes the reference
+@fused(lambda s_logits, *a, **k: (s_logits,), lambda s_logits, t_vals, *a, **k: not _topk_ok(t_vals))
+def kd_loss_topk(s_logits: Tensor, t_vals: Tensor, t_ids: Tensor, t_lse: Tensor, T: float = 4.0) -> Tensor:
+    k = _kern().logit_kd
+    s = _unit_stride(s_logits)
+    dummy = torch.empty(0, dtype=torch.long, device=s.device)
+    vals, ids, lse = _unit_stride(t_vals.detach()), _unit_stride(t_ids), t_lse.detach()
+    return k.logit_kd_topk_op(s, vals, ids, lse, dummy, float(T), 1.0, False, _needs_grad(s))[0]
+
+
+@fused(
+    lambda s_logits, *a, **k: (s_logits,),
+    lambda s_logits, t_vals, *a, **k: not _topk_ok(t_vals) or s_logits.dim() != 2,
+)
+def nkd_loss_topk(
+    s_logits: Tensor,
+    t_vals: Tensor,
+    t_ids: Tensor,
+    t_lse: Tensor,
+    target: Tensor,
+    tau: float = 1.0,
+    gamma: float = 1.0,
+) -> Tensor:
+    B, C = s_logits.shape
+    y = R._labels(target, B, C)
+    k = _kern().logit_kd
+    s = _unit_stride(s_logits)
+    vals, ids, lse = _unit_stride(t_vals.detach()), _unit_stride(t_ids), t_lse.detach()
+    return k.logit_kd_topk_op(s, vals, ids, lse, y, float(tau), float(gamma), True, _needs_grad(s))[0]
+
+
+# ---------------------------------------------------------------------------------------- token KD
+class TokenKD(NamedTuple):
+    """Outputs of ``token_kd`` (None where not requested).
+
+    mimic: 0-d Σ_{n,d} (W s + b − t)² over patch tokens (raw sum; ViTKD multiplies by α/B);
+    cls_map: 0-d mean over B·N of (a_t − a_s)² (the [CLS]-KD map loss);
+    s_cls [B, D_s] / t_cls [B, D_t]: norm of the student / teacher CLS token, fp32 — the inputs of
+    ``cls_embed_loss`` (which re-normalises them: a no-op up to rounding).
+    """
+
+    mimic: Tensor | None
+    cls_map: Tensor | None
+    s_cls: Tensor | None
+    t_cls: Tensor | None
+
+
+def _token_kd_reference(s_tokens, t_tokens, weight, bias, num_prefix_s, num_prefix_t, mimic, cls_map):
+    mim = cmap = s_cls = t_cls = None
+    if mimic:
+        B = s_tokens.shape[0]
+        mim = R.vitkd_mimic_loss(
+            [s_tokens[:, num_prefix_s:]], [t_tokens[:, num_prefix_t:]], [weight], [bias], alpha=float(B)
+        )
+    if cls_map:
+        cmap = R.cls_patch_map_loss(s_tokens, t_tokens, num_prefix_s, num_prefix_t)
+        s_cls = F.normalize(s_tokens[:, 0].to(cmap.dtype), dim=-1, eps=1e-12)
+        t_cls = F.normalize(t_tokens[:, 0].detach().to(cmap.dtype), dim=-1, eps=1e-12)
+    return TokenKD(mim, cmap, s_cls, t_cls)
+
+
+def token_kd(
+    s_tokens: Tensor,
+    t_tokens: Tensor,
+    weight: Tensor | None = None,
+    bias: Tensor | None = None,
+    *,
+    num_prefix_s: int = 1,
+    num_prefix_t: int = 1,
+    mimic: bool = True,
+    cls_map: bool = True,
+) -> TokenKD:
+    """Mimic MSE + CLS–patch map loss + CLS-embedding inputs of one layer pair, in one pass.
+
+    s_tokens [B, P_s+N, D_s], t_tokens [B, P_t+N, D_t] (all tokens, CLS at index 0); weight [D_t, D_s] /
+    bias [D_t] of the mimic projection (None = identity / 0). Returns ``TokenKD`` (see its docstring).
+    """
+    if not (mimic or cls_map):
+        raise ValueError("token_kd: nothing to compute; pass mimic=True and/or cls_map=True")
+    path = active_path(s_tokens, t_tokens, weight, bias)
+    if path == "reference":
+        return _token_kd_reference(
+            s_tokens, t_tokens, weight, bias, num_prefix_s, num_prefix_t, mimic, cls_map
+        )
+    if path == "compiled":
+        fn = _compiled("_token_kd", _token_kd_reference)
+        return TokenKD(*fn(s_tokens, t_tokens, weight, bias, num_prefix_s, num_prefix_t, mimic, cls_map))
+    k = _kern().token_kd
+    mim, msum, _, s_cls, t_cls, _ = k.token_kd_op(
+        _unit_stride(s_tokens),
+        _unit_stride(t_tokens.detach()),
+        weight if mimic else None,
+        bias if mimic else None,
+        num_prefix_s,
+        num_prefix_t,
+        mimic,
+        cls_map,
+    )
+    if not cls_map:
+        return TokenKD(mim, None, None, None)
+    B, N = s_tokens.shape[0], s_tokens.shape[1] - num_prefix_s
+    return TokenKD(mim if mimic else None, msum / (B * N), s_cls, t_cls)
+
+
+def _mimic_tensors(s_feats, t_feats, weights=None, biases=None, *a, **k):
+    n = len(s_feats)
+    ws = [None] * n if weights is None else list(weights)
+    bs = [None] * n if biases is None else list(biases)
+    return (*s_feats, *t_feats, *ws, *bs)
+
+
+def _mimic_unsupported(s_feats, t_feats, weights=None, biases=None, *a, **k):
+    n = len(s_feats)
+    return (
+        len(t_feats) != n
+        or (weights is not None and len(weights) != n)
+        or (biases is not None and len(biases) != n)
+    )
+
+
+@fused(_mimic_tensors, _mimic_unsupported)
+def vitkd_mimic_loss(
+    s_feats: Sequence[Tensor],
+    t_feats: Sequence[Tensor],
+    weights: Sequence[Tensor | None] | None,
+    biases: Sequence[Tensor | None] | None,
+    alpha: float = 3e-5,
+) -> Tensor:
+    """One kernel launch per layer."""
+    n = len(s_feats)
+    ws = [None] * n if weights is None else list(weights)
+    bs = [None] * n if biases is None else list(biases)
+    k = _kern().token_kd
+    B = s_feats[0].shape[0]
+    total = None
+    for i, (s, t, w, b) in enumerate(zip(s_feats, t_feats, ws, bs, strict=True)):
+        if s.dim() != 3 or t.dim() != 3 or s.shape[:2] != t.shape[:2] or s.shape[0] != B:
+            raise ValueError(
+                f"vitkd_mimic_loss layer {i}: student {tuple(s.shape)} and teacher {tuple(t.shape)} "
+                f"need the same [B, N] (B={B})"
+            )
+        term = k.token_kd_op(_unit_stride(s), _unit_stride(t.detach()), w, b, 0, 0, True, False)[0]
+        total = term if total is None else total + term
+    return total * (alpha / B)
+
+
+@fused(lambda tokens, *a, **k: (tokens,), lambda tokens, *a, **k: tokens.dim() != 3)
+def cls_patch_map(tokens: Tensor, num_prefix: int = 1) -> Tensor:
+    k = _kern().token_kd
+    return k.token_kd_op(_unit_stride(tokens), None, None, None, num_prefix, 0, False, True)[2]
+
+
+@fused(lambda s_tokens, t_tokens, *a, **k: (s_tokens, t_tokens), lambda s, *a, **k: s.dim() != 3)
+def cls_patch_map_loss(
+    s_tokens: Tensor, t_tokens: Tensor, num_prefix_s: int = 1, num_prefix_t: int = 1
+) -> Tensor:
+    return token_kd(
+        s_tokens, t_tokens, num_prefix_s=num_prefix_s, num_prefix_t=num_prefix_t, mimic=False
+    ).cls_map
+
+
+# ----------------------------------------------------------------------------------- ViTKD generation
+def _gen_tensors(s_last, t_last, mask, weight, bias, mask_token, *a, **k):
+    return (s_last, t_last, weight, bias, mask_token)
+
+
+def _gen_unsupported(s_last, t_last, *a, **k):
+    return s_last.dim() != 3 or t_last.dim() != 3
+
+
+@fused(_gen_tensors, _gen_unsupported)
+def vitkd_gen_loss(
+    s_last: Tensor,
+    t_last: Tensor,
+    mask: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    mask_token: Tensor,
+    generator: Callable[[Tensor], Tensor],
+    beta: float = 3e-6,
+    mask_ratio: float = 0.5,
+    *,
+    grid: tuple[int, int] | None = None,
+) -> Tensor:
+    """Triton path: one kernel builds the generator input (projection + mask-token substitution, laid out
+    channels_last [B, D_t, h, w]); the generator runs in torch (cuDNN); one kernel computes the masked
+    squared error and its gradient. Under autocast the generator input is made in the autocast dtype."""
+    B, N, _ = s_last.shape
+    d_t = t_last.shape[-1]
+    if t_last.shape[:2] != (B, N):
+        raise ValueError(
+            f"s_last {tuple(s_last.shape)} and t_last {tuple(t_last.shape)} need the same [B, N]"
+        )
+    if tuple(mask.shape) != (B, N) or mask.dtype != torch.bool:
+        raise ValueError(f"mask must be bool [B, N] = [{B}, {N}], got {mask.dtype} {tuple(mask.shape)}")
+    if mask_token.numel() != d_t:
+        raise ValueError(f"mask_token must have D_t = {d_t} elements, got {mask_token.numel()}")
+    if not 0.0 < mask_ratio <= 1.0:
+        raise ValueError(f"mask_ratio must be in (0, 1], got {mask_ratio}")
+    h, w = R._resolve_grid(N, grid, "vitkd_gen_loss")
+    dev_type = s_last.device.type
+    if torch.is_autocast_enabled(dev_type) and torch.get_autocast_dtype(dev_type) == torch.bfloat16:
+        x_dtype = torch.bfloat16  # the generator's convolutions would cast it to bf16 anyway
+    else:
+        x_dtype = R._work_dtype(s_last, t_last, weight, bias, mask_token)
+    k = _kern().masked_gen
+    x = k.gen_input_op(_unit_stride(s_last), mask, weight, bias, mask_token, h, w, x_dtype)
+    g = generator(x)
+    if tuple(g.shape) != (B, d_t, h, w):
+        raise ValueError(
+            f"generator must map [B, D_t, h, w] = {(B, d_t, h, w)} to itself, got {tuple(g.shape)}"
+        )
+    if g.dtype not in _FLOAT:
+        g = g.float()
+    loss, _ = k.gen_loss_op(g, _unit_stride(t_last.detach()), mask, beta / (mask_ratio * B), _needs_grad(g))
+    return loss

@@ -1,0 +1,1 @@
+"""Teachers: the frozen model (online) or its cached outputs, behind one protocol."""

@@ -1,0 +1,73 @@
+"""``python -m fastkd.train``: distil a student from a teacher (or train one alone).
+
+With no ``--teacher`` and a method that needs one, the default teacher for the data is trained first
+(teacher recipe: CE, ``--teacher-epochs``) and stored under ``<workdir>/teachers/<key>``, keyed by a hash
+of data fingerprint + arch + recipe, and reused by later runs (``fastkd.train.setup``).
+"""
+
+from __future__ import annotations
+
+import errno
+import sys
+from pathlib import Path
+
+import torch
+
+from fastkd.config import TrainConfig, parse_args
+from fastkd.train.distributed import init_distributed
+from fastkd.train.setup import build_trainer
+from fastkd.train.trainer import NonFiniteLoss
+
+__all__ = ["default_out", "main", "run"]
+
+
+def default_out(cfg: TrainConfig) -> Path:
+    name = f"{cfg.method.method}-{cfg.model.student or 'default'}-s{cfg.run.seed}".replace("/", "_")
+    return Path(cfg.run.workdir) / name
+
+
+def run(cfg: TrainConfig, log=print) -> dict:
+    dist = init_distributed(cfg.run.device)
+    if not dist.main:
+        log = lambda *a, **k: None  # noqa: E731  (only rank 0 talks and writes)
+    if dist.world > 1:
+        log(
+            f"fastkd: {dist.world} processes ({torch.distributed.get_backend()}), "
+            f"global batch {cfg.optim.batch_size}"
+        )
+    trainer = build_trainer(cfg, dist=dist, log=log)
+    out = Path(cfg.run.out) if cfg.run.out else default_out(cfg)
+    if trainer.teacher_top1 is not None:
+        log(f"fastkd: teacher val top-1 {trainer.teacher_top1:.2f}%")
+    summary = trainer.fit(out)
+    if not dist.main:  # ranks > 0 return {} from fit: nothing to report
+        return summary
+    log(
+        f"fastkd: {cfg.method.method}: student val top-1 {summary['student_top1']:.2f}% "
+        f"in {summary['wall_s']:.1f}s ({summary['img_per_s'] or 0:.0f} img/s) → {out}"
+    )
+    return summary
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        cfg = parse_args(argv)
+        run(cfg)
+    except (ValueError, FileNotFoundError, NonFiniteLoss) as e:
+        print(f"fastkd: error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:
+        if e.errno != errno.ENOSPC:
+            raise
+        where = f" writing {e.filename}" if e.filename else ""
+        print(
+            f"fastkd: error: disk full{where}; nothing partial was kept (atomic writes) — free space "
+            "and rerun with --resume to continue from the last complete checkpoint",
+            file=sys.stderr,
+        )
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,89 @@
+"""What a run directory holds besides weights: metrics.jsonl (read back and truncated on resume), the
+loss modules' weights, and report.png (loss and accuracy curves)."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from fastkd.methods.registry import report_terms
+from fastkd.utils import atomic_write_text
+
+
+def metric_lines(path: Path):
+    """(raw line, parsed record) of metrics.jsonl, skipping a line cut short by a crash or a full disk."""
+    if path.exists():
+        for line in path.read_text().splitlines():
+            try:
+                yield line, json.loads(line)
+            except json.JSONDecodeError:
+                continue
+
+
+def read_metrics(path: Path) -> tuple[list[dict], list[dict]]:
+    hist, evals = [], []
+    for _, r in metric_lines(path):
+        (evals if any(k.startswith("val_") for k in r) else hist).append(r)
+    return hist, evals
+
+
+def truncate_metrics(path: Path, step: int) -> None:
+    """Drop records logged after the checkpoint we resume from (they will be logged again)."""
+    if path.exists():
+        keep = [ln for ln, r in metric_lines(path) if r.get("step", 0) <= step]
+        atomic_write_text(path, "".join(ln + "\n" for ln in keep))
+
+
+#: loss parts drawn in report.png (whatever the run logged of them): the total, then each method's terms
+REPORT_TERMS = report_terms()
+
+
+def write_report(
+    path: Path, history: list[dict], evals: list[dict], title: str = "", teacher_top1: float | None = None
+) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4))
+    if history:
+        steps = [r["step"] for r in history]
+        keys = [k for k in REPORT_TERMS if k in history[0]]
+        for k in keys:
+            a1.plot(steps, [r.get(k, float("nan")) for r in history], label=k, lw=2 if k == "loss" else 1)
+        a1.set_yscale("log")
+        a1.set_xlabel("step")
+        a1.set_title("training loss (named parts)")
+        a1.legend(fontsize=8)
+    if evals:
+        a2.plot([e["epoch"] for e in evals], [e["val_top1"] for e in evals], "o-", label="student top-1")
+        for k in ("val_top1_cls", "val_top1_dist"):
+            if k in evals[0]:
+                a2.plot([e["epoch"] for e in evals], [e[k] for e in evals], ".--", label=k[4:])
+        if teacher_top1 is not None:
+            a2.axhline(teacher_top1, color="gray", ls=":", label=f"teacher {teacher_top1:.1f}")
+        a2.set_xlabel("epoch")
+        a2.set_ylabel("val top-1 (%)")
+        a2.set_title("validation accuracy")
+        a2.legend(fontsize=8)
+    fig.suptitle(title)
+    fig.tight_layout()
+    tmp = path.with_suffix(".tmp.png")
+    fig.savefig(tmp, dpi=90)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+def save_loss_modules(loss, path: Path) -> None:
+    """The trainable loss parts' weights (projectors, generator, mask token) as safetensors, atomically."""
+    from safetensors.torch import save_file
+
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        save_file({k: v.contiguous() for k, v in loss.state_dict().items()}, str(tmp))
+        os.replace(tmp, path)
+    except BaseException:  # e.g. ENOSPC: leave no partial file behind
+        tmp.unlink(missing_ok=True)
+        raise

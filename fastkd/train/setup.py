@@ -1,0 +1,224 @@
+"""Build a run's parts from its config: data, augmentation, student, teacher, loss → ``Trainer``.
+
+The order is the data flow, and it is the one dependency there is: the loss needs the teacher's
+``ModelInfo``, and the online teacher needs the loss (which blocks to tap, which signals to hand over)::
+
+    seed → data (+ --train-limit) → augmentation → student → teacher model | cache → loss → teacher → Trainer
+
+``fastkd.cache`` builds the same parts with the same functions (and no trainer). With no ``--teacher`` the
+default teacher is trained first by a plain ``fit`` on its own parts (``ensure_default_teacher``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import random
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from fastkd.config import TrainConfig
+from fastkd.data import Dataset, load_data
+from fastkd.data.augment import AugmentConfig
+from fastkd.methods.ce import METHOD as PLAIN  # the teacher-free method the default teacher uses
+from fastkd.methods.registry import DistillLoss, build_loss, check_student, needs_teacher, wants_dist_head
+from fastkd.models import default_arch, model_info, resolve_model
+from fastkd.ops import dispatch as KF
+from fastkd.teachers.base import Teacher
+from fastkd.teachers.cached import CachedTeacher
+from fastkd.teachers.factory import (
+    default_teacher_spec,
+    shape_overrides,
+    teacher_identity,
+    teacher_model,
+)
+from fastkd.teachers.online import OnlineTeacher
+from fastkd.telemetry import require_tensorboard
+from fastkd.train.distributed import Dist
+from fastkd.train.trainer import Trainer, evaluate
+
+DISTILLED_BASE = "deit_tiny_distilled_patch16_224"
+DIGITS_DEFAULT_LIMIT = 360  # the default job's labelled set for the student (README: measured table)
+
+_ANNOUNCED: set[str] = set()
+
+
+def announced(key: str) -> bool:
+    """True if this one-line notice was already printed in this process."""
+    seen = key in _ANNOUNCED
+    _ANNOUNCED.add(key)
+    return seen
+
+
+def pick_device(spec: str) -> torch.device:
+    if spec == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(spec)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {spec}: CUDA is not available on this machine; use --device cpu")
+    return dev
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def limit_train(data: Dataset, n: int) -> Dataset:
+    """The first n training images of the fixed split (the small-labelled-data regime)."""
+    if n <= 0 or n > len(data.y_train):
+        raise ValueError(f"--train-limit {n}: must be in 1..{len(data.y_train)} for {data.name}")
+    if n == len(data.y_train):
+        return data
+    x, y = data.x_train[:n], data.y_train[:n]
+    fp = hashlib.sha256(f"{data.fingerprint}:first{n}".encode()).hexdigest()
+    return replace(data, x_train=x, y_train=y, fingerprint=fp, name=f"{data.name}[:{n}]")
+
+
+def build_data(cfg: TrainConfig, data: Dataset | None = None, log=print) -> tuple[Dataset, Dataset]:
+    """(full training split, the student's split). The teacher (when fastkd trains it) learns from the
+    whole split; the student from the first --train-limit images of it (digits default: 360)."""
+    full = data if data is not None else load_data(cfg.data.data, img_size=cfg.data.img_size)
+    limit = cfg.data.train_limit
+    if limit is None and cfg.data.data == "digits":
+        limit = DIGITS_DEFAULT_LIMIT
+        log(
+            f"fastkd: digits default regime: the student learns from {limit} labelled images, "
+            f"the teacher from all {len(full.y_train)} (--train-limit 0 for all)"
+        )
+    return full, (limit_train(full, limit) if limit else full)
+
+
+def build_aug(cfg: TrainConfig, data: Dataset) -> AugmentConfig:
+    aug = AugmentConfig.default_for(data.img_size)
+    if cfg.data.crop_pad is not None:
+        aug.crop_pad = cfg.data.crop_pad
+    aug.mixup_alpha, aug.cutmix_alpha, aug.hflip = cfg.data.mixup, cfg.data.cutmix, cfg.data.hflip
+    return aug
+
+
+def student_arch(cfg: TrainConfig, data: Dataset) -> tuple[str, dict]:
+    """(timm name, overrides) of the student: --student (+ --student-* shape flags), else the default
+    student for the data (with DeiT's distillation token + head when a method requires one)."""
+    if cfg.model.student:
+        arch = (cfg.model.student, {})
+    else:
+        arch = default_arch("student", data.img_size, data.in_chans, data.num_classes)
+        if wants_dist_head(cfg.method.method):
+            arch = (DISTILLED_BASE, arch[1])
+    return arch[0], {**arch[1], **shape_overrides(cfg, "student")}
+
+
+def build_student(cfg: TrainConfig, data: Dataset, device, arch: tuple[str, dict] | None = None):
+    """(student model on device, its arch); fails fast when it cannot serve the methods."""
+    arch = arch if arch is not None else student_arch(cfg, data)
+    mk = dict(num_classes=data.num_classes, img_size=data.img_size, in_chans=data.in_chans)
+    student = resolve_model(arch[0], **mk, **arch[1]).to(device)
+    check_student(cfg.method.method, model_info(student))
+    return student, arch
+
+
+def resolve_teacher(cfg: TrainConfig, full: Dataset, device, *, dist: Dist | None = None, log=print):
+    """(teacher model on device, its source) — the one teacher-resolution path of train and cache:
+    ``--teacher`` (timm name + ``--teacher-*`` shape flags, or a checkpoint as saved), else the default
+    teacher of the full split (trained once if missing; rank 0 trains it, the other ranks wait, then load
+    it). Runs under a forked RNG, so the student's random stream does not depend on whether the teacher
+    was trained, loaded or cached."""
+    dist = dist or Dist()
+    with torch.random.fork_rng(devices=[]):
+        path = None
+        if not cfg.model.teacher:
+            if dist.main:
+                path = ensure_default_teacher(cfg, full, log=log)
+            dist.barrier()
+            if not dist.main:
+                path = ensure_default_teacher(cfg, full, log=log)
+        model = teacher_model(cfg, full, path)
+    return model.to(device), str(cfg.model.teacher or path)
+
+
+def build_teacher_and_loss(
+    cfg: TrainConfig, full: Dataset, data: Dataset, aug: AugmentConfig, s_info, device, *,
+    dist: Dist | None = None, amp: bool = False, log=print,
+) -> tuple[Teacher | None, DistillLoss]:
+    """The teacher (online, cached, or None for a teacher-free total) and the loss built against it:
+    the loss needs the teacher's ModelInfo, the online teacher the loss's taps and signal names."""
+    if not needs_teacher(cfg.method.method):
+        return None, build_loss(cfg.method, s_info, None, epochs=cfg.optim.epochs).to(device)
+    if cfg.run.teacher_cache:
+        cached = CachedTeacher(
+            cfg.run.teacher_cache, cfg=cfg, data=data, aug=aug, device=device,
+            run_teacher=teacher_identity(cfg, full), source=cfg.model.teacher or cfg.run.teacher_cache,
+        )
+        loss = build_loss(cfg.method, s_info, cached.info, epochs=cfg.optim.epochs).to(device)
+        cached.check_signals(loss)
+        return cached, loss
+    t_model, source = resolve_teacher(cfg, full, device, dist=dist, log=log)
+    loss = build_loss(cfg.method, s_info, model_info(t_model), epochs=cfg.optim.epochs).to(device)
+    top1 = evaluate(t_model, data, device, amp)["top1"]
+    return OnlineTeacher(t_model, loss, top1=top1, source=source), loss
+
+
+def build_trainer(
+    cfg: TrainConfig,
+    *,
+    data: Dataset | None = None,
+    student_arch: tuple[str, dict] | None = None,
+    dist: Dist | None = None,
+    log=print,
+) -> Trainer:
+    """Every part of a run, built in data-flow order, handed to a ``Trainer``.
+
+    data: the full dataset (default: loaded from --data); --train-limit is applied here.
+    student_arch: (timm name, overrides) used as given (default: from the flags)."""
+    dist = dist or Dist()
+    device = dist.device(pick_device(cfg.run.device))
+    if cfg.run.tensorboard:  # fail fast, before any teacher is trained
+        try:
+            require_tensorboard()
+        except RuntimeError as e:
+            raise ValueError(str(e)) from None
+    seed_everything(cfg.run.seed)
+    KF.set_fused(cfg.run.fused)
+    if cfg.run.fused and not announced(f"fused:{device}"):
+        log(f"fastkd: --fused → {KF.describe(device)}")
+    amp = cfg.run.amp and device.type == "cuda"
+    full, d = build_data(cfg, data, log)
+    aug = build_aug(cfg, d)
+    student, arch = build_student(cfg, d, device, student_arch)
+    teacher, loss = build_teacher_and_loss(
+        cfg, full, d, aug, model_info(student), device, dist=dist, amp=amp, log=log
+    )
+    return Trainer(cfg, d, aug, student, teacher, loss, student_arch=arch, dist=dist, log=log)
+
+
+def ensure_default_teacher(cfg: TrainConfig, data: Dataset, log=print) -> Path:
+    """Train the default teacher for this data once (CE, ``--teacher-epochs``, ``--teacher-lr``, seed 0,
+    the whole training split ``data``); later runs reuse it. Resumable: an interrupted teacher run
+    continues. A plain ``fit`` on the teacher's own parts (a student of the teacher's arch, CE, no
+    teacher)."""
+    arch, tdir, cnn = default_teacher_spec(cfg, data)
+    path = tdir / "student.safetensors"
+    what = "CNN teacher" if cnn else "teacher"
+    if path.exists():
+        log(f"fastkd: reusing {what} {path}")
+        return path
+    log(f"fastkd: no --teacher given; training the default {what} ({arch[0]} {arch[1]}) → {tdir}")
+    tcfg = TrainConfig.from_dict(cfg.to_dict())
+    tcfg.method = replace(tcfg.method, method=PLAIN.name, ce_weight=1.0)
+    tcfg.model = replace(tcfg.model, teacher=None, student=arch[0], student_embed_dim=None,
+                         student_depth=None, student_heads=None, student_patch_size=None)
+    tcfg.optim = replace(tcfg.optim, epochs=cfg.model.teacher_epochs, lr=cfg.model.teacher_lr)
+    tcfg.run = replace(tcfg.run, seed=0, resume=True, teacher_cache=None, tensorboard=False, compile=False)
+    tcfg.data = replace(tcfg.data, train_limit=0, mixup=0.0, cutmix=0.0, crop_pad=None, hflip=False)
+    device = pick_device(tcfg.run.device)
+    seed_everything(0)
+    aug = build_aug(tcfg, data)
+    model, _ = build_student(tcfg, data, device, arch)
+    loss = build_loss(tcfg.method, model_info(model), None, epochs=tcfg.optim.epochs).to(device)
+    s = Trainer(tcfg, data, aug, model, None, loss, student_arch=arch, log=log).fit(tdir)
+    log(f"fastkd: default {what} trained in {s['wall_s']:.0f}s → {path}")
+    return path

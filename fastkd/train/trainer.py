@@ -1,0 +1,427 @@
+"""The training loop, nanoGPT style: ``Trainer`` is handed ready parts; ``step`` is one optimizer step::
+
+    zero_grad → data (augment) → teacher (online | cached) → student (+taps) → losses
+              → backward → clip → optimizer → schedule
+
+``fit`` runs the epochs (eval, checkpoints, metrics.jsonl, summary.json, report.png). The parts are built
+by ``fastkd.train.setup`` from a config; this module imports neither the cache nor the teacher factory.
+
+A run directory holds config.json, metrics.jsonl, summary.json, student.safetensors
+(+ loss_modules.safetensors), checkpoint/ (for --resume) and report.png.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from fastkd.config import TrainConfig
+from fastkd.data import Dataset, EpochSampler
+from fastkd.data.augment import AugmentConfig, eval_batch
+from fastkd.data.batches import TrainBatches
+from fastkd.methods.registry import DistillLoss, eval_dense_heads
+from fastkd.models import forward_taps, model_info, save_model
+from fastkd.ops import dispatch as KF
+from fastkd.teachers.base import Teacher
+from fastkd.telemetry import Telemetry
+from fastkd.train.artifacts import read_metrics, save_loss_modules, truncate_metrics, write_report
+from fastkd.train.distributed import Dist
+from fastkd.utils import atomic_write_json, load_state, save_state
+
+__all__ = ["NonFiniteLoss", "Trainer", "evaluate"]
+
+
+def lr_lambda(cfg: TrainConfig, steps_per_epoch: int):
+    """Linear warmup then cosine from lr to min_lr, per step."""
+    total = max(1, cfg.optim.epochs * steps_per_epoch)
+    warm = min(total - 1, int(cfg.optim.warmup_epochs * steps_per_epoch))
+    floor = cfg.optim.min_lr / cfg.optim.lr if cfg.optim.lr > 0 else 0.0
+
+    def f(step: int) -> float:
+        if step < warm:
+            return (step + 1) / (warm + 1)
+        p = (step - warm) / max(1, total - warm)
+        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(1.0, p)))
+
+    return f
+
+
+def param_groups(modules: list[nn.Module], weight_decay: float):
+    """No weight decay on biases, norms, tokens and position embeddings (timm/DeiT convention)."""
+    decay, no_decay = [], []
+    for m in modules:
+        for name, p in m.named_parameters():
+            if not p.requires_grad:
+                continue
+            if p.ndim <= 1 or name.endswith(".bias") or "token" in name or "pos_embed" in name:
+                no_decay.append(p)
+            else:
+                decay.append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+class StudentStep(nn.Module):
+    """Student forward (+taps) and the loss: the module DDP wraps and torch.compile compiles."""
+
+    def __init__(self, student: nn.Module, loss_fn: DistillLoss, blocks: list[int], amp: bool):
+        super().__init__()
+        self.student, self.loss_fn, self.blocks, self.amp = student, loss_fn, list(blocks), amp
+
+    def forward(self, x, t_sig, y_soft, y_hard, epoch_frac):
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.amp):
+            s = forward_taps(self.student, x, self.blocks)
+            batch = {"y_soft": y_soft, "y_hard": y_hard, "epoch_frac": epoch_frac}
+            batch["student"] = self.student  # cskd: the student head on every patch token
+            return self.loss_fn(s, t_sig, batch)
+
+
+class Trainer:
+    """Trains ``student`` on ``data`` against ``teacher`` with ``loss``; ``step`` is one optimizer step,
+    ``fit`` the run. Builds only what the loop owns: sampler, optimizer, schedule, DDP wrap, compile."""
+
+    def __init__(
+        self,
+        cfg: TrainConfig,
+        data: Dataset,
+        aug: AugmentConfig,
+        student: nn.Module,
+        teacher: Teacher | None,
+        loss: DistillLoss,
+        *,
+        student_arch: tuple[str, dict],
+        dist: Dist | None = None,
+        log=print,
+    ):
+        self.cfg, self.log = cfg, log
+        self.dist = dist or Dist()
+        self.data, self.aug, self.student, self.teacher, self.loss_fn = data, aug, student, teacher, loss
+        self.student_arch = student_arch
+        self.device = next(student.parameters()).device
+        self.amp = cfg.run.amp and self.device.type == "cuda"
+        self.eval_dense = eval_dense_heads(cfg.method.method)
+        self.teacher_top1 = teacher.top1 if teacher is not None else None
+        self.batches = TrainBatches(data, aug, cfg.run.seed, self.device)
+        self.y_train = self.batches.y_train
+        self.sampler = EpochSampler(
+            len(data.y_train),
+            cfg.optim.batch_size,
+            cfg.run.seed,
+            rank=self.dist.rank,
+            world_size=self.dist.world,
+        )
+
+        # optimizer + schedule
+        fused_ok = self.device.type == "cuda"
+        self.opt = torch.optim.AdamW(
+            param_groups([self.student, self.loss_fn], cfg.optim.weight_decay),
+            lr=cfg.optim.lr,
+            betas=(0.9, 0.999),
+            **({"fused": True} if fused_ok else {}),
+        )
+        self._params = [p for g in self.opt.param_groups for p in g["params"]]  # what clipping sees
+        self.steps_per_epoch = len(self.sampler)
+        self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lr_lambda(cfg, self.steps_per_epoch))
+        self.step_idx, self.epoch = 0, 0
+        self.s_blocks = self.loss_fn.student_blocks()
+        # student + trainable loss parts in one module: what DDP wraps and torch.compile compiles
+        # (wrap, then compile: the order torch recommends, so DDPOptimizer splits at bucket bounds)
+        self.step_module: nn.Module = StudentStep(self.student, self.loss_fn, self.s_blocks, self.amp)
+        if self.dist.world > 1:
+            from torch.nn.parallel import DistributedDataParallel as DDP
+
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            self.step_module = DDP(self.step_module, device_ids=ids, find_unused_parameters=True)
+        self._fwd = torch.compile(self.step_module) if cfg.run.compile else self.step_module
+        self._bad = None  # per-part first non-finite step, on device (checked on log steps: no sync)
+
+    # -- the step ----------------------------------------------------------------------------
+    def view_of(self, epoch: int) -> int:
+        """Augmentation view of an epoch: the epoch itself, or epoch mod V for a V-view teacher cache."""
+        views = self.teacher.views if self.teacher is not None else None
+        return epoch % views if views else epoch
+
+    def batch(self, ids: torch.Tensor, epoch: int):
+        return self.batches(ids, self.view_of(epoch))
+
+    def forward_loss(self, x, t_sig, y_soft, y_hard, epoch_frac: float = 0.0) -> dict[str, torch.Tensor]:
+        """Student forward + the named loss terms for one batch (no backward, no optimizer)."""
+        return self._fwd(x, t_sig, y_soft, y_hard, epoch_frac)
+
+    def step(self, ids: torch.Tensor, epoch: int, tel: Telemetry | None = None) -> dict[str, torch.Tensor]:
+        ph = tel.timer.phase if tel is not None else (lambda name: contextlib.nullcontext())
+        self.opt.zero_grad(set_to_none=True)
+        with ph("data"):
+            ids = ids.to(self.device, non_blocking=True)
+            x, y_soft, y_hard = self.batch(ids, epoch)
+        t_sig = {}
+        if self.teacher is not None:
+            with ph("teacher"), torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.amp):
+                t_sig = self.teacher(x, ids=ids, view=self.view_of(epoch))
+        with ph("student"):
+            # a 0-d tensor, so torch.compile does not recompile as the epoch position moves
+            epoch_frac = torch.tensor(epoch + (self.step_idx % self.steps_per_epoch) / self.steps_per_epoch)
+            terms = self._fwd(x, t_sig, y_soft, y_hard, epoch_frac)
+            terms["loss"].backward()
+            self._track_finite(terms)
+        with ph("optim"):
+            if self.cfg.optim.grad_clip > 0:
+                terms["grad_norm"] = torch.nn.utils.clip_grad_norm_(self._params, self.cfg.optim.grad_clip)
+            self.opt.step()
+            self.sched.step()
+        self.step_idx += 1
+        return terms
+
+    def _track_finite(self, terms: dict[str, torch.Tensor]) -> None:
+        """Remember, on device, the first step at which each loss part went non-finite (no sync)."""
+        vals = torch.stack([v.detach().float().reshape(()) for v in terms.values()])
+        bad_now = ~torch.isfinite(vals)
+        if self._bad is None or self._bad.numel() != vals.numel():
+            self._bad_names = list(terms)
+            self._bad = torch.full_like(vals, -1.0)
+        self._bad = torch.where(
+            bad_now & (self._bad < 0), torch.full_like(vals, float(self.step_idx + 1)), self._bad
+        )
+
+    def check_finite(self) -> None:
+        """Host sync (log steps, before checkpoints): stop naming the step and the part that went bad."""
+        if self._bad is None:
+            return
+        bad = self._bad.tolist()
+        hits = [(int(b), n) for b, n in zip(bad, self._bad_names, strict=True) if b >= 0]
+        if hits:
+            step = min(b for b, _ in hits)
+            parts = ", ".join(n for b, n in hits if b == step and n != "loss") or "loss"
+            raise NonFiniteLoss(
+                f"non-finite loss at step {step} (part: {parts}); stopped, the last good checkpoint is "
+                "kept — lower --lr, check the data/teacher, then rerun with --resume"
+            )
+
+    # -- eval ------------------------------------------------------------------------------
+    def evaluate_model(self, model: nn.Module, batch_size: int = 512) -> dict[str, float]:
+        """``evaluate`` with the methods' eval rule for the student (plain heads for any other model)."""
+        dense = self.eval_dense and model is self.student
+        return evaluate(model, self.data, self.device, self.amp, dense_heads=dense, batch_size=batch_size)
+
+    # -- run ---------------------------------------------------------------------------------
+    def fit(self, out_dir: str | Path) -> dict:
+        cfg, main = self.cfg, self.dist.main
+        out = Path(out_dir)
+        ckpt_dir = out / "checkpoint"
+        metrics_path = out / "metrics.jsonl"
+        start_epoch, start_step = 0, 0
+        if cfg.run.resume and (ckpt_dir / "state.json").exists():
+            start_epoch, start_step = self._load_checkpoint(ckpt_dir)
+            self.log(
+                f"fastkd: resumed from {ckpt_dir} at epoch {start_epoch} step {start_step}"
+            ) if main else None
+            if main:
+                truncate_metrics(metrics_path, self.step_idx)
+        elif main and metrics_path.exists():
+            metrics_path.unlink()
+        if main:
+            out.mkdir(parents=True, exist_ok=True)
+            atomic_write_json(out / "config.json", cfg.to_dict())
+        tel = Telemetry(
+            self.device, tensorboard_dir=str(out / "tb") if (cfg.run.tensorboard and main) else None
+        )
+        self.student.train()
+        self.loss_fn.train()
+        t0 = time.perf_counter()
+        last_eval = None
+        bar = tqdm(
+            total=cfg.optim.epochs * self.steps_per_epoch,
+            initial=self.step_idx,
+            disable=cfg.run.quiet or not main,
+            desc=f"{cfg.method.method} {self.student_arch[0]}",
+            dynamic_ncols=True,
+            leave=False,
+        )
+        mf = open(metrics_path, "a") if main else None
+        try:
+            for epoch in range(start_epoch, cfg.optim.epochs):
+                self.epoch = epoch
+                first = start_step if epoch == start_epoch else 0
+                if self.teacher is not None:  # a cached teacher gathers the epoch's records ahead
+                    self.teacher.prefetch_epoch(
+                        self.sampler.batches(epoch, start_step=first), self.view_of(epoch)
+                    )
+                for i, ids in enumerate(self.sampler.batches(epoch, start_step=first), start=first):
+                    terms = self.step(ids, epoch, tel)
+                    tel.timer.step_done(len(ids) * self.dist.world)
+                    bar.update(1)
+                    if self.step_idx % cfg.run.log_every == 0 or self.step_idx == 1:
+                        self.check_finite()  # log step: host sync allowed
+                        rec = self.dist.mean({k: v.detach().float() for k, v in terms.items()})
+                        rec.update(step=self.step_idx, epoch=epoch, lr=self.sched.get_last_lr()[0])
+                        rec.update(tel.log(self.step_idx, rec))
+                        if mf:
+                            mf.write(json.dumps(rec) + "\n")
+                            mf.flush()
+                        bar.set_postfix(loss=f"{rec['loss']:.4f}")
+                    if (
+                        cfg.run.ckpt_every
+                        and self.step_idx % cfg.run.ckpt_every == 0
+                        and i + 1 < self.steps_per_epoch
+                    ):
+                        self._save_checkpoint(ckpt_dir, epoch, i + 1)
+                last = epoch + 1 == cfg.optim.epochs
+                if last or (cfg.run.eval_every and (epoch + 1) % cfg.run.eval_every == 0):
+                    if main:
+                        last_eval = self.evaluate_model(self.student)
+                        ev = {
+                            "epoch": epoch + 1,
+                            "step": self.step_idx,
+                            **{f"val_{k}": v for k, v in last_eval.items()},
+                        }
+                        mf.write(json.dumps(ev) + "\n")
+                        mf.flush()
+                        if not cfg.run.quiet:
+                            bar.write(
+                                f"epoch {epoch + 1}/{cfg.optim.epochs}  val top-1 {last_eval['top1']:.2f}%"
+                            )
+                    self.dist.barrier()
+                self._save_checkpoint(ckpt_dir, epoch + 1, 0)
+        finally:
+            if mf:
+                mf.close()
+            bar.close()
+        if not main:
+            tel.close()
+            return {}
+        if last_eval is None:  # resumed at the final epoch: evaluate what we have
+            last_eval = self.evaluate_model(self.student)
+        wall = time.perf_counter() - t0
+        tsum = tel.summary()
+        tel.close()
+        save_model(self.student, out / "student.safetensors", self.model_meta())
+        save_loss_modules(self.loss_fn, out / "loss_modules.safetensors")
+        summary = {
+            "method": cfg.method.method,
+            "student": self.student_arch[0],
+            "student_params": sum(p.numel() for p in self.student.parameters()),
+            "teacher": self.teacher.source if self.teacher else (cfg.model.teacher or cfg.run.teacher_cache),
+            "teacher_mode": self.teacher.kind if self.teacher is not None else None,
+            "teacher_top1": self.teacher_top1,
+            "student_top1": last_eval["top1"] if last_eval else None,
+            **({f"student_{k}": v for k, v in last_eval.items() if k != "top1"} if last_eval else {}),
+            "epochs": cfg.optim.epochs,
+            "steps": self.step_idx,
+            "seed": cfg.run.seed,
+            "data": self.data.name,
+            "wall_s": wall,
+            "fused_path": KF.describe(self.device) if cfg.run.fused else "reference",
+            "device": str(self.device),
+            **tsum,
+        }
+        summary["img_per_s"] = tsum.get("img_per_s")
+        atomic_write_json(out / "summary.json", summary)
+        # the full curves survive a resume: re-read metrics.jsonl for the report
+        history, evals = read_metrics(metrics_path)
+        write_report(
+            out / "report.png",
+            history,
+            evals,
+            title=f"{cfg.method.method} — {self.data.name}",
+            teacher_top1=self.teacher_top1,
+        )
+        return summary
+
+    def model_meta(self) -> dict:
+        d = self.data
+        return {
+            "arch": self.student_arch[0],
+            "overrides": self.student_arch[1],
+            "num_classes": d.num_classes,
+            "img_size": d.img_size,
+            "in_chans": d.in_chans,
+            "data_fingerprint": d.fingerprint,
+            "method": self.cfg.method.method,
+        }
+
+    # -- checkpoints (epoch boundary) --------------------------------------------------------
+    def _save_checkpoint(self, ckpt_dir: Path, epoch: int, step_in_epoch: int) -> None:
+        """Resume point = (epoch, step within it). Only after a finite-loss check; rank 0 writes."""
+        self.check_finite()
+        if not self.dist.main:
+            return
+        state = {
+            "student": self.student.state_dict(),
+            "loss": self.loss_fn.state_dict(),
+            "opt": self.opt.state_dict(),
+            "sched": self.sched.state_dict(),
+            "rng_cpu": torch.get_rng_state(),
+            **({"rng_cuda": torch.cuda.get_rng_state(self.device)} if self.device.type == "cuda" else {}),
+        }
+        save_state(
+            ckpt_dir,
+            state,
+            {"epoch": epoch, "step_in_epoch": step_in_epoch, "step": self.step_idx, "world": self.dist.world},
+        )
+
+    def _load_checkpoint(self, ckpt_dir: Path) -> tuple[int, int]:
+        state, meta = load_state(ckpt_dir, map_location=self.device)
+        self.student.load_state_dict(state["student"])  # before DDP's first forward: ranks stay equal
+        self.loss_fn.load_state_dict(state["loss"])
+        self.opt.load_state_dict(state["opt"])
+        self.sched.load_state_dict(state["sched"])
+        torch.set_rng_state(state["rng_cpu"].cpu())
+        if "rng_cuda" in state and self.device.type == "cuda":
+            torch.cuda.set_rng_state(state["rng_cuda"].cpu(), self.device)
+        self.step_idx = meta["step"]
+        if meta.get("world", 1) != self.dist.world:
+            raise ValueError(
+                f"--resume: the checkpoint was written by {meta.get('world', 1)} process(es), this run has "
+                f"{self.dist.world}; resume with the same --nproc_per_node"
+            )
+        return meta["epoch"], meta.get("step_in_epoch", 0)
+
+
+class NonFiniteLoss(RuntimeError):
+    pass
+
+
+@torch.no_grad()
+def evaluate(
+    model: nn.Module, data: Dataset, device, amp: bool = False, *, dense_heads: bool = False,
+    batch_size: int = 512,
+) -> dict[str, float]:
+    """Top-1 on the val split. Distilled students: mean of the two heads (+ cls-only and dist-only top-1).
+
+    dense_heads (a method's eval rule, CSKD release): a distilled student's top-1 is the argmax of the
+    mean of (cls logits, dist logits, mean over patches of the dense dist-head logits).
+    """
+    was = model.training
+    model.eval()
+    d = data
+    has_dist = model_info(model).has_dist_head
+    dense = dense_heads and has_dist
+    hits = {"top1": 0, "top1_cls": 0, "top1_dist": 0}
+    n = len(d.y_val)
+    for i in range(0, n, batch_size):
+        x = eval_batch(d.x_val[i : i + batch_size].to(device), d.mean, d.std)
+        y = d.y_val[i : i + batch_size].to(device)
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp):
+            taps = forward_taps(model, x, dense=dense)
+        logits = taps.logits.float()
+        if taps.dist_logits is not None:
+            dist = taps.dist_logits.float()
+            hits["top1_cls"] += (logits.argmax(-1) == y).sum().item()
+            hits["top1_dist"] += (dist.argmax(-1) == y).sum().item()
+            if taps.dense_logits is not None:  # cls, dist and mean dense dist-head logits
+                logits = (logits + dist + taps.dense_logits.float().mean(dim=(2, 3))) / 3
+            else:
+                logits = (logits + dist) / 2
+        hits["top1"] += (logits.argmax(-1) == y).sum().item()
+    model.train(was)
+    out = {"top1": 100.0 * hits["top1"] / n}
+    if has_dist:
+        out["top1_cls"] = 100.0 * hits["top1_cls"] / n
+        out["top1_dist"] = 100.0 * hits["top1_dist"] / n
+    return out
