@@ -167,25 +167,54 @@ def _peek_channels(open_fns: Sequence[Callable[[], object]]) -> int:
 # ----------------------------------------------------------------------------------------------------
 
 
+class _Strings:
+    """A list of str kept as one utf-8 byte array + offsets: no per-item Python objects, so forked
+    DataLoader workers do not copy a million-entry index page by page through refcount writes (the
+    copy-on-read growth a plain list of str causes)."""
+
+    def __init__(self, items: Sequence[str]):
+        enc = [s.encode() for s in items]
+        self.blob = np.frombuffer(b"".join(enc), dtype=np.uint8)
+        self.off = np.zeros(len(enc) + 1, dtype=np.int64)
+        np.cumsum([len(e) for e in enc], out=self.off[1:])
+
+    def __len__(self) -> int:
+        return len(self.off) - 1
+
+    def __getitem__(self, i: int) -> str:
+        return self.blob[self.off[i] : self.off[i + 1]].tobytes().decode()
+
+    def tolist(self) -> list[str]:
+        return [self[i] for i in range(len(self))]
+
+
 class _Source:
     """An index of one split: ``len``, ``labels`` (int64 [N]), ``keys`` (stable, sorted), ``fingerprint``.
 
     ``open(i)`` returns a binary file object of sample i's encoded image; ``name(i)`` names it for errors.
-    Sources are pickled into worker processes, so they hold only plain data (no open files).
+    Sources are pickled into worker processes, so they hold only arrays (no open files, no str lists).
     """
 
     labels: torch.Tensor
-    keys: list[str]
+    _keys: _Strings
     fingerprint: str
 
+    @property
+    def keys(self) -> list[str]:
+        """The sorted sample keys (a new list; ``key(i)`` reads one)."""
+        return self._keys.tolist()
+
+    def key(self, i: int) -> str:
+        return self._keys[i]
+
     def __len__(self) -> int:
-        return len(self.keys)
+        return len(self._keys)
 
     def open(self, i: int):
         raise NotImplementedError
 
     def name(self, i: int) -> str:
-        return self.keys[i]
+        return self.key(i)
 
     def load(self, i: int, size: int, chans: int, crop_pct: float) -> np.ndarray:
         with self.open(i) as f:
@@ -268,7 +297,7 @@ class FolderSource(_Source):
                 f"missing here: {only_there}); give both splits the same class subfolders"
             )
         self.classes = found
-        self.keys = keys
+        self._keys = _Strings(keys)
         self.labels = torch.tensor(labels, dtype=torch.int64)
         h = hashlib.sha256()
         h.update(("classes:" + "\x1f".join(found) + "\n").encode())
@@ -278,7 +307,7 @@ class FolderSource(_Source):
         self.fingerprint = h.hexdigest()
 
     def path(self, i: int) -> str:
-        return os.path.join(self.root, self.keys[i])
+        return os.path.join(self.root, self.key(i))
 
     def open(self, i: int):
         return open(self.path(i), "rb")
@@ -391,9 +420,10 @@ class TarSource(_Source):
         if not recs:
             raise ValueError(f"--data {spec}: the shards hold no samples; {_EXPECTED}")
         recs.sort(key=lambda r: r[0])
-        self.keys = [r[0] for r in recs]
-        if len(set(self.keys)) != len(self.keys):
+        keys = [r[0] for r in recs]
+        if len(set(keys)) != len(keys):
             raise ValueError(f"--data {spec}: duplicate sample keys inside a shard; give each sample one key")
+        self._keys = _Strings(keys)
         self.labels = torch.tensor([r[1] for r in recs], dtype=torch.int64)
         self.loc = np.array([(r[2], r[3], r[4]) for r in recs], dtype=np.int64)
         self.num_classes = int(self.labels.max()) + 1
@@ -421,7 +451,7 @@ class TarSource(_Source):
 
     def name(self, i: int) -> str:
         si = int(self.loc[i][0])
-        return f"{self.shards[si]}:{self.keys[i].split('/', 1)[1]}"
+        return f"{self.shards[si]}:{self.key(i).split('/', 1)[1]}"
 
 
 class SyntheticSource(_Source):
@@ -429,10 +459,20 @@ class SyntheticSource(_Source):
 
     def __init__(self, n: int, *, num_classes: int, seed: int, split: int):
         self.n, self.seed, self.split = int(n), int(seed), int(split)
-        self.keys = [str(i) for i in range(self.n)]
+        self._keys = _Strings([])
         rng = np.random.default_rng([self.seed, self.split, 0x5EED])
         self.labels = torch.from_numpy(rng.integers(0, num_classes, self.n).astype(np.int64))
         self.fingerprint = hashlib.sha256(f"synthetic|{n}|{num_classes}|{seed}|{split}".encode()).hexdigest()
+
+    def __len__(self) -> int:
+        return self.n
+
+    def key(self, i: int) -> str:
+        return str(i)
+
+    @property
+    def keys(self) -> list[str]:
+        return [str(i) for i in range(self.n)]
 
     def load(self, i: int, size: int, chans: int, crop_pct: float) -> np.ndarray:
         rng = np.random.default_rng([self.seed, self.split, int(i)])

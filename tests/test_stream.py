@@ -390,3 +390,26 @@ def test_bench_cli_reports_img_per_s(folder, capsys):
     assert main(["--bench", str(folder), "--img-size", "32", "--batch-size", "4", "--workers", "0"]) == 0
     out = capsys.readouterr().out
     assert "img/s" in out
+
+
+def test_abandoned_epoch_then_next_epoch_with_persistent_worker(folder):
+    d = open_stream(str(folder), img_size=32, log=None)
+    ref = materialize(d.train, workers=0)
+    ld = StreamLoader(d.train, workers=1, prefetch_factor=2)
+    it = ld.epoch([torch.tensor([i]) for i in range(len(d.train))])
+    next(it)  # e.g. a run that stops mid-epoch (resume) while the worker has prefetched more
+    got = [b.ids.tolist() for b in ld.epoch([torch.tensor([3, 4]), torch.tensor([0])])]
+    assert got == [[3, 4], [0]]  # stale prefetched batches never leak into the next epoch
+    (b,) = list(ld.epoch([torch.tensor([2])]))
+    assert torch.equal(b.x, ref[[2]])
+    ld.close()
+
+
+def test_mean_std_estimate_exact_on_small_set(folder):
+    from fastkd.stream import estimate_mean_std
+
+    d = open_stream(str(folder), img_size=32, log=None)
+    x = materialize(d.train, workers=0).to(torch.float64) / 255
+    mean, std = estimate_mean_std(d.train, n=10_000)
+    assert np.allclose(mean, x.mean(dim=(0, 2, 3)).numpy(), atol=1e-9)
+    assert np.allclose(std, x.std(dim=(0, 2, 3), unbiased=False).numpy(), atol=1e-9)
