@@ -413,3 +413,29 @@ def test_mean_std_estimate_exact_on_small_set(folder):
     mean, std = estimate_mean_std(d.train, n=10_000)
     assert np.allclose(mean, x.mean(dim=(0, 2, 3)).numpy(), atol=1e-9)
     assert np.allclose(std, x.std(dim=(0, 2, 3), unbiased=False).numpy(), atol=1e-9)
+
+
+def test_streamed_batches_augment_exactly_like_in_memory(folder):
+    """The teacher-cache guarantee: augment_batch fed by StreamBatch.fetch (mixing partners fetched in
+    the same worker batch via extra_ids) gives the bit-identical images of the in-memory path."""
+    try:
+        from fastkd.data.augment import AugmentConfig, augment_batch, sample_params
+    except ImportError:  # before the fastkd/data/ package
+        from fastkd.augment import AugmentConfig, augment_batch, sample_params
+
+    d = open_stream(str(folder), img_size=32, log=None)
+    n, size = len(d.train), d.img_size
+    cfg = AugmentConfig.default_for(size, hflip=True, mixup_alpha=0.8, cutmix_alpha=1.0, erase_prob=0.5)
+    x_all = materialize(d.train, workers=0)
+    kw = dict(seed=7, view=3, cfg=cfg, num_classes=d.num_classes, mean=(0.5,) * 3, std=(0.25,) * 3)
+
+    def partners(ids):
+        return sample_params(ids, seed=7, view=3, cfg=cfg, n=n, channels=3, height=size, width=size).partner
+
+    ld = StreamLoader(d.train, workers=0)
+    ids = [torch.tensor([9, 0, 4, 7]), torch.tensor([1, 11])]
+    for b, want in zip(ld.epoch(ids, extra_ids=partners), ids, strict=True):
+        assert torch.equal(b.ids[: b.n_main], want)
+        xs, ys, yh = augment_batch(b.fetch, d.y_train, want, **kw)
+        xm, ym, ymh = augment_batch(x_all, d.y_train, want, **kw)
+        assert torch.equal(xs, xm) and torch.equal(ys, ym) and torch.equal(yh, ymh)
