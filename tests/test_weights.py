@@ -320,3 +320,62 @@ def test_plain_name_preprocessing_from_timm_default(ckpt):
         **TINY,
     )
     assert preprocessing(m)["mean"] == tuple(timm.data.IMAGENET_DEFAULT_MEAN)
+
+
+def test_distilled_two_heads_and_cnn_head(tmp_path):
+    torch.manual_seed(1)
+    deit = "deit_tiny_distilled_patch16_224"
+    src = timm.create_model(deit, num_classes=1000, **TINY)
+    save_file({k: v.contiguous() for k, v in src.state_dict().items()}, str(tmp_path / "deit.safetensors"))
+    with pytest.raises(HeadMismatchError):
+        build_pretrained(
+            deit,
+            weights=tmp_path / "deit.safetensors",
+            num_classes=5,
+            img_size=32,
+            in_chans=3,
+            log=None,
+            **TINY,
+        )
+    m = build_pretrained(
+        deit,
+        weights=tmp_path / "deit.safetensors",
+        num_classes=5,
+        img_size=32,
+        in_chans=3,
+        reinit_head=True,
+        log=None,
+        **TINY,
+    )
+    assert m.head.weight.shape == m.head_dist.weight.shape == (5, 64)  # both heads replaced
+    assert torch.equal(m.dist_token, src.dist_token) and m.pos_embed.shape == (1, 2 + 4, 64)
+
+    cnn = timm.create_model("resnet10t", num_classes=1000)
+    torch.save({"model": cnn.state_dict()}, tmp_path / "r.pth")
+    r = build_pretrained(
+        "resnet10t", weights=tmp_path / "r.pth", num_classes=1000, img_size=32, in_chans=3, log=None
+    )
+    assert torch.equal(r.fc.weight, cnn.fc.weight)
+    r = build_pretrained(
+        "resnet10t",
+        weights=tmp_path / "r.pth",
+        num_classes=3,
+        img_size=32,
+        in_chans=3,
+        reinit_head=True,
+        log=None,
+    )
+    assert r.fc.weight.shape[0] == 3
+
+
+def test_hf_hub_without_config_uses_the_repo_name(ckpt, tmp_path, monkeypatch):
+    d, sd = ckpt
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf" / "hub"))
+    snap = _hf_cache(tmp_path / "hf", d, repo=f"timm/{ARCH}.augreg_in21k")
+    os.remove(snap / "config.json")
+    r = resolve_weights(f"hf-hub:timm/{ARCH}.augreg_in21k")
+    assert r.arch == f"{ARCH}.augreg_in21k" and r.pretrained_cfg == {}
+    m = build_pretrained(
+        f"hf-hub:timm/{ARCH}.augreg_in21k", num_classes=1000, img_size=224, in_chans=3, log=None, **TINY
+    )
+    assert _same(m, sd) and preprocessing(m)["mean"] == (0.5, 0.5, 0.5)  # timm's cfg for that tag
