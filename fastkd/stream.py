@@ -56,6 +56,7 @@ import argparse
 import glob
 import hashlib
 import io
+import json
 import math
 import os
 import re
@@ -365,6 +366,62 @@ def _shard_paths(pattern: str, spec: str) -> list[str]:
     return paths
 
 
+def _index_one(path: str, spec: str) -> list[tuple[str, int, int, int]]:
+    """(member key, label, image data offset, image size) of every sample of one shard, in tar order."""
+    groups: dict[str, dict] = {}
+    try:
+        with tarfile.open(path, "r:") as tf:
+            for m in tf:
+                if not m.isfile():
+                    continue
+                key, ext = _wds_split(m.name)
+                g = groups.setdefault(key, {})
+                if ext in ("cls", "cls.txt", "label"):
+                    g["cls"] = tf.extractfile(m).read().decode("utf-8", "replace").strip()
+                elif ext in _TAR_IMG_EXT and "img" not in g:
+                    g["img"] = (m.offset_data, m.size)
+    except (tarfile.TarError, OSError) as e:
+        raise ValueError(f"--data {spec}: cannot read shard {path} ({e}); re-create or remove it") from None
+    out = []
+    for key, g in groups.items():
+        if "img" not in g and "cls" not in g:
+            continue
+        where = f"{path}: sample {key!r}"
+        if "img" not in g:
+            raise ValueError(
+                f"--data {spec}: {where} has a .cls but no image member ({', '.join(_TAR_IMG_EXT)})"
+                "; write each sample as <key>.jpg (or .png/.webp) + <key>.cls"
+            )
+        if "cls" not in g or not re.fullmatch(r"\d+", g["cls"]):
+            raise ValueError(
+                f"--data {spec}: {where} has no integer .cls label "
+                f"(got {g.get('cls')!r}); write the class id 0..C-1 as text in <key>.cls"
+            )
+        out.append((key, int(g["cls"]), int(g["img"][0]), int(g["img"][1])))
+    return out
+
+
+def _shard_index(path: str, spec: str, cache_dir: str | None) -> list[tuple[str, int, int, int]]:
+    """``_index_one`` through a per-shard JSON cache keyed by (path, size, mtime_ns), if cache_dir."""
+    if not cache_dir:
+        return _index_one(path, spec)
+    st = os.stat(path)
+    tag = hashlib.sha256(f"{path}|{st.st_size}|{st.st_mtime_ns}|v1".encode()).hexdigest()[:32]
+    cpath = os.path.join(cache_dir, f"{tag}.json")
+    try:
+        with open(cpath, encoding="utf-8") as f:
+            return [tuple(r) for r in json.load(f)]
+    except (OSError, ValueError):
+        pass
+    recs = _index_one(path, spec)
+    os.makedirs(cache_dir, exist_ok=True)
+    tmp = f"{cpath}.{os.getpid()}.tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(recs, f)
+    os.replace(tmp, cpath)  # atomic: concurrent ranks may write the same entry
+    return recs
+
+
 class TarSource(_Source):
     """Webdataset-style tar shards with random access by byte offset.
 
@@ -372,9 +429,19 @@ class TarSource(_Source):
     of each sample's image member, read from the tar headers once (no image bytes are read).
     ``fingerprint``: sha256 of (key, label, image size) of every sample -- shard mtimes are left out, so
     copying the shards elsewhere keeps the fingerprint.
+    ``index_cache``: a folder where each shard's index is kept (keyed by the shard's path, size and
+    mtime), so a later run reads one small JSON per shard instead of every tar header (about 0.1 ms per
+    sample here: minutes for ImageNet's 1.28M).
     """
 
-    def __init__(self, pattern: str, *, spec: str | None = None):
+    def __init__(
+        self,
+        pattern: str,
+        *,
+        spec: str | None = None,
+        index_cache: str | None = None,
+        log: Callable[[str], None] | None = None,
+    ):
         spec = spec or pattern
         self.shards = [os.path.abspath(p) for p in _shard_paths(pattern, spec)]
         names = [os.path.basename(p) for p in self.shards]
@@ -384,39 +451,15 @@ class TarSource(_Source):
                 "so give every shard a distinct name"
             )
         recs: list[tuple[str, int, int, int, int]] = []  # key, label, shard, offset, size
+        t0 = time.perf_counter()
         for si, path in enumerate(self.shards):
-            groups: dict[str, dict] = {}
-            try:
-                with tarfile.open(path, "r:") as tf:
-                    for m in tf:
-                        if not m.isfile():
-                            continue
-                        key, ext = _wds_split(m.name)
-                        g = groups.setdefault(key, {})
-                        if ext in ("cls", "cls.txt", "label"):
-                            g["cls"] = tf.extractfile(m).read().decode("utf-8", "replace").strip()
-                        elif ext in _TAR_IMG_EXT and "img" not in g:
-                            g["img"] = (m.offset_data, m.size, m.name)
-            except (tarfile.TarError, OSError) as e:
-                raise ValueError(
-                    f"--data {spec}: cannot read shard {path} ({e}); re-create or remove it"
-                ) from None
-            for key, g in groups.items():
-                if "img" not in g and "cls" not in g:
-                    continue
-                where = f"{path}: sample {key!r}"
-                if "img" not in g:
-                    raise ValueError(
-                        f"--data {spec}: {where} has a .cls but no image member ({', '.join(_TAR_IMG_EXT)})"
-                        "; write each sample as <key>.jpg (or .png/.webp) + <key>.cls"
-                    )
-                if "cls" not in g or not re.fullmatch(r"\d+", g["cls"]):
-                    raise ValueError(
-                        f"--data {spec}: {where} has no integer .cls label "
-                        f"(got {g.get('cls')!r}); write the class id 0..C-1 as text in <key>.cls"
-                    )
-                off, size, _ = g["img"]
-                recs.append((f"{names[si]}/{key}", int(g["cls"]), si, off, size))
+            for key, lab, off, size in _shard_index(path, spec, index_cache):
+                recs.append((f"{names[si]}/{key}", lab, si, off, size))
+        if log is not None and time.perf_counter() - t0 > 10:
+            log(
+                f"{spec}: indexed {len(self.shards)} shard(s) in {time.perf_counter() - t0:.0f}s"
+                + (f" (cached in {index_cache})" if index_cache else " (pass index_cache= to reuse it)")
+            )
         if not recs:
             raise ValueError(f"--data {spec}: the shards hold no samples; {_EXPECTED}")
         recs.sort(key=lambda r: r[0])
@@ -630,6 +673,7 @@ def open_stream(
     crop_pct: float = 1.0,
     on_bad_image: str = "error",
     seed: int = 0,
+    index_cache: str | None = None,
     log: Callable[[str], None] | None = _notice,
 ) -> StreamData:
     """Index a streamed dataset (nothing is decoded).
@@ -640,6 +684,7 @@ def open_stream(
         centre crop). in_chans: 1 or 3; None -> 1 if up to 64 peeked image headers are all grayscale,
         else 3 (synthetic: 3). num_classes: synthetic only (default 10); shards take max label + 1 over
         both splits. on_bad_image: 'error' | 'skip' (see the module doc). seed: synthetic pixels/labels.
+    index_cache: folder for tar shard indexes (see TarSource); None -> index the headers every time.
     Raises FileNotFoundError / ValueError with one line naming the fix.
     """
     spec = str(spec)
@@ -680,8 +725,8 @@ def open_stream(
                 f"--data {spec}: tar shards need --val-data with the val shards' pattern "
                 "(e.g. --val-data 'shards/val-{0000..0009}.tar')"
             )
-        tr = TarSource(spec, spec=spec)
-        va = TarSource(val_spec, spec=val_spec)
+        tr = TarSource(spec, spec=spec, index_cache=index_cache, log=log)
+        va = TarSource(val_spec, spec=val_spec, index_cache=index_cache, log=log)
         c = max(tr.num_classes, va.num_classes)
         names, kind = [str(i) for i in range(c)], "tar"
         name = os.path.basename(spec).split("{")[0].rstrip("-_.") or "shards"

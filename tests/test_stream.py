@@ -439,3 +439,24 @@ def test_streamed_batches_augment_exactly_like_in_memory(folder):
         xs, ys, yh = augment_batch(b.fetch, d.y_train, want, **kw)
         xm, ym, ymh = augment_batch(x_all, d.y_train, want, **kw)
         assert torch.equal(xs, xm) and torch.equal(ys, ym) and torch.equal(yh, ymh)
+
+
+def test_shard_index_cache_reused_and_invalidated(folder, tmp_path, monkeypatch):
+    import fastkd.stream as st
+
+    tr = _write_shards(folder, tmp_path / "shards", "train")
+    cache = tmp_path / "idx"
+    a = open_stream(tr, val_spec=tr, img_size=32, index_cache=str(cache), log=None)
+    assert len(list(cache.glob("*.json"))) == 2
+    calls = []
+    real = st._index_one
+    monkeypatch.setattr(st, "_index_one", lambda *a: calls.append(a[0]) or real(*a))
+    b = open_stream(tr, val_spec=tr, img_size=32, index_cache=str(cache), log=None)
+    assert (
+        calls == []
+        and b.fingerprint == a.fingerprint
+        and np.array_equal(b.train.source.loc, a.train.source.loc)
+    )
+    os.utime(tmp_path / "shards" / "train-0001.tar", (5, 5))  # a changed shard is indexed again
+    open_stream(tr, val_spec=tr, img_size=32, index_cache=str(cache), log=None)
+    assert len(calls) == 1 and calls[0].endswith("train-0001.tar")  # val then reuses it
