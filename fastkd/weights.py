@@ -391,13 +391,15 @@ def apply_weights(
     what: str = "--teacher",
     reinit_head: bool = False,
     seed: int = 0,
+    head_fix: str | None = None,
     log: Callable[[str], None] | None = _notice,
 ) -> dict:
     """Load a timm state dict into a timm model built for the data (any num_classes / img_size / in_chans).
 
     reinit_head: when the checkpoint's classes differ from the model's (or it has no head), drop its head
         and re-initialize the model's (seeded) instead of raising HeadMismatchError.
-    what: how messages name the weights (the flag the user passed).
+    what: how messages name the weights (the flag the user passed). head_fix: the fix a head mismatch
+        names (default: ``--teacher-finetune EPOCHS``).
     Returns a report: {'head': 'loaded' | 'reinitialized', 'ckpt_classes', 'pos_embed_resampled':
     (old, new) or None, 'in_chans_adapted': (old, new) or None}.
     """
@@ -411,14 +413,19 @@ def apply_weights(
         "pos_embed_resampled": None,
         "in_chans_adapted": None,
     }
-    if heads and n_model and n_ckpt != n_model:
+    if heads and not n_model:  # a head-less model (num_classes=0, features only): the checkpoint's head goes
+        sd = drop_head(sd, heads)
+        report["head"] = "none"
+    elif heads and n_ckpt != n_model:
         if not reinit_head:
             has = f"a {n_ckpt}-class head" if n_ckpt is not None else "no classifier head"
-            raise HeadMismatchError(
-                f"{what}: the checkpoint has {has} but the data has {n_model} classes; add "
-                f"--teacher-finetune EPOCHS to replace the head by a new {n_model}-class one "
+            fix = head_fix or (
+                f"add --teacher-finetune EPOCHS to replace the head by a new {n_model}-class one "
                 "(re-initialized) and fine-tune it on the training split, or use weights trained on "
                 "these classes"
+            )
+            raise HeadMismatchError(
+                f"{what}: the checkpoint has {has} but the data has {n_model} classes; {fix}"
             )
         sd = drop_head(sd, heads)
         report["head"] = "reinitialized"
@@ -496,6 +503,7 @@ def build_pretrained(
     reinit_head: bool = False,
     seed: int = 0,
     what: str = "--teacher",
+    head_fix: str | None = None,
     create: Callable[..., nn.Module] | None = None,
     log: Callable[[str], None] | None = _notice,
     **overrides,
@@ -516,7 +524,9 @@ def build_pretrained(
     model = create(r.arch, num_classes=num_classes, img_size=img_size, in_chans=in_chans, **kwargs)
     if r.pretrained_cfg:
         model.pretrained_cfg = {**(getattr(model, "pretrained_cfg", None) or {}), **r.pretrained_cfg}
-    report = apply_weights(model, sd, what=f"{what} {name}", reinit_head=reinit_head, seed=seed, log=log)
+    report = apply_weights(
+        model, sd, what=f"{what} {name}", reinit_head=reinit_head, seed=seed, head_fix=head_fix, log=log
+    )
     model.fastkd_weights = dict(spec=name, source=r.source, file=r.file, arch=r.arch, report=report)
     return model
 

@@ -379,3 +379,23 @@ def test_hf_hub_without_config_uses_the_repo_name(ckpt, tmp_path, monkeypatch):
         f"hf-hub:timm/{ARCH}.augreg_in21k", num_classes=1000, img_size=224, in_chans=3, log=None, **TINY
     )
     assert _same(m, sd) and preprocessing(m)["mean"] == (0.5, 0.5, 0.5)  # timm's cfg for that tag
+
+
+def test_headless_model_and_custom_fix_line(ckpt):
+    d, sd = ckpt
+    m = build_pretrained(
+        ARCH, weights=d / "model.safetensors", num_classes=0, img_size=224, in_chans=3, log=None, **TINY
+    )  # features only: the checkpoint's head is simply not used
+    assert m.fastkd_weights["report"]["head"] == "none" and _same(m, sd, skip=("head.",))
+    with pytest.raises(HeadMismatchError, match="pass --student-init-head"):
+        build_pretrained(
+            ARCH,
+            weights=d / "model.safetensors",
+            num_classes=4,
+            img_size=224,
+            in_chans=3,
+            what="--student-weights",
+            head_fix="pass --student-init-head",
+            log=None,
+            **TINY,
+        )
