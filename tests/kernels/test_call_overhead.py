@@ -13,11 +13,12 @@ import collections
 
 import pytest
 import torch
+from kd_testutil import DEVICE
+from torch.utils._python_dispatch import TorchDispatchMode
+
 from fastkd.kernels import logit_kd as lk
 from fastkd.kernels import masked_gen as mg
 from fastkd.kernels import token_kd as tk
-from kd_testutil import DEVICE
-from torch.utils._python_dispatch import TorchDispatchMode
 
 ALLOC = {"empty", "empty_strided", "new_empty", "new_empty_strided", "zeros", "new_zeros", "zeros_like"}
 ALLOC |= {"empty_like", "ones_like", "full", "new_full", "clone", "_to_copy", "contiguous"}

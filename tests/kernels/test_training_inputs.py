@@ -17,10 +17,10 @@ gradient flows to the [B, P+N, D] leaf through the view.
 
 import pytest
 import torch
-from fastkd.kernels import masked_gen as mg
-from fastkd.kernels import token_kd as tk
 from kd_testutil import DEVICE, assert_bf16, bf16_scalar_atol, randn, upstream_scalar
 
+from fastkd.kernels import masked_gen as mg
+from fastkd.kernels import token_kd as tk
 from fastkd.losses import reference as R
 
 timm = pytest.importorskip("timm")

@@ -13,7 +13,7 @@ import pytest
 import torch
 from PIL import Image
 
-from fastkd.stream import (
+from fastkd.data.stream import (
     BadImageError,
     StreamLoader,
     eval_id_batches,
@@ -385,7 +385,7 @@ def test_is_stream_spec(folder):
 
 
 def test_bench_cli_reports_img_per_s(folder, capsys):
-    from fastkd.stream import main
+    from fastkd.data.stream import main
 
     assert main(["--bench", str(folder), "--img-size", "32", "--batch-size", "4", "--workers", "0"]) == 0
     out = capsys.readouterr().out
@@ -406,7 +406,7 @@ def test_abandoned_epoch_then_next_epoch_with_persistent_worker(folder):
 
 
 def test_mean_std_estimate_exact_on_small_set(folder):
-    from fastkd.stream import estimate_mean_std
+    from fastkd.data.stream import estimate_mean_std
 
     d = open_stream(str(folder), img_size=32, log=None)
     x = materialize(d.train, workers=0).to(torch.float64) / 255
@@ -421,7 +421,7 @@ def test_streamed_batches_augment_exactly_like_in_memory(folder):
     try:
         from fastkd.data.augment import AugmentConfig, augment_batch, sample_params
     except ImportError:  # before the fastkd/data/ package
-        from fastkd.augment import AugmentConfig, augment_batch, sample_params
+        from fastkd.data.augment import AugmentConfig, augment_batch, sample_params
 
     d = open_stream(str(folder), img_size=32, log=None)
     n, size = len(d.train), d.img_size
@@ -442,7 +442,7 @@ def test_streamed_batches_augment_exactly_like_in_memory(folder):
 
 
 def test_shard_index_cache_reused_and_invalidated(folder, tmp_path, monkeypatch):
-    import fastkd.stream as st
+    import fastkd.data.stream as st
 
     tr = _write_shards(folder, tmp_path / "shards", "train")
     cache = tmp_path / "idx"

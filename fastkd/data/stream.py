@@ -862,7 +862,7 @@ class StreamLoader:
 
     ``epoch(id_batches, extra_ids=None)`` yields one :class:`StreamBatch` per id batch, in order.
     ``extra_ids(ids) -> int64`` names more ids each step needs (e.g. the mixing partners from
-    ``fastkd.augment.sample_params(...).partner``); they are decoded in the same worker batch.
+    ``fastkd.data.augment.sample_params(...).partner``); they are decoded in the same worker batch.
     ``skipped``: ids of unreadable images replaced so far (on_bad_image='skip'); each is reported once.
     """
 
@@ -1078,7 +1078,7 @@ def bench(
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m fastkd.stream", description="Streaming loader tools.")
+    p = argparse.ArgumentParser(prog="python -m fastkd.data.stream", description="Streaming loader tools.")
     p.add_argument("--bench", metavar="DATA", required=True, help="DIR, tar pattern or synthetic:N to read")
     p.add_argument("--val-data", default=None, help="val shard pattern (tar shards only; default: none)")
     p.add_argument("--img-size", type=int, default=224, help="decode size (default: 224)")

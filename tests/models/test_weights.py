@@ -14,7 +14,7 @@ import timm
 import torch
 from safetensors.torch import save_file
 
-from fastkd.weights import (
+from fastkd.models.weights import (
     HeadMismatchError,
     WeightsError,
     WeightsNotFoundError,
