@@ -277,15 +277,16 @@ def _token_kd_fwd_kernel(
         tl.store(stats_ptr + 4 * M + rows, zero, mask=row_ok)
 
 
-@autotune(BWD_CONFIGS, key=["M", "D_S", "D_T", "HAS_W", "DOT_BF16", "WRITE_SB"], prune=_prune("bwd"))
+@autotune(BWD_CONFIGS, key=["M", "D_S", "D_T", "HAS_W", "DOT_BF16", "WRITE_SB", "SUMSQ"], prune=_prune("bwd"))
 @triton.jit
 def _token_kd_bwd_kernel(
     s_ptr,  # [B, P_S+N, D_S] student tokens, fp32 or bf16 (channel stride 1, any row / sample stride)
     t_ptr,  # [B, P_T+N, D_T] teacher tokens (channel stride 1)
     w_ptr,  # [D_T, D_S] projection weight; read only if HAS_W
     b_ptr,  # [D_T] projection bias; read only if HAS_BIAS
-    g_ptr,  # [] fp32 upstream gradient of the mimic sum
-    gr_ptr,  # [M, D_T] out, compact: gR = 2·g·r (bf16 for a bf16 dot, else fp32)
+    g_ptr,  # [] fp32 upstream gradient of the mimic sum (unused if SUMSQ)
+    gr_ptr,  # [M, D_T] out, compact: gR = 2·g·r (bf16 for a bf16 dot, else fp32); SUMSQ: [≥ cdiv(D_T,
+    #          BLOCK_N), M] fp32 out, Σ_j r² per (column tile, row)
     sb_ptr,  # [M, D_S] out, compact: S in the GEMM dtype; written by column-tile 0 if WRITE_SB
     db_part_ptr,  # [≥ cdiv(M, BLOCK_M), D_T] fp32 out: Σ_rows gR of this row tile; written if HAS_BIAS
     M,
@@ -305,6 +306,7 @@ def _token_kd_bwd_kernel(
     HAS_W: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     WRITE_SB: tl.constexpr,
+    SUMSQ: tl.constexpr,
     DOT_BF16: tl.constexpr,
     UPCAST: tl.constexpr,
 ):
@@ -343,15 +345,19 @@ def _token_kd_bwd_kernel(
     if HAS_BIAS:
         acc += tl.load(b_ptr + j, mask=j_ok, other=0.0).to(tl.float32)[None, :]
     y = tl.load(t_row[:, None] + j[None, :], mask=mj, other=0.0).to(tl.float32)
-    g = 2.0 * tl.load(g_ptr).to(tl.float32)
-    gr = tl.where(mj, acc - y, 0.0) * g
-    tl.store(
-        gr_ptr + rows.to(tl.int64)[:, None] * D_T + j[None, :],
-        cast_rtne(gr, gr_ptr.dtype.element_ty),
-        mask=mj,
-    )
-    if HAS_BIAS:
-        tl.store(db_part_ptr + pid_m * D_T + j, tl.sum(gr, 0), mask=j_ok)
+    if SUMSQ:  # the forward of the mimic term alone: Σ_j r² of this column tile, per row
+        r = tl.where(mj, acc - y, 0.0)
+        tl.store(gr_ptr + pid_n * M + rows, tl.sum(r * r, 1), mask=row_ok)
+    else:
+        g = 2.0 * tl.load(g_ptr).to(tl.float32)
+        gr = tl.where(mj, acc - y, 0.0) * g
+        tl.store(
+            gr_ptr + rows.to(tl.int64)[:, None] * D_T + j[None, :],
+            cast_rtne(gr, gr_ptr.dtype.element_ty),
+            mask=mj,
+        )
+        if HAS_BIAS:
+            tl.store(db_part_ptr + pid_m * D_T + j, tl.sum(gr, 0), mask=j_ok)
 
 
 @triton.jit
@@ -497,9 +503,9 @@ def _fwd_outputs(s, t, N, cls_map):
     """(a_s, s_cls, t_cls, stats) buffers, all written by the forward kernel; unused ones are empty."""
     B, _, D_s = s.shape
     new = lambda *shape: s.new_empty(shape, dtype=torch.float32)
+    if not cls_map:  # the mimic term alone: no per-row statistics are kept
+        return new(0), new(0), new(0), new(5, 0)
     stats = new(5, B * N)
-    if not cls_map:
-        return new(0), new(0), new(0), stats
     return new(B, N), new(B, D_s), (new(B, t.shape[2]) if t is not None else new(0)), stats
 
 
@@ -525,6 +531,13 @@ def token_kd_forward(
     B, N, D_s, D_t = _check(s, t, weight, bias, num_prefix_s, num_prefix_t, mimic, cls_map)
     M = B * N
     a_s, s_cls, t_cls, stats = _fwd_outputs(s, t, N, cls_map)
+    if not cls_map:  # the mimic term alone (ViTKD): the 2-D tiled GEMM kernel, row sums per column tile
+        return _mimic_forward(s, t, weight, bias, num_prefix_s, num_prefix_t, amp, config) + (
+            a_s,
+            s_cls,
+            t_cls,
+            stats,
+        )
     has_t = t is not None
     has_w = mimic and weight is not None
     has_b = mimic and bias is not None
@@ -569,6 +582,49 @@ def token_kd_forward(
     )
     mim, msum = stats[3].sum(), stats[4].sum()  # rows of zeros when the term is off
     return mim, msum, a_s, s_cls, t_cls, stats
+
+
+def _mimic_forward(s, t, weight, bias, P_s, P_t, amp, config):
+    """(mimic_sum, 0) of the mimic term alone, by ``_token_kd_bwd_kernel`` in its SUMSQ mode: a 2-D
+    (row tile × D_t tile) grid in grouped order, so each program holds one [BLOCK_M, BLOCK_N] tile of
+    r and W is streamed per column tile (less L2 traffic and bigger MMA tiles than the row-resident
+    kernel, which the map terms need)."""
+    B, T, D_s = s.shape
+    N, D_t = T - P_s, t.shape[2]
+    M = B * N
+    has_w, has_b = weight is not None, bias is not None
+    bf16 = dot_bf16(amp, s, t, weight)
+    w = _gemm_weight(weight, bf16) if has_w else s
+    bb = (bias if bias.dim() == 1 else bias.reshape(-1)) if has_b else s
+    part = s.new_empty((triton.cdiv(D_t, 32), M), dtype=torch.float32)  # enough rows for any BLOCK_N
+    cfg = launch(
+        _token_kd_bwd_kernel,
+        lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(D_t, meta["BLOCK_N"]),),
+        (
+            s,
+            t,
+            w,
+            bb,
+            part,
+            part,
+            part,
+            part,
+            M,
+            N,
+            D_s,
+            D_t,
+            P_s,
+            P_t,
+            s.stride(0),
+            s.stride(1),
+            t.stride(0),
+            t.stride(1),
+            w.stride(0) if has_w else 0,
+        ),
+        dict(HAS_W=has_w, HAS_BIAS=has_b, WRITE_SB=False, SUMSQ=True, DOT_BF16=bf16, UPCAST=INTERPRET),
+        config,
+    )
+    return part[: triton.cdiv(D_t, cfg.BLOCK_N)].sum(), s.new_zeros((), dtype=torch.float32)
 
 
 def _gemm_weight(weight, bf16: bool):
@@ -658,7 +714,9 @@ def token_kd_backward(
                 t.stride(1),
                 w.stride(0) if has_w else 0,
             ),
-            dict(HAS_W=has_w, HAS_BIAS=has_b, WRITE_SB=write_sb, DOT_BF16=bf16, UPCAST=INTERPRET),
+            dict(
+                HAS_W=has_w, HAS_BIAS=has_b, WRITE_SB=write_sb, SUMSQ=False, DOT_BF16=bf16, UPCAST=INTERPRET
+            ),
             config,
         )
         if has_w:
@@ -899,24 +957,32 @@ def compile_specs():
     specs = []
     shapes = {"deit_s": (256, 196, 1, 384, 768), "small": (64, 16, 1, 64, 128)}
     # (token dtype, bf16 dot, HAS_W, HAS_BIAS, MIMIC, CLS_MAP, HAS_T)
-    fwd_variants = [
+    fwd_variants = [  # (the mimic term alone runs on the 2-D kernel: ``bwd`` specs with ``sumsq``)
         ("fp32", True, True, True, True, True, True),  # training under autocast: mimic + map, one pass
-        ("fp32", True, True, True, True, False, True),  # training under autocast: ViTKD mimic
         ("bf16", True, True, True, True, True, True),
-        ("bf16", True, True, True, True, False, True),
         ("fp32", False, True, True, True, True, True),  # exact: autocast off
-        ("fp32", False, True, True, True, False, True),
         ("fp32", False, False, False, False, True, True),  # the map loss alone (no GEMM)
         ("fp32", False, False, False, False, True, False),  # the student map alone
         ("bf16", True, False, True, True, True, True),  # identity projection (no GEMM)
     ]
-    # (token dtype, bf16 dot, HAS_W, HAS_BIAS, WRITE_SB)
+    # (token dtype, bf16 dot, HAS_W, HAS_BIAS, WRITE_SB, SUMSQ)
     bwd_variants = [
-        ("fp32", True, True, True, True),  # autocast, fp32 strided tokens: S rounded to bf16 on the way
-        ("bf16", True, True, True, True),
-        ("bf16", True, True, True, False),
-        ("fp32", False, True, True, True),  # exact
-        ("fp32", False, False, True, False),  # identity, exact
+        (
+            "fp32",
+            True,
+            True,
+            True,
+            True,
+            False,
+        ),  # autocast, fp32 strided tokens: S rounded to bf16 on the way
+        ("bf16", True, True, True, True, False),
+        ("bf16", True, True, True, False, False),
+        ("fp32", False, True, True, True, False),  # exact
+        ("fp32", False, False, True, False, False),  # identity
+        ("fp32", True, True, True, False, True),  # forward of ViTKD mimic under autocast (training)
+        ("bf16", True, True, True, False, True),
+        ("fp32", False, True, True, False, True),  # exact
+        ("fp32", False, False, True, False, True),  # identity
     ]
 
     def precision(bf16, gemm):
@@ -969,10 +1035,12 @@ def compile_specs():
                     UPCAST=False,
                 )
                 specs.append((tag, _token_kd_fwd_kernel.fn, ptrs, scalars, const, cfg))
-        for dt, bf16, has_w, has_b, write_sb in bwd_variants:
+        for dt, bf16, has_w, has_b, write_sb, sumsq in bwd_variants:
             for cfg in valid_configs("bwd", D_s, D_t, bf16, has_w):
-                flags = f"w{int(has_w)}b{int(has_b)}sb{int(write_sb)}"
-                tag = f"bwd/{dt}/{precision(bf16, has_w)}/{flags}/{cfg.BLOCK_M}x{cfg.BLOCK_N}x{cfg.BLOCK_K}"
+                kname = "mimic_fwd" if sumsq else "bwd"
+                flags = f"w{int(has_w)}b{int(has_b)}" + ("" if sumsq else f"sb{int(write_sb)}")
+                blocks = f"{cfg.BLOCK_M}x{cfg.BLOCK_N}x{cfg.BLOCK_K}"
+                tag = f"{kname}/{dt}/{precision(bf16, has_w)}/{flags}/{blocks}"
                 if tag in seen:
                     continue
                 seen.add(tag)
@@ -983,7 +1051,7 @@ def compile_specs():
                     "w_ptr": "bf16" if bf16 else "fp32",
                     "b_ptr": "fp32",
                     "g_ptr": "fp32",
-                    "gr_ptr": gdt,
+                    "gr_ptr": "fp32" if sumsq else gdt,
                     "sb_ptr": gdt,
                     "db_part_ptr": "fp32",
                 }
@@ -1007,6 +1075,7 @@ def compile_specs():
                     HAS_W=has_w,
                     HAS_BIAS=has_b,
                     WRITE_SB=write_sb,
+                    SUMSQ=sumsq,
                     DOT_BF16=bf16,
                     UPCAST=False,
                 )

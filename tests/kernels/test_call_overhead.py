@@ -144,7 +144,7 @@ def test_autograd_glue_is_o1_and_materialises_no_zero_grads(name, amp):
 # aten ops dispatched inside the launchers (forward + backward, kernels excluded), measured
 LAUNCHER_BUDGET = {  # (ops, allocations): outputs, the compact gR / dS and, under amp, the bf16 copy of W
     "map": (14, 8),
-    "mimic": (21, 11),
+    "mimic": (21, 13),
     "fused": (20, 11),
 }
 
