@@ -15,7 +15,7 @@ ROOT = os.path.dirname(os.path.dirname(HERE))
 
 
 FAMILIES = {
-    "token_kd": ("token_kd/fwd", "token_kd/mimic_fwd", "token_kd/bwd", "token_kd/map_bwd"),
+    "token_kd": ("token_kd/fwd", "token_kd/mimic_fwd", "token_kd/bwd", "token_kd/map_bwd", "token_kd/scale"),
     "masked_gen": ("masked_gen/input_fwd", "masked_gen/input_bwd", "masked_gen/loss_fwd"),
     "logit_kd": ("logit_kd/dense", "logit_kd/topk"),
 }

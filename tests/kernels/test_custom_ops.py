@@ -31,6 +31,10 @@ CASES = {
         tk.token_kd_op,
         (x["s"][:, 1:], x["t"][:, 1:], x["W"], x["b"], 0, 0, True, False, True),
     ),
+    "token_kd: mimic on patch views, amp, stored residual": lambda x: (
+        tk.token_kd_op,
+        (x["s"][:, 1:], x["t"][:, 1:], x["W"], x["b"], 0, 0, True, False, True, True),
+    ),
     "token_kd: mimic + map, amp": lambda x: (
         tk.token_kd_op,
         (x["s"], x["t"], x["W"], x["b"], 1, 1, True, True, True),

@@ -279,6 +279,53 @@ def test_token_kd_every_shipped_config(kind, idx, cfg):
         assert_bf16(v, lgrads[k], rgrads[k], f"{cfg}: d{k}")
 
 
+@pytest.mark.parametrize("prefix", [0, 1])
+@pytest.mark.parametrize("case", ["ds!=dt", "deit-dist-student,ds=dt,identity"])
+def test_token_kd_stored_residual_matches_recompute(case, prefix):
+    """Under autocast the mimic term alone can store its bf16 residual in the forward (save_residual=True)
+    instead of recomputing it: same loss (the same kernel computes it) and gradients within the bf16 rule
+    of the reference under autocast, as the recompute's are; fp32 strided tokens."""
+    x = make(case, seed=11)
+    P = x["P_s"]
+    full, t_full, w, b, up = x["s"], x["t"], x["w"], x["b"], x["up"]
+    if prefix == 0:
+        x.update(s=full[:, P:], t=t_full[:, x["P_t"] :], P_s=0, P_t=0, leaf=full)
+    else:
+        x.update(P_t=x["P_t"])
+    outs = {}
+    for save in (False, True):
+        for v in (full, w, b):
+            if v is not None:
+                v.grad = None
+        mim = tk.token_kd_op(x["s"], x["t"], w, b, x["P_s"], x["P_t"], True, False, True, save)[0]
+        (up["mim"] * mim).backward()
+        outs[save] = (mim.detach(), full.grad.clone(), None if w is None else w.grad.clone(), b.grad.clone())
+    assert float(outs[True][0]) == float(outs[False][0])
+    x2 = dict(x, s=full.detach().clone().requires_grad_(), P_s=P if prefix else 0)
+    s_view = x2["s"][:, P:] if prefix == 0 else x2["s"]
+    conv = lambda v: None if v is None else v.detach().clone().requires_grad_()
+    wl, bl = conv(w), conv(b)
+    with autocast_bf16():
+        low = R.vitkd_mimic_loss(
+            [s_view[:, x["P_s"] :]], [x["t"][:, x["P_t"] :]], [wl], [bl], alpha=float(full.shape[0])
+        )
+    (up["mim"] * low).backward()
+    s64 = full.detach().double().requires_grad_()
+    w64, b64 = conv(None if w is None else w.double()), conv(b.double())
+    s64v = s64[:, P:] if prefix == 0 else s64
+    ref = R.vitkd_mimic_loss(
+        [s64v[:, x["P_s"] :]], [x["t"][:, x["P_t"] :].double()], [w64], [b64], alpha=float(full.shape[0])
+    )
+    (up["mim"] * ref).backward()
+    for save in (False, True):
+        _, ds, dw, db = outs[save]
+        what = "stored" if save else "recompute"
+        assert_bf16(ds, x2["s"].grad, s64.grad, f"{what}: ds")
+        if w is not None:
+            assert_bf16(dw, wl.grad, w64.grad, f"{what}: dw")
+        assert_bf16(db, bl.grad, b64.grad, f"{what}: db")
+
+
 def test_token_kd_no_grad_inputs():
     """Only W needs grad (s detached): dW is still right and no dS is requested."""
     x = make("ds!=dt", seed=6)
