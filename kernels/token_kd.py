@@ -4,7 +4,7 @@ Per layer, with s [B, P_s+N, D_s] student and t [B, P_t+N, D_t] teacher tokens (
 patches at P..P+N−1), W [D_t, D_s] (nn.Linear layout; None = identity, D_s = D_t), b [D_t] (None = 0),
 norm(x) = x / max(‖x‖₂, 1e-12) over channels, rows m = b·N + n over the M = B·N patch tokens:
 
-    r_m      = W s_m + b − t_m                       (never stored; recomputed in the backward)
+    r_m      = W s_m + b − t_m                       (recomputed in the backward, or stored in bf16: below)
     mimic    = Σ_{m,d} r_{m,d}²                       (raw sum; ViTKD scales by α/B)
     a_s[m]   = norm(c_s[b]) · norm(s_m),  a_t[m] = norm(c_t[b]) · norm(t_m)   (cosine CLS–patch maps)
     map      = Σ_m (a_t[m] − a_s[m])²                 (raw sum; [CLS]-KD takes the mean over B·N)
@@ -13,7 +13,7 @@ norm(x) = x / max(‖x‖₂, 1e-12) over channels, rows m = b·N + n over the M
 
 Backward, upstream g_mim, g_map (scalars, read on device: no host sync), g_as [B, N], g_cls [B, D_s]:
 
-    gR      = 2·g_mim·r                 recomputed tile by tile, written once ([rows, D_t], s's dtype)
+    gR      = 2·g_mim·r                 recomputed tile by tile, written once (compact [M, D_t])
     dS_m    = gR_m W                    cuBLAS (identity W: dS_m = gR_m)
     dW      = gRᵀ S,  db = Σ_m gR_m      cuBLAS / per-tile column partials summed in torch
     γ_m     = −2·g_map·(a_t[m] − a_s[m]) + g_as[m]
@@ -27,6 +27,14 @@ would cost more than the gR round trip). When s cannot be viewed as an [M, D_s] 
 dtype (fp32 tokens under autocast, or a strided view), the recompute kernel writes S rounded to the
 GEMM dtype, compact, as a by-product of the loads it does anyway (column-tile 0 only).
 
+Kernels: the mimic term alone (ViTKD) runs forward and recompute on the same 2-D grouped GEMM kernel
+(``_token_kd_bwd_kernel``; SUMSQ mode = forward: Σ_j r² per column tile); the map terms need whole
+rows, so mimic + map and the map alone run the row-resident ``_token_kd_fwd_kernel``.
+Stored residual (``save_residual``, mimic alone under autocast, opt-in by the caller): the forward also
+writes r and S in bf16 and Σ_m r; the backward then skips the recompute kernel: dS = 2g·(r W) (one
+cuBLAS GEMM + ``_token_kd_scale_kernel``), dW = 2g·(rᵀ S), db = 2g·Σ_m r — 25 % fewer bytes for
+115.6 MB held per layer at DeiT-S (bench/NOTES.md).
+
 Precision (``amp`` = bf16 autocast at the op boundary, decided by the caller; ``_utils.dot_bf16``):
     amp, or bf16 tokens: every GEMM on bf16 tensor cores, fp32 accumulation. The recompute/forward
         kernels load s (fp32 or bf16, any row stride) and round it to bf16 in registers; W (fp32
@@ -37,10 +45,12 @@ Precision (``amp`` = bf16 autocast at the op boundary, decided by the caller; ``
     autocast off with fp32 tokens: exact fp32 (``tl.dot`` "ieee", fp32 gR, fp32 cuBLAS) — the
         compile-spec names of these variants say ``exact``.
 
-Bytes (e = element size of s / t; M = B·N; map/CLS side buffers are O(M·16 + B·D) bytes):
-    forward   reads M·D_s·e + M·D_t·e (+ D_t·D_s·e_W), writes O(M·16) — s and t exactly once.
-    backward  gR kernel: reads s, t, writes gR (M·D_t·e); dS GEMM: reads gR, W, writes dS (M·D_s·e);
-              dW GEMM: reads gR, s; map kernel: reads s, reads+writes dS (M·D_s·e each).
+Bytes (e = element size of s / t; M = B·N; map/CLS side buffers are O(M·20 + B·D) bytes):
+    forward   reads M·D_s·e + M·D_t·e (+ D_t·D_s·2 for the bf16 W), writes O(M·20) — s and t once
+              (+ M·(D_t + D_s)·2 with the stored residual).
+    backward  gR kernel: reads s, t, writes gR (M·D_t·2 bf16) and S bf16 (M·D_s·2, if s is fp32 or
+              strided); dS GEMM: reads gR, W, writes M·D_s·2; dW GEMM: reads gR, S; map kernel (or
+              the cast / scale pass): reads s and the GEMM's dS, writes dS (M·D_s·e).
 Flops: forward 2·M·D_s·D_t (the projection GEMM, fp32 accumulation); backward 3× that (recompute,
 dS, dW). bench/NOTES.md has the per-config roofline (bytes, flops, predicted µs on H100 / H200).
 """
