@@ -439,7 +439,8 @@ def gen_input_backward(
     M = B * N
     has_w = weight is not None
     bf16 = dot_bf16(amp, s, weight)
-    gdt = torch.bfloat16 if bf16 else torch.float32
+    # the GEMM dtype; with no projection there is no GEMM and gX = dS keeps the promoted precision
+    gdt = (torch.bfloat16 if bf16 else torch.float32) if has_w else torch.promote_types(dx.dtype, s.dtype)
     cfg = config or pick_config(ELEMENTWISE_CONFIGS, gdt, D_t)
     gx = s.new_empty((M, D_t), dtype=gdt)
     s_mat = _as_matrix(s) if (has_w and need_dw and s.dtype == gdt) else None

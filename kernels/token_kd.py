@@ -4,7 +4,7 @@ Per layer, with s [B, P_s+N, D_s] student and t [B, P_t+N, D_t] teacher tokens (
 patches at P..P+N−1), W [D_t, D_s] (nn.Linear layout; None = identity, D_s = D_t), b [D_t] (None = 0),
 norm(x) = x / max(‖x‖₂, 1e-12) over channels, rows m = b·N + n over the M = B·N patch tokens:
 
-    r_m      = W s_m + b − t_m                       (never stored; recomputed in the backward)
+    r_m      = W s_m + b − t_m                       (recomputed in the backward, or stored in bf16: below)
     mimic    = Σ_{m,d} r_{m,d}²                       (raw sum; ViTKD scales by α/B)
     a_s[m]   = norm(c_s[b]) · norm(s_m),  a_t[m] = norm(c_t[b]) · norm(t_m)   (cosine CLS–patch maps)
     map      = Σ_m (a_t[m] − a_s[m])²                 (raw sum; [CLS]-KD takes the mean over B·N)
@@ -13,7 +13,7 @@ norm(x) = x / max(‖x‖₂, 1e-12) over channels, rows m = b·N + n over the M
 
 Backward, upstream g_mim, g_map (scalars, read on device: no host sync), g_as [B, N], g_cls [B, D_s]:
 
-    gR      = 2·g_mim·r                 recomputed tile by tile, written once ([rows, D_t], s's dtype)
+    gR      = 2·g_mim·r                 recomputed tile by tile, written once (compact [M, D_t])
     dS_m    = gR_m W                    cuBLAS (identity W: dS_m = gR_m)
     dW      = gRᵀ S,  db = Σ_m gR_m      cuBLAS / per-tile column partials summed in torch
     γ_m     = −2·g_map·(a_t[m] − a_s[m]) + g_as[m]
@@ -27,6 +27,14 @@ would cost more than the gR round trip). When s cannot be viewed as an [M, D_s] 
 dtype (fp32 tokens under autocast, or a strided view), the recompute kernel writes S rounded to the
 GEMM dtype, compact, as a by-product of the loads it does anyway (column-tile 0 only).
 
+Kernels: the mimic term alone (ViTKD) runs forward and recompute on the same 2-D grouped GEMM kernel
+(``_token_kd_bwd_kernel``; SUMSQ mode = forward: Σ_j r² per column tile); the map terms need whole
+rows, so mimic + map and the map alone run the row-resident ``_token_kd_fwd_kernel``.
+Stored residual (``save_residual``, mimic alone under autocast, opt-in by the caller): the forward also
+writes r and S in bf16 and Σ_m r; the backward then skips the recompute kernel: dS = 2g·(r W) (one
+cuBLAS GEMM + ``_token_kd_scale_kernel``), dW = 2g·(rᵀ S), db = 2g·Σ_m r — 25 % fewer bytes for
+115.6 MB held per layer at DeiT-S (bench/NOTES.md).
+
 Precision (``amp`` = bf16 autocast at the op boundary, decided by the caller; ``_utils.dot_bf16``):
     amp, or bf16 tokens: every GEMM on bf16 tensor cores, fp32 accumulation. The recompute/forward
         kernels load s (fp32 or bf16, any row stride) and round it to bf16 in registers; W (fp32
@@ -37,10 +45,12 @@ Precision (``amp`` = bf16 autocast at the op boundary, decided by the caller; ``
     autocast off with fp32 tokens: exact fp32 (``tl.dot`` "ieee", fp32 gR, fp32 cuBLAS) — the
         compile-spec names of these variants say ``exact``.
 
-Bytes (e = element size of s / t; M = B·N; map/CLS side buffers are O(M·16 + B·D) bytes):
-    forward   reads M·D_s·e + M·D_t·e (+ D_t·D_s·e_W), writes O(M·16) — s and t exactly once.
-    backward  gR kernel: reads s, t, writes gR (M·D_t·e); dS GEMM: reads gR, W, writes dS (M·D_s·e);
-              dW GEMM: reads gR, s; map kernel: reads s, reads+writes dS (M·D_s·e each).
+Bytes (e = element size of s / t; M = B·N; map/CLS side buffers are O(M·20 + B·D) bytes):
+    forward   reads M·D_s·e + M·D_t·e (+ D_t·D_s·2 for the bf16 W), writes O(M·20) — s and t once
+              (+ M·(D_t + D_s)·2 with the stored residual).
+    backward  gR kernel: reads s, t, writes gR (M·D_t·2 bf16) and S bf16 (M·D_s·2, if s is fp32 or
+              strided); dS GEMM: reads gR, W, writes M·D_s·2; dW GEMM: reads gR, S; map kernel (or
+              the cast / scale pass): reads s and the GEMM's dS, writes dS (M·D_s·e).
 Flops: forward 2·M·D_s·D_t (the projection GEMM, fp32 accumulation); backward 3× that (recompute,
 dS, dW). bench/NOTES.md has the per-config roofline (bytes, flops, predicted µs on H100 / H200).
 """
@@ -93,7 +103,7 @@ BWD_TC_CONFIGS = [
     Cfg(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, num_warps=4, num_stages=3),
 ]
 BWD_EXACT_CONFIGS = [
-    Cfg(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, num_warps=4, num_stages=2),
+    Cfg(BLOCK_M=32, BLOCK_N=64, BLOCK_K=32, num_warps=4, num_stages=2),  # (64×64×32 spilled 8 B on sm_90a)
     Cfg(BLOCK_M=32, BLOCK_N=32, BLOCK_K=32, num_warps=4, num_stages=2),
 ]
 # backward map/CLS (no GEMM, fixed table): program per (sample, BLOCK_K student channels), loop over
@@ -277,17 +287,23 @@ def _token_kd_fwd_kernel(
         tl.store(stats_ptr + 4 * M + rows, zero, mask=row_ok)
 
 
-@autotune(BWD_CONFIGS, key=["M", "D_S", "D_T", "HAS_W", "DOT_BF16", "WRITE_SB"], prune=_prune("bwd"))
+@autotune(
+    BWD_CONFIGS,
+    key=["M", "D_S", "D_T", "HAS_W", "DOT_BF16", "WRITE_SB", "SUMSQ", "STORE_R"],
+    prune=_prune("bwd"),
+)
 @triton.jit
 def _token_kd_bwd_kernel(
     s_ptr,  # [B, P_S+N, D_S] student tokens, fp32 or bf16 (channel stride 1, any row / sample stride)
     t_ptr,  # [B, P_T+N, D_T] teacher tokens (channel stride 1)
     w_ptr,  # [D_T, D_S] projection weight; read only if HAS_W
     b_ptr,  # [D_T] projection bias; read only if HAS_BIAS
-    g_ptr,  # [] fp32 upstream gradient of the mimic sum
-    gr_ptr,  # [M, D_T] out, compact: gR = 2·g·r (bf16 for a bf16 dot, else fp32)
+    g_ptr,  # [] fp32 upstream gradient of the mimic sum (unused if SUMSQ)
+    gr_ptr,  # [M, D_T] out, compact: gR = 2·g·r (bf16 for a bf16 dot, else fp32); SUMSQ: [≥ cdiv(D_T,
+    #          BLOCK_N), M] fp32 out, Σ_j r² per (column tile, row)
     sb_ptr,  # [M, D_S] out, compact: S in the GEMM dtype; written by column-tile 0 if WRITE_SB
-    db_part_ptr,  # [≥ cdiv(M, BLOCK_M), D_T] fp32 out: Σ_rows gR of this row tile; written if HAS_BIAS
+    db_part_ptr,  # [≥ cdiv(M, BLOCK_M), D_T] fp32 out, if HAS_BIAS: Σ_rows gR (SUMSQ: r) of this row tile
+    r_ptr,  # [M, D_T] bf16 out, compact: the residual r = W s + b − t (SUMSQ and STORE_R only)
     M,
     N,
     D_S,
@@ -305,6 +321,8 @@ def _token_kd_bwd_kernel(
     HAS_W: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     WRITE_SB: tl.constexpr,
+    SUMSQ: tl.constexpr,
+    STORE_R: tl.constexpr,
     DOT_BF16: tl.constexpr,
     UPCAST: tl.constexpr,
 ):
@@ -343,15 +361,27 @@ def _token_kd_bwd_kernel(
     if HAS_BIAS:
         acc += tl.load(b_ptr + j, mask=j_ok, other=0.0).to(tl.float32)[None, :]
     y = tl.load(t_row[:, None] + j[None, :], mask=mj, other=0.0).to(tl.float32)
-    g = 2.0 * tl.load(g_ptr).to(tl.float32)
-    gr = tl.where(mj, acc - y, 0.0) * g
-    tl.store(
-        gr_ptr + rows.to(tl.int64)[:, None] * D_T + j[None, :],
-        cast_rtne(gr, gr_ptr.dtype.element_ty),
-        mask=mj,
-    )
-    if HAS_BIAS:
-        tl.store(db_part_ptr + pid_m * D_T + j, tl.sum(gr, 0), mask=j_ok)
+    if SUMSQ:  # the forward of the mimic term alone: Σ_j r² of this column tile, per row
+        r = tl.where(mj, acc - y, 0.0)
+        tl.store(gr_ptr + pid_n * M + rows, tl.sum(r * r, 1), mask=row_ok)
+        if STORE_R:  # the bf16 residual for the backward (no recompute), and its column sums for db
+            tl.store(
+                r_ptr + rows.to(tl.int64)[:, None] * D_T + j[None, :],
+                cast_rtne(r, r_ptr.dtype.element_ty),
+                mask=mj,
+            )
+            if HAS_BIAS:
+                tl.store(db_part_ptr + pid_m * D_T + j, tl.sum(r, 0), mask=j_ok)
+    else:
+        g = 2.0 * tl.load(g_ptr).to(tl.float32)
+        gr = tl.where(mj, acc - y, 0.0) * g
+        tl.store(
+            gr_ptr + rows.to(tl.int64)[:, None] * D_T + j[None, :],
+            cast_rtne(gr, gr_ptr.dtype.element_ty),
+            mask=mj,
+        )
+        if HAS_BIAS:
+            tl.store(db_part_ptr + pid_m * D_T + j, tl.sum(gr, 0), mask=j_ok)
 
 
 @triton.jit
@@ -432,6 +462,24 @@ def _token_kd_map_bwd_kernel(
         tl.store(ds_ptr + b * stride_db + p * stride_dn + k, tl.zeros((BLOCK_K,), out_dtype), mask=k_ok)
 
 
+@triton.jit
+def _token_kd_scale_kernel(
+    x_ptr,  # [numel] dS of the mimic term from the stored residual (bf16, unscaled), contiguous
+    g_ptr,  # [] fp32 upstream gradient of the mimic sum
+    out_ptr,  # [numel] out: 2·g·x in s's dtype (dS, contiguous [B, N, D_S])
+    numel,
+    BLOCK: tl.constexpr,
+):
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    ok = offs < numel
+    g = 2.0 * tl.load(g_ptr).to(tl.float32)
+    x = tl.load(x_ptr + offs, mask=ok, other=0.0).to(tl.float32)
+    tl.store(out_ptr + offs, cast_rtne(x * g, out_ptr.dtype.element_ty), mask=ok)
+
+
+SCALE_BLOCK = 2048  # elements per program of ``_token_kd_scale_kernel`` (4 warps, 16 per thread)
+
+
 # ---------------------------------------------------------------------------------------- launchers
 _WHAT = "fastkd token_kd kernel"
 
@@ -493,13 +541,47 @@ def _check(s, t, weight, bias, num_prefix_s, num_prefix_t, mimic, cls_map):
     return B, N, D_s, D_t
 
 
-def _fwd_outputs(s, t, N, cls_map):
-    """(a_s, s_cls, t_cls, stats) buffers, all written by the forward kernel; unused ones are empty."""
+def residual_on(amp, save_residual, mimic, cls_map, t, D_s, weight) -> bool:
+    """Whether the forward stores the bf16 residual for the backward (no recompute): the mimic term alone
+    under autocast, when the caller says a backward follows (both flags explicit: the fake and the real
+    op must agree, so None never turns it on), even widths (bf16 pairs packed in an fp32 buffer)."""
+    return (
+        amp is True
+        and save_residual is True
+        and mimic
+        and not cls_map
+        and weight is not None  # identity: no GEMM, nothing rounded to bf16 by autocast, keep recompute
+        and t is not None
+        and t.shape[2] % 2 == 0
+        and D_s % 2 == 0
+    )
+
+
+def _residual_sizes(M, D_s, D_t, has_w, has_b):
+    """fp32 slots of the packed residual: r bf16 [M, D_t], S bf16 [M, D_s] (if W), Σ_m r fp32 [D_t] (if b)."""
+    return M * D_t // 2, (M * D_s // 2 if has_w else 0), (D_t if has_b else 0)
+
+
+def _residual_views(stats, M, D_s, D_t, has_w, has_b):
+    """(r [M, D_t] bf16, S [M, D_s] bf16 or None, Σ_m r [D_t] fp32 or None): views into ``stats``."""
+    nr, ns, nb = _residual_sizes(M, D_s, D_t, has_w, has_b)
+    r = stats[:nr].view(torch.bfloat16).view(M, D_t)
+    sb = stats[nr : nr + ns].view(torch.bfloat16).view(M, D_s) if has_w else None
+    db = stats[nr + ns : nr + ns + nb] if has_b else None
+    return r, sb, db
+
+
+def _fwd_outputs(s, t, N, cls_map, weight=None, bias=None, residual=False):
+    """(a_s, s_cls, t_cls, stats) buffers, all written by the forward; unused ones are empty. With the
+    stored residual (``residual_on``), stats is the packed residual (``_residual_views``)."""
     B, _, D_s = s.shape
     new = lambda *shape: s.new_empty(shape, dtype=torch.float32)
+    if not cls_map:  # the mimic term alone: no per-row statistics are kept
+        if residual:
+            sizes = _residual_sizes(B * N, D_s, t.shape[2], weight is not None, bias is not None)
+            return new(0), new(0), new(0), new(sum(sizes))
+        return new(0), new(0), new(0), new(5, 0)
     stats = new(5, B * N)
-    if not cls_map:
-        return new(0), new(0), new(0), stats
     return new(B, N), new(B, D_s), (new(B, t.shape[2]) if t is not None else new(0)), stats
 
 
@@ -514,6 +596,7 @@ def token_kd_forward(
     cls_map=True,
     amp: bool = False,
     config: Cfg | None = None,
+    save_residual: bool = False,
 ):
     """Launch the forward kernel. Returns (mimic_sum [], map_sum [], a_s [B, N], s_cls, t_cls, stats).
 
@@ -524,7 +607,13 @@ def token_kd_forward(
     """
     B, N, D_s, D_t = _check(s, t, weight, bias, num_prefix_s, num_prefix_t, mimic, cls_map)
     M = B * N
-    a_s, s_cls, t_cls, stats = _fwd_outputs(s, t, N, cls_map)
+    residual = residual_on(amp, save_residual, mimic, cls_map, t, D_s, weight)
+    a_s, s_cls, t_cls, stats = _fwd_outputs(s, t, N, cls_map, weight, bias, residual)
+    if not cls_map:  # the mimic term alone (ViTKD): the 2-D tiled GEMM kernel, row sums per column tile
+        sums = _mimic_forward(
+            s, t, weight, bias, num_prefix_s, num_prefix_t, amp, config, stats if residual else None
+        )
+        return sums + (a_s, s_cls, t_cls, stats)
     has_t = t is not None
     has_w = mimic and weight is not None
     has_b = mimic and bias is not None
@@ -571,6 +660,97 @@ def token_kd_forward(
     return mim, msum, a_s, s_cls, t_cls, stats
 
 
+def _mimic_forward(s, t, weight, bias, P_s, P_t, amp, config, residual=None):
+    """(mimic_sum, 0) of the mimic term alone, by ``_token_kd_bwd_kernel`` in its SUMSQ mode: a 2-D
+    (row tile × D_t tile) grid in grouped order, so each program holds one [BLOCK_M, BLOCK_N] tile of
+    r and W is streamed per column tile (less L2 traffic and bigger MMA tiles than the row-resident
+    kernel, which the map terms need)."""
+    B, T, D_s = s.shape
+    N, D_t = T - P_s, t.shape[2]
+    M = B * N
+    has_w, has_b = weight is not None, bias is not None
+    bf16 = dot_bf16(amp, s, t, weight)
+    w = _gemm_weight(weight, bf16) if has_w else s
+    bb = (bias if bias.dim() == 1 else bias.reshape(-1)) if has_b else s
+    part = s.new_empty((triton.cdiv(D_t, 32), M), dtype=torch.float32)  # enough rows for any BLOCK_N
+    store_r = residual is not None  # ``residual``: the packed buffer to fill (``_residual_views``)
+    r = sb = db_sum = db_part = part
+    if store_r:
+        r, sb, db_sum = _residual_views(residual, M, D_s, D_t, has_w, has_b)
+        sb = sb if has_w else part
+        db_part = s.new_empty((triton.cdiv(M, 32), D_t), dtype=torch.float32) if has_b else part
+    cfg = launch(
+        _token_kd_bwd_kernel,
+        lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(D_t, meta["BLOCK_N"]),),
+        (
+            s,
+            t,
+            w,
+            bb,
+            part,
+            part,
+            sb,
+            db_part,
+            r,
+            M,
+            N,
+            D_s,
+            D_t,
+            P_s,
+            P_t,
+            s.stride(0),
+            s.stride(1),
+            t.stride(0),
+            t.stride(1),
+            w.stride(0) if has_w else 0,
+        ),
+        dict(
+            HAS_W=has_w,
+            HAS_BIAS=has_b,
+            WRITE_SB=store_r and has_w,
+            SUMSQ=True,
+            STORE_R=store_r,
+            DOT_BF16=bf16,
+            UPCAST=INTERPRET,
+        ),
+        config,
+    )
+    if store_r and has_b:
+        torch.sum(db_part[: triton.cdiv(M, cfg.BLOCK_M)], 0, out=db_sum)  # Σ_m r, for db = 2g·Σ_m r
+    return part[: triton.cdiv(D_t, cfg.BLOCK_N)].sum(), s.new_zeros((), dtype=torch.float32)
+
+
+def _residual_backward(g_mim, s, t, weight, bias, stats, P, need_dw, need_db):
+    """(dS, dW, db) of the mimic term alone from the residual the forward stored (``residual_on``):
+    dS = 2g·(r W) (cuBLAS bf16, then one scale-and-cast pass), dW = 2g·(rᵀ S), db = 2g·Σ_m r."""
+    B, T, D_s = s.shape
+    N, D_t = T - P, t.shape[2]
+    M = B * N
+    has_w, has_b = weight is not None, bias is not None
+    r, sb, db_sum = _residual_views(stats, M, D_s, D_t, has_w, has_b)
+    g = g_mim if g_mim.dtype == torch.float32 else g_mim.float()
+    mim_ds = torch.mm(r, _gemm_weight(weight, True)) if has_w else r  # [M, D_s] bf16, unscaled
+    if P == 0:
+        ds = torch.empty(s.shape, dtype=s.dtype, device=s.device)
+        numel = mim_ds.numel()
+        _token_kd_scale_kernel[(triton.cdiv(numel, SCALE_BLOCK),)](
+            mim_ds, g, ds, numel, BLOCK=SCALE_BLOCK, num_warps=4
+        )
+    else:  # prefix rows get no gradient from the mimic term (rare: the op called with prefixes)
+        ds = s.new_zeros(s.shape)
+        ds[:, P:] = (mim_ds.float() * (g * 2.0)).view(B, N, D_s)
+    g2 = g * 2.0
+    if has_w and need_dw:
+        dw = torch.mm(r.t(), sb).to(weight.dtype).mul_(g2)
+    else:
+        dw = s.new_empty(0, dtype=torch.float32)
+    if has_b and need_db:
+        db = (db_sum * g2).to(bias.dtype).reshape(bias.shape)
+    else:
+        db = s.new_empty(0, dtype=torch.float32)
+    return ds, dw, db
+
+
 def _gemm_weight(weight, bf16: bool):
     """W in the GEMM dtype: rounded to bf16 once per call for a bf16 dot (what autocast does; the kernels
     then stream half the bytes of W from L2 per row tile), as is for an exact one."""
@@ -606,6 +786,7 @@ def token_kd_backward(
     amp: bool = False,
     config: Cfg | None = None,
     map_config: Cfg | None = None,
+    residual: bool = False,
 ):
     """Gradients (dS, dW, db) of ``token_kd_forward``; dW / db are empty when not needed.
 
@@ -618,11 +799,14 @@ def token_kd_backward(
     P = num_prefix_s
     dw = db = None  # empty placeholders made at the end when not computed (distinct: no aliasing)
     mim_ds = None  # compact [M, D_s] dS of the mimic term
+    if residual:  # the forward stored r (bf16), S (bf16) and Σ_m r: no recompute, GEMMs on r, scale by 2g
+        return _residual_backward(g_mim, s, t, weight, bias, stats, P, need_dw, need_db)
     if mimic:
         has_w = weight is not None
         has_b = bias is not None
         bf16 = dot_bf16(amp, s, t, weight)
-        gdt = torch.bfloat16 if bf16 else torch.float32  # the GEMM dtype
+        # the GEMM dtype; with no projection there is no GEMM and gR = dS keeps s's precision
+        gdt = (torch.bfloat16 if bf16 else torch.float32) if has_w else s.dtype
         gr = s.new_empty((M, D_t), dtype=gdt)  # compact, every row written by the kernel
         s_mat = None
         if has_w and need_dw:
@@ -646,6 +830,7 @@ def token_kd_backward(
                 gr,
                 sb,
                 db_part,
+                gr,
                 M,
                 N,
                 D_s,
@@ -658,7 +843,15 @@ def token_kd_backward(
                 t.stride(1),
                 w.stride(0) if has_w else 0,
             ),
-            dict(HAS_W=has_w, HAS_BIAS=has_b, WRITE_SB=write_sb, DOT_BF16=bf16, UPCAST=INTERPRET),
+            dict(
+                HAS_W=has_w,
+                HAS_BIAS=has_b,
+                WRITE_SB=write_sb,
+                SUMSQ=False,
+                STORE_R=False,
+                DOT_BF16=bf16,
+                UPCAST=INTERPRET,
+            ),
             config,
         )
         if has_w:
@@ -735,21 +928,36 @@ def token_kd_op(
     mimic: bool,
     cls_map: bool,
     amp: Optional[bool] = None,  # noqa: UP045
+    save_residual: Optional[bool] = None,  # noqa: UP045
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(mimic_sum, map_sum, a_s, s_cls, t_cls, stats); see ``token_kd_forward``.
 
     ``amp``: bf16 autocast is on (the caller reads ``torch.is_autocast_enabled`` at the op boundary and
-    passes it; required under torch.compile). None = read it now (eager callers only)."""
+    passes it; required under torch.compile). None = read it now (eager callers only).
+    ``save_residual``: a backward follows (the caller knows: grad mode and requires_grad); with ``amp``
+    True and the mimic term alone, the forward then stores the bf16 residual and the backward does not
+    recompute (``residual_on``; bench/NOTES.md has the byte arithmetic). None / False: recompute."""
+    store = residual_on(amp, save_residual, mimic, cls_map, t, s.shape[2], weight)
     return token_kd_forward(
-        s, t, weight, bias, num_prefix_s, num_prefix_t, mimic, cls_map, resolve_amp(amp, s.device)
+        s,
+        t,
+        weight,
+        bias,
+        num_prefix_s,
+        num_prefix_t,
+        mimic,
+        cls_map,
+        resolve_amp(amp, s.device),
+        save_residual=store,
     )
 
 
 @token_kd_op.register_fake
-def _(s, t, weight, bias, num_prefix_s, num_prefix_t, mimic, cls_map, amp=None):
+def _(s, t, weight, bias, num_prefix_s, num_prefix_t, mimic, cls_map, amp=None, save_residual=None):
     _, N, _, _ = _check(s, t, weight, bias, num_prefix_s, num_prefix_t, mimic, cls_map)
     new = lambda: s.new_empty((), dtype=torch.float32)
-    return (new(), new(), *_fwd_outputs(s, t, N, cls_map))
+    store = residual_on(amp, save_residual, mimic, cls_map, t, s.shape[2], weight)
+    return (new(), new(), *_fwd_outputs(s, t, N, cls_map, weight, bias, store))
 
 
 @torch.library.custom_op("fastkd::token_kd_backward", mutates_args=())
@@ -772,6 +980,7 @@ def token_kd_backward_op(
     need_dw: bool,
     need_db: bool,
     amp: bool = False,
+    residual: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dS, dW, db); see ``token_kd_backward``."""
     return token_kd_backward(
@@ -793,6 +1002,7 @@ def token_kd_backward_op(
         need_dw,
         need_db,
         amp,
+        residual=residual,
     )
 
 
@@ -816,6 +1026,7 @@ def _(
     need_dw,
     need_db,
     amp=False,
+    residual=False,
 ):
     ds = torch.empty(s.shape, dtype=s.dtype, device=s.device)  # contiguous, as every real path returns
     empty = s.new_empty(0, dtype=torch.float32)
@@ -830,21 +1041,23 @@ def _setup_context(ctx, inputs, output):
     ctx.set_materialize_grads(False)
     s, t, weight, bias, num_prefix_s, num_prefix_t, mimic, cls_map = inputs[:8]
     amp = inputs[8] if len(inputs) > 8 else None
+    save_residual = inputs[9] if len(inputs) > 9 else None
     _, _, a_s, s_cls, _, stats = output
     ctx.save_for_backward(s, t, weight, bias, a_s, stats, s_cls)
-    ctx.args = (num_prefix_s, num_prefix_t, mimic, cls_map, resolve_amp(amp, s.device))
+    residual = residual_on(amp, save_residual, mimic, cls_map, t, s.shape[2], weight)
+    ctx.args = (num_prefix_s, num_prefix_t, mimic, cls_map, resolve_amp(amp, s.device), residual)
 
 
 def _backward(ctx, g_mim, g_map, g_as, g_scls, g_tcls, g_stats):
     s, t, weight, bias, a_s, stats, s_cls = ctx.saved_tensors
-    num_prefix_s, num_prefix_t, mimic, cls_map, amp = ctx.args
+    num_prefix_s, num_prefix_t, mimic, cls_map, amp, residual = ctx.args
     need_s, _, need_w, need_b = ctx.needs_input_grad[:4]
     need_w = bool(need_w and mimic and weight is not None)
     need_b = bool(need_b and mimic and bias is not None)
     if g_mim is None and g_map is None and g_as is None and g_scls is None:
-        return (None,) * 9
+        return (None,) * 10
     if not (need_s or need_w or need_b):
-        return (None,) * 9
+        return (None,) * 10
     zero = None
     if g_mim is None or g_map is None:  # one 0-d zero at most (the kernels read the scale on device)
         zero = s.new_zeros((), dtype=torch.float32)
@@ -867,12 +1080,14 @@ def _backward(ctx, g_mim, g_map, g_as, g_scls, g_tcls, g_stats):
         need_w,
         need_b,
         amp,
+        residual,
     )
     return (
         (ds if need_s else None),
         None,
         (dw if need_w else None),
         (db if need_b else None),
+        None,
         None,
         None,
         None,
@@ -899,24 +1114,27 @@ def compile_specs():
     specs = []
     shapes = {"deit_s": (256, 196, 1, 384, 768), "small": (64, 16, 1, 64, 128)}
     # (token dtype, bf16 dot, HAS_W, HAS_BIAS, MIMIC, CLS_MAP, HAS_T)
-    fwd_variants = [
+    fwd_variants = [  # (the mimic term alone runs on the 2-D kernel: ``bwd`` specs with ``sumsq``)
         ("fp32", True, True, True, True, True, True),  # training under autocast: mimic + map, one pass
-        ("fp32", True, True, True, True, False, True),  # training under autocast: ViTKD mimic
         ("bf16", True, True, True, True, True, True),
-        ("bf16", True, True, True, True, False, True),
         ("fp32", False, True, True, True, True, True),  # exact: autocast off
-        ("fp32", False, True, True, True, False, True),
         ("fp32", False, False, False, False, True, True),  # the map loss alone (no GEMM)
         ("fp32", False, False, False, False, True, False),  # the student map alone
         ("bf16", True, False, True, True, True, True),  # identity projection (no GEMM)
     ]
-    # (token dtype, bf16 dot, HAS_W, HAS_BIAS, WRITE_SB)
+    # (token dtype, bf16 dot, HAS_W, HAS_BIAS, WRITE_SB, SUMSQ, STORE_R); fp32 tokens under autocast (the
+    # training case) first; the SUMSQ rows are the forward of the mimic term alone
     bwd_variants = [
-        ("fp32", True, True, True, True),  # autocast, fp32 strided tokens: S rounded to bf16 on the way
-        ("bf16", True, True, True, True),
-        ("bf16", True, True, True, False),
-        ("fp32", False, True, True, True),  # exact
-        ("fp32", False, False, True, False),  # identity, exact
+        ("fp32", True, True, True, True, False, False),
+        ("bf16", True, True, True, True, False, False),
+        ("bf16", True, True, True, False, False, False),
+        ("fp32", False, True, True, True, False, False),  # exact
+        ("fp32", False, False, True, False, False, False),  # identity
+        ("fp32", True, True, True, False, True, False),
+        ("fp32", True, True, True, True, True, True),  # storing the bf16 residual (save_residual)
+        ("bf16", True, True, True, False, True, False),
+        ("fp32", False, True, True, False, True, False),  # exact
+        ("fp32", False, False, True, False, True, False),  # identity
     ]
 
     def precision(bf16, gemm):
@@ -969,10 +1187,13 @@ def compile_specs():
                     UPCAST=False,
                 )
                 specs.append((tag, _token_kd_fwd_kernel.fn, ptrs, scalars, const, cfg))
-        for dt, bf16, has_w, has_b, write_sb in bwd_variants:
+        for dt, bf16, has_w, has_b, write_sb, sumsq, store_r in bwd_variants:
             for cfg in valid_configs("bwd", D_s, D_t, bf16, has_w):
-                flags = f"w{int(has_w)}b{int(has_b)}sb{int(write_sb)}"
-                tag = f"bwd/{dt}/{precision(bf16, has_w)}/{flags}/{cfg.BLOCK_M}x{cfg.BLOCK_N}x{cfg.BLOCK_K}"
+                kname = "mimic_fwd" if sumsq else "bwd"
+                tail = ("r1" if store_r else "") if sumsq else f"sb{int(write_sb)}"
+                flags = f"w{int(has_w)}b{int(has_b)}{tail}"
+                blocks = f"{cfg.BLOCK_M}x{cfg.BLOCK_N}x{cfg.BLOCK_K}"
+                tag = f"{kname}/{dt}/{precision(bf16, has_w)}/{flags}/{blocks}"
                 if tag in seen:
                     continue
                 seen.add(tag)
@@ -983,9 +1204,10 @@ def compile_specs():
                     "w_ptr": "bf16" if bf16 else "fp32",
                     "b_ptr": "fp32",
                     "g_ptr": "fp32",
-                    "gr_ptr": gdt,
+                    "gr_ptr": "fp32" if sumsq else gdt,
                     "sb_ptr": gdt,
                     "db_part_ptr": "fp32",
+                    "r_ptr": "bf16",
                 }
                 scalars = dict(
                     M=B * N,
@@ -1007,6 +1229,8 @@ def compile_specs():
                     HAS_W=has_w,
                     HAS_BIAS=has_b,
                     WRITE_SB=write_sb,
+                    SUMSQ=sumsq,
+                    STORE_R=store_r,
                     DOT_BF16=bf16,
                     UPCAST=False,
                 )
@@ -1056,6 +1280,19 @@ def compile_specs():
                         cfg,
                     )
                 )
+    for dt in ("fp32", "bf16"):
+        ptrs = {"x_ptr": "bf16", "g_ptr": "fp32", "out_ptr": dt}
+        scalars = dict(numel=256 * 196 * 384)
+        specs.append(
+            (
+                f"scale/{dt}/nodot/{SCALE_BLOCK}",
+                _token_kd_scale_kernel,
+                ptrs,
+                scalars,
+                dict(BLOCK=SCALE_BLOCK),
+                Cfg(BLOCK_M=SCALE_BLOCK, BLOCK_N=1, BLOCK_K=1, num_warps=4, num_stages=1),
+            )
+        )
     return specs
 
 

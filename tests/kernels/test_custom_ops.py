@@ -28,6 +28,22 @@ CASES = {
         (x["s"][:, 1:], x["t"][:, 1:], x["W"], x["b"], 0, 0, True, False),
     ),
     "token_kd: student map only": lambda x: (tk.token_kd_op, (x["s"], None, None, None, 1, 0, False, True)),
+    "token_kd: mimic on patch views, amp (bf16 tensor cores)": lambda x: (
+        tk.token_kd_op,
+        (x["s"][:, 1:], x["t"][:, 1:], x["W"], x["b"], 0, 0, True, False, True),
+    ),
+    "token_kd: mimic on patch views, amp, stored residual": lambda x: (
+        tk.token_kd_op,
+        (x["s"][:, 1:], x["t"][:, 1:], x["W"], x["b"], 0, 0, True, False, True, True),
+    ),
+    "token_kd: mimic + map, amp": lambda x: (
+        tk.token_kd_op,
+        (x["s"], x["t"], x["W"], x["b"], 1, 1, True, True, True),
+    ),
+    "gen_input: amp": lambda x: (
+        mg.gen_input_op,
+        (x["s"][:, 1:], x["mask"], x["W"], x["b"], x["tok"], 4, 4, torch.bfloat16, True),
+    ),
     "gen_input": lambda x: (
         mg.gen_input_op,
         (x["s"][:, 1:], x["mask"], x["W"], x["b"], x["tok"], 4, 4, torch.float32),

@@ -4,7 +4,15 @@ gradient (dS, dW, db) under random upstream gradients, on awkward shapes, every 
 import pytest
 import torch
 import torch.nn.functional as F
-from kd_testutil import DEVICE, assert_bf16, assert_fp32, autocast_bf16, randn, upstream_scalar
+from kd_testutil import (
+    DEVICE,
+    assert_bf16,
+    assert_fp32,
+    autocast_bf16,
+    bf16_scalar_atol,
+    randn,
+    upstream_scalar,
+)
 
 from fastkd.kernels import token_kd as tk
 from fastkd.losses import reference as R
@@ -173,8 +181,10 @@ def test_token_kd_bf16(case):
     ref, rgrads = reference_outputs(x)
     low, lgrads = reference_outputs(x, dtype=torch.bfloat16, autocast=True)
     assert grads["s"].dtype == torch.bfloat16
+    n_terms = x["s"].shape[0] * (x["s"].shape[1] - x["P_s"]) * x["t"].shape[2]
     for k in ref:
-        assert_bf16(out[k], low[k], ref[k], k)
+        atol = bf16_scalar_atol(ref[k], n_terms) if k == "mim" else None  # see bf16_scalar_atol
+        assert_bf16(out[k], low[k], ref[k], k, atol=atol)
     for k, r in rgrads.items():
         if r is not None:
             assert_bf16(grads[k], lgrads[k], r, f"d{k}")
@@ -237,6 +247,23 @@ def test_token_kd_every_shipped_config(kind, idx, cfg):
     ref, rgrads = reference_outputs(x)
     got = dict(mim=mim, map=msum, a_s=a_s, s_cls=s_cls, t_cls=t_cls)
     gotg = dict(s=ds, w=dw, b=db)
+    if kind == "bwd":  # the same 2-D kernel computes the mimic term alone in the forward (SUMSQ mode)
+        mim_alone = tk.token_kd_forward(
+            s.detach(), t, w.detach(), b.detach(), P_s, P_t, True, False, amp, cfg
+        )[0]
+        if amp:
+            ref_alone = reference_outputs(x, mimic=True, cls_map=False)[0]["mim"]
+            low_alone = reference_outputs(x, mimic=True, cls_map=False, dtype=torch.float32, autocast=True)[0]
+            n_terms = s.shape[0] * (s.shape[1] - P_s) * t.shape[2]
+            assert_bf16(
+                mim_alone,
+                low_alone["mim"],
+                ref_alone,
+                f"{cfg}: mim alone",
+                atol=bf16_scalar_atol(ref_alone, n_terms),
+            )
+        else:
+            assert_fp32(mim_alone, ref["mim"], f"{cfg}: mim alone")
     if not amp:
         for k, v in got.items():
             assert_fp32(v, ref[k], f"{cfg}: {k}")
@@ -244,10 +271,59 @@ def test_token_kd_every_shipped_config(kind, idx, cfg):
             assert_fp32(v, rgrads[k], f"{cfg}: d{k}")
         return
     low, lgrads = reference_outputs(x, dtype=torch.float32, autocast=True)
+    n_terms = s.shape[0] * (s.shape[1] - P_s) * t.shape[2]
     for k, v in got.items():
-        assert_bf16(v, low[k], ref[k], f"{cfg}: {k}")
+        atol = bf16_scalar_atol(ref[k], n_terms) if k == "mim" else None  # see bf16_scalar_atol
+        assert_bf16(v, low[k], ref[k], f"{cfg}: {k}", atol=atol)
     for k, v in gotg.items():
         assert_bf16(v, lgrads[k], rgrads[k], f"{cfg}: d{k}")
+
+
+@pytest.mark.parametrize("prefix", [0, 1])
+@pytest.mark.parametrize("case", ["ds!=dt", "deit-dist-student,ds=dt,identity"])
+def test_token_kd_stored_residual_matches_recompute(case, prefix):
+    """Under autocast the mimic term alone can store its bf16 residual in the forward (save_residual=True)
+    instead of recomputing it: same loss (the same kernel computes it) and gradients within the bf16 rule
+    of the reference under autocast, as the recompute's are; fp32 strided tokens."""
+    x = make(case, seed=11)
+    P = x["P_s"]
+    full, t_full, w, b, up = x["s"], x["t"], x["w"], x["b"], x["up"]
+    if prefix == 0:
+        x.update(s=full[:, P:], t=t_full[:, x["P_t"] :], P_s=0, P_t=0, leaf=full)
+    else:
+        x.update(P_t=x["P_t"])
+    outs = {}
+    for save in (False, True):
+        for v in (full, w, b):
+            if v is not None:
+                v.grad = None
+        mim = tk.token_kd_op(x["s"], x["t"], w, b, x["P_s"], x["P_t"], True, False, True, save)[0]
+        (up["mim"] * mim).backward()
+        outs[save] = (mim.detach(), full.grad.clone(), None if w is None else w.grad.clone(), b.grad.clone())
+    assert float(outs[True][0]) == float(outs[False][0])
+    x2 = dict(x, s=full.detach().clone().requires_grad_(), P_s=P if prefix else 0)
+    s_view = x2["s"][:, P:] if prefix == 0 else x2["s"]
+    conv = lambda v: None if v is None else v.detach().clone().requires_grad_()
+    wl, bl = conv(w), conv(b)
+    with autocast_bf16():
+        low = R.vitkd_mimic_loss(
+            [s_view[:, x["P_s"] :]], [x["t"][:, x["P_t"] :]], [wl], [bl], alpha=float(full.shape[0])
+        )
+    (up["mim"] * low).backward()
+    s64 = full.detach().double().requires_grad_()
+    w64, b64 = conv(None if w is None else w.double()), conv(b.double())
+    s64v = s64[:, P:] if prefix == 0 else s64
+    ref = R.vitkd_mimic_loss(
+        [s64v[:, x["P_s"] :]], [x["t"][:, x["P_t"] :].double()], [w64], [b64], alpha=float(full.shape[0])
+    )
+    (up["mim"] * ref).backward()
+    for save in (False, True):
+        _, ds, dw, db = outs[save]
+        what = "stored" if save else "recompute"
+        assert_bf16(ds, x2["s"].grad, s64.grad, f"{what}: ds")
+        if w is not None:
+            assert_bf16(dw, wl.grad, w64.grad, f"{what}: dw")
+        assert_bf16(db, bl.grad, b64.grad, f"{what}: db")
 
 
 def test_token_kd_no_grad_inputs():

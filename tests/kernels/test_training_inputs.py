@@ -120,8 +120,10 @@ def _check(res, names, gnames, what, n_terms=None):
         assert_bf16(a, b, c, f"{what}: d{n}")
 
 
-def test_mimic_on_training_inputs(taps):
-    """ViTKD mimic: fp32 strided patch views of both, fp32 W / b, the bf16 tensor-core path (amp=True)."""
+@pytest.mark.parametrize("save_residual", [False, True], ids=["recompute", "stored-residual"])
+def test_mimic_on_training_inputs(taps, save_residual):
+    """ViTKD mimic: fp32 strided patch views of both, fp32 W / b, the bf16 tensor-core path (amp=True);
+    the backward either recomputes the residual or uses the bf16 one the forward stored."""
     s_full, t_full, P_s, P_t = taps["s0"], taps["t0"], taps["P_s"], taps["P_t"]
     D_s, D_t = s_full.shape[2], t_full.shape[2]
     g = torch.Generator().manual_seed(3)
@@ -134,7 +136,7 @@ def test_mimic_on_training_inputs(taps):
         s, t = s_full_[:, P_s:], (t_full.double() if mode == "ref" else t_full)[:, P_t:]
         if mode == "kernel":
             assert s.dtype == torch.float32 and not s.is_contiguous()
-            return [tk.token_kd_op(s, t, W_, b_, 0, 0, True, False, True)[0]]
+            return [tk.token_kd_op(s, t, W_, b_, 0, 0, True, False, True, save_residual)[0]]
         return [R.vitkd_mimic_loss([s], [t], [W_], [b_], alpha=float(s.shape[0]))]
 
     n_terms = {"mim": s_full[:, P_s:].shape[0] * s_full[:, P_s:].shape[1] * D_t}
