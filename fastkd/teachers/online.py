@@ -51,9 +51,6 @@ class OnlineTeacher:
             self.model.eval()
         return self._fwd(x)
 
-    def ready(self, ids: torch.Tensor, view: int) -> None:
-        pass  # nothing to wait for
-
     def prefetch_epoch(self, batches, view: int) -> None:
         pass
 

@@ -293,3 +293,14 @@ def test_cached_prefetch_keeps_itertools_repeat_working(env, data):
         assert tr.teacher.prefetched == 3
     finally:
         tr.teacher.close()
+
+
+def test_summary_reports_the_data_wait_share(env, data, tmp_path):
+    """A cached run times the wait for the teacher's record as phase cache_wait; summary.json's
+    data_wait_share is the data phase plus that wait."""
+    tr = _trainer(env, data, "kd+nkd", cached=True)
+    s = tr.fit(tmp_path / "run")
+    assert "cache_wait_share" in s and "data_share" in s
+    assert s["data_wait_share"] == pytest.approx(s["data_share"] + s["cache_wait_share"])
+    assert 0 <= s["data_wait_share"] < 1
+    assert tr.teacher.prefetched == tr.step_idx  # every step's record came through the prefetch ring
