@@ -138,7 +138,10 @@ class Trainer:
             from torch.nn.parallel import DistributedDataParallel as DDP
 
             ids = [self.device.index] if self.device.type == "cuda" else None
-            self.step_module = DDP(self.step_module, device_ids=ids, find_unused_parameters=True)
+            # static_graph: the parameters a total leaves unused (e.g. a head no part reads) are found in the
+            # first step and remembered; find_unused_parameters alone would all-reduce a used-parameter map
+            # and read it back on the host every step (a sync beyond the gradient all-reduce)
+            self.step_module = DDP(self.step_module, device_ids=ids, static_graph=True)
         self._fwd = torch.compile(self.step_module) if cfg.run.compile else self.step_module
         if cfg.run.compile and teacher is not None and hasattr(teacher, "compile"):
             teacher.compile()  # the online teacher's tap forward (no grad, eval) compiled too
