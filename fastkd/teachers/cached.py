@@ -27,6 +27,14 @@ from fastkd.models.zoo import ModelInfo
 _END = object()
 
 
+def _indexed(device) -> torch.device:
+    """``device`` with its index (``cuda`` → ``cuda:N``, the current one), so device comparisons are exact."""
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    return device
+
+
 def _host(ids: torch.Tensor, *, sync_ok: bool = False) -> torch.Tensor:
     """``ids`` on the host: no ``.to`` call at all for host ids; device ids only with ``sync_ok``."""
     if ids.device.type == "cpu":
@@ -138,7 +146,7 @@ class CachedTeacher:
         self.shard_size = int(man["shard_size"])
         self.fields = man["fields"]
         self.serve = list(self.fields)
-        self.device = torch.device(device)
+        self.device = _indexed(device)
         self.prefetch_depth = max(1, int(prefetch))
         self.threaded = self.device.type == "cuda" if threaded is None else bool(threaded)
         self.wait_s, self.calls, self.prefetched = 0.0, 0, 0
@@ -456,7 +464,7 @@ class CachedTeacher:
         return out
 
     def to(self, device):
-        self.device = torch.device(device)
+        self.device = _indexed(device)
         return self
 
     def stats(self) -> dict[str, float]:

@@ -41,6 +41,13 @@ MK = dict(num_classes=10, img_size=8, in_chans=1)
 CUDA = torch.cuda.is_available()
 
 
+@pytest.fixture(autouse=True)
+def _fused_off_after():
+    """``--fused`` is process-wide (build_trainer sets it): back to the default after each test."""
+    yield
+    KF.set_fused(False)
+
+
 @pytest.fixture(scope="module")
 def data():
     return load_data("digits")
@@ -107,7 +114,6 @@ def _steps(tr, warm: int, guarded: int, guard=None):
     finally:
         if tr.teacher is not None:
             tr.teacher.close()
-        KF.set_fused(False)
 
 
 class _null:
@@ -161,6 +167,7 @@ def test_step_makes_no_host_sync(env, data, case):
         assert graphs() == before, "a step recompiled"
     terms = _steps_continue(tr, guard)
     assert guard.hits == []
+    assert KF.is_fused() == ("--fused" in flags)  # the guarded steps ran on the path the flags chose
     assert all(torch.isfinite(v).all() for v in terms.values())
     if cached:
         assert tr.teacher.prefetched >= 3
@@ -181,7 +188,6 @@ def _steps_continue(tr, guard, n: int = 2):
     finally:
         if tr.teacher is not None:
             tr.teacher.close()
-        KF.set_fused(False)
 
 
 def _planted(name: str, body: str):
@@ -270,6 +276,7 @@ def test_cuda_step_has_no_sync_under_sync_debug_mode(env, data, case):
     torch.cuda.synchronize()
     terms = _steps_continue(tr, _CudaSyncError())
     torch.cuda.synchronize()
+    assert KF.is_fused() == ("--fused" in flags)
     assert all(torch.isfinite(v).all() for v in terms.values())
 
 
