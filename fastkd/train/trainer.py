@@ -177,7 +177,7 @@ class Trainer:
         t_sig = {}
         if self.teacher is not None:
             ready = getattr(self.teacher, "ready", None)
-            if ready is not None:  # a cached teacher: wait for the prefetched record (online: no-op)
+            if ready is not None:  # a cached teacher: wait for the prefetched record (data_wait_share)
                 with ph("cache_wait"):
                     ready(ids, view)
             with ph("teacher"), torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.amp):
