@@ -421,7 +421,10 @@ def random_token_mask(
         raise ValueError(f"B and N must be non-negative, got B={B}, N={N}")
     draw_device = generator.device if generator is not None else device
     n_mask = N - math.floor(N * (1.0 - mask_ratio))
-    order = torch.rand(B, N, generator=generator, device=draw_device).argsort(dim=1)
+    # no generator= keyword when there is none: torch.rand's generator overload takes no symbolic sizes, so
+    # it breaks torch.compile once the batch dimension has become dynamic
+    gen = {} if generator is None else {"generator": generator}
+    order = torch.rand(B, N, device=draw_device, **gen).argsort(dim=1)
     mask = torch.zeros(B, N, dtype=torch.bool, device=order.device)
     mask.scatter_(1, order[:, :n_mask], True)
     if device is None or mask.device == torch.device(device):
@@ -619,7 +622,8 @@ def manifold_loss(
         n_pool = B * T
         n_draw = min(k, n_pool)
         gen_device = generator.device if generator is not None else s.device
-        idx = torch.randperm(n_pool, generator=generator, device=gen_device)[:n_draw]
+        gen = {} if generator is None else {"generator": generator}  # (see random_token_mask)
+        idx = torch.randperm(n_pool, device=gen_device, **gen)[:n_draw]
         if idx.device != s.device:  # a generator on another device (no .to call when already there)
             idx = idx.to(s.device)
         rs = fs.reshape(n_pool, -1).index_select(0, idx)

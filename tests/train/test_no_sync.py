@@ -311,3 +311,19 @@ def test_summary_reports_the_data_wait_share(env, data, tmp_path):
     assert s["data_wait_share"] == pytest.approx(s["data_share"] + s["cache_wait_share"])
     assert 0 <= s["data_wait_share"] < 1
     assert tr.teacher.prefetched == tr.step_idx  # every step's record came through the prefetch ring
+
+
+def test_random_draws_compile_with_a_dynamic_batch():
+    """--compile: once a process has compiled the step for two batch sizes, dynamo makes the batch dimension
+    symbolic; the ViTKD mask and the manifold row draw must still trace (torch.rand / torch.randperm with an
+    explicit generator=None take the overload without symbolic sizes and fail to trace)."""
+    from fastkd.ops.reference import manifold_loss, random_token_mask
+
+    @torch.compile(dynamic=True)
+    def f(x, a, b):
+        m = random_token_mask(x.shape[0], x.shape[1], 0.5, device=x.device)
+        return (x * m).sum() + manifold_loss([a], [b], k=5)
+
+    for batch in (3, 5):
+        out = f(torch.randn(batch, 16), torch.randn(batch, 4, 8), torch.randn(batch, 4, 8))
+        assert torch.isfinite(out)
