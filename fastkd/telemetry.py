@@ -19,7 +19,8 @@ Three pieces, combined by :class:`Telemetry`:
 Record keys (``StepTimer.read`` / ``Telemetry.log``; the same keys, over the whole run, in
 ``Telemetry.summary``): ``step_ms`` (mean step time), ``img_per_s``, per phase ``<name>_ms`` (mean
 per step) and ``<name>_share`` (of ``step_ms``), ``other_ms`` / ``other_share``, ``data_wait_share``
-(= ``data_share``, the DESIGN target < 5 %), ``peak_mem_mb``, and on a GPU ``gpu_util``,
+(= ``data_share`` + ``cache_wait_share``: the batch, and the cached teacher's record, which the trainer
+times as phase ``cache_wait``; the DESIGN target < 3 %), ``peak_mem_mb``, and on a GPU ``gpu_util``,
 ``gpu_mem_mb``, ``gpu_power_w``, ``energy_j``, ``energy_per_image_j``.
 """
 
@@ -182,8 +183,9 @@ class _Totals:
         other = step_ms - sum(self.phase_ms.values()) / self.steps
         out["other_ms"] = other
         out["other_share"] = share(other)
-        if "data" in self.phase_ms:
-            out["data_wait_share"] = out["data_share"]
+        waits = [k for k in ("data", "cache_wait") if k in self.phase_ms]
+        if waits:  # the step waiting for its inputs: the next batch, the next cached teacher record
+            out["data_wait_share"] = sum(out[f"{k}_share"] for k in waits)
         return out
 
 

@@ -1,4 +1,9 @@
-"""Deterministic, resumable, rank-aware epoch sampler (a pure function of seed and epoch)."""
+"""Deterministic, resumable, rank-aware epoch sampler (a pure function of seed and epoch).
+
+``EpochSampler(..., device=cuda)`` yields the id batches on the device with no host sync: the epoch's
+permutation (this rank's ids of every step) goes up once per epoch, through pinned memory with
+``non_blocking=True``, and each step's ids are a slice of it. The order is the same on every device.
+"""
 
 from __future__ import annotations
 
@@ -36,6 +41,7 @@ class EpochSampler:
         drop_last: bool = True,
         rank: int = 0,
         world_size: int = 1,
+        device: torch.device | str | None = None,
     ):
         if n < 1:
             raise ValueError(f"EpochSampler: n={n}; the dataset has no samples, give it at least one")
@@ -63,6 +69,7 @@ class EpochSampler:
         self.drop_last = bool(drop_last)
         self.rank = int(rank)
         self.world_size = int(world_size)
+        self.device = torch.device(device) if device is not None else torch.device("cpu")
 
     def __len__(self) -> int:
         """Steps per epoch."""
@@ -73,8 +80,8 @@ class EpochSampler:
         keys = hash32(torch.arange(self.n, dtype=torch.int64), self.seed, epoch, "epoch_order")
         return torch.argsort(keys, stable=True)
 
-    def batches(self, epoch: int, start_step: int = 0) -> Iterator[torch.Tensor]:
-        """This rank's int64 id batches of ``epoch`` for steps start_step .. len(self)-1.
+    def host_batches(self, epoch: int, start_step: int = 0) -> Iterator[torch.Tensor]:
+        """This rank's int64 id batches of ``epoch`` on the host (CPU), for steps start_step .. len(self)-1.
 
         Skipping steps draws nothing: step s is the same whatever start_step was.
         """
@@ -91,3 +98,46 @@ class EpochSampler:
                 g = torch.cat([g, perm[: ws - g.numel() % ws]])
             k = g.numel() // ws
             yield g[self.rank * k : (self.rank + 1) * k].clone()
+
+    def batches(self, epoch: int, start_step: int = 0) -> EpochBatches:
+        """This rank's int64 id batches of ``epoch`` for steps start_step .. len(self)-1, on ``device``.
+
+        An iterable (``EpochBatches``); ``.host()`` gives the same batches on the host (what a teacher
+        cache's prefetch thread gathers with). On a CUDA device the whole epoch goes up at the first
+        ``next`` (pinned, non_blocking: no sync), each step is a slice of it.
+        """
+        if not 0 <= start_step <= len(self):
+            raise ValueError(
+                f"EpochSampler: start_step={start_step}; use 0 <= start_step <= {len(self)} (steps per epoch)"
+            )
+        return EpochBatches(self, epoch, start_step)
+
+
+class EpochBatches:
+    """The id batches of one epoch from one start step: iterate for ids on the sampler's device,
+    ``host()`` for the same ids on the host."""
+
+    def __init__(self, sampler: EpochSampler, epoch: int, start_step: int):
+        self.sampler, self.epoch, self.start_step = sampler, int(epoch), int(start_step)
+
+    def __len__(self) -> int:
+        return len(self.sampler) - self.start_step
+
+    def host(self) -> Iterator[torch.Tensor]:
+        return self.sampler.host_batches(self.epoch, self.start_step)
+
+    def __iter__(self) -> Iterator[torch.Tensor]:
+        dev = self.sampler.device
+        if dev.type == "cpu":
+            yield from self.host()
+            return
+        host = list(self.host())
+        if not host:
+            return
+        sizes = [len(b) for b in host]
+        flat = torch.cat(host)
+        if dev.type == "cuda":
+            flat = flat.pin_memory().to(dev, non_blocking=True)  # once per epoch; the allocator keeps
+        else:  # the pinned block until the copy is done
+            flat = flat.to(dev)
+        yield from torch.split(flat, sizes)

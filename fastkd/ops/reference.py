@@ -279,7 +279,7 @@ def nkd_loss(
     l_target = -(q_y * log_p_y).mean()
 
     is_y = torch.arange(C, device=s.device)[None, :] == y[:, None]          # [B, C]
-    neg_inf = torch.tensor(float("-inf"), dtype=dt, device=s.device)
+    neg_inf = torch.full((), float("-inf"), dtype=dt, device=s.device)  # a fill: no host→device copy
     s_tau = s / tau
     log_p_non = s_tau - torch.logsumexp(torch.where(is_y, neg_inf, s_tau), dim=1, keepdim=True)
     q_non = F.softmax(torch.where(is_y, neg_inf, t / tau), dim=1)           # exactly 0 at column y
@@ -315,7 +315,7 @@ def nkd_loss_topk(
     lse = t_lse.detach().to(dt)
     ids = t_ids.long()
     n_rest = C - K
-    neg_inf = torch.tensor(float("-inf"), dtype=dt, device=s.device)
+    neg_inf = torch.full((), float("-inf"), dtype=dt, device=s.device)  # a fill: no host→device copy
 
     in_top = ids == y[:, None]                               # [B, K]; at most one True per row
     y_in_top = in_top.any(dim=1)                             # [B]
@@ -421,10 +421,15 @@ def random_token_mask(
         raise ValueError(f"B and N must be non-negative, got B={B}, N={N}")
     draw_device = generator.device if generator is not None else device
     n_mask = N - math.floor(N * (1.0 - mask_ratio))
-    order = torch.rand(B, N, generator=generator, device=draw_device).argsort(dim=1)
+    # no generator= keyword when there is none: torch.rand's generator overload takes no symbolic sizes, so
+    # it breaks torch.compile once the batch dimension has become dynamic
+    gen = {} if generator is None else {"generator": generator}
+    order = torch.rand(B, N, device=draw_device, **gen).argsort(dim=1)
     mask = torch.zeros(B, N, dtype=torch.bool, device=order.device)
     mask.scatter_(1, order[:, :n_mask], True)
-    return mask if device is None else mask.to(device)
+    if device is None or mask.device == torch.device(device):
+        return mask  # already there: no .to call at all (the step's sync guard test watches .to)
+    return mask.to(device)
 
 
 def vitkd_gen_loss(
@@ -617,7 +622,10 @@ def manifold_loss(
         n_pool = B * T
         n_draw = min(k, n_pool)
         gen_device = generator.device if generator is not None else s.device
-        idx = torch.randperm(n_pool, generator=generator, device=gen_device)[:n_draw].to(s.device)
+        gen = {} if generator is None else {"generator": generator}  # (see random_token_mask)
+        idx = torch.randperm(n_pool, device=gen_device, **gen)[:n_draw]
+        if idx.device != s.device:  # a generator on another device (no .to call when already there)
+            idx = idx.to(s.device)
         rs = fs.reshape(n_pool, -1).index_select(0, idx)
         rt = ft.reshape(n_pool, -1).index_select(0, idx)
         rand = (rs @ rs.t() - rt @ rt.t()).pow(2).mean()

@@ -16,6 +16,12 @@ class Teacher(Protocol):
     kind: "online" | "cached". info: the teacher model's ModelInfo. top1: its val top-1 (None if unknown).
     source: where it came from (timm name, checkpoint, cache dir). views: V of a V-view cache (epoch e
     trains on view e mod V), None for an online teacher (every epoch is its own view).
+
+    Optional: ``ready(ids, view)``, defined by teachers that wait for data (the cache): the trainer calls
+    it before ``__call__`` as the step's ``cache_wait`` phase (in summary.json's ``data_wait_share``). It
+    must not sync the host with the device: it waits for the prefetched record and makes the current
+    stream wait for its host→device copy. ``__call__`` must not sync either, given the sampler's device
+    ids of a batch announced by ``prefetch_epoch``.
     """
 
     kind: str

@@ -27,6 +27,85 @@ from fastkd.models.zoo import ModelInfo
 _END = object()
 
 
+def _indexed(device) -> torch.device:
+    """``device`` with its index (``cuda`` → ``cuda:N``, the current one), so device comparisons are exact."""
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    return device
+
+
+def _host(ids: torch.Tensor, *, sync_ok: bool = False) -> torch.Tensor:
+    """``ids`` on the host: no ``.to`` call at all for host ids; device ids only with ``sync_ok``."""
+    if ids.device.type == "cpu":
+        return ids.detach()
+    if not sync_ok:
+        raise ValueError("CachedTeacher.load needs host ids (a device read would be a host sync)")
+    return ids.detach().to("cpu")  # a host sync: only when the batch was not announced
+
+
+def _read_ids(ids: torch.Tensor, side) -> torch.Tensor:
+    """Host copy of an announced batch's ids, in the prefetch thread: host ids as they are; device ids
+    copied on the side stream and waited for by this thread alone (an event wait, not a stream or
+    device synchronisation: the training thread never waits)."""
+    if ids.device.type == "cpu":
+        return ids.detach().to(torch.int64)
+    out = torch.empty(ids.shape, dtype=ids.dtype, pin_memory=True)
+    with torch.cuda.stream(side):
+        out.copy_(ids.detach(), non_blocking=True)
+        ev = torch.cuda.Event()
+        ev.record(side)
+    ev.synchronize()
+    return out.to(torch.int64)
+
+
+def _convert(t: torch.Tensor, copy: bool = False) -> torch.Tensor:
+    """Records as the losses take them: floats as fp32, ids as int64."""
+    return t.to(torch.float32 if t.is_floating_point() else torch.int64, copy=copy)
+
+
+class _Ring:
+    """Host buffers reused round-robin by the prefetch thread (producer).
+
+    ``acquire`` → (k, slot k's buffers) once slot k is free: released by ``release(k, event)`` and, when an
+    event was given (the host→device copy that reads the slot), that event has completed. A slot is never
+    gathered into while its copy (CUDA) or its consumer (CPU) still reads it. ``stop`` unblocks a waiting
+    producer (acquire then returns None)."""
+
+    def __init__(self, n: int, stop: threading.Event):
+        self.n, self.stop = int(n), stop
+        self.slots: list[dict | None] = [None] * self.n
+        self.free = [True] * self.n
+        self.events: list = [None] * self.n
+        self.next = 0
+        self.cond = threading.Condition()
+        self.acquired = 0  # slots handed out so far (tests)
+
+    def acquire(self, make, batch: int):
+        k = self.next
+        with self.cond:
+            while not self.free[k]:
+                if self.stop.is_set():
+                    return None
+                self.cond.wait(timeout=0.05)
+            self.free[k] = False
+            ev, self.events[k] = self.events[k], None
+        if ev is not None:
+            ev.synchronize()  # this thread waits for the copy that last read slot k; the step never does
+        bufs = self.slots[k]
+        if bufs is None or any(t.shape[0] != batch for t in bufs.values()):
+            bufs = self.slots[k] = make()
+        self.next = (k + 1) % self.n
+        self.acquired += 1
+        return k, bufs
+
+    def release(self, k: int, event=None) -> None:
+        with self.cond:
+            self.events[k] = event
+            self.free[k] = True
+            self.cond.notify_all()
+
+
 class CachedTeacher:
     """Serves cached teacher signals by (sample id, view): a drop-in for ``OnlineTeacher``.
 
@@ -67,7 +146,7 @@ class CachedTeacher:
         self.shard_size = int(man["shard_size"])
         self.fields = man["fields"]
         self.serve = list(self.fields)
-        self.device = torch.device(device)
+        self.device = _indexed(device)
         self.prefetch_depth = max(1, int(prefetch))
         self.threaded = self.device.type == "cuda" if threaded is None else bool(threaded)
         self.wait_s, self.calls, self.prefetched = 0.0, 0, 0
@@ -102,6 +181,7 @@ class CachedTeacher:
             for key in sorted(self._shards):
                 self._verify_shard(key)
         self._pf: dict | None = None
+        self._ready = None
 
     # -- signals ----------------------------------------------------------------------------------
     def check_signals(self, loss) -> None:
@@ -184,21 +264,21 @@ class CachedTeacher:
             self._maps[key] = maps
             return maps
 
-    def load(self, ids: torch.Tensor, view: int) -> dict[str, torch.Tensor]:
+    def load(self, ids: torch.Tensor, view: int,
+             out: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
         """Gather the records of ``ids`` (int64 CPU [B]) in ``view`` → CPU tensors in the cached dtypes
-        (pinned when serving a CUDA device)."""
+        (pinned when serving a CUDA device), into ``out`` when given (a ring slot of that shape)."""
         if not 0 <= int(view) < self.views:
             raise CacheError(
                 f"teacher cache {self.path}: view {view} out of range (it holds {self.views} views)"
             )
-        idx = ids.to("cpu", torch.int64).reshape(-1)
+        idx = _host(ids).to(torch.int64).reshape(-1)
         if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= self.n):
             raise CacheError(f"teacher cache {self.path}: sample ids must lie in [0, {self.n}); got "
                              f"[{int(idx.min())}, {int(idx.max())}]; the cache was built for other data")
         B = idx.shape[0]
-        pin = self.device.type == "cuda"
-        out = {f: torch.empty((B, *self.fields[f]["shape"]), dtype=self._dtypes[f], pin_memory=pin)
-               for f in self.serve}
+        if out is None:
+            out = self._empty(B)
         shard, row = idx // self.shard_size, idx % self.shard_size
         uniq = torch.unique(shard).tolist()
         # torch's gathers run without the GIL, so page faults of a cold cache do not stall the step
@@ -214,17 +294,37 @@ class CachedTeacher:
                     out[f].index_copy_(0, sel, maps[f].index_select(0, r))
         return out
 
+    def _empty(self, B: int) -> dict[str, torch.Tensor]:
+        pin = self.device.type == "cuda"
+        return {f: torch.empty((B, *self.fields[f]["shape"]), dtype=self._dtypes[f], pin_memory=pin)
+                for f in self.serve}
+
     # -- prefetch -----------------------------------------------------------------------------------
     def prefetch_epoch(self, batches: Iterable[torch.Tensor], view: int) -> None:
         """Announce the epoch's id batches (in training order): the next ``__call__``s with this view
-        consume them in order. Threaded mode gathers ``prefetch`` batches ahead in a background thread
-        (into pinned memory on CUDA); inline mode gathers each batch when it is asked for."""
+        consume them in order. ``batches``: the sampler's ``EpochBatches`` (its ``host()`` ids are used, so
+        nothing is read back from the device) or any iterable of id tensors.
+
+        Threaded mode (default on CUDA): a background thread gathers each batch into a slot of a pinned
+        host ring (``_Ring``: two slots on CUDA, double buffering), starts its host→device copy on a side
+        CUDA stream at once and queues (ids, device tensors, copy event) up to ``prefetch`` batches ahead;
+        the step's stream waits on the event (``ready``), never the host. A slot is gathered into again only
+        after the copy that read it has finished. Inline mode (default on a CPU device) gathers each batch
+        when it is asked for."""
         self.stop_prefetch()
+        host = batches.host() if hasattr(batches, "host") else batches
         if not self.threaded:
-            self._pf = {"iter": iter(batches), "view": int(view)}
+            self._pf = {"iter": iter(host), "view": int(view)}
             return
         q: queue.Queue = queue.Queue(maxsize=self.prefetch_depth)
         stop = threading.Event()
+        cuda = self.device.type == "cuda"
+        # CUDA: the producer frees a slot once its copy is done (2 slots); CPU: the consumer frees it after
+        # converting the records (copies), so the queue's depth plus the one being gathered
+        ring = _Ring(2 if cuda else self.prefetch_depth + 2, stop)
+        side = torch.cuda.Stream(self.device) if cuda else None
+        if cuda:  # ids made on the step's stream before now (e.g. a bench's batch) are readable on `side`
+            side.wait_stream(torch.cuda.current_stream(self.device))
 
         def put(item) -> bool:
             while not stop.is_set():
@@ -237,11 +337,28 @@ class CachedTeacher:
 
         def work():
             try:
-                for ids in batches:
+                if cuda:
+                    torch.cuda.set_device(self.device)
+                for ids in host:
                     if stop.is_set():
                         return
-                    ids_cpu = ids.detach().to("cpu", torch.int64)
-                    if not put((ids_cpu, self.load(ids_cpu, view))):
+                    ids_cpu = _read_ids(ids, side)
+                    slot = ring.acquire(lambda b=ids_cpu.shape[0]: self._empty(b), ids_cpu.shape[0])
+                    if slot is None:
+                        return
+                    k, bufs = slot
+                    self.load(ids_cpu, view, out=bufs)
+                    if cuda:
+                        with torch.cuda.stream(side):
+                            dev = {f: t.to(self.device, non_blocking=True) for f, t in bufs.items()}
+                            ids_dev = ids_cpu.pin_memory().to(self.device, non_blocking=True)
+                            ev = torch.cuda.Event()
+                            ev.record(side)
+                        ring.release(k, ev)  # reusable once this copy has read it
+                        item = (ids_cpu, ids_dev, dev, ev, None)
+                    else:
+                        item = (ids_cpu, ids_cpu, bufs, None, k)  # the consumer frees slot k
+                    if not put(item):
                         return
             except BaseException as e:  # handed to the training thread, raised there
                 put(("error", e))
@@ -249,11 +366,12 @@ class CachedTeacher:
             put(_END)
 
         th = threading.Thread(target=work, name="fastkd-cache-prefetch", daemon=True)
-        self._pf = {"queue": q, "stop": stop, "thread": th, "view": int(view)}
+        self._pf = {"queue": q, "stop": stop, "thread": th, "view": int(view), "ring": ring}
         th.start()
 
     def stop_prefetch(self) -> None:
         pf, self._pf = self._pf, None
+        self._ready = None
         if pf is not None and "thread" in pf:
             pf["stop"].set()
             pf["thread"].join(timeout=5.0)
@@ -267,15 +385,18 @@ class CachedTeacher:
             pass
 
     def _from_prefetch(self, ids: torch.Tensor, view: int):
+        """The next announced batch's records if ``ids`` is that batch: CPU tensors (inline, or a CPU
+        device: converted copies) or device tensors the current stream has been made to wait for; None
+        when there is no prefetch for this view or ``ids`` is not the next batch (prefetch stops)."""
         pf = self._pf
         if pf is None:
             return None
         if pf["view"] != int(view):
             self.stop_prefetch()
             return None
-        if "iter" in pf:  # inline mode
+        if "iter" in pf:  # inline mode (host ids on a CPU device)
             nxt = next(pf["iter"], None)
-            item = _END if nxt is None else (nxt.to("cpu", torch.int64), None)
+            item = _END if nxt is None else (nxt, nxt, None, None, None)
         else:
             item = pf["queue"].get()
         if item is _END:
@@ -284,19 +405,41 @@ class CachedTeacher:
         if isinstance(item, tuple) and len(item) == 2 and isinstance(item[0], str):
             self._pf = None
             raise item[1]
-        ids_pf, recs = item
-        # Batches are consumed in training order. On the CPU the ids are checked for free; on CUDA the
-        # check would be a host sync, so only the batch size is compared there.
-        same = ids_pf.shape == ids.shape and (
-            ids.device.type != "cpu" or torch.equal(ids_pf, ids.to(torch.int64))
-        )
-        if not same:
+        ids_cpu, ids_pf, recs, ev, slot = item
+        if ids_pf.shape != ids.shape:
             self.stop_prefetch()
             return None
+        if ev is not None:  # CUDA: the step's stream waits for the copy; the allocator, for the step
+            cur = torch.cuda.current_stream(self.device)
+            cur.wait_event(ev)
+            for t in (ids_pf, *recs.values()):
+                t.record_stream(cur)
+        if ids.device.type == "cpu":  # a host comparison: no sync (the ids are host tensors)
+            try:
+                torch._assert_async((ids_pf.to(torch.int64) == ids.to(torch.int64)).all())
+            except RuntimeError:
+                self.stop_prefetch()
+                return None
+        else:  # on the device: an asynchronous assert, no sync (the announced order is the contract)
+            torch._assert_async((ids_pf == ids.to(torch.int64)).all())
         self.prefetched += 1
-        return recs if recs is not None else self.load(ids_pf, view)
+        if recs is None:  # inline mode: gather now
+            return self.load(ids_cpu, view)
+        if ev is not None:
+            return recs
+        out = {f: _convert(t, copy=True) for f, t in recs.items()}  # CPU ring slot: copy out, then free
+        pf["ring"].release(slot, None)
+        return out
 
     # -- the teacher interface ----------------------------------------------------------------------
+    def ready(self, ids: torch.Tensor, view: int) -> None:
+        """Wait for the records of ``ids`` (the host waits only if the prefetch thread is behind; on CUDA
+        the current stream waits on the copy's event). The next ``__call__`` with these ids serves them."""
+        t0 = time.perf_counter()
+        recs = self._from_prefetch(ids, view)
+        self._ready = (ids, view, recs) if recs is not None else None
+        self.wait_s += time.perf_counter() - t0
+
     def __call__(self, x: torch.Tensor | None = None, ids: torch.Tensor | None = None,
                  view: int | None = None) -> dict[str, torch.Tensor]:
         if ids is None or view is None:
@@ -304,19 +447,24 @@ class CachedTeacher:
                 "CachedTeacher needs the batch's sample ids and view: teacher(x, ids=ids, view=view)"
             )
         t0 = time.perf_counter()
-        recs = self._from_prefetch(ids, view)
-        if recs is None:
-            recs = self.load(ids.detach().to("cpu", torch.int64), view)  # a host sync on CUDA (no prefetch)
+        rd, self._ready = self._ready, None
+        if rd is not None and rd[0] is ids and rd[1] == view:
+            recs = rd[2]
+        else:
+            recs = self._from_prefetch(ids, view)
+        if recs is None:  # not announced (or out of order): gather now; on CUDA a read of the ids (sync)
+            recs = self.load(_host(ids, sync_ok=True), view)
         out: dict[str, torch.Tensor] = {}
         for f, t in recs.items():
-            t = t.to(self.device, non_blocking=True)
-            out[f] = t.float() if t.is_floating_point() else t.long()
+            if t.device != self.device:
+                t = t.to(self.device, non_blocking=True)  # pinned (load pins when serving CUDA)
+            out[f] = _convert(t)
         self.calls += 1
         self.wait_s += time.perf_counter() - t0
         return out
 
     def to(self, device):
-        self.device = torch.device(device)
+        self.device = _indexed(device)
         return self
 
     def stats(self) -> dict[str, float]:

@@ -1,6 +1,12 @@
 """``OnlineTeacher``: runs the frozen teacher every step (no grad, eval mode) and hands the loss the named
 signals it asked for (``DistillLoss.teacher_signals``). ``CachedTeacher`` (teachers/cached.py) serves the
-same names from disk, so the losses cannot tell the two apart."""
+same names from disk, so the losses cannot tell the two apart.
+
+Under ``--compile`` the Trainer calls ``compile()``: the tap forward and the signal extraction then run as
+one ``torch.compile``d function, traced under ``torch.no_grad()`` with the model in eval mode (no autograd
+graph, no saved activations). ``no_grad`` rather than ``inference_mode``: the signals are inputs of the
+student's autograd graph, and inference tensors cannot be saved for its backward.
+"""
 
 from __future__ import annotations
 
@@ -23,11 +29,27 @@ class OnlineTeacher:
         self.blocks, self.dense = loss.teacher_blocks(), loss.teacher_dense()
         self.signal_fn = loss.teacher_signals
         self.top1, self.source = top1, source
+        self._fwd = self.signals  # the eager forward until compile()
+        self.compiled = False
+
+    def signals(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The teacher's tap forward on ``x`` → the named signals (eager; call under no_grad)."""
+        taps = forward_taps(self.model, x, self.blocks, dense=self.dense)
+        return self.signal_fn(taps)
+
+    def compile(self, **kwargs) -> OnlineTeacher:
+        """Run the tap forward through ``torch.compile`` from now on (kwargs: torch.compile's)."""
+        if not self.compiled:
+            self.model.eval()
+            self._fwd = torch.compile(self.signals, **kwargs)
+            self.compiled = True
+        return self
 
     @torch.no_grad()
     def __call__(self, x: torch.Tensor, ids: torch.Tensor | None = None, view: int | None = None):
-        taps = forward_taps(self.model, x, self.blocks, dense=self.dense)
-        return self.signal_fn(taps)
+        if self.model.training:  # frozen teachers stay in eval mode (dropout, drop-path off)
+            self.model.eval()
+        return self._fwd(x)
 
     def prefetch_epoch(self, batches, view: int) -> None:
         pass

@@ -115,6 +115,7 @@ class Trainer:
             cfg.run.seed,
             rank=self.dist.rank,
             world_size=self.dist.world,
+            device=self.device,  # device ids: no per-step host→device copy
         )
 
         # optimizer + schedule
@@ -137,8 +138,16 @@ class Trainer:
             from torch.nn.parallel import DistributedDataParallel as DDP
 
             ids = [self.device.index] if self.device.type == "cuda" else None
-            self.step_module = DDP(self.step_module, device_ids=ids, find_unused_parameters=True)
+            # static_graph: the parameters a total leaves unused (e.g. a head no part reads) are found in the
+            # first step and remembered; find_unused_parameters alone would all-reduce a used-parameter map
+            # and read it back on the host every step (a sync beyond the gradient all-reduce)
+            self.step_module = DDP(self.step_module, device_ids=ids, static_graph=True)
         self._fwd = torch.compile(self.step_module) if cfg.run.compile else self.step_module
+        if cfg.run.compile and teacher is not None and hasattr(teacher, "compile"):
+            teacher.compile()  # the online teacher's tap forward (no grad, eval) compiled too
+        # the training position as a 0-d device tensor, refilled each step (a fill kernel: no host→device
+        # copy, no sync; one tensor object, so torch.compile does not recompile as it moves)
+        self._epoch_frac = torch.zeros((), dtype=torch.get_default_dtype(), device=self.device)
         self._bad = None  # per-part first non-finite step, on device (checked on log steps: no sync)
 
     # -- the step ----------------------------------------------------------------------------
@@ -155,18 +164,27 @@ class Trainer:
         return self._fwd(x, t_sig, y_soft, y_hard, epoch_frac)
 
     def step(self, ids: torch.Tensor, epoch: int, tel: Telemetry | None = None) -> dict[str, torch.Tensor]:
+        """One optimizer step on the sample ``ids`` (the sampler's device ids) of ``epoch``; no host sync.
+
+        Returns the named loss terms (0-d device tensors; read them on log steps only)."""
         ph = tel.timer.phase if tel is not None else (lambda name: contextlib.nullcontext())
         self.opt.zero_grad(set_to_none=True)
+        view = self.view_of(epoch)
         with ph("data"):
-            ids = ids.to(self.device, non_blocking=True)
-            x, y_soft, y_hard = self.batch(ids, epoch)
+            if ids.device != self.device:  # host ids from a caller (the sampler yields device ids)
+                ids = ids.to(self.device, non_blocking=True)
+            x, y_soft, y_hard = self.batches(ids, view)
         t_sig = {}
         if self.teacher is not None:
+            ready = getattr(self.teacher, "ready", None)
+            if ready is not None:  # a cached teacher: wait for the prefetched record (data_wait_share)
+                with ph("cache_wait"):
+                    ready(ids, view)
             with ph("teacher"), torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.amp):
-                t_sig = self.teacher(x, ids=ids, view=self.view_of(epoch))
+                t_sig = self.teacher(x, ids=ids, view=view)
         with ph("student"):
-            # a 0-d tensor, so torch.compile does not recompile as the epoch position moves
-            epoch_frac = torch.tensor(epoch + (self.step_idx % self.steps_per_epoch) / self.steps_per_epoch)
+            pos = epoch + (self.step_idx % self.steps_per_epoch) / self.steps_per_epoch
+            epoch_frac = self._epoch_frac.fill_(pos)  # same float32 value as torch.tensor(pos)
             terms = self._fwd(x, t_sig, y_soft, y_hard, epoch_frac)
             terms["loss"].backward()
             self._track_finite(terms)
