@@ -31,6 +31,7 @@ from fastkd.models import forward_taps, model_info, save_model
 from fastkd.ops import dispatch as KF
 from fastkd.teachers.base import Teacher
 from fastkd.telemetry import Telemetry
+from fastkd.train.artifacts import dispatch_summary  # noqa: I001  (the dispatch record in summary.json)
 from fastkd.train.artifacts import read_metrics, save_loss_modules, truncate_metrics, write_report
 from fastkd.train.distributed import Dist
 from fastkd.utils import atomic_write_json, load_state, save_state
@@ -138,7 +139,7 @@ class Trainer:
 
             ids = [self.device.index] if self.device.type == "cuda" else None
             self.step_module = DDP(self.step_module, device_ids=ids, find_unused_parameters=True)
-        self._fwd = torch.compile(self.step_module) if cfg.run.compile else self.step_module
+        self._fwd = KF.compile_step(self.step_module) if cfg.run.compile else self.step_module
         self._bad = None  # per-part first non-finite step, on device (checked on log steps: no sync)
 
     # -- the step ----------------------------------------------------------------------------
@@ -317,6 +318,7 @@ class Trainer:
             "data": self.data.name,
             "wall_s": wall,
             "fused_path": KF.describe(self.device) if cfg.run.fused else "reference",
+            "dispatch": dispatch_summary(self.device, cfg.run.fused),
             "device": str(self.device),
             **tsum,
         }
