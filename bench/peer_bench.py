@@ -8,9 +8,18 @@ Variants: hand-written PyTorch KD step (eager; student+teacher torch.compile), t
 student step (the floor). Issue 12 target: fastkd kd --compile ≤ 0.95× the hand-written compiled step
 (``ratios`` in OUT.json). --small: CPU dry run with tiny shapes. Port of ../shared/gpu/peer_bench.py.
 """
-import json, os, statistics, sys, tempfile, time, traceback
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+import traceback
+
 import numpy as np
-import torch, torch.nn.functional as F, timm
+import timm
+import torch
+import torch.nn.functional as F
 
 out_path, small = sys.argv[1], "--small" in sys.argv
 cuda = torch.cuda.is_available() and not small

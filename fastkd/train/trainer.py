@@ -31,8 +31,13 @@ from fastkd.models import forward_taps, model_info, save_model
 from fastkd.ops import dispatch as KF
 from fastkd.teachers.base import Teacher
 from fastkd.telemetry import Telemetry
-from fastkd.train.artifacts import dispatch_summary  # noqa: I001  (the dispatch record in summary.json)
-from fastkd.train.artifacts import read_metrics, save_loss_modules, truncate_metrics, write_report
+from fastkd.train.artifacts import (
+    dispatch_summary,
+    read_metrics,
+    save_loss_modules,
+    truncate_metrics,
+    write_report,
+)
 from fastkd.train.distributed import Dist
 from fastkd.utils import atomic_write_json, load_state, save_state
 

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from fastkd.ops import dispatch as KF
+from fastkd.ops import measure as M
 from fastkd.ops import reference as R
 
 
@@ -77,7 +78,7 @@ def test_the_cache_is_reused_and_keyed(measured, monkeypatch):
     s, t = _logits()
     fake(s, t)
     n = len(measured["calls"])
-    assert n == 2 * KF._REPS
+    assert n == 2 * M._REPS
     KF.clear_decisions()  # a new run: the decision comes from dispatch.json, nothing is timed
     assert float(fake(s, t).detach()) == 123.0
     assert len(measured["calls"]) == n
@@ -91,7 +92,7 @@ def test_the_cache_is_reused_and_keyed(measured, monkeypatch):
     assert env == f"cpu|torch {torch.__version__}|triton {triton.__version__}|fastkd {__version__}"
     # another GPU (or torch / triton / fastkd version) measures again, and both are kept
     KF.clear_decisions()
-    monkeypatch.setattr(KF, "_device_name", lambda dev: "NVIDIA Other")
+    monkeypatch.setattr(M, "_device_name", lambda dev: "NVIDIA Other")
     fake(s, t)
     assert len(measured["calls"]) == 2 * n
     assert len(json.loads(measured["file"].read_text())["entries"]) == 2
@@ -105,7 +106,7 @@ def test_a_signature_decides_once(measured):
         fake(s, t)
     s5, t5 = _logits(B=4, C=10)  # rows 3 and 4 share the bucket 4
     fake(s5, t5)
-    assert len(KF.decisions()) == 1 and len(measured["calls"]) == 2 * KF._REPS
+    assert len(KF.decisions()) == 1 and len(measured["calls"]) == 2 * M._REPS
     wide = torch.randn(4, 20)
     fake(s5, wide[:, :10])  # a strided teacher view
     keys = list(KF.decisions())
