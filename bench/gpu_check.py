@@ -269,7 +269,7 @@ def main(argv: list[str] | None = None) -> int:
     # the step users run (priority 1) ----------------------------------------------------------------
     step_json = work / "step.json"
     cap = 240 if cuda else 150
-    inner = max(30, min(cap, r.remaining() - 15) - 20)  # the bench's own budget, inside the step's cap
+    inner = max(30, min(cap, r.remaining() - 15) - 30)  # the bench's own budget, inside the step's cap
     r.python("step", ["bench/step_bench.py", str(step_json), "--budget", str(round(inner)), *small,
                       *([] if cuda else ["--variants", "plain_eager,vitkd_nkd_online_eager,"
                                          "vitkd_nkd_online_fused,vitkd_nkd_cached_fused,kd_online_fused"])],

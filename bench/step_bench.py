@@ -14,7 +14,7 @@ one runs):
 
 Then the timing phase: ``--rounds`` interleaved rounds (one step of every warmed variant per round,
 round-robin, so load drift hits them all alike), a sync after each step; median ms, img/s, peak memory
-(each variant's own warm-up peak). Then host syncs per step: one step per variant under
+(each variant's own warm-up peak above what the variants built before it hold). Then host syncs per step: one step per variant under
 ``torch.cuda.set_sync_debug_mode("warn")``, counting the warnings. ``step.json`` holds every variant, the
 ratios (vs plain compiled; ``--fused`` vs the ``--compile`` reference, per method; the targets of issue 12),
 the cached teacher's wait share, and the dispatch decisions. ``--small``: CPU dry run, tiny shapes.
@@ -217,6 +217,7 @@ def main(argv=None) -> int:
             save()
             continue
         t0 = time.monotonic()
+        before = torch.cuda.memory_allocated() if dev == "cuda" else 0
         try:
             argv = [*base, "--method", method, *rec["flags"]]
             if "@diy" in flags:
@@ -249,8 +250,8 @@ def main(argv=None) -> int:
                 tr.step(ids, 0)
             sync()
             rec["warmup_s"] = round(time.monotonic() - t0, 1)
-            if dev == "cuda":
-                rec["peak_mem_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
+            if dev == "cuda":  # the variant's own: its parts, optimizer state, and the step's peak
+                rec["peak_mem_gib"] = round((torch.cuda.max_memory_allocated() - before) / 2**30, 2)
             rec["status"] = "warm"
             rec["fused_path"] = KF.describe(dev) if "--fused" in flags else "reference"
             trainers[name] = tr
