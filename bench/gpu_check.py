@@ -1,27 +1,34 @@
-"""One-call GPU check: kernel correctness with real compilation, benchmarks, training telemetry.
+"""One-call GPU check: the step users run, loss benches, kernel/sync tests, peer + sync probes.
 
-    python3 bench/gpu_check.py OUT_DIR [--budget SECONDS] [--skip STEP,...]
+    python3 bench/gpu_check.py OUT_DIR [--budget SECONDS] [--skip STEP,...] [--bench-device cuda|cpu]
 
 Normally started through ``bench/gpu_check.sh OUT_DIR`` (sets PYTHONPATH to the repo, unsets
 TRITON_INTERPRET). Needs nothing beyond what the GPU machines carry (torch, triton, timm, pytest,
-pytest-benchmark, nvidia-ml-py); installs nothing. Steps, in priority order, each in a subprocess
-with its own time limit cut to the remaining budget (default 500 s, so the whole check ends inside
-9 minutes); a failing or timed-out step is recorded and the next one runs:
+pytest-benchmark, pytest-xdist if present, nvidia-ml-py); installs nothing. Steps, in priority order,
+each a subprocess with its own cap cut to the remaining budget (default 500 s, so the whole check ends
+inside 9 minutes); a failing or timed-out step is recorded and the next one runs. Measured-dispatch
+decisions go to a fresh FASTKD_CACHE_DIR in the work folder (so the check measures, never reuses).
 
-  env          versions, GPU (nvidia-smi), the fused-path description
-  tests        pytest tests/kernels tests/test_telemetry.py, real Triton compilation
-  train        python -m fastkd.train --fused --epochs 1 (telemetry in metrics.jsonl/summary.json);
-               env GPU_CHECK_TRAIN_ARGS adds arguments
-  bench_main   loss benchmarks at DeiT-S shapes + device copy bandwidth
-  bench_step   bench/test_bench_step.py (when present), eager, then bench_step_compiled
-               (FASTKD_BENCH_STEP_COMPILE=1)
-  bench_deit_t, bench_deit_b   loss benchmarks at DeiT-T and DeiT-B shapes
+  env            versions, GPU, the fused-path description                                    cap  40 s
+  step           bench/step_bench.py: DeiT-S <- DeiT-B, 224², B=256, bf16, 17+1 variants by priority,
+                 interleaved, host syncs per step, ratios vs the issue-12 targets               cap 240 s
+  losses_deit_s  bench/test_bench_losses.py training inputs, fwd+bwd, DeiT-S, + copy bandwidth
+                 (FASTKD_KERNELS=triton: the fused provider is the kernels, not the dispatch)   cap  75 s
+  tests          tests/kernels (minus the CPU-only compile check), tests/data/test_augment_device.py
+                 and every tests/ file that uses set_sync_debug_mode, real compilation,
+                 FASTKD_KERNELS=triton, pytest-xdist -n 8 when installed                        cap 100 s
+  sync           bench/sync_probe.py: syncs per step with their sites, what the fused ops are fed  cap  45 s
+  losses_deit_b  the loss benches at DeiT-B                                                     cap  60 s
+  peer           bench/peer_bench.py: fastkd kd vs hand-written KD and timm.task               cap  60 s
+  train          python -m fastkd.train --fused --epochs 1 (summary.json: telemetry + dispatch) cap  45 s
 
-OUT_DIR gets at most 8 files (the device tool returns no more): gpu_check.json (every step's
-status, rc, seconds, log tail; versions; test counts; the training summary), bench.json (merged
-pytest-benchmark JSON), bench.csv, bench_summary.md, nvidia-smi.txt, log.txt (all step logs),
-train_metrics.jsonl, details.tar.gz (junit XML, per-part bench JSON, the training run without
-weights). Exit status 0 when every step that ran passed, else 1.
+OUT_DIR gets at most 8 files: gpu_check.json (every step's status, rc, seconds, log tail; versions;
+nvidia-smi fields; test counts and failures; the training summary), bench_summary.md (PASS/FAIL of every
+issue-12 and issue-13 target with the measured value, the step variants, the loss table, the dispatch
+decisions), step.json, bench.json (merged pytest-benchmark JSON of the loss benches), peer.json, sync.json
+(+ the report text), dispatch.json (the decisions the measured dispatch made), log.txt (all step logs).
+Exit status 0 when every step that ran passed, else 1. ``--bench-device cpu`` dry-runs the whole
+pipeline on a machine without a GPU (tiny CPU shapes, small budgets).
 """
 
 from __future__ import annotations
@@ -35,7 +42,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import tarfile
 import tempfile
 import time
 import xml.etree.ElementTree as ET
@@ -151,7 +157,7 @@ def _env_info(step: dict) -> dict:
 
 
 def _nvidia_smi(out: Path) -> dict:
-    """nvidia-smi -q into nvidia-smi.txt, and the key fields as a dict (empty without nvidia-smi)."""
+    """nvidia-smi -q into OUT/nvidia-smi.txt (the work dir: appended to log.txt), and the key fields as a dict (empty without nvidia-smi)."""
     exe = shutil.which("nvidia-smi")
     if exe is None:
         _write_atomic(out / "nvidia-smi.txt", "nvidia-smi not found\n")
@@ -200,14 +206,26 @@ def _merge_bench(parts: list[Path], out: Path) -> Path | None:
     return path
 
 
-def _summarize(bench_json: Path, out: Path) -> str | None:
-    """bench_summary.md and bench.csv via bench/summary.py (in-process)."""
-    summary = SUMMARY
-    rows = summary.load(str(bench_json))
-    text = summary.render(rows)
-    _write_atomic(out / "bench_summary.md", text)
-    summary.write_csv(rows, str(out / "bench.csv"))
-    return text
+def _read_json(path: Path) -> dict | None:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+def _sync_tests() -> list[str]:
+    """tests/ files that check host syncs on CUDA (they call set_sync_debug_mode)."""
+    found = []
+    for p in sorted((REPO / "tests").rglob("test_*.py")):
+        rel = p.relative_to(REPO).as_posix()
+        if rel.startswith("tests/kernels/"):
+            continue
+        try:
+            if "set_sync_debug_mode" in p.read_text(errors="replace"):
+                found.append(rel)
+        except OSError:
+            continue
+    return found
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -215,89 +233,141 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("out", help="output folder (created)")
     ap.add_argument("--budget", type=float, default=float(os.environ.get("GPU_CHECK_BUDGET_S", 500)),
                     help="seconds for all steps together (default 500, env GPU_CHECK_BUDGET_S)")
-    ap.add_argument("--skip", default="", help="comma-separated steps to skip (env, tests, train, bench_*)")
+    ap.add_argument("--skip", default="", help="comma-separated steps to skip (env, step, losses_deit_s, "
+                    "tests, sync, losses_deit_b, peer, train)")
     ap.add_argument("--bench-device", default="cuda", choices=("cuda", "cpu"),
-                    help="cpu: dry-run the pipeline on a machine without a GPU (small CPU shapes)")
+                    help="cpu: dry-run the pipeline on a machine without a GPU (tiny CPU shapes)")
     args = ap.parse_args(argv)
     cuda = args.bench_device == "cuda"
-    main_shapes, more_shapes = ("deit_s", ("deit_t", "deit_b")) if cuda else ("cpu_s", ("cpu_m",))
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix="fastkd_gpu_check_"))
     r = Runner(out, work, args.budget, {s for s in args.skip.split(",") if s})
+    r.env["FASTKD_CACHE_DIR"] = str(work / "cache")  # measure afresh; dispatch.json is copied to OUT
     started = time.strftime("%Y-%m-%dT%H:%M:%S%z")
-    report: dict = {"started": started, "host": platform.node(), "repo": str(REPO), "budget_s": args.budget}
+    report: dict = {"started": started, "host": platform.node(), "repo": str(REPO), "budget_s": args.budget,
+                    "bench_device": args.bench_device}
+    small = [] if cuda else ["--small"]
+    triton_env = {"FASTKD_KERNELS": "triton"}  # tests and the fused loss provider: the kernels themselves
+
+    def save_report():
+        report["steps"] = r.steps
+        report["ok"] = all(s["status"] in ("ok", "skipped") for s in r.steps)
+        _write_atomic(out / "gpu_check.json", json.dumps(report, indent=1, default=str))
 
     # env -------------------------------------------------------------------------------------------
-    report["nvidia_smi"] = _nvidia_smi(out)
-    env_step = r.python("env", ["-c", ENV_SNIPPET], cap_s=90)
+    report["nvidia_smi"] = _nvidia_smi(work)
+    env_step = r.python("env", ["-c", ENV_SNIPPET], cap_s=40)
     report["versions"] = _env_info(env_step)
     try:
         report["git_commit"] = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True,
                                               text=True, timeout=10).stdout.strip() or None
     except (OSError, subprocess.SubprocessError):
         report["git_commit"] = None
+    save_report()
 
-    # correctness with real compilation ------------------------------------------------------------
-    junit = work / "junit_tests.xml"
-    test_paths = [p for p in ("tests/kernels", "tests/test_telemetry.py") if (REPO / p).exists()]
-    r.python("tests", ["-m", "pytest", *test_paths, "-q", "-rs", "-p", "no:cacheprovider",
-                       f"--junitxml={junit}"], cap_s=150)
-    report["tests"] = _junit_counts(junit)
+    # the step users run (priority 1) ----------------------------------------------------------------
+    step_json = work / "step.json"
+    cap = 240 if cuda else 150
+    inner = max(30, min(cap, r.remaining() - 15) - 30)  # the bench's own budget, inside the step's cap
+    r.python("step", ["bench/step_bench.py", str(step_json), "--budget", str(round(inner)), *small,
+                      *([] if cuda else ["--variants", "plain_eager,vitkd_nkd_online_eager,"
+                                         "vitkd_nkd_online_fused,vitkd_nkd_cached_fused,kd_online_fused"])],
+             cap_s=cap)
+    step = _read_json(step_json)
+    if step is not None:
+        shutil.copyfile(step_json, out / "step.json")
+    save_report()
 
-    # training with telemetry -----------------------------------------------------------------------
-    train_dir = work / "train"
-    extra = os.environ.get("GPU_CHECK_TRAIN_ARGS", "").split()  # e.g. "--method kd+vitkd --compile"
-    r.python("train", ["-m", "fastkd.train", "--fused", "--epochs", "1", "--out", str(train_dir), *extra],
-             cap_s=150)
-    try:
-        report["train_summary"] = json.loads((train_dir / "summary.json").read_text())
-    except (OSError, json.JSONDecodeError):
-        report["train_summary"] = None
-    if (train_dir / "metrics.jsonl").exists():
-        shutil.copyfile(train_dir / "metrics.jsonl", out / "train_metrics.jsonl")
-
-    # benchmarks ------------------------------------------------------------------------------------
+    # loss benches on the training inputs (priority 2) ------------------------------------------------
     bench_common = ["-m", "pytest", "--benchmark-only", "--bench-device", args.bench_device,
-                    "--bench-time", BENCH_TIME, "-q", "-rs", "-p", "no:cacheprovider"]
+                    "--bench-time", "0.05" if cuda else "0.02", "-q", "-rs", "-p", "no:cacheprovider",
+                    "bench/test_bench_losses.py"]
+    sel = "(training_inputs and fwdbwd) or copy"
+    shapes = ("deit_s", "deit_b") if cuda else ("cpu_s", "cpu_m")
     parts = []
-    part = work / "bench_main.json"
-    r.python("bench_main", [*bench_common, "bench/test_bench_losses.py", "--bench-shapes", main_shapes,
-                            f"--benchmark-json={part}"], cap_s=200)
+    part = work / f"bench_{shapes[0]}.json"
+    r.python(f"losses_{shapes[0]}", [*bench_common, "--bench-shapes", shapes[0], "-k", sel,
+                                     f"--benchmark-json={part}"], cap_s=75, env=triton_env)
     parts.append(part)
-    if (REPO / "bench" / "test_bench_step.py").exists():
-        for name, compiled in (("bench_step", "0"), ("bench_step_compiled", "1")):
-            part = work / f"{name}.json"
-            r.python(name, [*bench_common, "bench/test_bench_step.py", f"--benchmark-json={part}"],
-                     cap_s=150, env={"FASTKD_BENCH_STEP_COMPILE": compiled})
-            parts.append(part)
-    for shape in more_shapes:  # one call per shape: a timeout loses one shape's results, not all
-        part = work / f"bench_{shape}.json"
-        r.python(f"bench_{shape}", [*bench_common, "bench/test_bench_losses.py", "--bench-shapes", shape,
-                                    "-k", "not copy", f"--benchmark-json={part}"], cap_s=120, reserve_s=10)
-        parts.append(part)
-    merged = _merge_bench([p for p in parts if p.exists()], out)
-    report["bench_parts"] = [p.name for p in parts if p.exists()]
-    if merged is not None:
-        try:
-            report["bench_summary_md"] = _summarize(merged, out)
-        except Exception as e:  # a summary bug must not lose the raw results
-            report["bench_summary_error"] = f"{type(e).__name__}: {e}"
+    save_report()
 
-    # report ----------------------------------------------------------------------------------------
-    report["steps"] = r.steps
-    report["ok"] = all(s["status"] in ("ok", "skipped") for s in r.steps)
+    # kernel + sync tests with real compilation (priority 3) ------------------------------------------
+    junit = work / "junit_tests.xml"
+    test_paths = [p for p in ("tests/kernels", "tests/data/test_augment_device.py") if (REPO / p).exists()]
+    test_paths += [p for p in _sync_tests() if p not in test_paths]
+    report["test_paths"] = test_paths
+    xdist = importlib.util.find_spec("xdist") is not None
+    r.python("tests", ["-m", "pytest", *test_paths, "-q", "-rs", "-p", "no:cacheprovider",
+                       "-k", "not compile_check", *(["-n", "8"] if xdist and cuda else []),
+                       f"--junitxml={junit}"], cap_s=100 if cuda else 150, env=triton_env)
+    report["tests"] = _junit_counts(junit)
+    save_report()
+
+    # sync probe -------------------------------------------------------------------------------------
+    sync_dir = work / "sync"
+    r.python("sync", ["bench/sync_probe.py", str(sync_dir), "--budget", "35", *small], cap_s=45)
+    if (sync_dir / "sync.json").exists():
+        doc = _read_json(sync_dir / "sync.json") or {}
+        try:
+            doc["report_txt"] = (sync_dir / "sync_report.txt").read_text()
+        except OSError:
+            pass
+        _write_atomic(out / "sync.json", json.dumps(doc, indent=1, default=str))
+    save_report()
+
+    # DeiT-B loss benches -----------------------------------------------------------------------------
+    part = work / f"bench_{shapes[1]}.json"
+    r.python(f"losses_{shapes[1]}", [*bench_common, "--bench-shapes", shapes[1], "-k",
+                                     "training_inputs and fwdbwd", f"--benchmark-json={part}"],
+             cap_s=60, env=triton_env)
+    parts.append(part)
+    save_report()
+
+    # peer -------------------------------------------------------------------------------------------
+    peer_json = work / "peer.json"
+    r.python("peer", ["bench/peer_bench.py", str(peer_json), *small], cap_s=60,
+             env={"PEER_BUDGET": str(round(max(20, min(60, r.remaining() - 15) - 10)))})
+    peer = _read_json(peer_json)
+    if peer is not None:
+        shutil.copyfile(peer_json, out / "peer.json")
+    save_report()
+
+    # a training run with telemetry, if time is left -------------------------------------------------
+    train_dir = work / "train"
+    extra = os.environ.get("GPU_CHECK_TRAIN_ARGS", "").split()
+    r.python("train", ["-m", "fastkd.train", "--fused", "--epochs", "1", "--out", str(train_dir),
+                       "--workdir", str(work / "runs"), *extra], cap_s=45)
+    report["train_summary"] = _read_json(train_dir / "summary.json")
+
+    # dispatch decisions, summary, report ------------------------------------------------------------
+    disp = work / "cache" / "dispatch.json"
+    if disp.exists():
+        shutil.copyfile(disp, out / "dispatch.json")
+    merged = _merge_bench([p for p in parts if p.exists()], work)
+    if merged is not None:
+        shutil.copyfile(merged, out / "bench.json")
+    report["bench_parts"] = [p.name for p in parts if p.exists()]
+    try:
+        rows = SUMMARY.load(str(merged)) if merged is not None else []
+        text = SUMMARY.render(rows, step, peer, (step or {}).get("dispatch"))
+        _write_atomic(out / "bench_summary.md", text)
+        report["bench_summary_md"] = text
+    except BaseException as e:  # a summary bug must not lose the raw results (load() raises SystemExit)
+        report["bench_summary_error"] = f"{type(e).__name__}: {e}"
     report["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
-    _write_atomic(out / "log.txt", "\n".join(r.log_parts))
-    _write_atomic(out / "gpu_check.json", json.dumps(report, indent=1, default=str))
-    with tarfile.open(out / ".details.tar.gz.tmp", "w:gz") as tar:
-        for p in sorted(work.rglob("*")):
-            if p.is_file() and p.suffix not in (".safetensors", ".pt") and "checkpoint" not in p.parts:
-                tar.add(p, arcname=str(p.relative_to(work)))
-    os.replace(out / ".details.tar.gz.tmp", out / "details.tar.gz")
+    report["wall_s"] = round(args.budget - r.remaining(), 1)
+    extra_logs = []
+    for name in ("nvidia-smi.txt",):
+        if (work / name).exists():
+            extra_logs.append(f"===== {name}\n{(work / name).read_text(errors='replace')}")
+    _write_atomic(out / "log.txt", "\n".join([*r.log_parts, *extra_logs]))
+    save_report()
     shutil.rmtree(work, ignore_errors=True)
     bad = [s["name"] for s in r.steps if s["status"] not in ("ok", "skipped")]
     print(f"gpu_check: {'all steps passed' if not bad else 'FAILED: ' + ', '.join(bad)} → {out}", flush=True)
+    for s in r.steps:
+        print(f"  {s['name']:14s} {s['status']:8s} {s.get('seconds', '—')} s", flush=True)
     return 0 if not bad else 1
 
 

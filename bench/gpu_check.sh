@@ -1,13 +1,15 @@
 #!/usr/bin/env bash
 # One-call GPU check (see bench/gpu_check.py and bench/README.md):
-#   bash bench/gpu_check.sh OUT_DIR [--budget SECONDS] [--skip STEP,...]
-# Kernel correctness with real Triton compilation, the benchmark suite, a short training run with
-# telemetry; JSON/CSV/markdown into OUT_DIR (at most 8 files). Installs nothing: the repo is used
-# in place through PYTHONPATH (fastkd/kernels is a git-tracked symlink to kernels/).
-# Finishes inside 9 minutes on an H100; a failing step is recorded and the next one runs.
+#   bash bench/gpu_check.sh OUT_DIR [--budget SECONDS] [--skip STEP,...] [--bench-device cuda|cpu]
+# The train step users run (bench/step_bench.py), the loss benches on the training inputs, kernel + sync
+# tests with real Triton compilation, the sync probe, the peer bench, a short training run; at most 8
+# files into OUT_DIR (gpu_check.json, bench_summary.md, step.json, bench.json, peer.json, sync.json,
+# dispatch.json, log.txt). Installs nothing: the repo is used in place through PYTHONPATH
+# (fastkd/kernels is a git-tracked symlink to kernels/). Default budget 500 s: done inside 9 minutes;
+# a failing or timed-out step is recorded and the next one runs. --bench-device cpu: the CPU dry run.
 set -u
 if [ $# -lt 1 ]; then
-    echo "usage: bash bench/gpu_check.sh OUT_DIR [--budget SECONDS] [--skip STEP,...]" >&2
+    echo "usage: bash bench/gpu_check.sh OUT_DIR [--budget SECONDS] [--skip STEP,...] [--bench-device cuda|cpu]" >&2
     exit 2
 fi
 repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"

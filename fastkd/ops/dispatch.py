@@ -1,37 +1,42 @@
 """Loss dispatch: the public loss API of ``fastkd.ops.reference``, routed to the fastest valid path.
 
-Paths (``describe()`` names the active one; the trainer prints it once):
+Paths (``describe()`` says which in one line; the trainer prints it once):
 
-* ``reference`` — the eager pure-torch reference. Always used when fused mode is off
-  (``set_fused(False)``, the default) or when ``FASTKD_KERNELS=0`` is set in the environment
-  (read by ``set_fused`` / ``refresh_env``; it forces the reference anywhere).
-* ``triton`` — fused mode on CUDA tensors: the Triton kernels of ``fastkd.kernels`` (registered torch
-  custom ops, so ``torch.compile(fullgraph=True)`` works). Inputs the kernels do not take fall back to
-  the eager reference per call: fp64 or fp16 tensors, top-K records with K > 256.
-* ``compiled`` — fused mode on CPU (Triton needs CUDA), or on CUDA without Triton:
-  ``torch.compile`` of the reference function (same values; compiled once per function).
+* ``reference`` — the eager pure-torch reference. Used when fused mode is off (``set_fused(False)``,
+  the default), under ``FASTKD_KERNELS=0|reference``, and for inputs the kernels do not take (fp64 or
+  fp16 tensors, top-K records with K > 256).
+* ``triton`` — the Triton kernels of ``fastkd.kernels`` (registered torch custom ops, so
+  ``torch.compile(fullgraph=True)`` works).
+* ``compiled`` — ``torch.compile`` of the reference function (same values). Inside an outer
+  ``torch.compile`` (``--fused --compile``) the reference is simply inlined into the outer graph.
+
+**Measured dispatch** (fused mode on CUDA with Triton, ``FASTKD_KERNELS=auto``, the default): per op and
+input signature, the first eager call times the Triton path against the compiled reference and keeps the
+faster; ``--compile`` measures in an eager pass before its trace (``compile_step``). How, and the JSON cache
+of the choices: ``fastkd.ops.measure``.
+
+``FASTKD_KERNELS=auto|triton|compiled|reference`` overrides (``0`` = ``reference``, ``1`` = ``auto``).
+On CPU fused mode is the compiled reference (Triton needs CUDA) whatever the setting, except in tests:
+``set_fused(True, interpreter=True)`` sends CPU tensors to the Triton kernels (run them under
+``TRITON_INTERPRET=1``).
 
 Kernel-covered functions (same names and signatures as the reference): ``kd_loss``, ``kd_loss_topk``,
 ``nkd_loss``, ``nkd_loss_topk``, ``vitkd_mimic_loss``, ``vitkd_gen_loss``, ``cls_patch_map``,
 ``cls_patch_map_loss``, plus the fused ``token_kd`` (mimic + map + CLS-embedding inputs of one layer
 pair in one pass). Every other reference function is re-exported unchanged (same object).
-
-Tests route CPU tensors through the Triton interpreter with ``set_fused(True, interpreter=True)``
-(needs ``TRITON_INTERPRET=1`` before ``fastkd.kernels`` is first imported).
 """
 
 from __future__ import annotations
 
-import functools
-import importlib.util
-import os
 from collections.abc import Callable, Sequence
 from typing import NamedTuple
 
 import torch
+import torch._dynamo
 import torch.nn.functional as F
 
 from fastkd.ops import reference as R
+from fastkd.ops.measure import cache_path, clear_decisions, decisions
 from fastkd.ops.reference import (  # noqa: F401  (re-exported: not kernel-covered)
     ald,
     cls_embed_loss,
@@ -50,6 +55,12 @@ __all__ = [
     "refresh_env",
     "describe",
     "active_path",
+    "kernels_mode",
+    "decisions",
+    "dispatch_record",
+    "compile_step",
+    "cache_path",
+    "clear_decisions",
     "TokenKD",
     "token_kd",
     "kd_loss",
@@ -69,113 +80,25 @@ __all__ = [
     "deit_hard_loss",
 ]
 
-_FLOAT = (torch.float32, torch.bfloat16)  # what the kernels take; others use the reference
-
-
-class _State:
-    """Process-wide dispatch state (one instance, ``_S``)."""
-
-    def __init__(self):
-        self.fused = False
-        self.interpreter = False
-        self.env_off = os.environ.get("FASTKD_KERNELS", "1").strip() == "0"
-        self.kernels = None  # the imported kernel modules, once the Triton path is needed
-        self.compiled: dict[str, Callable] = {}  # torch.compile'd reference functions, by name
-
-
-_S = _State()
-
-
-def refresh_env() -> None:
-    """Re-read ``FASTKD_KERNELS`` (``0`` forces the reference path everywhere)."""
-    _S.env_off = os.environ.get("FASTKD_KERNELS", "1").strip() == "0"
-
-
-def set_fused(on: bool, *, interpreter: bool = False) -> None:
-    """Turn fused mode on or off (process-wide). ``interpreter=True`` (tests only) sends CPU tensors to the
-    Triton kernels too, which then run in the Triton interpreter (set ``TRITON_INTERPRET=1`` first)."""
-    _S.fused = bool(on)
-    _S.interpreter = bool(on and interpreter)
-    refresh_env()
-    if _S.fused and not _S.env_off and (_S.interpreter or _cuda_triton_ok()):
-        _load_kernels()
-
-
-def is_fused() -> bool:
-    return _S.fused
-
-
-_TRITON_INSTALLED = importlib.util.find_spec("triton") is not None  # checked once: not traceable
-
-
-def _triton_installed() -> bool:
-    return _TRITON_INSTALLED
-
-
-def _cuda_triton_ok() -> bool:
-    return torch.cuda.is_available() and _triton_installed()
-
-
-def _load_kernels():
-    """Import the kernel modules (outside any traced region: ``set_fused`` calls this eagerly)."""
-    if _S.kernels is None:
-        from fastkd.kernels import logit_kd, masked_gen, token_kd
-
-        class _K:
-            pass
-
-        k = _K()
-        k.logit_kd, k.masked_gen, k.token_kd = logit_kd, masked_gen, token_kd
-        _S.kernels = k
-    return _S.kernels
-
-
-def _kern():
-    return _S.kernels if _S.kernels is not None else _load_kernels()
-
-
-def describe(device: torch.device | str | None = None) -> str:
-    """One line naming the loss path fused mode takes on ``device`` (default: CUDA if available)."""
-    if device is None:
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    dev = torch.device(device)
-    if not _S.fused:
-        return "reference losses (eager torch; --fused is off)"
-    if _S.env_off:
-        return "reference losses (FASTKD_KERNELS=0 forces the reference path)"
-    if dev.type == "cuda" and _triton_installed():
-        import triton
-
-        return f"fused Triton kernels (triton {triton.__version__}) on {dev}"
-    if dev.type == "cpu" and _S.interpreter:
-        return "fused Triton kernels in the Triton interpreter (CPU, tests only)"
-    why = "Triton kernels need CUDA" if dev.type != "cuda" else "Triton is not installed"
-    return f"compiled reference losses (torch.compile on {dev.type}; {why})"
-
-
-def active_path(*tensors: Tensor | None) -> str:
-    """ "reference", "triton" or "compiled": the path a call with these tensors takes."""
-    if not _S.fused or _S.env_off:
-        return "reference"
-    xs = [x for x in tensors if x is not None]
-    dev = xs[0].device if xs else torch.device("cpu")
-    if (dev.type == "cuda" and _triton_installed()) or (dev.type == "cpu" and _S.interpreter):
-        if all(x.dtype in _FLOAT for x in xs if x.is_floating_point()):
-            return "triton"
-        return "reference"  # e.g. fp64 / fp16: the kernels take fp32 and bf16
-    return "compiled"
-
-
-def _compiled(name: str, fn: Callable | None = None) -> Callable:
-    if name not in _S.compiled:
-        _S.compiled[name] = torch.compile(fn or getattr(R, name))
-    return _S.compiled[name]
-
-
-def _call(name: str, path: str, *args, **kwargs):
-    """Run reference function ``name`` eagerly or compiled, per ``path``."""
-    fn = getattr(R, name)
-    return _compiled(name)(*args, **kwargs) if path == "compiled" else fn(*args, **kwargs)
+from fastkd.ops.routing import (  # noqa: E402, F401  (the public routing API, re-exported)
+    _FLOAT,
+    _S,
+    _choose,
+    _compiled,
+    _cuda_triton_ok,
+    _kern,
+    _load_kernels,
+    _triton_installed,
+    active_path,
+    compile_step,
+    describe,
+    dispatch_record,
+    fused,
+    is_fused,
+    kernels_mode,
+    refresh_env,
+    set_fused,
+)
 
 
 def _needs_grad(x: Tensor) -> bool:
@@ -184,34 +107,6 @@ def _needs_grad(x: Tensor) -> bool:
 
 def _unit_stride(x: Tensor) -> Tensor:
     return x if x.dim() == 0 or x.stride(-1) == 1 else x.contiguous()
-
-
-def fused(tensors: Callable[..., tuple], unsupported: Callable[..., bool] | None = None):
-    """Make a Triton implementation the dispatching version of the reference function of the same name.
-
-    ``tensors(*args, **kwargs)`` → the tensors that decide the path (``active_path``; none: the reference);
-    ``unsupported(*args, **kwargs)`` → True for inputs the kernels do not take (then the eager reference).
-    Paths other than "triton" call the reference, eagerly or ``torch.compile``d; the decorated function
-    runs only on the Triton path. The wrapper carries the reference's name, signature and docstring.
-    """
-
-    def deco(kernel_fn: Callable) -> Callable:
-        name = kernel_fn.__name__
-        ref = getattr(R, name)
-
-        @functools.wraps(ref)
-        def dispatched(*args, **kwargs):
-            ts = tensors(*args, **kwargs)
-            path = active_path(*ts) if ts else "reference"
-            if path == "triton" and unsupported is not None and unsupported(*args, **kwargs):
-                path = "reference"
-            if path != "triton":
-                return _call(name, path, *args, **kwargs)
-            return kernel_fn(*args, **kwargs)
-
-        return dispatched
-
-    return deco
 
 
 # ------------------------------------------------------------------------------------------ logit KD
@@ -318,14 +213,21 @@ def token_kd(
     """
     if not (mimic or cls_map):
         raise ValueError("token_kd: nothing to compute; pass mimic=True and/or cls_map=True")
-    path = active_path(s_tokens, t_tokens, weight, bias)
+    args = (s_tokens, t_tokens, weight, bias, num_prefix_s, num_prefix_t, mimic, cls_map)
+    xs = [x for x in (s_tokens, t_tokens, weight, bias) if x is not None]
+    path = _choose("token_kd", xs, _TOKEN_KD_RUNNERS, args, {})
     if path == "reference":
-        return _token_kd_reference(
-            s_tokens, t_tokens, weight, bias, num_prefix_s, num_prefix_t, mimic, cls_map
-        )
+        return _token_kd_reference(*args)
     if path == "compiled":
-        fn = _compiled("_token_kd", _token_kd_reference)
-        return TokenKD(*fn(s_tokens, t_tokens, weight, bias, num_prefix_s, num_prefix_t, mimic, cls_map))
+        return _token_kd_compiled(*args)
+    return _token_kd_triton(*args)
+
+
+def _token_kd_compiled(*args) -> TokenKD:
+    return TokenKD(*_compiled("_token_kd", _token_kd_reference)(*args))
+
+
+def _token_kd_triton(s_tokens, t_tokens, weight, bias, num_prefix_s, num_prefix_t, mimic, cls_map) -> TokenKD:
     k = _kern().token_kd
     mim, msum, _, s_cls, t_cls, _ = k.token_kd_op(
         _unit_stride(s_tokens),
@@ -341,6 +243,9 @@ def token_kd(
         return TokenKD(mim, None, None, None)
     B, N = s_tokens.shape[0], s_tokens.shape[1] - num_prefix_s
     return TokenKD(mim if mimic else None, msum / (B * N), s_cls, t_cls)
+
+
+_TOKEN_KD_RUNNERS = {"triton": _token_kd_triton, "compiled": _token_kd_compiled}
 
 
 def _mimic_tensors(s_feats, t_feats, weights=None, biases=None, *a, **k):
@@ -395,9 +300,7 @@ def cls_patch_map(tokens: Tensor, num_prefix: int = 1) -> Tensor:
 def cls_patch_map_loss(
     s_tokens: Tensor, t_tokens: Tensor, num_prefix_s: int = 1, num_prefix_t: int = 1
 ) -> Tensor:
-    return token_kd(
-        s_tokens, t_tokens, num_prefix_s=num_prefix_s, num_prefix_t=num_prefix_t, mimic=False
-    ).cls_map
+    return _token_kd_triton(s_tokens, t_tokens, None, None, num_prefix_s, num_prefix_t, False, True).cls_map
 
 
 # ----------------------------------------------------------------------------------- ViTKD generation

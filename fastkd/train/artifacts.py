@@ -76,6 +76,17 @@ def write_report(
     os.replace(tmp, path)
 
 
+def dispatch_summary(device, fused: bool) -> dict:
+    """summary.json's record of the fused ops: per op (and input signature) the path used — triton,
+    compiled or reference — and both measured timings (``fastkd.ops.dispatch.dispatch_record``)."""
+    from fastkd.ops import dispatch as KF
+
+    rec = KF.dispatch_record(device)
+    if not fused:
+        rec.update(describe="reference", ops={}, pending=[])
+    return rec
+
+
 def save_loss_modules(loss, path: Path) -> None:
     """The trainable loss parts' weights (projectors, generator, mask token) as safetensors, atomically."""
     from safetensors.torch import save_file

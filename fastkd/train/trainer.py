@@ -31,7 +31,13 @@ from fastkd.models import forward_taps, model_info, save_model
 from fastkd.ops import dispatch as KF
 from fastkd.teachers.base import Teacher
 from fastkd.telemetry import Telemetry
-from fastkd.train.artifacts import read_metrics, save_loss_modules, truncate_metrics, write_report
+from fastkd.train.artifacts import (
+    dispatch_summary,
+    read_metrics,
+    save_loss_modules,
+    truncate_metrics,
+    write_report,
+)
 from fastkd.train.distributed import Dist
 from fastkd.utils import atomic_write_json, load_state, save_state
 
@@ -142,7 +148,7 @@ class Trainer:
             # first step and remembered; find_unused_parameters alone would all-reduce a used-parameter map
             # and read it back on the host every step (a sync beyond the gradient all-reduce)
             self.step_module = DDP(self.step_module, device_ids=ids, static_graph=True)
-        self._fwd = torch.compile(self.step_module) if cfg.run.compile else self.step_module
+        self._fwd = KF.compile_step(self.step_module) if cfg.run.compile else self.step_module
         if cfg.run.compile and teacher is not None and hasattr(teacher, "compile"):
             teacher.compile()  # the online teacher's tap forward (no grad, eval) compiled too
         # the training position as a 0-d device tensor, refilled each step (a fill kernel: no host→device
@@ -335,6 +341,7 @@ class Trainer:
             "data": self.data.name,
             "wall_s": wall,
             "fused_path": KF.describe(self.device) if cfg.run.fused else "reference",
+            "dispatch": dispatch_summary(self.device, cfg.run.fused),
             "device": str(self.device),
             **tsum,
         }

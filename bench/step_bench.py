@@ -1,0 +1,327 @@
+"""The training step users run, measured: DeiT-S student ← DeiT-B teacher, 224², B=256, bf16 autocast.
+
+    python bench/step_bench.py OUT.json [--small] [--budget S] [--variants a,b,...] [--rounds N]
+
+(``PYTHONPATH=<checkout>``; ``bench/gpu_check.sh`` runs it.) One ``build_trainer`` per variant, all kept
+alive; synthetic uint8 data (1000 classes); one fixed batch of ids. Variants, built and warmed up in
+this priority order while the budget lasts (a variant that fails or does not fit is recorded, the next
+one runs):
+
+  plain (ce) compiled / eager; vitkd+nkd online --compile, --fused --compile, eager, --fused;
+  vitkd+nkd cached --fused --compile / --fused; kd online --compile, --fused --compile;
+  clskd+kd online --compile, --fused --compile; kd / clskd+kd online eager and --fused;
+  kd cached --fused --compile (top-K logits).
+
+Then the timing phase: ``--rounds`` interleaved rounds (one step of every warmed variant per round,
+round-robin, so load drift hits them all alike), a sync after each step; median ms, img/s, peak memory
+(each variant's own warm-up peak above what the variants built before it hold). Then host syncs per step: one step per variant under
+``torch.cuda.set_sync_debug_mode("warn")``, counting the warnings. ``step.json`` holds every variant, the
+ratios (vs plain compiled; ``--fused`` vs the ``--compile`` reference, per method; the targets of issue 12),
+the cached teacher's wait share, and the dispatch decisions. ``--small``: CPU dry run, tiny shapes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+import traceback
+import warnings
+
+import numpy as np
+import torch
+
+# name: (method, flags; "@cache" = from the teacher cache)
+VARIANTS = [
+    ("plain_compiled", "ce", ["--compile"]),
+    ("vitkd_nkd_online_compiled", "vitkd+nkd", ["--compile"]),
+    ("vitkd_nkd_online_fused_compiled", "vitkd+nkd", ["--fused", "--compile"]),
+    ("plain_eager", "ce", []),
+    ("vitkd_nkd_online_eager", "vitkd+nkd", []),
+    ("vitkd_nkd_online_fused", "vitkd+nkd", ["--fused"]),
+    ("vitkd_nkd_cached_fused_compiled", "vitkd+nkd", ["--fused", "--compile", "@cache"]),
+    ("vitkd_nkd_cached_fused", "vitkd+nkd", ["--fused", "@cache"]),
+    ("kd_online_compiled", "kd", ["--compile"]),
+    ("diy_kd_compiled", "kd", ["@diy"]),
+    ("kd_online_fused_compiled", "kd", ["--fused", "--compile"]),
+    ("clskd_kd_online_compiled", "clskd+kd", ["--compile"]),
+    ("clskd_kd_online_fused_compiled", "clskd+kd", ["--fused", "--compile"]),
+    ("kd_online_eager", "kd", []),
+    ("kd_online_fused", "kd", ["--fused"]),
+    ("clskd_kd_online_eager", "clskd+kd", []),
+    ("clskd_kd_online_fused", "clskd+kd", ["--fused"]),
+    ("kd_cached_fused_compiled", "kd", ["--fused", "--compile", "@cache"]),
+]
+# (numerator, denominator, target or None): ratios of interleaved medians
+RATIOS = [
+    ("vitkd_nkd_online_fused_compiled", "vitkd_nkd_online_compiled", 1.0),
+    ("vitkd_nkd_online_fused", "vitkd_nkd_online_compiled", 1.0),
+    ("vitkd_nkd_online_fused", "vitkd_nkd_online_eager", None),
+    ("kd_online_fused_compiled", "kd_online_compiled", 1.0),
+    ("kd_online_fused", "kd_online_compiled", 1.0),
+    ("clskd_kd_online_fused_compiled", "clskd_kd_online_compiled", 1.0),
+    ("clskd_kd_online_fused", "clskd_kd_online_compiled", 1.0),
+    ("vitkd_nkd_online_fused_compiled", "plain_compiled", 1.6),
+    ("vitkd_nkd_online_compiled", "plain_compiled", None),
+    ("vitkd_nkd_cached_fused_compiled", "plain_compiled", 1.15),
+    ("vitkd_nkd_cached_fused", "plain_eager", None),
+    ("kd_cached_fused_compiled", "plain_compiled", 1.05),
+    ("kd_online_compiled", "diy_kd_compiled", 0.95),
+    ("kd_online_fused_compiled", "diy_kd_compiled", 0.95),
+    ("kd_online_compiled", "plain_compiled", None),
+    ("plain_eager", "plain_compiled", None),
+]
+
+
+def parse(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("out", help="step.json to write (rewritten after every variant)")
+    ap.add_argument("--small", action="store_true", help="CPU dry run: tiny shapes")
+    ap.add_argument("--budget", type=float, default=float(os.environ.get("STEP_BUDGET_S", 230)))
+    ap.add_argument("--variants", default="", help="comma-separated subset (default: all, in priority order)")
+    ap.add_argument("--rounds", type=int, default=None, help="interleaved timing rounds (default 12; 3 small)")
+    return ap.parse_args(argv)
+
+
+def synthetic_npz(root: str, S: int, C: int, n_train: int, n_val: int) -> str:
+    g = torch.Generator().manual_seed(0)
+    path = os.path.join(root, "synthetic.npz")
+    np.savez(path, x_train=torch.randint(0, 256, (n_train, S, S, 3), dtype=torch.uint8, generator=g).numpy(),
+             y_train=torch.randint(0, C, (n_train,), generator=g).numpy(),
+             x_val=torch.randint(0, 256, (n_val, S, S, 3), dtype=torch.uint8, generator=g).numpy(),
+             y_val=torch.randint(0, C, (n_val,), generator=g).numpy())
+    return path
+
+
+class DiyKD:
+    """The hand-written PyTorch Hinton-KD step users would write instead (``peer_bench.py``'s): student and
+    teacher ``torch.compile``d, bf16 autocast, CE with label smoothing + KL(T=4), clip 5, fused AdamW; the
+    batch already on the device (no augmentation: a lower bound for what fastkd does)."""
+
+    def __init__(self, student: str, teacher: str, S: int, C: int, B: int, device: str):
+        import timm
+        import torch.nn.functional as F
+
+        torch.manual_seed(0)
+        mk = dict(num_classes=C, img_size=S)
+        self.s = timm.create_model(student, **mk).to(device)
+        self.t = timm.create_model(teacher, **mk).to(device).eval().requires_grad_(False)
+        cuda = device == "cuda"
+        self.opt = torch.optim.AdamW(self.s.parameters(), lr=1e-4, **({"fused": True} if cuda else {}))
+        self.sf, self.tf = torch.compile(self.s), torch.compile(self.t)
+        g = torch.Generator().manual_seed(0)
+        self.x = torch.randn(B, 3, S, S, generator=g).to(device)
+        self.y = torch.randint(0, C, (B,), generator=g).to(device)
+        self.cuda, self.F, self.teacher = cuda, F, None
+
+    def step(self, ids=None, epoch=0):
+        F, T = self.F, 4.0
+        self.opt.zero_grad(set_to_none=True)
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.cuda):
+            with torch.no_grad():
+                tl = self.tf(self.x)
+            sl = self.sf(self.x)
+            loss = F.cross_entropy(sl.float(), self.y, label_smoothing=0.1) + F.kl_div(
+                F.log_softmax(sl.float() / T, -1), F.log_softmax(tl.float() / T, -1), reduction="batchmean",
+                log_target=True) * T * T
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.s.parameters(), 5.0)
+        self.opt.step()
+        return {"loss": loss}
+
+
+def count_syncs(fn) -> int:
+    """Host syncs during ``fn()`` (CUDA): torch.cuda.set_sync_debug_mode('warn') + warnings capture."""
+    with warnings.catch_warnings(record=True) as ws:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            fn()
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+    torch.cuda.synchronize()
+    return sum(1 for w in ws if "synchroniz" in str(w.message).lower())
+
+
+def main(argv=None) -> int:
+    a = parse(argv)
+    small = a.small or not torch.cuda.is_available()
+    dev = "cpu" if small else "cuda"
+    t_start = time.monotonic()
+    deadline = t_start + a.budget
+    if small:
+        S, C, NTR, B, STU, TEA = 32, 10, 32, 8, "deit_tiny_patch16_224", "deit_small_patch16_224"
+    else:
+        S, C, NTR, B, STU, TEA = 224, 1000, 512, 256, "deit_small_patch16_224", "deit_base_patch16_224"
+    rounds = a.rounds or (3 if small else 12)
+    wanted = [v for v in a.variants.split(",") if v]
+    unknown = sorted(set(wanted) - {v[0] for v in VARIANTS})
+    if unknown:
+        raise SystemExit(f"step_bench: unknown variants {unknown}; choose from {[v[0] for v in VARIANTS]}")
+    variants = [v for v in VARIANTS if not wanted or v[0] in wanted]
+
+    from fastkd.config import parse_args
+    from fastkd.data import load_data
+    from fastkd.ops import dispatch as KF
+    from fastkd.train.setup import build_trainer
+
+    root = tempfile.mkdtemp(prefix="fastkd_step_bench_")
+    npz = synthetic_npz(root, S, C, NTR, 64)
+    data = load_data(npz)
+    base = ["--data", npz, "--student", STU, "--teacher", TEA, "--batch-size", str(B), "--quiet",
+            "--workdir", root, "--device", dev, "--seed", "0", "--train-limit", "0", "--epochs", "1",
+            "--eval-every", "0", *(["--img-size", str(S)] if small else [])]
+    res: dict = {
+        "device": torch.cuda.get_device_name(0) if dev == "cuda" else "cpu", "torch": torch.__version__,
+        "shape": dict(img=S, classes=C, batch=B, student=STU, teacher=TEA, amp="bf16" if dev == "cuda" else None),
+        "budget_s": a.budget, "rounds": rounds, "variants": {}, "ratios": {},
+    }
+    with contextlib.suppress(ImportError):
+        import triton
+
+        res["triton"] = triton.__version__
+    with contextlib.suppress(ImportError):
+        import timm
+
+        res["timm"] = timm.__version__
+
+    def save():
+        tmp = a.out + ".tmp"
+        with open(tmp, "w") as fh:
+            json.dump(res, fh, indent=1, default=str)
+        os.replace(tmp, a.out)
+
+    def sync():
+        if dev == "cuda":
+            torch.cuda.synchronize()
+
+    cache_dir = None
+    trainers: dict = {}
+    ids = None
+    # phase 1: build + warm up (compilation, measured dispatch, allocator) in priority order
+    for name, method, flags in variants:
+        rec: dict = {"method": method, "flags": [f for f in flags if not f.startswith("@")],
+                     "teacher": "cached" if "@cache" in flags else ("online" if method != "ce" else None)}
+        res["variants"][name] = rec
+        left = deadline - time.monotonic()
+        need = 25 if ("--compile" in flags or "@diy" in flags) else 8  # a compile needs room; the timing phase needs ~15 s
+        if left < need + 15:
+            rec.update(status="skipped: budget", left_s=round(left, 1))
+            print(name, "skipped (budget)", flush=True)
+            save()
+            continue
+        t0 = time.monotonic()
+        before = torch.cuda.memory_allocated() if dev == "cuda" else 0
+        try:
+            argv = [*base, "--method", method, *rec["flags"]]
+            if "@diy" in flags:
+                rec["teacher"] = "hand-written (timm, torch.compile)"
+            if "@cache" in flags:
+                if cache_dir is None:
+                    from fastkd.cache.build import build_cache
+
+                    cache_dir = os.path.join(root, "cache")
+                    tb = time.monotonic()
+                    build_cache(parse_args([*base, "--method", "vitkd+nkd"]), cache_dir, views=1,
+                                log=lambda *x: None, progress=False)
+                    res["cache_build_s"] = round(time.monotonic() - tb, 2)
+                    res["cache_bytes"] = sum(os.path.getsize(os.path.join(dp, f))
+                                             for dp, _, fs in os.walk(cache_dir) for f in fs)
+                argv += ["--teacher-cache", cache_dir]
+            if "@diy" in flags:
+                tr = DiyKD(STU, TEA, S, C, B, dev)
+            else:
+                tr = build_trainer(parse_args(argv), data=data, log=lambda *x: None)
+            if ids is None and hasattr(tr, "sampler"):
+                ids = next(iter(tr.sampler.batches(0)))
+            if hasattr(tr.teacher, "prefetch_epoch"):
+                import itertools
+
+                tr.teacher.prefetch_epoch(itertools.repeat(ids), 0)
+            if dev == "cuda":
+                torch.cuda.reset_peak_memory_stats()
+            for _ in range(3):
+                tr.step(ids, 0)
+            sync()
+            rec["warmup_s"] = round(time.monotonic() - t0, 1)
+            if dev == "cuda":  # the variant's own: its parts, optimizer state, and the step's peak
+                rec["peak_mem_gib"] = round((torch.cuda.max_memory_allocated() - before) / 2**30, 2)
+            rec["status"] = "warm"
+            rec["fused_path"] = KF.describe(dev) if "--fused" in flags else "reference"
+            trainers[name] = tr
+        except Exception as e:
+            rec.update(status="failed", error=f"{type(e).__name__}: {e}"[:600], tb=traceback.format_exc()[-1500:])
+        print(name, json.dumps({k: v for k, v in rec.items() if k != "tb"}), flush=True)
+        save()
+
+    # phase 2: interleaved timing
+    times: dict[str, list[float]] = {n: [] for n in trainers}
+    waits0 = {n: (getattr(tr.teacher, "wait_s", 0.0), getattr(tr.teacher, "calls", 0)) for n, tr in trainers.items()}
+    for r in range(rounds):
+        if r >= 3 and time.monotonic() > deadline - 5:
+            res["rounds_done"] = r
+            break
+        for n, tr in trainers.items():
+            try:
+                t0 = time.perf_counter()
+                tr.step(ids, 0)
+                sync()
+                times[n].append(time.perf_counter() - t0)
+            except Exception as e:
+                res["variants"][n].update(status="failed", error=f"timing: {type(e).__name__}: {e}"[:600])
+    else:
+        res["rounds_done"] = rounds
+    med: dict[str, float] = {}
+    for n, ts in times.items():
+        rec = res["variants"][n]
+        if not ts or rec.get("status") == "failed":
+            continue
+        m = statistics.median(ts)
+        med[n] = m
+        rec.update(status="ok", median_ms=round(1e3 * m, 3), min_ms=round(1e3 * min(ts), 3), steps=len(ts),
+                   img_per_s=round(B / m, 1))
+        tr = trainers[n]
+        if hasattr(tr.teacher, "wait_s"):
+            w0, c0 = waits0[n]
+            wait_ms = 1e3 * (tr.teacher.wait_s - w0) / max(1, tr.teacher.calls - c0)
+            rec.update(cache_wait_ms=round(wait_ms, 3), cache_wait_share=round(wait_ms / (1e3 * m), 4))
+    for num, den, target in RATIOS:  # every targeted ratio is listed, measured or not
+        v = med[num] / med[den] if num in med and den in med else None
+        if v is None and target is None:
+            continue
+        res["ratios"][f"{num} / {den}"] = {
+            "value": None if v is None else round(v, 3), "target": target,
+            "pass": None if (target is None or v is None) else bool(v <= target),
+        }
+    save()
+
+    # phase 3: host syncs per step (CUDA), one step each under set_sync_debug_mode("warn")
+    if dev == "cuda":
+        for n, tr in trainers.items():
+            if time.monotonic() > deadline + 10:
+                break
+            try:
+                res["variants"][n]["host_syncs_per_step"] = count_syncs(lambda tr=tr: tr.step(ids, 0))
+            except Exception as e:
+                res["variants"][n]["host_syncs_error"] = f"{type(e).__name__}: {e}"[:300]
+    res["dispatch"] = KF.dispatch_record(dev)
+    for tr in trainers.values():
+        with contextlib.suppress(Exception):
+            if tr.teacher is not None:
+                tr.teacher.close()
+    res["total_s"] = round(time.monotonic() - t_start, 1)
+    save()
+    shutil.rmtree(root, ignore_errors=True)
+    print("ratios", json.dumps(res["ratios"], indent=1), flush=True)
+    print(f"done in {res['total_s']} s", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,338 @@
+"""Measured dispatch's machinery (``fastkd.ops.dispatch`` uses it): input signatures, timing the Triton
+path against the compiled reference, the decisions and their JSON cache.
+
+**Measured dispatch** (fused mode on CUDA with Triton, ``FASTKD_KERNELS=auto``, the default): for each op
+and input *signature* — op, autocast dtype, and per tensor its dtype, stride pattern (contiguous or a
+strided view), shape bucket (rows = product of the leading dims rounded up to a power of two, the last
+dim exact) and whether it needs a gradient — the first eager call times the Triton path and the compiled
+reference on copies of its real inputs (same strides), fwd+bwd when a gradient is needed, with CUDA
+events (2 warm-up calls, then the median of 5, the two paths interleaved), and keeps the faster for the
+run. The choice is remembered in ``$FASTKD_CACHE_DIR/dispatch.json`` (default
+``$XDG_CACHE_HOME/fastkd`` or ``~/.cache/fastkd``), keyed by GPU name, torch, triton and fastkd version,
+written atomically; a corrupt file is ignored with one line.
+
+Under ``torch.compile`` tracing the tensors are fake, so nothing can be timed there. ``compile_step(module)``
+(the trainer's ``--compile``) therefore runs the module's forward once eagerly before the first compiled
+call, RNG state preserved: each fused op meets its real training inputs, measures, and the trace then
+reads the decision (a ``torch._dynamo.assume_constant_result`` lookup keyed by the same signature: shapes
+are turned into constants by comparisons, so it also works once dims are dynamic). A signature the trace
+meets with no decision takes ``compiled`` — exactly what ``--compile`` alone runs — so ``--fused`` is never
+slower than the compiled reference by construction.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import sys
+from collections.abc import Callable, Sequence
+
+import torch
+import torch._dynamo
+
+Tensor = torch.Tensor
+
+
+class _Decisions:
+    def __init__(self):
+        self.memo: dict[tuple, str] = {}  # exact call key → path (the per-call fast lookup)
+        self.decided: dict[str, dict] = {}  # signature key → decision record (this process)
+        self.pending: set[str] = set()  # signatures a trace met with no decision (took "compiled")
+        self.file: dict | None = None  # dispatch.json, loaded lazily
+        self.env_key: str | None = None
+
+
+_S = _Decisions()
+
+_WARMUP, _REPS = 2, 5
+
+
+def _pow2(n: int) -> int:
+    p = 1
+    while p < n:
+        p *= 2
+    return p
+
+
+def _concrete(n) -> int:
+    """A Python int equal to ``n``. Under tracing a dynamic dim is a SymInt: comparisons guard on it and
+    are concrete, so a binary search turns it into a constant (specializing the trace to this value)."""
+    if not torch.compiler.is_compiling():
+        return int(n)
+    lo, hi = 0, 1
+    while hi <= n:
+        hi *= 2
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if mid <= n:
+            lo = mid
+        else:
+            hi = mid
+    return lo
+
+
+def _tensor_sig(x: Tensor) -> str:
+    size = [_concrete(d) for d in x.shape]
+    stride = [_concrete(d) for d in x.stride()]
+    contig, expect = True, 1
+    for n, st in zip(reversed(size), reversed(stride), strict=True):
+        if n != 1 and st != expect:
+            contig = False
+        expect *= n
+    rows = 1
+    for n in size[:-1]:
+        rows *= n
+    width = size[-1] if size else 1
+    grad = "g" if (x.requires_grad and torch.is_grad_enabled()) else ""
+    return f"{str(x.dtype).removeprefix('torch.')}:{'c' if contig else 'v'}:{_pow2(rows)}x{width}{grad}"
+
+
+def _amp_tag(xs: Sequence[Tensor]) -> str:
+    dev = xs[0].device.type if xs else "cpu"
+    if dev == "cuda" and torch.is_autocast_enabled("cuda"):
+        return "amp-" + str(torch.get_autocast_dtype("cuda")).removeprefix("torch.")
+    return "noamp"
+
+
+def sig_key(name: str, xs: Sequence[Tensor]) -> str:
+    """op | autocast | per tensor dtype:stride pattern:rows bucket x width[g]: the decision's key."""
+    return "|".join([name, _amp_tag(xs), *(_tensor_sig(x) for x in xs)])
+
+
+def _fast_key(name: str, xs: Sequence[Tensor]) -> tuple:
+    """Exact per-call key (eager only): (name, amp, grad mode, per tensor dtype/size/stride/requires_grad)."""
+    amp = xs[0].device.type == "cuda" and torch.is_autocast_enabled("cuda") if xs else False
+    return (name, amp, torch.is_grad_enabled(),
+            *((x.dtype, tuple(x.shape), x.stride(), x.requires_grad) for x in xs))
+
+
+def cache_path() -> str:
+    """Where measured-dispatch decisions are remembered: ``$FASTKD_CACHE_DIR/dispatch.json`` (default
+    ``$XDG_CACHE_HOME/fastkd`` or ``~/.cache/fastkd``)."""
+    root = os.environ.get("FASTKD_CACHE_DIR")
+    if not root:
+        xdg = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+        root = os.path.join(xdg, "fastkd")
+    return os.path.join(root, "dispatch.json")
+
+
+def _env_key(device: torch.device) -> str:
+    """GPU name | torch | triton | fastkd: decisions hold for this combination only."""
+    if _S.env_key is None or not _S.env_key.startswith(_device_name(device) + "|"):
+        try:
+            import triton
+
+            tv = triton.__version__
+        except ImportError:
+            tv = "none"
+        from fastkd import __version__ as fv
+
+        _S.env_key = f"{_device_name(device)}|torch {torch.__version__}|triton {tv}|fastkd {fv}"
+    return _S.env_key
+
+
+def _device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return device.type
+
+
+def _read_cache_file(quiet: bool = False) -> dict:
+    path = cache_path()
+    try:
+        with open(path) as fh:
+            doc = json.load(fh)
+        if not isinstance(doc, dict) or not isinstance(doc.get("entries"), dict):
+            raise ValueError("no 'entries' object")
+        return doc
+    except FileNotFoundError:
+        return {"version": 1, "entries": {}}
+    except (OSError, ValueError) as e:  # json.JSONDecodeError is a ValueError
+        if not quiet:
+                print(f"fastkd: ignoring the unreadable dispatch cache {path} ({type(e).__name__}: {e}); "
+                  "measuring again", file=sys.stderr)
+        return {"version": 1, "entries": {}}
+
+
+def _cache_entries(device: torch.device) -> dict:
+    if _S.file is None:
+        _S.file = _read_cache_file()
+    return _S.file["entries"].setdefault(_env_key(device), {})
+
+
+def _write_cache(device: torch.device, key: str, rec: dict) -> None:
+    """Merge this decision into dispatch.json (re-read first: other processes may have added theirs),
+    then write it atomically. A read-only cache dir costs the memory only, never the run."""
+    doc = _read_cache_file(quiet=True) if os.path.exists(cache_path()) else {"version": 1, "entries": {}}
+    doc.setdefault("version", 1)
+    doc["entries"].setdefault(_env_key(device), {})[key] = rec
+    path = cache_path()
+    try:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        tmp = f"{path}.{os.getpid()}.tmp"
+        with open(tmp, "w") as fh:
+            json.dump(doc, fh, indent=1, sort_keys=True)
+        os.replace(tmp, path)
+    except OSError as e:
+        print(f"fastkd: cannot write the dispatch cache {path} ({e}); decisions kept for this run only",
+              file=sys.stderr)
+    _S.file = doc
+
+
+def clear_decisions() -> None:
+    """Forget this process's decisions (the file stays; tests and benches)."""
+    _S.memo.clear()
+    _S.decided.clear()
+    _S.pending.clear()
+    _S.file = None
+    _S.env_key = None
+
+
+def decisions() -> dict[str, dict]:
+    """Signature key → {op, path, triton_ms, compiled_ms, source: measured | cache | trace-default}."""
+    return {k: dict(v) for k, v in _S.decided.items()}
+
+
+def op_summary() -> dict[str, dict]:
+    """Per op, the decision of its most-called (here: first decided) signature, for one-line reports."""
+    out: dict[str, dict] = {}
+    for rec in _S.decided.values():
+        out.setdefault(rec["op"], rec)
+    return out
+
+
+def _clone_like(x: Tensor, grad: bool) -> Tensor:
+    """A copy of ``x`` with the same size, strides (a strided view stays one) and values."""
+    y = torch.empty_strided(x.shape, x.stride(), dtype=x.dtype, device=x.device)
+    y.copy_(x.detach())
+    return y.requires_grad_(grad)
+
+
+def _clone_args(obj, leaves: list):
+    if isinstance(obj, Tensor):
+        grad = obj.is_floating_point() and obj.requires_grad and torch.is_grad_enabled()
+        y = _clone_like(obj, grad)
+        if grad:
+            leaves.append(y)
+        return y
+    if isinstance(obj, (list, tuple)) and not hasattr(obj, "_fields"):
+        return type(obj)(_clone_args(o, leaves) for o in obj)
+    return obj
+
+
+def _outputs(out) -> list[Tensor]:
+    if isinstance(out, Tensor):
+        return [out]
+    if isinstance(out, (list, tuple)):
+        return [o for o in out if isinstance(o, Tensor)]
+    return []
+
+
+def _cuda_time(run: Callable[[], None], device: torch.device) -> float:
+    """One timed call in ms (CUDA events)."""
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    run()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end)
+
+
+def _measure(name: str, runners: dict[str, Callable], args, kwargs, device: torch.device, timer=None) -> dict:
+    """Time each path on copies of the real inputs: fwd (+bwd w.r.t. what needs a gradient)."""
+    leaves: list[Tensor] = []
+    cargs = _clone_args(args, leaves)
+    ckw = {k: _clone_args(v, leaves) for k, v in kwargs.items()}
+
+    def make(fn):
+        def run():
+            outs = [o for o in _outputs(fn(*cargs, **ckw)) if o.is_floating_point()]
+            if leaves and any(o.requires_grad for o in outs):
+                total = sum(o.float().sum() for o in outs if o.requires_grad)
+                torch.autograd.grad(total, leaves, allow_unused=True)
+
+        return run
+
+    runs = {p: make(fn) for p, fn in runners.items()}
+    times: dict[str, list[float]] = {p: [] for p in runs}
+    errors: dict[str, str] = {}
+    for p, run in runs.items():  # warm-up: compilation, autotuning, allocator
+        try:
+            for _ in range(_WARMUP):
+                run() if timer is None else None
+        except Exception as e:  # a path that fails here is never chosen
+            errors[p] = f"{type(e).__name__}: {e}"[:300]
+    for _ in range(_REPS):  # interleaved, so drift hits both paths alike
+        for p, run in runs.items():
+            if p in errors:
+                continue
+            try:
+                ms = timer(p, run) if timer is not None else _cuda_time(run, device)
+            except Exception as e:
+                errors[p] = f"{type(e).__name__}: {e}"[:300]
+                continue
+            times[p].append(float(ms))
+    med = {p: statistics.median(t) for p, t in times.items() if t and p not in errors}
+    rec = {"op": name, "source": "measured", "reps": _REPS}
+    for p in runners:
+        rec[f"{p}_ms"] = round(med[p], 4) if p in med else None
+    if errors:
+        rec["errors"] = errors
+    # ties go to the compiled reference (the path --compile alone runs)
+    rec["path"] = min(med, key=lambda p: (med[p], p != "compiled")) if med else "reference"
+    return rec
+
+
+def decide(name: str, xs: Sequence[Tensor], runners: dict[str, Callable], args, kwargs, timer=None) -> str:
+    """The path of an eager call in measured mode: memo → this process → dispatch.json → measure."""
+    fk = _fast_key(name, xs)
+    path = _S.memo.get(fk)
+    if path is not None:
+        return path
+    key = sig_key(name, xs)
+    rec = _S.decided.get(key)
+    device = xs[0].device
+    if rec is None:
+        cached = _cache_entries(device).get(key)
+        if isinstance(cached, dict) and cached.get("path") in runners:
+            rec = {**cached, "op": name, "source": "cache"}
+        else:
+            rec = _measure(name, runners, args, kwargs, device, timer)
+            _write_cache(device, key, {k: v for k, v in rec.items() if k != "source"})
+        _S.decided[key] = rec
+        _S.pending.discard(key)
+    _S.memo[fk] = rec["path"]
+    return rec["path"]
+
+
+@torch._dynamo.assume_constant_result
+def traced_choice(key: str) -> str:
+    """Inside a torch.compile trace: the decision for ``key`` (a constant of the graph), or "compiled"
+    when none was made (recorded as pending: the path --compile alone runs)."""
+    rec = _S.decided.get(key)
+    if rec is None:
+        _S.pending.add(key)
+        return "compiled"
+    return rec["path"]
+
+
+class CalibratedStep:
+    """``compile_step``'s callable: before the first compiled call, one eager forward of the module (RNG
+    state preserved, output dropped) lets every fused op measure on its real inputs."""
+
+    def __init__(self, module: torch.nn.Module, compiled: Callable, active: Callable[[], bool]):
+        self.module, self.compiled, self.active, self.calibrated = module, compiled, active, False
+
+    def __call__(self, *args, **kwargs):
+        if not self.calibrated:
+            self.calibrated = True
+            if self.active():
+                inner = getattr(self.module, "module", self.module)  # DDP: no reducer bookkeeping
+                devs = [torch.cuda.current_device()] if torch.cuda.is_available() else []
+                with torch.random.fork_rng(devices=devs):
+                    inner(*args, **kwargs)
+        return self.compiled(*args, **kwargs)
+
+    def __getattr__(self, name):
+        return getattr(self.__dict__["compiled"], name)

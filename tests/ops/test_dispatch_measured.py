@@ -1,0 +1,216 @@
+"""Measured dispatch (issue 12 item 5) on CPU, with an injected timer instead of CUDA events: the faster
+path is chosen, the choice is written to dispatch.json, reused, keyed by device/torch/triton/fastkd, the
+FASTKD_KERNELS override wins, a corrupt cache is ignored with one line, a signature's decision is stable,
+and a torch.compile trace reads the eager decision (``compile_step``)."""
+
+import json
+import os
+
+import pytest
+import torch
+
+from fastkd.ops import dispatch as KF
+from fastkd.ops import measure as M
+from fastkd.ops import reference as R
+
+
+@pytest.fixture
+def measured(tmp_path, monkeypatch):
+    """Measured mode on CPU: cache in tmp, timer = table of ms per path (counts its calls)."""
+    monkeypatch.setenv("FASTKD_CACHE_DIR", str(tmp_path))
+    monkeypatch.delenv("FASTKD_KERNELS", raising=False)
+    ms = {"triton": 1.0, "compiled": 2.0}
+    calls = []
+
+    def timer(path, run):
+        calls.append(path)
+        return ms[path]
+
+    monkeypatch.setattr(KF._S, "timer", timer)
+    monkeypatch.setattr(KF._S, "measure_devices", ("cuda", "cpu"))
+    KF.clear_decisions()
+    KF.set_fused(True)
+    yield {"ms": ms, "calls": calls, "file": tmp_path / "dispatch.json"}
+    KF.set_fused(False)
+    KF.clear_decisions()
+
+
+def _fake_kd():
+    """A dispatching kd_loss whose 'Triton' path is a marker (CPU has no kernels)."""
+
+    def kd_loss(s_logits, t_logits, T=4.0):
+        return (s_logits * 0).sum() + 123.0
+
+    return KF.fused(lambda s, t, *a, **k: (s, t))(kd_loss)
+
+
+def _logits(B=3, C=10, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(B, C, generator=g) * 3).requires_grad_(), torch.randn(B, C, generator=g) * 3
+
+
+def test_the_faster_path_is_chosen_and_written(measured):
+    fake = _fake_kd()
+    s, t = _logits()
+    assert float(fake(s, t).detach()) == 123.0  # triton 1 ms < compiled 2 ms
+    (key, rec), = KF.decisions().items()
+    assert rec["path"] == "triton" and rec["triton_ms"] == 1.0 and rec["compiled_ms"] == 2.0
+    assert key.startswith("kd_loss|noamp|float32:c:")
+    doc = json.loads(measured["file"].read_text())
+    (env, entries), = doc["entries"].items()
+    assert entries[key]["path"] == "triton" and entries[key]["compiled_ms"] == 2.0
+    # the other way round: a new signature (another width) where the compiled reference wins
+    measured["ms"].update(triton=5.0, compiled=2.0)
+    s2, t2 = _logits(C=12)
+    torch.testing.assert_close(fake(s2, t2), R.kd_loss(s2, t2), rtol=1e-5, atol=1e-7)
+    assert [r["path"] for r in KF.decisions().values()] == ["triton", "compiled"]
+
+
+def test_ties_go_to_the_compiled_reference(measured):
+    measured["ms"].update(triton=2.0, compiled=2.0)
+    s, t = _logits()
+    KF.kd_loss(s, t)
+    assert next(iter(KF.decisions().values()))["path"] == "compiled"
+
+
+def test_the_cache_is_reused_and_keyed(measured, monkeypatch):
+    fake = _fake_kd()
+    s, t = _logits()
+    fake(s, t)
+    n = len(measured["calls"])
+    assert n == 2 * M._REPS
+    KF.clear_decisions()  # a new run: the decision comes from dispatch.json, nothing is timed
+    assert float(fake(s, t).detach()) == 123.0
+    assert len(measured["calls"]) == n
+    assert next(iter(KF.decisions().values()))["source"] == "cache"
+    doc = json.loads(measured["file"].read_text())
+    (env,) = doc["entries"]
+    import triton
+
+    from fastkd import __version__
+
+    assert env == f"cpu|torch {torch.__version__}|triton {triton.__version__}|fastkd {__version__}"
+    # another GPU (or torch / triton / fastkd version) measures again, and both are kept
+    KF.clear_decisions()
+    monkeypatch.setattr(M, "_device_name", lambda dev: "NVIDIA Other")
+    fake(s, t)
+    assert len(measured["calls"]) == 2 * n
+    assert len(json.loads(measured["file"].read_text())["entries"]) == 2
+
+
+def test_a_signature_decides_once(measured):
+    """Same dtype / stride pattern / shape bucket → one measurement; a strided view is another signature."""
+    fake = _fake_kd()
+    s, t = _logits(B=3, C=10)
+    for _ in range(3):
+        fake(s, t)
+    s5, t5 = _logits(B=4, C=10)  # rows 3 and 4 share the bucket 4
+    fake(s5, t5)
+    assert len(KF.decisions()) == 1 and len(measured["calls"]) == 2 * M._REPS
+    wide = torch.randn(4, 20)
+    fake(s5, wide[:, :10])  # a strided teacher view
+    keys = list(KF.decisions())
+    assert len(keys) == 2 and ":v:" in keys[1] and ":v:" not in keys[0]
+    measured["ms"].update(triton=9.0)  # later timings never flip a made decision
+    fake(s, t)
+    assert next(iter(KF.decisions().values()))["path"] == "triton"
+
+
+@pytest.mark.parametrize("env, path", [("compiled", "compiled"), ("reference", "reference"),
+                                       ("0", "reference"), ("triton", "compiled")])
+def test_the_env_override_wins(measured, monkeypatch, env, path):
+    """FASTKD_KERNELS forces a path and nothing is measured (triton on CPU: no kernels → compiled)."""
+    monkeypatch.setenv("FASTKD_KERNELS", env)
+    KF.set_fused(True)
+    s, t = _logits()
+    assert KF.active_path(s, t) == path
+    torch.testing.assert_close(KF.kd_loss(s, t), R.kd_loss(s, t), rtol=1e-5, atol=1e-7)
+    assert measured["calls"] == [] and KF.decisions() == {}
+    assert KF.kernels_mode() == {"0": "reference"}.get(env, env)
+
+
+def test_auto_is_the_default_and_cpu_keeps_the_compiled_reference(monkeypatch, tmp_path):
+    monkeypatch.delenv("FASTKD_KERNELS", raising=False)
+    monkeypatch.setenv("FASTKD_CACHE_DIR", str(tmp_path))
+    KF.clear_decisions()
+    KF.set_fused(True)
+    try:
+        s, t = _logits()
+        assert KF.kernels_mode() == "auto"
+        assert KF.active_path(s, t) == "compiled"  # no timer: CPU is never measured
+        KF.kd_loss(s, t)
+        assert KF.decisions() == {} and not (tmp_path / "dispatch.json").exists()
+        assert "compiled reference" in KF.describe("cpu")
+    finally:
+        KF.set_fused(False)
+
+
+def test_a_corrupt_cache_is_ignored_with_one_line(measured, capsys):
+    measured["file"].write_text("{not json")
+    s, t = _logits()
+    KF.kd_loss(s, t)
+    err = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
+    assert len(err) == 1 and "ignoring the unreadable dispatch cache" in err[0], err
+    doc = json.loads(measured["file"].read_text())  # rewritten, valid
+    assert len(next(iter(doc["entries"].values()))) == 1
+
+
+def test_the_write_is_atomic(measured, monkeypatch):
+    """A failing write leaves the old file whole (written to a temp file, then renamed)."""
+    s, t = _logits()
+    KF.kd_loss(s, t)
+    before = measured["file"].read_text()
+    KF.clear_decisions()
+
+    def boom(*a, **k):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(os, "replace", boom)
+    s2, t2 = _logits(C=12)
+    KF.kd_loss(s2, t2)  # the run goes on; the decision is kept in memory
+    assert measured["file"].read_text() == before and len(KF.decisions()) == 1
+
+
+def test_describe_and_the_summary_record(measured):
+    fake = _fake_kd()
+    s, t = _logits()
+    fake(s, t)
+    line = KF.describe("cpu")
+    assert "\n" not in line
+    rec = KF.dispatch_record("cpu")
+    (op_rec,) = rec["ops"]["kd_loss"]
+    assert op_rec["path"] == "triton" and op_rec["triton_ms"] == 1.0 and op_rec["compiled_ms"] == 2.0
+    assert rec["mode"] == "auto" and rec["cache"] == str(measured["file"])
+    json.dumps(rec)
+
+
+def test_token_kd_is_measured_too(measured):
+    measured["ms"].update(triton=3.0, compiled=1.0)
+    g = torch.Generator().manual_seed(0)
+    st = torch.randn(2, 5, 8, generator=g).requires_grad_()
+    tt = torch.randn(2, 5, 12, generator=g)
+    w = torch.randn(12, 8, generator=g).requires_grad_()
+    out = KF.token_kd(st, tt, w, None)
+    ref = KF._token_kd_reference(st, tt, w, None, 1, 1, True, True)
+    torch.testing.assert_close(out.mimic, ref.mimic)
+    (key,) = KF.decisions()
+    assert key.startswith("token_kd|") and KF.decisions()[key]["path"] == "compiled"
+
+
+def test_a_compiled_step_reads_the_eager_decision(measured):
+    """compile_step measures eagerly on its first call; the fullgraph trace then takes that path. A
+    signature the trace meets with no decision takes the compiled reference and is listed as pending."""
+    fake = _fake_kd()
+
+    class Step(torch.nn.Module):
+        def forward(self, s, t):
+            return fake(s, t) * 2.0
+
+    step = KF.compile_step(Step(), fullgraph=True)
+    s, t = _logits()
+    assert float(step(s, t)) == 246.0  # triton (the marker) chosen eagerly, then traced
+    assert len(KF.decisions()) == 1 and KF.dispatch_record()["pending"] == []
+    bare = torch.compile(lambda a, b: fake(a, b) * 2.0, fullgraph=True)
+    s2, t2 = _logits(B=9, C=7)
+    torch.testing.assert_close(bare(s2, t2), 2.0 * R.kd_loss(s2, t2), rtol=1e-5, atol=1e-6)
+    assert len(KF.dispatch_record()["pending"]) == 1 and len(KF.decisions()) == 1
