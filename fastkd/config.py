@@ -214,7 +214,9 @@ def build_parser(description: str = "fastkd training") -> argparse.ArgumentParse
         for f in fields(sec):
             flag = "--" + f.name.replace("_", "-")
             typ = hints[f.name]
-            if typ is bool:
+            if typ is bool and f.name.startswith("no_"):  # --no-verify: a plain switch
+                g.add_argument(flag, dest=f.name, action="store_const", const=True, default=None)
+            elif typ is bool:
                 g.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None)
             else:
                 base = {int | None: int, float | None: float, str | None: str}.get(typ, typ)

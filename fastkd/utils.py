@@ -114,6 +114,7 @@ def save_state(directory: str | Path, state: dict, meta: dict) -> None:
     tmp = d / f".{name}.tmp"
     try:
         save_file(tensors, str(tmp))
+        os.chmod(tmp, umask_mode())  # safetensors creates 0600 files: follow the user's umask
         os.replace(tmp, d / name)
         doc = {"meta": meta, "tensors": name, "sha256": tensors_sha256(tensors), "tree": tree}
         atomic_write_json(d / "state.json", doc)

@@ -32,11 +32,22 @@ _BOOL = lambda v: isinstance(v, bool)  # noqa: E731
 _INTS = lambda hi: lambda v: isinstance(v, list) and len(v) <= 8 and all(_INT(1, hi)(x) for x in v)  # noqa: E731
 _TOP = {"num_classes": _INT(1, 1_000_000), "img_size": _INT(1, 4096), "in_chans": _INT(1, 64)}
 _OVERRIDES = {
-    "embed_dim": _INT(1, 16384), "depth": _INT(1, 256), "num_heads": _INT(1, 256), "patch_size": _INT(1, 1024),
-    "mlp_ratio": _NUM(0.1, 64), "class_token": _BOOL, "no_embed_class": _BOOL, "qkv_bias": _BOOL,
-    "reg_tokens": _INT(0, 64), "global_pool": lambda v: v in ("token", "avg", "max", "avgmax", "map", ""),
-    "drop_rate": _NUM(0, 0.99), "drop_path_rate": _NUM(0, 0.99), "stem_stride": _INT(1, 8),
-    "output_stride": lambda v: v in (8, 16, 32), "channels": _INTS(8192), "layers": _INTS(64),
+    "embed_dim": _INT(1, 16384),
+    "depth": _INT(1, 256),
+    "num_heads": _INT(1, 256),
+    "patch_size": _INT(1, 1024),
+    "mlp_ratio": _NUM(0.1, 64),
+    "class_token": _BOOL,
+    "no_embed_class": _BOOL,
+    "qkv_bias": _BOOL,
+    "reg_tokens": _INT(0, 64),
+    "global_pool": lambda v: v in ("token", "avg", "max", "avgmax", "map", ""),
+    "drop_rate": _NUM(0, 0.99),
+    "drop_path_rate": _NUM(0, 0.99),
+    "stem_stride": _INT(1, 8),
+    "output_stride": lambda v: v in (8, 16, 32),
+    "channels": _INTS(8192),
+    "layers": _INTS(64),
 }
 _MAX_PARAMS = 4_000_000_000
 
@@ -59,8 +70,10 @@ def check_record(record: dict, path: str) -> None:
         raise ValueError(f"{path!r}: metadata overrides must be an object; re-save it")
     for k, v in ov.items():
         if k not in _OVERRIDES:
-            raise ValueError(f"{path!r}: metadata override {str(k)[:40]!r} is not an allowed architecture key "
-                             f"({', '.join(sorted(_OVERRIDES))}); re-save it with fastkd")
+            raise ValueError(
+                f"{path!r}: metadata override {str(k)[:40]!r} is not an allowed architecture key "
+                f"({', '.join(sorted(_OVERRIDES))}); re-save it with fastkd"
+            )
         if not _OVERRIDES[k](v):
             raise ValueError(f"{path!r}: metadata override {k}={str(v)[:40]} is out of range; re-save it")
 
@@ -71,13 +84,20 @@ def _check_sizes(record: dict, path: str) -> None:
     from safetensors import safe_open
 
     with torch.device("meta"):
-        meta_model = create_model(record["name"], num_classes=record["num_classes"],
-                                  img_size=record["img_size"], in_chans=record["in_chans"], **record["overrides"])
+        meta_model = create_model(
+            record["name"],
+            num_classes=record["num_classes"],
+            img_size=record["img_size"],
+            in_chans=record["in_chans"],
+            **record["overrides"],
+        )
     want = {k: tuple(v.shape) for k, v in meta_model.state_dict().items()}
     n = sum(math.prod(s) for s in want.values())
     if n > _MAX_PARAMS:
-        raise ValueError(f"{path!r}: its metadata describes a model of {n:,} values (> {_MAX_PARAMS:,}); "
-                         "refusing to build it")
+        raise ValueError(
+            f"{path!r}: its metadata describes a model of {n:,} values (> {_MAX_PARAMS:,}); "
+            "refusing to build it"
+        )
     with safe_open(path, framework="pt") as f:
         for k in f.keys():
             got = tuple(f.get_slice(k).get_shape())
@@ -116,8 +136,12 @@ def save_model(model: nn.Module, path: str | os.PathLike, meta: dict | None = No
             f"cannot save {type(model).__name__}: architecture unknown (missing {missing}); build it with "
             f"fastkd.models.create_model or pass them in meta"
         )
-    record = {**meta, **{k: arch[k] for k in _ARCH_FIELDS}, "format": _FORMAT,
-              "tensors_sha256": tensors_sha256(model.state_dict())}
+    record = {
+        **meta,
+        **{k: arch[k] for k in _ARCH_FIELDS},
+        "format": _FORMAT,
+        "tensors_sha256": tensors_sha256(model.state_dict()),
+    }
     try:
         text = json.dumps(record, sort_keys=True)
     except TypeError as e:

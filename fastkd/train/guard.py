@@ -15,10 +15,22 @@ __all__ = ["RESUMABLE", "resume_changes", "validate"]
 
 #: fields a --resume may change (how the run is watched and where it runs, not what it computes);
 #: "epochs" extends or shortens the schedule. Anything else is a different run.
-RESUMABLE = frozenset({
-    "epochs", "log_every", "eval_every", "ckpt_every", "device", "quiet", "tensorboard", "resume",
-    "overwrite", "no_verify", "out", "workdir",
-})
+RESUMABLE = frozenset(
+    {
+        "epochs",
+        "log_every",
+        "eval_every",
+        "ckpt_every",
+        "device",
+        "quiet",
+        "tensorboard",
+        "resume",
+        "overwrite",
+        "no_verify",
+        "out",
+        "workdir",
+    }
+)
 #: fields a --resume after a non-finite stop may change too (the fix the stop message suggests)
 AFTER_NON_FINITE = frozenset({"lr", "min_lr", "grad_clip", "data"})
 
@@ -95,7 +107,8 @@ def validate(cfg: TrainConfig) -> None:
         above = hi is not None and (v > hi or (v == hi and not hi_in))
         if below or above:
             rng = (
-                f"{'≥' if lo_in else '>'} {lo}" if hi is None
+                f"{'≥' if lo_in else '>'} {lo}"
+                if hi is None
                 else f"in {'[' if lo_in else '('}{lo}, {hi}{']' if hi_in else ')'}"
             )
             bad.append(f"{_flag(name)} {v} (must be {rng})")
@@ -112,13 +125,21 @@ def validate(cfg: TrainConfig) -> None:
             "drop the shape flags"
         )
     if getattr(cfg.run, "overwrite", False) and cfg.run.resume:
-        raise ValueError("--overwrite and --resume conflict: --resume continues a run, --overwrite starts over")
+        raise ValueError(
+            "--overwrite and --resume conflict: --resume continues a run, --overwrite starts over"
+        )
 
 
-def resume_changes(stored: dict, cfg: TrainConfig, *, non_finite: bool = False) -> tuple[list[str], list[str]]:
+def resume_changes(
+    stored: dict, cfg: TrainConfig, *, non_finite: bool = False
+) -> tuple[list[str], list[str]]:
     """(allowed changes, refused changes) between a run's stored config.json and ``cfg``, as field names."""
-    old = {k: v for name, sec in stored.items() if isinstance(sec, dict) and name != "history"
-           for k, v in sec.items()}
+    old = {
+        k: v
+        for name, sec in stored.items()
+        if isinstance(sec, dict) and name != "history"
+        for k, v in sec.items()
+    }
     new = _flat(cfg)
     allowed = RESUMABLE | (AFTER_NON_FINITE if non_finite else frozenset())
     ok, refused = [], []

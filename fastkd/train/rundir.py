@@ -22,8 +22,16 @@ from fastkd.utils import atomic_write_json
 
 __all__ = ["NON_FINITE", "RUN_FILES", "data_tag", "default_out", "prepare_run_dir", "write_config"]
 
-RUN_FILES = ("config.json", "metrics.jsonl", "summary.json", "student.safetensors", "loss_modules.safetensors",
-             "report.png", "checkpoint", "tb")
+RUN_FILES = (
+    "config.json",
+    "metrics.jsonl",
+    "summary.json",
+    "student.safetensors",
+    "loss_modules.safetensors",
+    "report.png",
+    "checkpoint",
+    "tb",
+)
 NON_FINITE = "nonfinite.json"  # in checkpoint/: written when training stops on a non-finite value
 
 
@@ -75,8 +83,10 @@ def prepare_run_dir(cfg: TrainConfig, out: Path, *, main: bool = True, log=print
     stored = _read(out / "config.json")
     if stored is None:
         if (out / "checkpoint").exists():
-            raise ValueError(f"--resume: {out}/config.json is missing or unreadable, so the checkpoint's "
-                             "settings are unknown; start a new run with another --out")
+            raise ValueError(
+                f"--resume: {out}/config.json is missing or unreadable, so the checkpoint's "
+                "settings are unknown; start a new run with another --out"
+            )
         return None
     bad_stop = _read(out / "checkpoint" / NON_FINITE)
     ok, refused = resume_changes(stored, cfg, non_finite=bad_stop is not None)
@@ -90,7 +100,9 @@ def prepare_run_dir(cfg: TrainConfig, out: Path, *, main: bool = True, log=print
         )
     if bad_stop is not None:
         same_lr = cfg.optim.lr == bad_stop.get("lr")
-        same_data = cfg.data.data == bad_stop.get("data") and data_tag(cfg.data.data) == bad_stop.get("data_tag")
+        same_data = cfg.data.data == bad_stop.get("data") and data_tag(cfg.data.data) == bad_stop.get(
+            "data_tag"
+        )
         if same_lr and same_data:
             raise ValueError(
                 f"--resume: {out} stopped on a non-finite value at step {bad_stop.get('step')}; resuming the "
@@ -117,7 +129,13 @@ def write_config(out: Path, cfg: TrainConfig, event: dict | None = None) -> None
 
 def record_non_finite(ckpt_dir: Path, cfg: TrainConfig, step: int, checkpoint_step: int | None) -> None:
     """Mark the run as stopped on a non-finite value (what a later --resume must change)."""
-    atomic_write_json(Path(ckpt_dir) / NON_FINITE, {
-        "step": step, "checkpoint_step": checkpoint_step, "lr": cfg.optim.lr, "data": cfg.data.data,
-        "data_tag": data_tag(cfg.data.data),
-    })
+    atomic_write_json(
+        Path(ckpt_dir) / NON_FINITE,
+        {
+            "step": step,
+            "checkpoint_step": checkpoint_step,
+            "lr": cfg.optim.lr,
+            "data": cfg.data.data,
+            "data_tag": data_tag(cfg.data.data),
+        },
+    )
