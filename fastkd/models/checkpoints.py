@@ -103,8 +103,9 @@ def _check_sizes(record: dict, path: str) -> None:
             got = tuple(f.get_slice(k).get_shape())
             if want.get(k) != got:
                 raise ValueError(
-                    f"{path!r}: tensor {k} {list(got)} does not fit its recorded architecture {record['name']} "
-                    f"({list(want[k]) if k in want else 'no such tensor'}); the file is inconsistent, re-save it"
+                    f"{path!r}: tensor {k} {list(got)} does not fit its recorded architecture "
+                    f"{record['name']} ({list(want[k]) if k in want else 'no such tensor'}); the file is "
+                    "inconsistent, re-save it"
                 )
 
 

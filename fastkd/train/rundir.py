@@ -105,9 +105,10 @@ def prepare_run_dir(cfg: TrainConfig, out: Path, *, main: bool = True, log=print
         )
         if same_lr and same_data:
             raise ValueError(
-                f"--resume: {out} stopped on a non-finite value at step {bad_stop.get('step')}; resuming the "
-                f"step-{bad_stop.get('checkpoint_step')} checkpoint with the same --lr {cfg.optim.lr:g} and data "
-                f"would repeat it; lower --lr (e.g. --lr {cfg.optim.lr / 10:g}) or fix the data, then --resume"
+                f"--resume: {out} stopped on a non-finite value at step {bad_stop.get('step')}; resuming "
+                f"the step-{bad_stop.get('checkpoint_step')} checkpoint with the same --lr {cfg.optim.lr:g} "
+                f"and data would repeat it; lower --lr (e.g. --lr {cfg.optim.lr / 10:g}) or fix the data, "
+                "then --resume"
             )
     event = {"event": "resume", "changed": {k: [old[k], new[k]] for k in ok if k not in ("resume",)}}
     if bad_stop is not None:

@@ -419,7 +419,10 @@ def test_disk_full_from_safetensors_error_type(tmp_path, capsys, monkeypatch):
 
     import fastkd.utils
 
-    msg = 'Error while serializing: IoError(Os { code: 28, kind: StorageFull, message: "No space left on device" })'
+    msg = (
+        "Error while serializing: "
+        'IoError(Os { code: 28, kind: StorageFull, message: "No space left on device" })'
+    )
     real = fastkd.utils.save_file
     n = {"calls": 0}
 
