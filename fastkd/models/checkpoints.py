@@ -48,6 +48,10 @@ _OVERRIDES = {
     "output_stride": lambda v: v in (8, 16, 32),
     "channels": _INTS(8192),
     "layers": _INTS(64),
+    "depths": _INTS(256),  # timm hierarchical models (ConvNeXt, Swin, …)
+    "dims": _INTS(16384),
+    "embed_dims": _INTS(16384),
+    "head_hidden_size": _INT(1, 16384),
 }
 _MAX_PARAMS = 4_000_000_000
 
