@@ -7,11 +7,12 @@ import torch
 __all__ = ["all_finite", "total_norm"]
 
 
-def total_norm(tensors: list[torch.Tensor]) -> torch.Tensor:
-    """2-norm over tensors, on device (no sync): non-finite iff any element is."""
+def total_norm(tensors: list[torch.Tensor], device: torch.device) -> torch.Tensor:
+    """2-norm over tensors, on device (no sync): non-finite iff any element is (0 for no tensors)."""
     if not tensors:
-        return torch.zeros(())
-    return torch.linalg.vector_norm(torch.stack(torch._foreach_norm([t.detach() for t in tensors])).float())
+        return torch.zeros((), device=device)
+    norms = torch._foreach_norm([t.detach() for t in tensors])
+    return torch.linalg.vector_norm(torch.stack([n.float().to(device) for n in norms]))
 
 
 def all_finite(state) -> bool:

@@ -186,8 +186,8 @@ class Trainer:
         parameters went non-finite (no sync: norms are device tensors, compared on device)."""
         names = list(terms) + ["grad_norm"] * ("grad_norm" not in terms) + ["params"]
         grads = [p.grad for p in self._params if p.grad is not None]
-        extra = [] if "grad_norm" in terms else [_total_norm(grads)]
-        extra.append(_total_norm(self._params))
+        extra = [] if "grad_norm" in terms else [_total_norm(grads, self.device)]
+        extra.append(_total_norm(self._params, self.device))
         vals = torch.stack([v.detach().float().reshape(()) for v in [*terms.values(), *extra]])
         bad_now = ~torch.isfinite(vals)
         if self._bad is None or self._bad.numel() != vals.numel():
