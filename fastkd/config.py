@@ -11,6 +11,7 @@ import argparse
 import dataclasses
 import difflib
 import json
+import os
 from dataclasses import dataclass, field, fields
 from typing import Any, get_type_hints
 
@@ -96,6 +97,8 @@ class RunConfig:
     amp: bool = True  # bf16 autocast on CUDA (ignored on CPU)
     fused: bool = False
     resume: bool = False
+    overwrite: bool = False  # replace a non-empty --out (its checkpoint too) instead of refusing
+    no_verify: bool = False  # skip the sha256 check of checkpoints on load
     teacher_cache: str | None = None
     tensorboard: bool = False
     log_every: int = 20
@@ -120,12 +123,49 @@ class TrainConfig:
         return parse_methods(self.method.method)
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
+    def from_dict(cls, d: dict[str, Any], where: str = "config") -> TrainConfig:
+        """Strict: an unknown section or field, or a value of the wrong type, is one line with a hint."""
         cfg = cls()
-        for sec in fields(cls):
-            for k, v in d.get(sec.name, {}).items():
-                setattr(getattr(cfg, sec.name), k, v)
+        names = [s.name for s in fields(cls)]
+        if not isinstance(d, dict):
+            raise ValueError(f"{where}: expected a JSON object with sections {names}")
+        for key, sec_d in d.items():
+            if key == "history":  # resume events recorded by fastkd.train
+                continue
+            if key not in names or not isinstance(sec_d, dict):
+                raise ValueError(f"{where}: unknown section {key!r}{_hint(key, names)}; sections: {names}")
+            sec = getattr(cfg, key)
+            hints = get_type_hints(type(sec))
+            for k, v in sec_d.items():
+                if k not in hints:
+                    raise ValueError(f"{where}: unknown field {key}.{k!r}{_hint(k, list(hints))}")
+                if not _type_ok(v, hints[k]):
+                    raise ValueError(f"{where}: {key}.{k} = {v!r} is not {_tname(hints[k])}; fix the value")
+                setattr(sec, k, float(v) if hints[k] in (float, float | None) and v is not None else v)
         return cfg
+
+
+def _hint(name: str, choices: list[str]) -> str:
+    close = difflib.get_close_matches(name, choices, n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def _tname(t) -> str:
+    return getattr(t, "__name__", str(t))
+
+
+def _type_ok(v: Any, t) -> bool:
+    if v is None:
+        return t in (int | None, float | None, str | None)
+    if t in (bool,):
+        return isinstance(v, bool)
+    if t in (int, int | None):
+        return isinstance(v, int) and not isinstance(v, bool)
+    if t in (float, float | None):
+        return isinstance(v, (int, float)) and not isinstance(v, bool)
+    if t in (str, str | None):
+        return isinstance(v, str)
+    return True
 
 
 # Presets: the releases' totals. Each preset says its total in the help text.
@@ -174,7 +214,9 @@ def build_parser(description: str = "fastkd training") -> argparse.ArgumentParse
         for f in fields(sec):
             flag = "--" + f.name.replace("_", "-")
             typ = hints[f.name]
-            if typ is bool:
+            if typ is bool and f.name.startswith("no_"):  # --no-verify: a plain switch
+                g.add_argument(flag, dest=f.name, action="store_const", const=True, default=None)
+            elif typ is bool:
                 g.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None)
             else:
                 base = {int | None: int, float | None: float, str | None: str}.get(typ, typ)
@@ -192,9 +234,11 @@ def config_from_args(
     """``defaults`` (without --config) or the --config file, then --preset, then explicit flags.
     Names in ``skip`` are the command's own options, not config fields."""
     cfg = TrainConfig()
+    stored = os.path.join(getattr(args, "out", None) or "", "config.json")
     if args.config:
-        with open(args.config) as fh:
-            cfg = TrainConfig.from_dict(json.load(fh))
+        cfg = load_config(args.config)
+    elif getattr(args, "resume", None) and getattr(args, "out", None) and os.path.isfile(stored):
+        cfg = load_config(stored)  # --resume --out X: X's own config, then the explicit flags
     elif defaults:
         apply_overrides(cfg, defaults)
     overrides: dict[str, Any] = {}
@@ -205,6 +249,15 @@ def config_from_args(
     apply_overrides(cfg, overrides)
     parse_methods(cfg.method.method)  # validate early: one clear line
     return cfg
+
+
+def load_config(path: str) -> TrainConfig:
+    try:
+        with open(path) as fh:
+            d = json.load(fh)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"--config {path}: not valid JSON ({e}); fix or regenerate it") from None
+    return TrainConfig.from_dict(d, where=f"--config {path}")
 
 
 def apply_overrides(cfg: TrainConfig, overrides: dict[str, Any]) -> TrainConfig:

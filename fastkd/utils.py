@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import errno
+import hashlib
 import json
 import os
 import tempfile
@@ -10,6 +12,22 @@ from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
+
+
+def umask_mode() -> int:
+    """0o666 & ~umask: the mode an ordinary open() would give a new file (mkstemp gives 0600)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
+def disk_full(e: BaseException) -> bool:
+    """True for ENOSPC, as an OSError or as safetensors' own error type (its message carries the OS error)."""
+    if isinstance(e, OSError):
+        return e.errno == errno.ENOSPC
+    msg = str(e)
+    return type(e).__name__ == "SafetensorError" and ("code: 28" in msg or "No space left" in msg
+                                                       or "StorageFull" in msg)
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
@@ -21,6 +39,7 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
             fh.write(data)
             fh.flush()
             os.fsync(fh.fileno())
+        os.chmod(tmp, umask_mode())  # mkstemp made it 0600: outputs follow the user's umask
         os.replace(tmp, path)
     except BaseException:
         with _suppress():
@@ -95,8 +114,10 @@ def save_state(directory: str | Path, state: dict, meta: dict) -> None:
     tmp = d / f".{name}.tmp"
     try:
         save_file(tensors, str(tmp))
+        os.chmod(tmp, umask_mode())  # safetensors creates 0600 files: follow the user's umask
         os.replace(tmp, d / name)
-        atomic_write_json(d / "state.json", {"meta": meta, "tensors": name, "tree": tree})
+        doc = {"meta": meta, "tensors": name, "sha256": tensors_sha256(tensors), "tree": tree}
+        atomic_write_json(d / "state.json", doc)
     except BaseException:  # e.g. ENOSPC: no partial or orphaned file; the previous checkpoint stays
         with _suppress():
             tmp.unlink()
@@ -109,7 +130,29 @@ def save_state(directory: str | Path, state: dict, meta: dict) -> None:
             (d / old).unlink()
 
 
-def load_state(directory: str | Path, map_location: str | torch.device = "cpu") -> tuple[dict, dict]:
+def tensors_sha256(tensors: dict[str, torch.Tensor]) -> str:
+    """sha256 over (name, dtype, shape, bytes) of every tensor, in name order: what a checkpoint holds."""
+    h = hashlib.sha256()
+    for k in sorted(tensors):
+        t = tensors[k].detach().cpu().contiguous()
+        h.update(f"{k}|{t.dtype}|{tuple(t.shape)}|".encode())
+        if t.numel():
+            h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def check_sha256(tensors: dict[str, torch.Tensor], want: str | None, where: str) -> None:
+    """ValueError (one line) if the tensors do not hash to the recorded sha256 (None: nothing recorded)."""
+    if want is not None and tensors_sha256(tensors) != want:
+        raise ValueError(
+            f"{where}: the tensors do not match their recorded sha256 (corrupted or altered file); "
+            "restore it, or pass --no-verify to load it anyway"
+        )
+
+
+def load_state(
+    directory: str | Path, map_location: str | torch.device = "cpu", *, verify: bool = True
+) -> tuple[dict, dict]:
     d = Path(directory)
     try:
         doc = json.loads((d / "state.json").read_text())
@@ -125,4 +168,6 @@ def load_state(directory: str | Path, map_location: str | torch.device = "cpu") 
     if not tfile.exists():
         raise ValueError(f"checkpoint {d} is incomplete: {tfile.name} is missing; remove {d} and start again")
     tensors = load_file(str(tfile), device=str(map_location))
+    if verify:
+        check_sha256(tensors, doc.get("sha256"), f"checkpoint {tfile}")
     return _unflatten(doc["tree"], tensors), doc["meta"]

@@ -8,6 +8,7 @@ from fastkd.cache.build import build_cache
 from fastkd.cache.format import DEFAULT_MAX_GB, DEFAULT_TOPK, CacheError
 from fastkd.cache.verify import verify_cache
 from fastkd.config import build_parser, config_from_args
+from fastkd.train.guard import validate
 
 _CACHE_ARGS = ("views", "logits", "topk", "feat_dtype", "max_gb", "shard_size", "cache_batch_size", "verify",
                "worker", "verify_tol")
@@ -58,6 +59,7 @@ def main(argv: list[str] | None = None) -> int:
             raise CacheError("give the cache directory with --out DIR")
         log = (lambda *a: None) if cfg.run.quiet else print
         if not o["verify_only"]:
+            validate(cfg)  # every flag in range before the teacher runs
             build_cache(
                 cfg, cfg.run.out, views=o["views"], logits=o["logits"], topk=o["topk"],
                 feat_dtype=o["feat_dtype"], max_gb=o["max_gb"], shard_size=o["shard_size"],

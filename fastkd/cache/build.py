@@ -4,8 +4,10 @@ The format is described in ``fastkd.cache.format``."""
 from __future__ import annotations
 
 import dataclasses
+import errno
 import json
 import os
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -49,7 +51,7 @@ from fastkd.train.setup import (
     seed_everything,
 )
 from fastkd.train.trainer import evaluate
-from fastkd.utils import atomic_write_json
+from fastkd.utils import atomic_write_json, umask_mode
 
 
 # ------------------------------------------------------------------------------------------------- build
@@ -88,22 +90,63 @@ def _write_shard(out: Path, shard: dict, fields: dict, fill) -> dict:
     """Fill one shard's arrays via ``fill(arrays)`` in temp files, fsync, hash, rename; return its files."""
     n = shard["stop"] - shard["start"]
     tmps, arrays = {}, {}
-    for f, spec in fields.items():
-        tmp = out / f".{shard['name']}.{f}.npy.tmp"
-        tmps[f] = tmp
-        arrays[f] = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.dtype(spec["dtype"]),
-                                              shape=(n, *spec["shape"]))
-    fill(arrays)
-    files = {}
-    for f in fields:
-        arrays[f].flush()
-        with open(tmps[f], "rb+") as fh:
-            os.fsync(fh.fileno())
-        final = out / f"{shard['name']}.{f}.npy"
-        files[f] = {"file": final.name, "sha256": file_sha256(tmps[f]), "bytes": os.path.getsize(tmps[f])}
-        os.replace(tmps[f], final)
+    try:
+        for f, spec in fields.items():
+            tmp = out / f".{shard['name']}.{f}.npy.tmp"
+            tmps[f] = tmp
+            arrays[f] = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.dtype(spec["dtype"]),
+                                                  shape=(n, *spec["shape"]))
+            _reserve(tmp)  # a sparse mmap on a full disk dies with SIGBUS: claim the blocks first
+        fill(arrays)
+        files = {}
+        for f in fields:
+            arrays[f].flush()
+            with open(tmps[f], "rb+") as fh:
+                os.fsync(fh.fileno())
+            final = out / f"{shard['name']}.{f}.npy"
+            files[f] = {"file": final.name, "sha256": file_sha256(tmps[f]), "bytes": os.path.getsize(tmps[f])}
+            os.chmod(tmps[f], umask_mode())
+            os.replace(tmps[f], final)
+    except OSError as e:
+        arrays.clear()
+        for t in tmps.values():
+            t.unlink(missing_ok=True)
+        if e.errno == errno.ENOSPC:
+            raise CacheError(
+                f"disk full writing {shard['name']} in {out}; nothing partial was kept — free space and "
+                "rerun the same command to continue"
+            ) from None
+        raise
     arrays.clear()
     return files
+
+
+def _reserve(path: Path) -> None:
+    """Allocate every block of ``path`` now (ENOSPC as an OSError here, not SIGBUS in the mmap later)."""
+    fd = os.open(path, os.O_RDWR)
+    try:
+        os.posix_fallocate(fd, 0, os.fstat(fd).st_size)
+    except OSError as e:
+        if e.errno == errno.ENOSPC:
+            raise
+        # a filesystem without fallocate: leave the file sparse (the free-space check still ran)
+    except AttributeError:  # no posix_fallocate on this OS
+        pass
+    finally:
+        os.close(fd)
+
+
+def check_free_space(out: Path, need: int) -> None:
+    """One line before anything is written when ``out``'s filesystem has less room than ``need`` bytes."""
+    where = out
+    while not where.exists() and where != where.parent:
+        where = where.parent
+    free = shutil.disk_usage(where).free
+    if need > free:
+        raise CacheError(
+            f"not enough disk space for the cache in {out}: {_fmt_bytes(need)} to write, {_fmt_bytes(free)} "
+            "free; free space, use another --out, or shrink the cache (--views, --topk, --feat-dtype)"
+        )
 
 
 def _shard_done(out: Path, shard: dict) -> dict | None:
@@ -226,6 +269,8 @@ def build_cache(
         "config": jsonable(cfg.to_dict()),
         "complete": False,
     }
+    have = sum(p.stat().st_size for p in out.glob("*.npy")) if out.is_dir() else 0
+    check_free_space(out, total - have)  # before anything is written: nothing partial on a small disk
     out.mkdir(parents=True, exist_ok=True)
     if (out / MANIFEST).is_file():
         old = read_manifest(out, complete=False)

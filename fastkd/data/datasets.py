@@ -129,6 +129,22 @@ def _check_img_size(img_size: int | None) -> None:
         raise ValueError(f"img_size={img_size!r}: use a positive int (square side in pixels) or None")
 
 
+def _check_labels(spec: str, y_train: np.ndarray, y_val: np.ndarray, class_names: list[str]) -> None:
+    """The same rules for .npz and ImageFolder: ≥ 2 classes (error); a val class with no training image,
+    or classes with no training image at all: one warning line."""
+    if len(class_names) < 2:
+        raise ValueError(f"--data {spec}: only one class ({class_names[0]!r}); a classifier needs at least 2")
+    seen = set(np.unique(y_train).tolist())
+    unseen = sorted(set(np.unique(y_val).tolist()) - seen)
+    empty = [class_names[i] for i in range(len(class_names)) if i not in seen]
+    if unseen:  # the model cannot learn them: val top-1 is capped
+        names = ", ".join(repr(class_names[i]) for i in unseen[:5])
+        _notice(f"warning: {spec}: val class(es) {names} have no training image (val top-1 is capped); "
+                "give them training images or drop them from val")
+    elif empty:
+        _notice(f"warning: {spec}: {len(empty)} class(es) have no training image ({', '.join(empty[:5])})")
+
+
 def _finish(
     name: str,
     x_train: torch.Tensor,
@@ -282,6 +298,7 @@ def _load_npz(path: str, img_size: int | None) -> Dataset:
     else:
         num_classes = top + 1
         class_names = [str(i) for i in range(num_classes)]
+    _check_labels(spec, ytr, yva, class_names)
     x_train = torch.from_numpy(np.ascontiguousarray(xtr)).permute(0, 3, 1, 2)
     x_val = torch.from_numpy(np.ascontiguousarray(xva)).permute(0, 3, 1, 2)
     h, w = x_train.shape[2], x_train.shape[3]
@@ -305,9 +322,24 @@ def _list_split(root: str, split: str, spec: str) -> tuple[list[str], list[tuple
     sdir = os.path.join(root, split)
     classes = sorted(e.name for e in os.scandir(sdir) if e.is_dir() and not e.name.startswith("."))
     files: list[tuple[str, str]] = []
+    # the rule of fastkd.data.stream's scanner: symlinks are followed, but never into a directory already
+    # visited (a cycle) nor from one class into the split or another class (no image under a wrong class)
+    ident = lambda d: (os.stat(d).st_dev, os.stat(d).st_ino)  # noqa: E731
+    reserved = {ident(sdir)} | {ident(os.path.join(sdir, c)) for c in classes}
+    visited: set[tuple[int, int]] = set()
     for c in classes:
         for dirpath, dirnames, filenames in os.walk(os.path.join(sdir, c), followlinks=True):
-            dirnames.sort()
+            visited.add(ident(dirpath))
+            keep = []
+            for dn in sorted(dirnames):
+                try:
+                    i = ident(os.path.join(dirpath, dn))
+                except OSError:
+                    continue
+                if i not in visited and i not in reserved:
+                    visited.add(i)
+                    keep.append(dn)
+            dirnames[:] = keep
             for f in sorted(filenames):
                 if f.lower().endswith(IMG_EXTENSIONS) and not f.startswith("."):
                     files.append((os.path.join(dirpath, f), c))
@@ -350,6 +382,8 @@ def _load_folder(root: str, img_size: int | None) -> Dataset:
         )
     classes = sorted(set(tr_classes) | set(va_classes))
     index = {c: i for i, c in enumerate(classes)}
+    _check_labels(spec, np.array([index[c] for _, c in tr_files]), np.array([index[c] for _, c in va_files]),
+                  classes)
     all_files = tr_files + va_files
 
     modes: set[str] = set()

@@ -4,13 +4,16 @@
 from __future__ import annotations
 
 import json
+import math
 import os
+import re
 import tempfile
 
 import torch
 from torch import nn
 
 from fastkd.models.zoo import create_model
+from fastkd.utils import check_sha256, tensors_sha256, umask_mode
 
 _ARCH_KEY = "fastkd"  # safetensors metadata key holding the JSON record
 _FORMAT = 1
@@ -20,6 +23,94 @@ _FORMAT = 1
 # --------------------------------------------------------------------------------------------------
 
 _ARCH_FIELDS = ("name", "num_classes", "img_size", "in_chans", "overrides")
+_VERIFY = [True]  # sha256 check on load (``--no-verify`` turns it off for the process)
+
+# untrusted metadata: the only architecture keys a checkpoint may carry, each with its value check
+_INT = lambda lo, hi: lambda v: isinstance(v, int) and not isinstance(v, bool) and lo <= v <= hi  # noqa: E731
+_NUM = lambda lo, hi: lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and lo <= v <= hi  # noqa: E731
+_BOOL = lambda v: isinstance(v, bool)  # noqa: E731
+_INTS = lambda hi: lambda v: isinstance(v, list) and len(v) <= 8 and all(_INT(1, hi)(x) for x in v)  # noqa: E731
+_TOP = {"num_classes": _INT(1, 1_000_000), "img_size": _INT(1, 4096), "in_chans": _INT(1, 64)}
+_OVERRIDES = {
+    "embed_dim": _INT(1, 16384),
+    "depth": _INT(1, 256),
+    "num_heads": _INT(1, 256),
+    "patch_size": _INT(1, 1024),
+    "mlp_ratio": _NUM(0.1, 64),
+    "class_token": _BOOL,
+    "no_embed_class": _BOOL,
+    "qkv_bias": _BOOL,
+    "reg_tokens": _INT(0, 64),
+    "global_pool": lambda v: v in ("token", "avg", "max", "avgmax", "map", ""),
+    "drop_rate": _NUM(0, 0.99),
+    "drop_path_rate": _NUM(0, 0.99),
+    "stem_stride": _INT(1, 8),
+    "output_stride": lambda v: v in (8, 16, 32),
+    "channels": _INTS(8192),
+    "layers": _INTS(64),
+    "depths": _INTS(256),  # timm hierarchical models (ConvNeXt, Swin, …)
+    "dims": _INTS(16384),
+    "embed_dims": _INTS(16384),
+    "head_hidden_size": _INT(1, 16384),
+}
+_MAX_PARAMS = 4_000_000_000
+
+
+def set_verify(on: bool) -> None:
+    """Verify checkpoints' sha256 on load (default) or not (``--no-verify``)."""
+    _VERIFY[0] = bool(on)
+
+
+def check_record(record: dict, path: str) -> None:
+    """The architecture record against the allow-list: known keys, sane values (one line otherwise)."""
+    name = record.get("name")
+    if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9_.]{1,100}", name):
+        raise ValueError(f"{path!r}: metadata names an invalid architecture {str(name)[:60]!r}; re-save it")
+    for k, ok in _TOP.items():
+        if not ok(record.get(k)):
+            raise ValueError(f"{path!r}: metadata {k}={str(record.get(k))[:40]} is out of range; re-save it")
+    ov = record.get("overrides")
+    if not isinstance(ov, dict):
+        raise ValueError(f"{path!r}: metadata overrides must be an object; re-save it")
+    for k, v in ov.items():
+        if k not in _OVERRIDES:
+            raise ValueError(
+                f"{path!r}: metadata override {str(k)[:40]!r} is not an allowed architecture key "
+                f"({', '.join(sorted(_OVERRIDES))}); re-save it with fastkd"
+            )
+        if not _OVERRIDES[k](v):
+            raise ValueError(f"{path!r}: metadata override {k}={str(v)[:40]} is out of range; re-save it")
+
+
+def _check_sizes(record: dict, path: str) -> None:
+    """Build the architecture on the meta device (no memory) and compare every tensor's shape with the
+    file's header before the real model is allocated."""
+    from safetensors import safe_open
+
+    with torch.device("meta"):
+        meta_model = create_model(
+            record["name"],
+            num_classes=record["num_classes"],
+            img_size=record["img_size"],
+            in_chans=record["in_chans"],
+            **record["overrides"],
+        )
+    want = {k: tuple(v.shape) for k, v in meta_model.state_dict().items()}
+    n = sum(math.prod(s) for s in want.values())
+    if n > _MAX_PARAMS:
+        raise ValueError(
+            f"{path!r}: its metadata describes a model of {n:,} values (> {_MAX_PARAMS:,}); "
+            "refusing to build it"
+        )
+    with safe_open(path, framework="pt") as f:
+        for k in f.keys():
+            got = tuple(f.get_slice(k).get_shape())
+            if want.get(k) != got:
+                raise ValueError(
+                    f"{path!r}: tensor {k} {list(got)} does not fit its recorded architecture "
+                    f"{record['name']} ({list(want[k]) if k in want else 'no such tensor'}); the file is "
+                    "inconsistent, re-save it"
+                )
 
 
 def save_model(model: nn.Module, path: str | os.PathLike, meta: dict | None = None) -> None:
@@ -50,7 +141,12 @@ def save_model(model: nn.Module, path: str | os.PathLike, meta: dict | None = No
             f"cannot save {type(model).__name__}: architecture unknown (missing {missing}); build it with "
             f"fastkd.models.create_model or pass them in meta"
         )
-    record = {**meta, **{k: arch[k] for k in _ARCH_FIELDS}, "format": _FORMAT}
+    record = {
+        **meta,
+        **{k: arch[k] for k in _ARCH_FIELDS},
+        "format": _FORMAT,
+        "tensors_sha256": tensors_sha256(model.state_dict()),
+    }
     try:
         text = json.dumps(record, sort_keys=True)
     except TypeError as e:
@@ -61,6 +157,7 @@ def save_model(model: nn.Module, path: str | os.PathLike, meta: dict | None = No
     os.close(fd)
     try:
         st_save_model(model, tmp, metadata={_ARCH_KEY: text, "format": "pt"})
+        os.chmod(tmp, umask_mode())  # mkstemp made it 0600: follow the user's umask
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -89,9 +186,12 @@ def read_meta(path: str | os.PathLike) -> dict:
         record = json.loads(md[_ARCH_KEY])
     except json.JSONDecodeError as e:
         raise ValueError(f"{path!r} has corrupt fastkd metadata ({e}); re-save it") from None
+    if not isinstance(record, dict):
+        raise ValueError(f"{path!r} has corrupt fastkd metadata (not an object); re-save it")
     missing = [k for k in _ARCH_FIELDS if k not in record]
     if missing:
         raise ValueError(f"{path!r} fastkd metadata lacks {missing}; re-save it with save_model")
+    check_record(record, path)
     return record
 
 
@@ -105,6 +205,7 @@ def load_model(path: str | os.PathLike, map_location: str | torch.device = "cpu"
     from safetensors.torch import load_model as st_load_model
 
     record = read_meta(path)
+    _check_sizes(record, os.fspath(path))
     model = create_model(
         record["name"],
         num_classes=record["num_classes"],
@@ -119,6 +220,8 @@ def load_model(path: str | os.PathLike, map_location: str | torch.device = "cpu"
         raise ValueError(
             f"{os.fspath(path)!r} weights do not match its architecture {record['name']}: {first}"
         ) from None
+    if _VERIFY[0] and record.get("tensors_sha256") is not None:
+        check_sha256(model.state_dict(), record["tensors_sha256"], f"checkpoint {os.fspath(path)!r}")
     model.fastkd_meta = record
     return model.to(map_location), record
 

@@ -7,26 +7,27 @@ of data fingerprint + arch + recipe, and reused by later runs (``fastkd.train.se
 
 from __future__ import annotations
 
-import errno
 import sys
 from pathlib import Path
 
 import torch
 
 from fastkd.config import TrainConfig, parse_args
+from fastkd.models.checkpoints import set_verify
 from fastkd.train.distributed import init_distributed
+from fastkd.train.guard import validate
+from fastkd.train.rundir import default_out, prepare_run_dir
 from fastkd.train.setup import build_trainer
 from fastkd.train.trainer import NonFiniteLoss
+from fastkd.utils import disk_full
 
 __all__ = ["default_out", "main", "run"]
 
 
-def default_out(cfg: TrainConfig) -> Path:
-    name = f"{cfg.method.method}-{cfg.model.student or 'default'}-s{cfg.run.seed}".replace("/", "_")
-    return Path(cfg.run.workdir) / name
-
-
 def run(cfg: TrainConfig, log=print) -> dict:
+    validate(cfg)  # before any data loading or teacher training
+    set_verify(not cfg.run.no_verify)
+    out = Path(cfg.run.out) if cfg.run.out else default_out(cfg)
     dist = init_distributed(cfg.run.device)
     if not dist.main:
         log = lambda *a, **k: None  # noqa: E731  (only rank 0 talks and writes)
@@ -35,8 +36,10 @@ def run(cfg: TrainConfig, log=print) -> dict:
             f"fastkd: {dist.world} processes ({torch.distributed.get_backend()}), "
             f"global batch {cfg.optim.batch_size}"
         )
+    event = prepare_run_dir(cfg, out, main=dist.main, log=log)
+    dist.barrier()  # every rank checked --out before rank 0 writes into it
     trainer = build_trainer(cfg, dist=dist, log=log)
-    out = Path(cfg.run.out) if cfg.run.out else default_out(cfg)
+    trainer.resume_event = event
     if trainer.teacher_top1 is not None:
         log(f"fastkd: teacher val top-1 {trainer.teacher_top1:.2f}%")
     summary = trainer.fit(out)
@@ -56,10 +59,10 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError, NonFiniteLoss) as e:
         print(f"fastkd: error: {e}", file=sys.stderr)
         return 2
-    except OSError as e:
-        if e.errno != errno.ENOSPC:
+    except Exception as e:  # safetensors raises its own error type on a full disk
+        if not disk_full(e):
             raise
-        where = f" writing {e.filename}" if e.filename else ""
+        where = f" writing {e.filename}" if getattr(e, "filename", None) else ""
         print(
             f"fastkd: error: disk full{where}; nothing partial was kept (atomic writes) — free space "
             "and rerun with --resume to continue from the last complete checkpoint",

@@ -8,7 +8,7 @@ import os
 from pathlib import Path
 
 from fastkd.methods.registry import report_terms
-from fastkd.utils import atomic_write_text
+from fastkd.utils import atomic_write_text, umask_mode
 
 
 def metric_lines(path: Path):
@@ -94,6 +94,7 @@ def save_loss_modules(loss, path: Path) -> None:
     tmp = path.with_name(path.name + ".tmp")
     try:
         save_file({k: v.contiguous() for k, v in loss.state_dict().items()}, str(tmp))
+        os.chmod(tmp, umask_mode())  # safetensors creates 0600 files: follow the user's umask
         os.replace(tmp, path)
     except BaseException:  # e.g. ENOSPC: leave no partial file behind
         tmp.unlink(missing_ok=True)

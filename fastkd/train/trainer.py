@@ -39,6 +39,9 @@ from fastkd.train.artifacts import (
     write_report,
 )
 from fastkd.train.distributed import Dist
+from fastkd.train.finite import all_finite as _all_finite
+from fastkd.train.finite import total_norm as _total_norm
+from fastkd.train.rundir import NON_FINITE, record_non_finite, write_config
 from fastkd.utils import atomic_write_json, load_state, save_state
 
 __all__ = ["NonFiniteLoss", "Trainer", "evaluate"]
@@ -193,21 +196,26 @@ class Trainer:
             epoch_frac = self._epoch_frac.fill_(pos)  # same float32 value as torch.tensor(pos)
             terms = self._fwd(x, t_sig, y_soft, y_hard, epoch_frac)
             terms["loss"].backward()
-            self._track_finite(terms)
         with ph("optim"):
             if self.cfg.optim.grad_clip > 0:
                 terms["grad_norm"] = torch.nn.utils.clip_grad_norm_(self._params, self.cfg.optim.grad_clip)
             self.opt.step()
             self.sched.step()
+            self._track_finite(terms)
         self.step_idx += 1
         return terms
 
     def _track_finite(self, terms: dict[str, torch.Tensor]) -> None:
-        """Remember, on device, the first step at which each loss part went non-finite (no sync)."""
-        vals = torch.stack([v.detach().float().reshape(()) for v in terms.values()])
+        """Remember, on device, the first step at which each loss part, the gradient norm or the updated
+        parameters went non-finite (no sync: norms are device tensors, compared on device)."""
+        names = list(terms) + ["grad_norm"] * ("grad_norm" not in terms) + ["params"]
+        grads = [p.grad for p in self._params if p.grad is not None]
+        extra = [] if "grad_norm" in terms else [_total_norm(grads, self.device)]
+        extra.append(_total_norm(self._params, self.device))
+        vals = torch.stack([v.detach().float().reshape(()) for v in [*terms.values(), *extra]])
         bad_now = ~torch.isfinite(vals)
         if self._bad is None or self._bad.numel() != vals.numel():
-            self._bad_names = list(terms)
+            self._bad_names = names
             self._bad = torch.full_like(vals, -1.0)
         self._bad = torch.where(
             bad_now & (self._bad < 0), torch.full_like(vals, float(self.step_idx + 1)), self._bad
@@ -221,11 +229,27 @@ class Trainer:
         hits = [(int(b), n) for b, n in zip(bad, self._bad_names, strict=True) if b >= 0]
         if hits:
             step = min(b for b, _ in hits)
-            parts = ", ".join(n for b, n in hits if b == step and n != "loss") or "loss"
+            now = [n for b, n in hits if b == step]
+            loss_parts = [n for n in now if n not in ("loss", "grad_norm", "params")]
+            what = "loss" if loss_parts or "loss" in now else "gradients"
+            parts = ", ".join(loss_parts or ([] if "loss" in now else now)) or "loss"
+            self._stop_non_finite(step)
             raise NonFiniteLoss(
-                f"non-finite loss at step {step} (part: {parts}); stopped, the last good checkpoint is "
-                "kept — lower --lr, check the data/teacher, then rerun with --resume"
+                f"non-finite {what} at step {step} (part: {parts}); stopped, "
+                + self._last_good_words()
+                + " — lower --lr, check the data/teacher, then rerun with --resume"
             )
+
+    def _last_good_words(self) -> str:
+        last = getattr(self, "_last_ckpt_step", None)
+        if last is None:
+            return "no finite checkpoint was written (start again without --resume)"
+        return f"the last finite checkpoint (step {last}) is kept"
+
+    def _stop_non_finite(self, step: int) -> None:
+        ckpt = getattr(self, "_ckpt_dir", None)
+        if ckpt is not None and self.dist.main:
+            record_non_finite(ckpt, self.cfg, step, getattr(self, "_last_ckpt_step", None))
 
     # -- eval ------------------------------------------------------------------------------
     def evaluate_model(self, model: nn.Module, batch_size: int = 512) -> dict[str, float]:
@@ -240,6 +264,7 @@ class Trainer:
         ckpt_dir = out / "checkpoint"
         metrics_path = out / "metrics.jsonl"
         start_epoch, start_step = 0, 0
+        self._ckpt_dir = ckpt_dir
         if cfg.run.resume and (ckpt_dir / "state.json").exists():
             start_epoch, start_step = self._load_checkpoint(ckpt_dir)
             self.log(
@@ -251,7 +276,7 @@ class Trainer:
             metrics_path.unlink()
         if main:
             out.mkdir(parents=True, exist_ok=True)
-            atomic_write_json(out / "config.json", cfg.to_dict())
+            write_config(out, cfg, getattr(self, "resume_event", None))
         tel = Telemetry(
             self.device, tensorboard_dir=str(out / "tb") if (cfg.run.tensorboard and main) else None
         )
@@ -375,6 +400,7 @@ class Trainer:
         """Resume point = (epoch, step within it). Only after a finite-loss check; rank 0 writes."""
         self.check_finite()
         if not self.dist.main:
+            self._last_ckpt_step = self.step_idx
             return
         state = {
             "student": self.student.state_dict(),
@@ -384,14 +410,22 @@ class Trainer:
             "rng_cpu": torch.get_rng_state(),
             **({"rng_cuda": torch.cuda.get_rng_state(self.device)} if self.device.type == "cuda" else {}),
         }
+        if not _all_finite(state):  # never save a poisoned checkpoint (e.g. an inf in the optimizer state)
+            self._stop_non_finite(self.step_idx)
+            raise NonFiniteLoss(
+                f"non-finite values in the training state at step {self.step_idx} (checkpoint not written); "
+                f"stopped, {self._last_good_words()} — lower --lr, then rerun with --resume"
+            )
         save_state(
             ckpt_dir,
             state,
             {"epoch": epoch, "step_in_epoch": step_in_epoch, "step": self.step_idx, "world": self.dist.world},
         )
+        self._last_ckpt_step = self.step_idx
+        (ckpt_dir / NON_FINITE).unlink(missing_ok=True)  # a finite state again: the stop is behind us
 
     def _load_checkpoint(self, ckpt_dir: Path) -> tuple[int, int]:
-        state, meta = load_state(ckpt_dir, map_location=self.device)
+        state, meta = load_state(ckpt_dir, map_location=self.device, verify=not self.cfg.run.no_verify)
         self.student.load_state_dict(state["student"])  # before DDP's first forward: ranks stay equal
         self.loss_fn.load_state_dict(state["loss"])
         self.opt.load_state_dict(state["opt"])
@@ -399,11 +433,22 @@ class Trainer:
         torch.set_rng_state(state["rng_cpu"].cpu())
         if "rng_cuda" in state and self.device.type == "cuda":
             torch.cuda.set_rng_state(state["rng_cuda"].cpu(), self.device)
-        self.step_idx = meta["step"]
-        if meta.get("world", 1) != self.dist.world:
-            raise ValueError(
-                f"--resume: the checkpoint was written by {meta.get('world', 1)} process(es), this run has "
-                f"{self.dist.world}; resume with the same --nproc_per_node"
+        self.step_idx = self._last_ckpt_step = meta["step"]
+        # the lr of the resumed step from this run's schedule (the same value when nothing changed; a new
+        # --lr after a non-finite stop, or new --epochs, take effect here)
+        f = lr_lambda(self.cfg, self.steps_per_epoch)
+        self.sched.base_lrs = [self.cfg.optim.lr] * len(self.opt.param_groups)
+        for g in self.opt.param_groups:
+            g["initial_lr"] = self.cfg.optim.lr
+            g["lr"] = self.cfg.optim.lr * f(self.sched.last_epoch)
+        self.sched._last_lr = [g["lr"] for g in self.opt.param_groups]
+        was = meta.get("world", 1)
+        if was != self.dist.world and self.dist.main:
+            left = (self.steps_per_epoch - meta.get("step_in_epoch", 0)) * self.sampler.batch_size
+            self.log(
+                f"fastkd: resumed under {self.dist.world} process(es) (checkpoint written by {was}): "
+                f"the {left} remaining samples of epoch {meta['epoch']} are re-sharded over the new "
+                f"ranks; the run is exact only up to the resume point (step {meta['step']})"
             )
         return meta["epoch"], meta.get("step_in_epoch", 0)
 

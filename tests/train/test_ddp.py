@@ -138,7 +138,10 @@ def test_ddp_cached_teacher_matches_single_process(env):
 
     # the cache names the teacher file explicitly (a cache built for the default teacher with --train-limit
     # and --teacher-* shape flags does not match the run's default-teacher key: reported to the cache owner)
-    tflags = [*FLAGS, "--workdir", str(env.work), "--teacher", str(env.teacher)]
+    # a checkpoint teacher is used as saved: the --teacher-* shape flags would conflict (issue 14)
+    shape = {"--teacher-embed-dim", "--teacher-depth", "--teacher-heads"}
+    plain = [f for i, f in enumerate(FLAGS) if f not in shape and (i == 0 or FLAGS[i - 1] not in shape)]
+    tflags = [*plain, "--workdir", str(env.work), "--teacher", str(env.teacher)]
     cache = env.root / "cache"
     build_cache(parse_args(tflags), cache, views=2, log=lambda *a: None, progress=False)
     single = env.root / "single-cached"

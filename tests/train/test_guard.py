@@ -1,0 +1,455 @@
+"""Issue 14: nothing lost, nothing mixed. Each case feeds the exact bad input, expects one stderr line naming
+the fix (rc 2), and checks the earlier run is left intact, byte for byte where it existed.
+
+(0) ``--resume --out X`` alone restores X's config; (1) run-directory safety; (3) the finiteness guard
+covers what is saved; (4) ``validate(cfg)`` before any work; (5) untrusted checkpoints and data;
+(6) disk full (safetensors' own error type); (7) outputs follow the umask. (2), resuming under another
+world size, is in test_resume_world.py; the cache's disk handling in tests/cache/test_cache_disk.py.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from fastkd.train import __main__ as train
+from fastkd.utils import load_state
+
+TINY = [
+    "--student-embed-dim",
+    "16",
+    "--student-depth",
+    "1",
+    "--student-heads",
+    "1",
+    "--train-limit",
+    "64",
+    "--batch-size",
+    "16",
+    "--epochs",
+    "1",
+    "--quiet",
+    "--device",
+    "cpu",
+    "--log-every",
+    "1",
+]  # 64 / 16 = 4 steps per epoch
+KD = [
+    "--method",
+    "kd",
+    "--teacher",
+    "fastkd_teacher",
+    "--teacher-embed-dim",
+    "16",
+    "--teacher-depth",
+    "1",
+    "--teacher-heads",
+    "1",
+]  # a random tiny timm teacher: nothing is trained for it
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def _main(argv, capsys) -> tuple[int, list[str]]:
+    rc = train.main([str(a) for a in argv])
+    return rc, capsys.readouterr().err.strip().splitlines()
+
+
+def _snapshot(root: Path) -> dict[str, str]:
+    return {
+        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(root.rglob("*"))
+        if p.is_file()
+    }
+
+
+def _run(tmp_path, capsys, *extra, out="r") -> Path:
+    run = tmp_path / out
+    rc, err = _main([*TINY, *KD, "--workdir", tmp_path / "w", "--out", run, *extra], capsys)
+    assert rc == 0, err
+    return run
+
+
+# ---------------------------------------------------------------------------------------------- (0)
+def test_resume_alone_restores_the_stored_config(tmp_path, capsys):
+    """The README's resume line: the run used --method kd; ``--resume --out X`` alone used to start from the
+    default vitkd+nkd config and crash with a raw RuntimeError about parts.1.mask_token."""
+    run = _run(tmp_path, capsys, "--ckpt-every", "2")
+    rc, err = _main(["--resume", "--out", run], capsys)
+    assert rc == 0, err
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["method"] == "kd" and summary["steps"] == 4
+    assert json.loads((run / "config.json").read_text())["method"]["method"] == "kd"
+
+
+# ---------------------------------------------------------------------------------------------- (1)
+def test_non_empty_out_is_refused_and_left_intact(tmp_path, capsys):
+    run = _run(tmp_path, capsys)
+    before = _snapshot(run)
+    rc, err = _main([*TINY, "--method", "ce", "--workdir", tmp_path / "w", "--out", run], capsys)
+    assert rc == 2 and len(err) == 1, err
+    assert "already holds a run" in err[0] and "--resume" in err[0] and "--overwrite" in err[0], err
+    assert _snapshot(run) == before
+
+
+def test_overwrite_removes_the_old_checkpoint_too(tmp_path, capsys):
+    run = _run(tmp_path, capsys, "--epochs", "2")
+    rc, err = _main(
+        [
+            *TINY,
+            "--method",
+            "ce",
+            "--workdir",
+            tmp_path / "w",
+            "--out",
+            run,
+            "--overwrite",
+            "--ckpt-every",
+            "2",
+        ],
+        capsys,
+    )
+    assert rc == 0, err
+    _, meta = load_state(run / "checkpoint")
+    assert meta["step"] == 4  # the new run's, not the old 8-step one's
+    steps = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert max(r["step"] for r in steps) == 4
+    assert json.loads((run / "summary.json").read_text())["method"] == "ce"
+
+
+def test_default_run_names_differ_by_data(tmp_path, capsys):
+    """Same method and seed, two datasets, no --out: two folders (the second used to destroy the first)."""
+    paths = []
+    for i in range(2):
+        rng = np.random.default_rng(i)
+        p = tmp_path / f"d{i}.npz"
+        np.savez(
+            p,
+            x_train=rng.integers(0, 256, (64, 8, 8), dtype=np.uint8),
+            y_train=np.arange(64) % 4,
+            x_val=rng.integers(0, 256, (8, 8, 8), dtype=np.uint8),
+            y_val=np.arange(8) % 4,
+        )
+        paths.append(p)
+    for p in paths:
+        rc, err = _main([*TINY, "--method", "ce", "--data", p, "--workdir", tmp_path / "w"], capsys)
+        assert rc == 0, err
+    runs = sorted(d.name for d in (tmp_path / "w").iterdir())
+    assert len(runs) == 2 and all(r.startswith("ce-default-s0-d") for r in runs), runs
+
+
+def test_resume_with_changed_flags_names_them_and_keeps_the_run(tmp_path, capsys):
+    run = _run(tmp_path, capsys, "--epochs", "2", "--ckpt-every", "2")
+    before = _snapshot(run)
+    rc, err = _main(["--resume", "--out", run, "--lr", "0.01", "--batch-size", "32", "--seed", "5"], capsys)
+    assert rc == 2 and len(err) == 1, err
+    for f in ("lr", "batch_size", "seed"):
+        assert f in err[0], err
+    assert _snapshot(run) == before
+
+
+def test_resume_with_resumable_flags_is_recorded_in_history(tmp_path, capsys):
+    run = _run(tmp_path, capsys)
+    rc, err = _main(["--resume", "--out", run, "--epochs", "2", "--eval-every", "1"], capsys)
+    assert rc == 0, err
+    cfg = json.loads((run / "config.json").read_text())
+    assert cfg["optim"]["epochs"] == 2
+    assert cfg["history"][-1]["event"] == "resume"
+    assert cfg["history"][-1]["changed"]["epochs"] == [1, 2]
+    assert json.loads((run / "summary.json").read_text())["steps"] == 8
+
+
+# ---------------------------------------------------------------------------------------------- (3)
+def _poison_grads_at(monkeypatch, step: int):
+    """From training step ``step`` on, the CE gradient is infinite while the loss value stays finite."""
+    from fastkd.methods.ce import CELoss
+
+    orig, calls = CELoss.forward, {"n": 0}
+
+    def forward(self, s, t, batch):
+        calls["n"] += 1
+        out = orig(self, s, t, batch)
+        if calls["n"] >= step and out["ce"].requires_grad:
+            out["ce"].register_hook(lambda g: g * float("inf"))
+        return out
+
+    monkeypatch.setattr(CELoss, "forward", forward)
+    return calls
+
+
+def test_non_finite_gradients_never_reach_a_checkpoint(tmp_path, capsys, monkeypatch):
+    calls = _poison_grads_at(monkeypatch, 3)
+    run = tmp_path / "r"
+    rc, err = _main([*TINY, *KD, "--workdir", tmp_path / "w", "--out", run, "--ckpt-every", "1"], capsys)
+    assert rc == 2 and len(err) == 1, err
+    assert "non-finite gradients at step 3" in err[0] and "last finite checkpoint (step 2)" in err[0], err
+    assert calls["n"] == 3
+    state, meta = load_state(run / "checkpoint")
+    assert meta["step"] == 2
+    for part in ("student", "loss", "opt"):
+        for t in torch.utils._pytree.tree_leaves(state[part]):
+            assert not isinstance(t, torch.Tensor) or torch.isfinite(t).all(), part
+
+    # (3) resuming the same state with the same lr would repeat it: refused, the run untouched
+    monkeypatch.undo()
+    before = _snapshot(run)
+    rc, err = _main(["--resume", "--out", run], capsys)
+    assert rc == 2 and len(err) == 1 and "non-finite" in err[0] and "--lr" in err[0], err
+    assert _snapshot(run) == before
+    # a lower lr continues from step 2, with the new lr in effect
+    rc, err = _main(["--resume", "--out", run, "--lr", "1e-4", "--min-lr", "1e-6"], capsys)
+    assert rc == 0, err
+    recs = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in recs if "loss" in r]
+    assert [r["step"] for r in steps] == [1, 2, 3, 4]
+    assert steps[-1]["lr"] < 1e-4
+    assert not (run / "checkpoint" / "nonfinite.json").exists()
+    hist = json.loads((run / "config.json").read_text())["history"]
+    assert hist[-1]["after_non_finite_step"] == 3 and hist[-1]["changed"]["lr"] == [2e-3, 1e-4]
+
+
+# ---------------------------------------------------------------------------------------------- (4)
+@pytest.mark.parametrize(
+    "argv, needle",
+    [
+        (["--epochs", "0"], "--epochs 0"),
+        (["--epochs", "-2"], "--epochs -2"),
+        (["--log-every", "0"], "--log-every 0"),
+        (["--label-smoothing", "2"], "--label-smoothing 2"),
+        (["--lr", "-1"], "--lr -1"),
+        (["--kd-T", "0"], "--kd-T 0"),
+        (["--batch-size", "0"], "--batch-size 0"),
+    ],
+)
+def test_validate_before_any_work(tmp_path, capsys, argv, needle):
+    """Bad numbers fail before any data is loaded or a teacher trained (no --teacher: the default teacher
+    would be trained first; a negative --lr used to be refused only after that)."""
+    rc, err = _main(
+        [*TINY[:-2], "--method", "kd", "--workdir", tmp_path / "w", "--out", tmp_path / "r", *argv], capsys
+    )
+    assert rc == 2 and len(err) == 1 and needle in err[0], err
+    assert not (tmp_path / "w").exists() and not (tmp_path / "r").exists()
+
+
+@pytest.mark.parametrize(
+    "doc, needle",
+    [
+        ({"optim": {"lrr": 0.1}}, "did you mean 'lr'"),
+        ({"optm": {"lr": 0.1}}, "did you mean 'optim'"),
+        ({"optim": {"epochs": "3"}}, "optim.epochs = '3'"),
+        ({"run": {"log_every": 2.5}}, "run.log_every = 2.5"),
+    ],
+)
+def test_config_file_fields_are_checked(tmp_path, capsys, doc, needle):
+    cfg = tmp_path / "c.json"
+    cfg.write_text(json.dumps(doc))
+    rc, err = _main(["--config", cfg, "--out", tmp_path / "r", "--workdir", tmp_path / "w"], capsys)
+    assert rc == 2 and len(err) == 1 and needle in err[0], err
+    assert not (tmp_path / "w").exists()
+
+
+def test_shape_flags_with_a_checkpoint_teacher_conflict(tmp_path, capsys):
+    from fastkd.models import create_model, save_model
+
+    t = tmp_path / "t.safetensors"
+    save_model(create_model("fastkd_teacher", num_classes=10, img_size=8, in_chans=1), t)
+    rc, err = _main(
+        [
+            *TINY,
+            "--method",
+            "kd",
+            "--teacher",
+            t,
+            "--teacher-depth",
+            "3",
+            "--out",
+            tmp_path / "r",
+            "--workdir",
+            tmp_path / "w",
+        ],
+        capsys,
+    )
+    assert rc == 2 and len(err) == 1 and "--teacher-depth" in err[0] and "drop the shape flags" in err[0], err
+
+
+# ---------------------------------------------------------------------------------------------- (5)
+def _tiny_ckpt(path: Path) -> Path:
+    from fastkd.models import create_model, save_model
+
+    save_model(
+        create_model(
+            "fastkd_teacher", num_classes=10, img_size=8, in_chans=1, embed_dim=16, depth=1, num_heads=1
+        ),
+        path,
+    )
+    return path
+
+
+def _rewrite_meta(path: Path, change) -> None:
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    with safe_open(str(path), framework="pt") as f:
+        md = f.metadata()
+    rec = json.loads(md["fastkd"])
+    change(rec)
+    save_file(load_file(str(path)), str(path), metadata={**md, "fastkd": json.dumps(rec)})
+
+
+@pytest.mark.parametrize(
+    "change, needle",
+    [
+        (lambda r: r["overrides"].update(pretrained_cfg_overlay={"file": "/etc/passwd"}), "not an allowed"),
+        (lambda r: r["overrides"].update(embed_dim=3_000_000), "embed_dim=3000000 is out of range"),
+        (lambda r: r.update(name="hf-hub:evil/model"), "invalid architecture"),
+        (lambda r: r["overrides"].update(embed_dim=64), "does not fit its recorded architecture"),
+    ],
+)
+def test_checkpoint_metadata_is_untrusted(tmp_path, capsys, change, needle):
+    t = _tiny_ckpt(tmp_path / "t.safetensors")
+    _rewrite_meta(t, change)
+    rc, err = _main(
+        [*TINY, "--method", "kd", "--teacher", t, "--out", tmp_path / "r", "--workdir", tmp_path / "w"],
+        capsys,
+    )
+    assert rc == 2 and len(err) == 1 and needle in err[0], err
+
+
+def test_checkpoint_sha256_verified_on_load(tmp_path, capsys):
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    t = _tiny_ckpt(tmp_path / "t.safetensors")
+    with safe_open(str(t), framework="pt") as f:
+        md = f.metadata()
+    sd = load_file(str(t))
+    k = sorted(sd)[0]
+    sd[k] = sd[k] + 1  # a flipped weight, the metadata untouched
+    save_file(sd, str(t), metadata=md)
+    argv = [*TINY, "--method", "kd", "--teacher", t, "--workdir", tmp_path / "w"]
+    rc, err = _main([*argv, "--out", tmp_path / "r"], capsys)
+    assert rc == 2 and len(err) == 1 and "sha256" in err[0] and "--no-verify" in err[0], err
+    rc, err = _main([*argv, "--out", tmp_path / "r2", "--no-verify"], capsys)
+    assert rc == 0, err
+
+
+def test_resume_checkpoint_sha256_verified(tmp_path, capsys):
+    from safetensors.torch import load_file, save_file
+
+    run = _run(tmp_path, capsys, "--epochs", "2")
+    doc = json.loads((run / "checkpoint" / "state.json").read_text())
+    tf = run / "checkpoint" / doc["tensors"]
+    sd = load_file(str(tf))
+    sd["t0"] = sd["t0"] + 1
+    save_file(sd, str(tf))
+    rc, err = _main(["--resume", "--out", run, "--epochs", "3"], capsys)
+    assert rc == 2 and len(err) == 1 and "sha256" in err[0], err
+
+
+def test_imagefolder_symlink_cycle_is_listed_once(tmp_path):
+    from PIL import Image
+
+    from fastkd.data.datasets import load_data
+
+    for split in ("train", "val"):
+        for c in ("a", "b"):
+            d = tmp_path / "ds" / split / c
+            d.mkdir(parents=True)
+            for i in range(3):
+                Image.fromarray(np.full((8, 8), 40 * i + (c == "b") * 100, np.uint8)).save(d / f"{i}.png")
+    (tmp_path / "ds" / "train" / "a" / "loop").symlink_to("..")  # a cycle back into train/
+    (tmp_path / "ds" / "train" / "a" / "self").symlink_to(".")  # a cycle into itself
+    (tmp_path / "ds" / "train" / "b" / "to_a").symlink_to("../a")  # another class's images
+    d = load_data(str(tmp_path / "ds"))
+    assert len(d.y_train) == 6 and d.y_train.tolist().count(0) == 3
+
+
+@pytest.mark.parametrize(
+    "case, needle, rc_want",
+    [
+        ("single", "only one class", 2),
+        ("unseen-val", "no training image", 0),
+        ("empty", "have no training image", 0),
+    ],
+)
+def test_npz_label_sets(tmp_path, capsys, case, needle, rc_want):
+    rng = np.random.default_rng(0)
+    ytr, yva, names = np.arange(64) % 3, np.arange(8) % 3, None
+    if case == "single":
+        ytr, yva = np.zeros(64, np.int64), np.zeros(8, np.int64)
+    elif case == "unseen-val":
+        yva = np.arange(8) % 4
+    else:
+        names = np.array(["a", "b", "c", "d"])
+    arrays = dict(
+        x_train=rng.integers(0, 256, (64, 8, 8), dtype=np.uint8),
+        y_train=ytr,
+        x_val=rng.integers(0, 256, (8, 8, 8), dtype=np.uint8),
+        y_val=yva,
+    )
+    if names is not None:
+        arrays["class_names"] = names
+    p = tmp_path / "d.npz"
+    np.savez(p, **arrays)
+    rc, err = _main(
+        [*TINY, "--method", "ce", "--data", p, "--out", tmp_path / "r", "--workdir", tmp_path / "w"], capsys
+    )
+    assert rc == rc_want, err
+    hits = [e for e in err if needle in e]
+    assert len(hits) == 1, err
+
+
+# ---------------------------------------------------------------------------------------------- (6)
+def test_disk_full_from_safetensors_error_type(tmp_path, capsys, monkeypatch):
+    """safetensors raises SafetensorError (not OSError) when the disk fills: still the one disk-full line."""
+    import safetensors
+    import safetensors.torch
+
+    import fastkd.utils
+
+    msg = (
+        "Error while serializing: "
+        'IoError(Os { code: 28, kind: StorageFull, message: "No space left on device" })'
+    )
+    real = fastkd.utils.save_file
+    n = {"calls": 0}
+
+    def save_file(tensors, filename, metadata=None):
+        n["calls"] += 1
+        if n["calls"] == 2:
+            with open(filename, "wb") as fh:
+                fh.write(b"\0" * 10)
+            raise safetensors.SafetensorError(msg)
+        return real(tensors, filename, metadata=metadata)
+
+    monkeypatch.setattr(fastkd.utils, "save_file", save_file)
+    run = tmp_path / "r"
+    rc, err = _main([*TINY, *KD, "--workdir", tmp_path / "w", "--out", run, "--ckpt-every", "2"], capsys)
+    assert rc == 2 and len(err) == 1 and "disk full" in err[0] and "--resume" in err[0], err
+    assert not [p for p in run.rglob("*") if ".tmp" in p.name]
+    assert load_state(run / "checkpoint")[1]["step"] == 2
+
+
+# ---------------------------------------------------------------------------------------------- (7)
+@pytest.mark.parametrize("mask", [0o022, 0o002])
+def test_outputs_follow_the_umask(tmp_path, capsys, mask):
+    old = os.umask(mask)
+    try:
+        run = _run(tmp_path, capsys, "--ckpt-every", "2")
+    finally:
+        os.umask(old)
+    for p in run.rglob("*"):
+        if p.is_file():
+            assert p.stat().st_mode & 0o777 == 0o666 & ~mask, (p, oct(p.stat().st_mode))

@@ -1,0 +1,124 @@
+"""Issue 14 (2): a run interrupted mid-epoch resumes under another number of processes (2 → 1 and 1 → 2 gloo
+ranks on CPU). The remaining samples of the interrupted epoch are re-sharded over the new ranks (the
+sampler's global batches do not depend on the world size), one line says the run is exact only up to the
+resume point, and the run ends where an uninterrupted single-process run ends: every step logged once, the
+same number of steps, weights equal up to DDP's reduction order.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from fastkd.train import __main__ as train
+from fastkd.train.trainer import Trainer
+
+REPO = Path(__file__).resolve().parents[2]
+FLAGS = [
+    "--student-embed-dim", "16", "--student-depth", "1", "--student-heads", "1", "--train-limit", "64",
+    "--batch-size", "16", "--epochs", "1", "--quiet", "--device", "cpu", "--log-every", "1",
+    "--method", "ce", "--ckpt-every", "2", "--eval-every", "1",
+]  # 4 steps; a checkpoint after step 2, mid-epoch
+
+STOP_AFTER_CKPT = """
+import sys
+from fastkd.train import __main__ as train
+from fastkd.train.trainer import Trainer
+orig = Trainer._save_checkpoint
+def save(self, d, epoch, step):
+    orig(self, d, epoch, step)
+    if self.step_idx == 2:
+        raise SystemExit(3)  # every rank stops right after the mid-epoch checkpoint
+Trainer._save_checkpoint = save
+sys.exit(train.main(sys.argv[1:]))
+"""
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def _port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _torchrun(args: list, cwd: Path) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr",
+           "127.0.0.1", "--master_port", str(_port()), *map(str, args)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=400)
+
+
+def _steps(run: Path) -> list[int]:
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    return [r["step"] for r in rows if "loss" in r]
+
+
+def _weights(run: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(str(run / "student.safetensors"))
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("ref")
+    assert train.main([*FLAGS, "--workdir", str(root / "w"), "--out", str(root / "ref")]) == 0
+    return root / "ref"
+
+
+def _same_run(run: Path, ref: Path) -> None:
+    assert _steps(run) == _steps(ref) == [1, 2, 3, 4]
+    assert json.loads((run / "summary.json").read_text())["steps"] == 4
+    wa, wb = _weights(ref), _weights(run)
+    for k in wa:  # DDP averages two half-batch gradients: fp32 reduction order only
+        torch.testing.assert_close(wb[k], wa[k], rtol=0, atol=1e-4, msg=k)
+
+
+def test_resume_2_to_1(tmp_path, reference):
+    run = tmp_path / "r"
+    script = tmp_path / "stop.py"
+    script.write_text(STOP_AFTER_CKPT)
+    p = _torchrun([script, *FLAGS, "--workdir", tmp_path / "w", "--out", run], tmp_path)
+    assert p.returncode != 0
+    assert json.loads((run / "checkpoint" / "state.json").read_text())["meta"]["world"] == 2
+    logs: list[str] = []
+    cfg = train.parse_args(["--resume", "--out", str(run)])
+    train.run(cfg, log=logs.append)
+    line = [m for m in logs if "resumed under 1 process" in m]
+    assert len(line) == 1 and "written by 2" in line[0]
+    assert "exact only up to the resume point (step 2)" in line[0]
+    _same_run(run, reference)
+
+
+def test_resume_1_to_2(tmp_path, reference, monkeypatch):
+    run = tmp_path / "r"
+    orig = Trainer._save_checkpoint
+
+    def save(self, d, epoch, step):
+        orig(self, d, epoch, step)
+        if self.step_idx == 2:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(Trainer, "_save_checkpoint", save)
+    with pytest.raises(KeyboardInterrupt):
+        train.main([*FLAGS, "--workdir", str(tmp_path / "w"), "--out", str(run)])
+    monkeypatch.undo()
+    p = _torchrun(["-m", "fastkd.train", "--resume", "--out", run], tmp_path)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert p.stdout.count("resumed under 2 process(es) (checkpoint written by 1)") == 1, p.stdout
+    assert "exact only up to the resume point (step 2)" in p.stdout
+    _same_run(run, reference)
