@@ -165,6 +165,16 @@ def _check_size(img_size) -> int:
     return img_size
 
 
+def _peek_channels_of(src) -> list:
+    step = max(1, len(src) // 64)
+    return [(lambda i=i: src.open(i)) for i in range(0, len(src), step)][:64]
+
+
+def _peek_both(tr, va) -> int:
+    """1 when up to 64 peeked headers of each split are all grayscale, else 3 (any colour image wins)."""
+    return _peek_channels(_peek_channels_of(tr) + _peek_channels_of(va))
+
+
 def open_stream(
     spec: str,
     *,
@@ -217,10 +227,7 @@ def open_stream(
         names, kind = tr.classes, "folder"
         name = os.path.basename(os.path.normpath(spec)) or "data"
         c = len(names)
-        chans = in_chans
-        if chans is None:
-            step = max(1, len(tr) // 64)
-            chans = _peek_channels([(lambda i=i: tr.open(i)) for i in range(0, len(tr), step)][:64])
+        chans = in_chans if in_chans is not None else _peek_both(tr, va)
     elif ".tar" in spec.lower():
         if not val_spec:
             raise ValueError(
@@ -232,10 +239,7 @@ def open_stream(
         c = max(tr.num_classes, va.num_classes)
         names, kind = [str(i) for i in range(c)], "tar"
         name = os.path.basename(spec).split("{")[0].rstrip("-_.") or "shards"
-        chans = in_chans
-        if chans is None:
-            step = max(1, len(tr) // 64)
-            chans = _peek_channels([(lambda i=i: tr.open(i)) for i in range(0, len(tr), step)][:64])
+        chans = in_chans if in_chans is not None else _peek_both(tr, va)
     else:
         raise FileNotFoundError(f"--data {spec}: no such directory or shard pattern; {_EXPECTED}")
     kw = dict(img_size=size, in_chans=chans, crop_pct=crop_pct, on_bad_image=on_bad_image)
@@ -391,7 +395,9 @@ def bench(
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m fastkd.data.stream", description="Streaming loader tools.")
+    p = argparse.ArgumentParser(
+        prog="python -m fastkd.data", description="Streaming loader tools: --bench measures the loader alone."
+    )
     p.add_argument("--bench", metavar="DATA", required=True, help="DIR, tar pattern or synthetic:N to read")
     p.add_argument("--val-data", default=None, help="val shard pattern (tar shards only; default: none)")
     p.add_argument("--img-size", type=int, default=224, help="decode size (default: 224)")

@@ -305,3 +305,46 @@ def preprocessing(model: nn.Module, in_chans: int | None = None) -> dict:
         interpolation=cfg.get("interpolation"),
         crop_pct=cfg.get("crop_pct"),
     )
+
+
+def input_renorm(
+    model: nn.Module,
+    src: tuple[tuple[float, ...], tuple[float, ...]],
+    dst: tuple[tuple[float, ...], tuple[float, ...]],
+    *,
+    what: str = "--teacher",
+    log: Callable[[str], None] | None = _notice,
+) -> bool:
+    """Feed ``model`` inputs normalised with ``dst`` = (mean, std) when the batches come normalised with
+    ``src``: ``x_t = (x_s * std_s + mean_s - mean_t) / std_t``, applied on the device by a forward
+    pre-hook on the model's first conv (its per-channel scale/shift are non-persistent buffers, so they
+    follow ``.to(device)`` and leave the state dict alone). False (nothing done) when they agree."""
+    (ms, ss), (mt, st) = src, dst
+    c = max(len(ms), len(mt))
+    ms, ss, mt, st = ([float(v) for v in t] * (c // len(t)) for t in (ms, ss, mt, st))
+    if all(abs(a - b) < 1e-7 for a, b in zip(ms + ss, mt + st, strict=True)):
+        return False
+    name = _first_conv(model) or next(
+        (n for n, m in model.named_modules() if isinstance(m, nn.Conv2d)), None
+    )
+    if name is None:
+        raise WeightsError(f"{what}: no input conv to renormalise the input at; use a timm ViT or CNN")
+    conv = model.get_submodule(name)
+    scale = torch.tensor([s / t for s, t in zip(ss, st, strict=True)]).view(1, c, 1, 1)
+    shift = torch.tensor([(a - b) / t for a, b, t in zip(ms, mt, st, strict=True)]).view(1, c, 1, 1)
+    dev = conv.weight.device
+    conv.register_buffer("fastkd_in_scale", scale.to(dev), persistent=False)
+    conv.register_buffer("fastkd_in_shift", shift.to(dev), persistent=False)
+    if getattr(conv, "_fastkd_renorm_hook", None) is None:
+        def hook(mod, args):
+            x = args[0]
+            return (x * mod.fastkd_in_scale.to(x.dtype) + mod.fastkd_in_shift.to(x.dtype), *args[1:])
+
+        conv._fastkd_renorm_hook = conv.register_forward_pre_hook(hook)
+    if log is not None:
+        r = lambda t: "(" + ", ".join(f"{v:.3f}" for v in t) + ")"  # noqa: E731
+        log(
+            f"{what}: expects mean {r(mt)} std {r(st)}, the batches have mean {r(ms)} std {r(ss)}: its "
+            "input is renormalised on the device"
+        )
+    return True

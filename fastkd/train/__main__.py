@@ -15,8 +15,9 @@ import torch
 
 from fastkd.config import TrainConfig, parse_args
 from fastkd.train.distributed import init_distributed
-from fastkd.train.setup import build_trainer
+from fastkd.train.setup import build_trainer, finetune_summary
 from fastkd.train.trainer import NonFiniteLoss
+from fastkd.utils import atomic_write_json
 
 __all__ = ["default_out", "main", "run"]
 
@@ -27,6 +28,8 @@ def default_out(cfg: TrainConfig) -> Path:
 
 
 def run(cfg: TrainConfig, log=print) -> dict:
+    if cfg.run.threads:  # --threads N: results are bit-reproducible for one seed + thread count + versions
+        torch.set_num_threads(cfg.run.threads)
     dist = init_distributed(cfg.run.device)
     if not dist.main:
         log = lambda *a, **k: None  # noqa: E731  (only rank 0 talks and writes)
@@ -42,6 +45,10 @@ def run(cfg: TrainConfig, log=print) -> dict:
     summary = trainer.fit(out)
     if not dist.main:  # ranks > 0 return {} from fit: nothing to report
         return summary
+    ft = finetune_summary(cfg, trainer.full)
+    if ft:  # the fine-tuned teacher's own val top-1 (from its fine-tuning run) beside the run's numbers
+        summary.update(ft)
+        atomic_write_json(out / "summary.json", summary)
     log(
         f"fastkd: {cfg.method.method}: student val top-1 {summary['student_top1']:.2f}% "
         f"in {summary['wall_s']:.1f}s ({summary['img_per_s'] or 0:.0f} img/s) → {out}"
