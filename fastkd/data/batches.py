@@ -16,6 +16,7 @@ for ids that were not announced (tests, one-off batches) fetches them directly.
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Iterable, Iterator
 
@@ -24,7 +25,12 @@ import torch
 from fastkd.data.augment import AugmentConfig, augment_batch, check_labels
 from fastkd.data.augparams import sample_params
 from fastkd.data.datasets import Dataset
-from fastkd.data.loader import StreamBatch, StreamLoader, eval_id_batches
+from fastkd.data.loader import StreamBatch, StreamLoader, default_workers, eval_id_batches
+
+
+def _workers(workers: int | None) -> int:
+    """--workers, else the usable CPUs split over this node's processes (torchrun's LOCAL_WORLD_SIZE)."""
+    return workers if workers is not None else default_workers(int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
 
 __all__ = ["TrainBatches", "val_batches"]
 
@@ -107,7 +113,7 @@ class TrainBatches:
         if data.stream is None:
             self.loader = _MemoryLoader(data.x_train, data.y_train, self.device)
         else:
-            self.loader = StreamLoader(data.stream.train, workers=workers, device=self.device)
+            self.loader = StreamLoader(data.stream.train, workers=_workers(workers), device=self.device)
         self._it: Iterator[StreamBatch] | None = None
         self.wait_s = 0.0
         c, s = data.in_chans, data.img_size
@@ -175,7 +181,7 @@ def val_batches(
             lo, hi = int(ids[0]), int(ids[-1]) + 1  # contiguous
             yield data.x_val[lo:hi].to(device, non_blocking=True), data.y_val[lo:hi].to(device)
         return
-    ld = StreamLoader(data.stream.val, workers=workers, device=device, persistent_workers=False)
+    ld = StreamLoader(data.stream.val, workers=_workers(workers), device=device, persistent_workers=False)
     try:
         for b in ld.epoch(batches):
             yield b.x, b.labels.to(device)
