@@ -255,3 +255,50 @@ def test_bad_inputs_end_in_one_line(inputs, tmp_path, capsys):
     rc, _, err = _train(["--data", inputs["folder"], "--teacher", ARCH, "--teacher-finetune", "1",
                          *STUDENT, *COMMON], capsys)
     _one_line_error(rc, err, "--teacher-weights")
+
+
+def test_ddp_streamed_eval_is_sharded_and_reduced(inputs, tmp_path):
+    """2 gloo processes on a streamed folder: each rank decodes its share of val (9 images: 5 + 4), the
+    hits are summed over ranks -- the top-1 equals a single-process evaluation of the saved student."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from fastkd.data import load_data
+    from fastkd.models import load_model
+    from fastkd.train.trainer import evaluate
+
+    out = tmp_path / "ddp"
+    argv = ["--data", inputs["folder"], "--memory-threshold", "0", "--workers", "1", *STUDENT, *COMMON,
+            "--method", "ce", "--device", "cpu", "--out", str(out), "--workdir", str(tmp_path / "w")]
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    repo = Path(__file__).resolve().parents[2]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr",
+           "127.0.0.1", "--master_port", str(port), "-m", "fastkd.train", *argv]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(repo)}
+    p = subprocess.run(cmd, cwd=repo, env=env, capture_output=True, text=True, timeout=400)
+    assert p.returncode == 0, (p.stdout[-2000:], p.stderr[-4000:])
+    s = _summary(out)
+    assert s["loader"] == "stream"
+    d = load_data(inputs["folder"], img_size=32, memory_threshold=0, workers=0, log=lambda m: None)
+    model, _ = load_model(out / "student.safetensors")
+    assert evaluate(model, d, "cpu")["top1"] == pytest.approx(s["student_top1"])
+
+
+def test_data_bench_cli(inputs):
+    """python -m fastkd.data --bench DIR: the loader alone, one line with img/s."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[2]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(repo)}
+    p = subprocess.run([sys.executable, "-m", "fastkd.data", "--bench", inputs["folder"], "--img-size", "32",
+                        "--batch-size", "8", "--workers", "1"], cwd=repo, env=env, capture_output=True,
+                       text=True, timeout=200)
+    assert p.returncode == 0, p.stderr
+    assert "img/s" in p.stdout and "1 workers" in p.stdout
