@@ -275,6 +275,7 @@ def build_cache(
         atomic_write_json(out / f"{s['name']}.done.json", {**s, "files": files})
         built.append(s["name"])
     bar.close()
+    rp.batches.close()  # the loader's worker processes (streamed data)
     return {**_finalize(out, man, shards, log), "built": built, "skipped": [s["name"] for s in skipped]}
 
 

@@ -302,3 +302,19 @@ def test_data_bench_cli(inputs):
                        text=True, timeout=200)
     assert p.returncode == 0, p.stderr
     assert "img/s" in p.stdout and "1 workers" in p.stdout
+
+
+def test_student_weights_set_the_run_normalisation(inputs, tmp_path, capsys):
+    """--student-weights: the student starts from the checkpoint (new 3-class head), and the batches are
+    normalised with its pretrained mean/std."""
+    out = tmp_path / "run"
+    student = ["--student", ARCH, "--student-embed-dim", "32", "--student-depth", "1", "--student-heads", "2",
+               "--student-weights", inputs["st"]]
+    rc, outs, err = _train(["--data", inputs["folder"], "--workers", "0", "--workdir", str(tmp_path / "w"),
+                            *student, *COMMON, "--method", "ce", "--out", str(out)], capsys)
+    assert rc == 0, err
+    assert "--student-weights" in outs + err and "replaced by a new 3-class head" in outs + err
+    assert "normalising batches with the student's pretrained mean (0.5, 0.5, 0.5)" in outs + err
+    from fastkd.models.checkpoints import read_meta
+
+    assert read_meta(out / "student.safetensors")["input_mean"] == [0.5, 0.5, 0.5]
