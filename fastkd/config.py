@@ -276,9 +276,10 @@ def build_parser(description: str = "fastkd training") -> argparse.ArgumentParse
         prog="python -m fastkd.train", description=description, usage="%(prog)s [--flag VALUE ...]"
     )
     p.add_argument(
-        "--preset", choices=sorted(PRESETS), help="; ".join(f"{k}: {v[0]}" for k, v in PRESETS.items())
+        "--preset", choices=sorted(PRESETS),
+        help="; ".join(f"{k}: {v[0]}" for k, v in PRESETS.items()) + " (default: none)",
     )
-    p.add_argument("--config", help="a config.json from an earlier run to start from")
+    p.add_argument("--config", help="a config.json from an earlier run to start from (default: none)")
     defaults = TrainConfig()
     for sec_name, sec in _sections(defaults):
         hints = get_type_hints(type(sec))

@@ -318,3 +318,17 @@ def test_student_weights_set_the_run_normalisation(inputs, tmp_path, capsys):
     from fastkd.models.checkpoints import read_meta
 
     assert read_meta(out / "student.safetensors")["input_mean"] == [0.5, 0.5, 0.5]
+
+
+def test_every_train_flag_has_help_with_its_default():
+    from fastkd.config import CHOICES, METHODS, build_parser
+
+    p = build_parser()
+    for a in p._actions:
+        if a.dest == "help":
+            continue
+        assert a.help and "(default" in a.help, a.option_strings
+        if a.dest in CHOICES:
+            assert a.choices == CHOICES[a.dest] and "choices:" in a.help
+    method = next(a for a in p._actions if a.dest == "method")
+    assert all(m in method.help for m in METHODS)
