@@ -147,10 +147,11 @@ def _finish(
     num_classes: int,
     class_names: list[str],
     fp: str | None = None,
+    mean_std: tuple | None = None,
 ) -> Dataset:
     x_train, x_val = x_train.contiguous(), x_val.contiguous()
     y_train, y_val = y_train.to(torch.int64).contiguous(), y_val.to(torch.int64).contiguous()
-    mean, std = _mean_std(x_train)
+    mean, std = mean_std if mean_std is not None else _mean_std(x_train)
     return Dataset(
         x_train=x_train,
         y_train=y_train,
@@ -384,8 +385,9 @@ def load_data(
     thr = S.DEFAULT_MEMORY_THRESHOLD if memory_threshold is None else int(memory_threshold * 2**30)
     if S.plan_storage(sd, thr, log=log) == "memory":
         xs = [S.materialize(ds, workers=workers) for ds in (sd.train, sd.val)]
+        # mean/std as when streamed (same ids, same arithmetic): same fingerprint, same normalisation
         return _finish(sd.name, xs[0], sd.y_train, xs[1], sd.y_val, sd.num_classes, sd.class_names,
-                       fp=sd.fingerprint)
+                       fp=sd.fingerprint, mean_std=S.estimate_mean_std(sd.train, x=xs[0]))
     mean, std = S.estimate_mean_std(sd.train, workers=workers)
     return Dataset(
         x_train=None, y_train=sd.y_train, x_val=None, y_val=sd.y_val, num_classes=sd.num_classes,

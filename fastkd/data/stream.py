@@ -311,24 +311,26 @@ def materialize(
 
 
 def estimate_mean_std(
-    ds: StreamDataset, n: int = 1024, *, workers: int | None = 0
+    ds: StreamDataset, n: int = 1024, *, workers: int | None = 0, x: torch.Tensor | None = None
 ) -> tuple[tuple[float, ...], tuple[float, ...]]:
     """Per-channel mean/std in [0, 1] units from ``n`` evenly spaced ids (deterministic; the exact values
-    when n >= len). A constant channel gets std 1.0 (as fastkd.data does)."""
+    when n >= len). A constant channel gets std 1.0 (as fastkd.data does). ``x``: the split already
+    decoded (``materialize``): the same ids and arithmetic read from it, so a dataset held in memory and
+    the same dataset streamed normalise identically (their fingerprints are equal too)."""
     total = len(ds)
     ids = np.unique(np.linspace(0, total - 1, min(n, total)).round().astype(np.int64))
     s = torch.zeros(ds.in_chans, dtype=torch.float64)
     s2 = torch.zeros(ds.in_chans, dtype=torch.float64)
-    ld = StreamLoader(ds, workers=workers, persistent_workers=False, log=None)
+    chunks = [torch.from_numpy(c) for c in np.array_split(ids, max(1, math.ceil(len(ids) / 256)))]
+    ld = StreamLoader(ds, workers=workers, persistent_workers=False, log=None) if x is None else None
     try:
-        for b in ld.epoch(
-            [torch.from_numpy(c) for c in np.array_split(ids, max(1, math.ceil(len(ids) / 256)))]
-        ):
-            xf = b.x.to(torch.float64)
+        for xb in (x.index_select(0, c) for c in chunks) if ld is None else (b.x for b in ld.epoch(chunks)):
+            xf = xb.to(torch.float64)
             s += xf.sum(dim=(0, 2, 3))
             s2 += (xf * xf).sum(dim=(0, 2, 3))
     finally:
-        ld.close()
+        if ld is not None:
+            ld.close()
     cnt = len(ids) * ds.img_size * ds.img_size
     mean = s / cnt
     std = (s2 / cnt - mean * mean).clamp_min(0).sqrt() / 255.0

@@ -332,3 +332,29 @@ def test_every_train_flag_has_help_with_its_default():
             assert a.choices == CHOICES[a.dest] and "choices:" in a.help
     method = next(a for a in p._actions if a.dest == "method")
     assert all(m in method.help for m in METHODS)
+
+
+def test_memory_and_stream_give_the_same_batches(inputs):
+    """The same folder held in memory and streamed: same fingerprint, same normalisation, same
+    augmented batches (mixup + cutmix + flip: partners fetched by the loader)."""
+    from fastkd.data import load_data
+    from fastkd.data.augment import AugmentConfig
+    from fastkd.data.batches import TrainBatches
+
+    quiet = dict(img_size=32, workers=0, log=lambda m: None)
+    mem = load_data(inputs["folder"], **quiet)
+    st = load_data(inputs["folder"], memory_threshold=0, **quiet)
+    assert mem.stream is None and st.stream is not None and st.x_train is None
+    assert (mem.fingerprint, mem.mean, mem.std) == (st.fingerprint, st.mean, st.std)
+    aug = AugmentConfig.default_for(32)
+    aug.mixup_alpha, aug.cutmix_alpha, aug.hflip = 0.8, 1.0, True
+    ids = [torch.tensor([3, 0, 17, 5]), torch.tensor([9, 22, 1, 2])]
+    outs = []
+    for d in (mem, st):
+        tb = TrainBatches(d, aug, seed=1, device=torch.device("cpu"), workers=0)
+        tb.start_epoch(ids, view=2)
+        outs.append([tb(i, 2) for i in ids])
+        tb.close()
+    for a, b in zip(outs[0], outs[1], strict=True):
+        for u, v in zip(a, b, strict=True):
+            assert torch.equal(u, v)
