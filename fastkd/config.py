@@ -236,6 +236,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "teacher_finetune_mode": ("full", "head"),
     "cskd_schedule": ("linear", "square", "cos"),
 }
+_PARSER_CHOICES = ("on_bad_image", "teacher_finetune_mode")  # cskd_schedule: its method gives the one line
 
 
 # Presets: the releases' totals. Each preset says its total in the help text.
@@ -301,7 +302,7 @@ def build_parser(description: str = "fastkd training") -> argparse.ArgumentParse
             else:
                 base = {int | None: int, float | None: float, str | None: str}.get(typ, typ)
                 g.add_argument(flag, dest=f.name, type=base, default=None, metavar=f.name.upper(),
-                               choices=CHOICES.get(f.name), help=text)
+                               choices=CHOICES[f.name] if f.name in _PARSER_CHOICES else None, help=text)
     return p
 
 
