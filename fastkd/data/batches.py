@@ -133,7 +133,10 @@ class TrainBatches:
         return lambda b: self.partners(b, view)
 
     def start_epoch(self, id_batches: Iterable, view: int) -> None:
-        """Announce the epoch's id batches (CPU), so the loader prepares them ahead, in order."""
+        """Announce the epoch's id batches (CPU), so the loader prepares them ahead, in order. A sampler's
+        epoch that yields device ids offers the same ids on the host (``.host()``): those are used."""
+        if hasattr(id_batches, "host"):
+            id_batches = id_batches.host()
         self._it = iter(self.loader.epoch(id_batches, extra_ids=self._extra(view)))
 
     def _next(self, ids: torch.Tensor, view: int) -> StreamBatch:
@@ -141,7 +144,9 @@ class TrainBatches:
         b = next(self._it, None) if self._it is not None else None
         if b is None or b.n_main != ids.numel():  # not announced (or the epoch ran out): fetch directly
             self._it = None
-            cpu = ids.detach().to("cpu", torch.int64).reshape(-1)
+            cpu = ids.detach().reshape(-1).to(torch.int64)
+            if cpu.device.type != "cpu":  # device ids: the host gathers (one copy, a sync on CUDA)
+                cpu = cpu.cpu()
             b = next(iter(self.loader.epoch([cpu], extra_ids=self._extra(view))))
         self.wait_s += time.perf_counter() - t0
         return b

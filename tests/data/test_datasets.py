@@ -234,7 +234,8 @@ def test_imagefolder_errors(tmp_path):
     root = _folder(tmp_path / "a")
     _png(root / "val" / "eel" / "x.png", 1)
     with pytest.raises(
-        ValueError, match=r"only here: \['eel'\]; missing here: \[\]\); give both splits the same class subfolders"
+        ValueError,
+        match=r"only here: \['eel'\]; missing here: \[\]\); give both splits the same class subfolders",
     ):
         load_data(str(root))
     only_train = tmp_path / "b"
