@@ -204,7 +204,7 @@ def test_shards_in_memory_with_pth_teacher_head_finetune(inputs, tmp_path, capsy
     _cache_then_train(data, tmp_path, capsys, teacher)
 
 
-def test_hf_hub_teacher_from_the_local_cache(inputs, tmp_path, capsys, monkeypatch):
+def test_hf_hub_and_local_dir_teachers(inputs, tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("HF_HUB_CACHE", inputs["hf"])
     data = ["--data", inputs["folder"], "--workers", "0", "--workdir", str(tmp_path / "w")]
     teacher = ["--teacher", "hf-hub:timm/tiny_digits_vit"]
@@ -214,6 +214,14 @@ def test_hf_hub_teacher_from_the_local_cache(inputs, tmp_path, capsys, monkeypat
     assert _summary(out)["teacher"] == "hf-hub:timm/tiny_digits_vit"
     assert "renormalised on the device" in outs + err  # ImageNet mean/std vs the data's
     _cache_then_train(data, tmp_path, capsys, teacher)
+    # the same export as a local folder (config.json + model.safetensors)
+    from pathlib import Path
+
+    snap = next(Path(inputs["hf"]).glob("models--timm--tiny_digits_vit/snapshots/*"))
+    rc, outs, err = _train([*data, "--teacher", f"local-dir:{snap}", *STUDENT, *COMMON,
+                            "--out", str(tmp_path / "local")], capsys)
+    assert rc == 0, err
+    assert _summary(tmp_path / "local")["teacher"] == f"local-dir:{snap}"
     # not in the cache: one line saying where it looked
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty"))
     rc, _, err = _train([*data, "--teacher", "hf-hub:timm/deit_base_patch16_224", *STUDENT, *COMMON,
