@@ -153,9 +153,15 @@ def _one_line_error(rc, err, *needles):
 def _cache_then_train(argv_data, tmp_path, capsys, teacher):
     """Build a teacher cache through the same loader + augmentation, then train from it."""
     cache = tmp_path / "cache"
+    from pathlib import Path
+
+    tuned = list(Path(argv_data[argv_data.index("--workdir") + 1]).glob("teachers/finetuned-*/student.*"))
+    before = [p.stat().st_mtime_ns for p in tuned]
     rc = cache_main([*argv_data, *teacher, *STUDENT, *COMMON, "--out", str(cache)])
     err = capsys.readouterr().err
     assert rc == 0, err
+    assert len(tuned) == ("--teacher-finetune" in teacher)  # trained once (by the run before) ...
+    assert [p.stat().st_mtime_ns for p in tuned] == before  # ... and reused by the cache build
     man = json.loads((cache / "manifest.json").read_text())
     assert man["complete"] and man["data"]["n_train"] == CLASSES * N_TRAIN
     out = tmp_path / "from-cache"
