@@ -20,7 +20,8 @@ METHODS = ("ce", "kd", "nkd", "vitkd", "clskd", "md", "cskd", "deit")
 
 @dataclass
 class DataConfig:
-    data: str = "digits"  # digits | DIR (train/ + val/) | FILE.npz
+    data: str = "digits"  # digits | DIR (train/ + val/) | SHARDS (tar pattern) | FILE.npz | synthetic:N
+    val_data: str | None = None  # the val shards' pattern (tar shards only)
     img_size: int | None = None  # default: the dataset's own size
     # the student sees only the first N training images (the teacher, when fastkd trains it, all of them).
     # None: all images — except the bundled digits default job, which uses 360 (the small-labelled
@@ -30,12 +31,20 @@ class DataConfig:
     mixup: float = 0.0  # mixup alpha (0 = off)
     cutmix: float = 0.0  # cutmix alpha (0 = off)
     hflip: bool = False
+    on_bad_image: str = "error"  # error | skip (an unreadable image: stop, or use the next of its class)
+    workers: int | None = None  # loader worker processes (None: from the CPU count)
+    memory_threshold: float = 2.0  # GiB: smaller decoded datasets are held in host memory, bigger streamed
 
 
 @dataclass
 class ModelConfig:
     teacher: str | None = None  # timm name or fastkd checkpoint; None = train/reuse the default teacher
+    teacher_weights: str | None = None  # pretrained timm weights for --teacher (.safetensors/.pth/.bin)
+    teacher_finetune: int = 0  # epochs of fine-tuning the pretrained teacher on the training split first
+    teacher_finetune_lr: float | None = None  # default: 1e-4 (full) or 1e-3 (head)
+    teacher_finetune_mode: str = "full"  # full | head
     student: str | None = None  # timm name; None = the default student for the data
+    student_weights: str | None = None  # pretrained timm weights for the student's initialisation
     student_embed_dim: int | None = None
     student_depth: int | None = None
     student_heads: int | None = None
@@ -106,6 +115,7 @@ class RunConfig:
     eval_every: int = 5  # epochs
     workdir: str = "runs"  # where auto-trained teachers and default run dirs live
     quiet: bool = False
+    threads: int | None = None  # torch CPU threads (torch.set_num_threads); None = torch's default
 
 
 @dataclass
@@ -143,6 +153,111 @@ class TrainConfig:
                     raise ValueError(f"{where}: {key}.{k} = {v!r} is not {_tname(hints[k])}; fix the value")
                 setattr(sec, k, float(v) if hints[k] in (float, float | None) and v is not None else v)
         return cfg
+
+# One line of help per flag: what it does; "(default: ...)" is appended from the dataclass unless the
+# text already says what the default means (None defaults). CHOICES become argparse choices.
+HELP: dict[str, str] = {
+    # data
+    "data": "dataset: digits | DIR (ImageFolder train/ + val/) | tar shards 'train-{0000..0099}.tar' "
+    "(+ --val-data) | FILE.npz | synthetic:N (random images, no disk)",
+    "val_data": "the val split of tar shards, a pattern like the --data one (default: none; folders "
+    "hold val/)",
+    "img_size": "square side images are resized to (default: the dataset's own size; folders: the most "
+    "common short side up to 224; shards/synthetic: 224)",
+    "train_limit": "the student sees only the first N training images; 0 = all (default: all, but 360 "
+    "for the digits default job)",
+    "crop_pad": "random-shift augmentation in pixels (default: img_size/8)",
+    "mixup": "mixup alpha; 0 = off",
+    "cutmix": "cutmix alpha; 0 = off",
+    "hflip": "random horizontal flips",
+    "on_bad_image": "an unreadable image stops the run (error) or is replaced by the next image of its "
+    "class (skip)",
+    "workers": "data loader worker processes for streamed data (default: from the CPU count)",
+    "memory_threshold": "GiB: a dataset whose decoded pixels fit is held in host memory, a bigger one is "
+    "streamed from disk",
+    # model
+    "teacher": "teacher: a timm name (+ --teacher-weights), hf-hub:timm/<name> (local HF cache), "
+    "local-dir:<folder>, or a fastkd checkpoint (default: train/reuse the default teacher for the data)",
+    "teacher_weights": "pretrained weights file for --teacher: .safetensors, .pth or .bin, offline "
+    "(default: none)",
+    "teacher_finetune": "epochs of fine-tuning the pretrained teacher on the training split before "
+    "distilling (new head when the classes differ; trained once, then reused); 0 = off",
+    "teacher_finetune_lr": "learning rate of --teacher-finetune (default: 1e-4 full, 1e-3 head)",
+    "teacher_finetune_mode": "what --teacher-finetune trains: the whole teacher (full) or only its head",
+    "student": "student timm name (default: the default student for the data)",
+    "student_weights": "pretrained weights file for the student's initialisation: .safetensors, .pth or "
+    ".bin (default: none, random init)",
+    "student_embed_dim": "student width override (default: the arch's own)",
+    "student_depth": "student depth (blocks) override (default: the arch's own)",
+    "student_heads": "student attention heads override (default: the arch's own)",
+    "student_patch_size": "student patch size override (default: the arch's own)",
+    "teacher_embed_dim": "teacher width override (default: the arch's own)",
+    "teacher_depth": "teacher depth (blocks) override (default: the arch's own)",
+    "teacher_heads": "teacher attention heads override (default: the arch's own)",
+    "teacher_patch_size": "teacher patch size override (default: the arch's own)",
+    "teacher_epochs": "epochs of the auto-trained default teacher",
+    "teacher_lr": "learning rate of the auto-trained default teacher",
+    # method
+    "method": "'+'-joined distillation terms, choices: " + ", ".join(METHODS),
+    "ce_weight": "weight of the ground-truth cross-entropy",
+    "label_smoothing": "label smoothing of the cross-entropy",
+    "kd_T": "Hinton KD temperature",
+    "kd_weight": "Hinton KD weight",
+    "nkd_tau": "NKD temperature",
+    "nkd_gamma": "NKD non-target weight gamma",
+    "nkd_weight": "NKD weight",
+    "vitkd_alpha": "ViTKD mimic (shallow blocks) weight",
+    "vitkd_beta": "ViTKD generation (deep block) weight",
+    "vitkd_mask_ratio": "ViTKD generation mask ratio",
+    "vitkd_blocks": "ViTKD shallow student/teacher blocks, comma-separated",
+    "clskd_blocks": "[CLS]-KD student blocks, comma-separated (default: 0,1,2,3 and the last four)",
+    "clskd_w_cls": "[CLS]-KD class-token alignment weight",
+    "clskd_w_map": "[CLS]-KD attention-map alignment weight",
+    "clskd_mu": "[CLS]-KD temperature mu",
+    "clskd_detach": "detach the student's projected tokens in [CLS]-KD",
+    "md_weight": "manifold distillation weight",
+    "md_k": "manifold distillation sampled patches",
+    "cskd_hard": "CSKD on the teacher's argmax (hard) instead of its soft logits",
+    "cskd_T": "CSKD temperature",
+    "cskd_schedule": "CSKD alpha schedule over training",
+    "cskd_per_iter": "update the CSKD schedule per iteration instead of per epoch",
+    "cskd_weight": "CSKD weight",
+    # optim
+    "epochs": "training epochs of the student",
+    "batch_size": "global batch size (split over processes)",
+    "lr": "peak learning rate (AdamW)",
+    "min_lr": "final learning rate of the cosine schedule",
+    "weight_decay": "AdamW weight decay",
+    "warmup_epochs": "linear warm-up epochs",
+    "grad_clip": "gradient norm clip; 0 = off",
+    # run
+    "seed": "random seed (data order, augmentation, init)",
+    "out": "run directory (default: <workdir>/<method>-<student>-s<seed>)",
+    "device": "auto | cpu | cuda | cuda:N; auto = cuda when available",
+    "compile": "torch.compile the student step",
+    "amp": "bf16 autocast on CUDA (ignored on CPU)",
+    "fused": "fused kernels for the KD losses (Triton on CUDA; compiled reference on CPU)",
+    "resume": "continue from the run directory's last checkpoint (--resume --out X alone restores X's "
+    "config)",
+    "overwrite": "replace a non-empty --out, its checkpoint included (default: off: a non-empty --out is "
+    "refused)",
+    "no_verify": "skip the sha256 check of checkpoints on load",
+    "teacher_cache": "train from a teacher cache built by python -m fastkd.cache (default: none, online "
+    "teacher)",
+    "tensorboard": "also write TensorBoard logs under <out>/tb",
+    "log_every": "steps between metrics.jsonl records",
+    "ckpt_every": "also checkpoint every N steps inside an epoch; 0 = at epoch ends only",
+    "eval_every": "epochs between val evaluations",
+    "workdir": "where auto-trained teachers and default run directories live",
+    "quiet": "no progress bar",
+    "threads": "torch CPU threads (default: torch's own count; 1-2 on a busy small machine)",
+}
+CHOICES: dict[str, tuple[str, ...]] = {
+    "on_bad_image": ("error", "skip"),
+    "teacher_finetune_mode": ("full", "head"),
+    "cskd_schedule": ("linear", "square", "cos"),
+}
+_PARSER_CHOICES = ("on_bad_image", "teacher_finetune_mode")  # cskd_schedule: its method gives the one line
 
 
 def _hint(name: str, choices: list[str]) -> str:
@@ -202,11 +317,14 @@ def _sections(cfg: TrainConfig):
 
 
 def build_parser(description: str = "fastkd training") -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m fastkd.train", description=description)
-    p.add_argument(
-        "--preset", choices=sorted(PRESETS), help="; ".join(f"{k}: {v[0]}" for k, v in PRESETS.items())
+    p = argparse.ArgumentParser(
+        prog="python -m fastkd.train", description=description, usage="%(prog)s [--flag VALUE ...]"
     )
-    p.add_argument("--config", help="a config.json from an earlier run to start from")
+    p.add_argument(
+        "--preset", choices=sorted(PRESETS),
+        help="; ".join(f"{k}: {v[0]}" for k, v in PRESETS.items()) + " (default: none)",
+    )
+    p.add_argument("--config", help="a config.json from an earlier run to start from (default: none)")
     defaults = TrainConfig()
     for sec_name, sec in _sections(defaults):
         hints = get_type_hints(type(sec))
@@ -214,13 +332,23 @@ def build_parser(description: str = "fastkd training") -> argparse.ArgumentParse
         for f in fields(sec):
             flag = "--" + f.name.replace("_", "-")
             typ = hints[f.name]
+            text = HELP.get(f.name, f.name.replace("_", " "))
+            if "(default" not in text:
+                d = getattr(sec, f.name)
+                text += f" (default: {'on' if d is True else 'off' if d is False else d})"
+            if f.name in CHOICES:
+                text += f" (choices: {', '.join(CHOICES[f.name])})"
+            text = text.replace("%", "%%")
             if typ is bool and f.name.startswith("no_"):  # --no-verify: a plain switch
-                g.add_argument(flag, dest=f.name, action="store_const", const=True, default=None)
+                g.add_argument(flag, dest=f.name, action="store_const", const=True, default=None, help=text)
             elif typ is bool:
-                g.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None)
+                g.add_argument(
+                    flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None, help=text
+                )
             else:
                 base = {int | None: int, float | None: float, str | None: str}.get(typ, typ)
-                g.add_argument(flag, dest=f.name, type=base, default=None, metavar=f.name.upper())
+                g.add_argument(flag, dest=f.name, type=base, default=None, metavar=f.name.upper(),
+                               choices=CHOICES[f.name] if f.name in _PARSER_CHOICES else None, help=text)
     return p
 
 

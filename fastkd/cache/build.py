@@ -48,6 +48,7 @@ from fastkd.train.setup import (
     build_student,
     pick_device,
     resolve_teacher,
+    run_norm,
     seed_everything,
 )
 from fastkd.train.trainer import evaluate
@@ -82,8 +83,10 @@ def run_parts(cfg: TrainConfig, log=print) -> RunParts:
     full, d = build_data(cfg, None, log)
     aug = build_aug(cfg, d)
     student, arch = build_student(cfg, d, device)
-    return RunParts(cfg, device, full, d, aug, TrainBatches(d, aug, cfg.run.seed, device), arch,
-                    model_info(student), cfg.run.amp and device.type == "cuda")
+    full, d = run_norm(student, full, d, log)  # a pretrained student's normalisation, as in training
+    batches = TrainBatches(d, aug, cfg.run.seed, device, workers=cfg.data.workers)
+    return RunParts(cfg, device, full, d, aug, batches, arch, model_info(student),
+                    cfg.run.amp and device.type == "cuda")
 
 
 def _write_shard(out: Path, shard: dict, fields: dict, fill) -> dict:
@@ -212,7 +215,7 @@ def build_cache(
 
     rp = run_parts(cfg, log)
     d, amp = rp.data, rp.amp
-    t_model, _ = resolve_teacher(cfg, rp.full, rp.device, log=log)  # the same path as fastkd.train
+    t_model, _ = resolve_teacher(cfg, rp.full, rp.device, log=log, norm=(d.mean, d.std))  # as fastkd.train
     ident = teacher_identity(cfg, rp.full, t_model)
     t_info = model_info(t_model)
     loss = build_loss(cfg.method, rp.s_info, t_info, epochs=cfg.optim.epochs)
@@ -286,7 +289,7 @@ def build_cache(
         man["teacher"]["top1"] = old["teacher"]["top1"]
         man["created"] = old.get("created", man["created"])
     else:
-        man["teacher"]["top1"] = evaluate(t_model, d, rp.device, amp)["top1"]
+        man["teacher"]["top1"] = evaluate(t_model, d, rp.device, amp, workers=cfg.data.workers)["top1"]
         atomic_write_json(out / MANIFEST, man)
 
     mine = [s for i, s in enumerate(shards) if i % wn == wi]
@@ -304,8 +307,10 @@ def build_cache(
             raise _Interrupted(f"build stopped after {stop_after} shard(s) (stop_after)")
 
         def fill(arrays, s=s):
-            for a in range(s["start"], s["stop"], batch_size):
-                b = min(s["stop"], a + batch_size)
+            spans = [(a, min(s["stop"], a + batch_size)) for a in range(s["start"], s["stop"], batch_size)]
+            # the loader prepares the shard's batches ahead (workers for streamed data), as in training
+            rp.batches.start_epoch([torch.arange(a, b) for a, b in spans], s["view"])
+            for a, b in spans:
                 recs = to_records(run_teacher(torch.arange(a, b), s["view"]), fields)
                 for f, arr in arrays.items():
                     arr[a - s["start"] : b - s["start"]] = recs[f]
@@ -315,6 +320,7 @@ def build_cache(
         atomic_write_json(out / f"{s['name']}.done.json", {**s, "files": files})
         built.append(s["name"])
     bar.close()
+    rp.batches.close()  # the loader's worker processes (streamed data)
     return {**_finalize(out, man, shards, log), "built": built, "skipped": [s["name"] for s in skipped]}
 
 

@@ -1,13 +1,15 @@
-"""Datasets held in memory as uint8 tensors.
+"""Datasets: uint8 tensors in host memory, or a stream decoded by workers when too big.
 
-``load_data(spec)`` understands three kinds of ``--data``:
+``load_data(spec)`` understands these kinds of ``--data``:
 
 * ``"digits"`` -- scikit-learn's bundled 8x8 handwritten digits (1797 images, 10 classes), offline.
-* ``DIR`` -- an ImageFolder tree ``DIR/train/<class>/*.png|jpg|...`` and ``DIR/val/<class>/...``.
 * ``FILE.npz`` -- arrays ``x_train, y_train, x_val, y_val``; images uint8 [N,H,W] or [N,H,W,C] (C = 1 or 3).
+* ``DIR`` (ImageFolder ``train/`` + ``val/``), tar shards, ``synthetic:N`` -- indexed by
+  :mod:`fastkd.data.stream`; decoded once into memory when small, else streamed (one line says which).
 
-Every loader returns a :class:`Dataset` with images as uint8 [N, C, H, W] (square, H = W = img_size)
-and int64 labels; augmentation and normalisation happen later, on batches (fastkd.data.augment).
+Every loader returns a :class:`Dataset` with images as uint8 [N, C, H, W] on the CPU (square, H = W =
+img_size) or a stream, and int64 labels; augmentation and normalisation happen later, on batches on the
+device (fastkd.data.batches, fastkd.data.augment). The device never holds the dataset.
 """
 
 from __future__ import annotations
@@ -22,13 +24,15 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from fastkd.data.stream import StreamData
+
 __all__ = ["Dataset", "load_data", "fingerprint"]
 
 IMG_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".ppm", ".pgm", ".pbm", ".tif", ".tiff", ".webp", ".gif")
-_GRAY_MODES = {"1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "I;16N", "F"}
 _MAX_DEFAULT_SIZE = 224
 _EXPECTED = (
-    "expected 'digits', a directory with train/ and val/, or a .npz with x_train, y_train, x_val, y_val"
+    "expected 'digits', a directory with train/ and val/, tar shards ('shards/train-{0000..0099}.tar' "
+    "with --val-data), synthetic:N, or a .npz with x_train, y_train, x_val, y_val"
 )
 
 
@@ -36,7 +40,9 @@ _EXPECTED = (
 class Dataset:
     """An image classification dataset in memory.
 
-    x_train: uint8 [N, C, H, W]; y_train: int64 [N]; x_val: uint8 [M, C, H, W]; y_val: int64 [M].
+    x_train: uint8 [N, C, H, W]; y_train: int64 [N]; x_val: uint8 [M, C, H, W]; y_val: int64 [M] -- all on
+    the CPU. Streamed data (``stream`` set: a :class:`~fastkd.data.stream.StreamData`) has x_train = x_val
+    = None: sample id i is row i of the stream's sorted index, decoded by workers when a batch needs it.
     H = W = img_size for both splits; C = in_chans (1 or 3). Labels lie in [0, num_classes).
     mean, std: per-channel pixel mean and (population) standard deviation of the TRAIN split in [0, 1]
     units, i.e. of x_train / 255 over (N, H, W). A constant channel gets std 1.0 (so normalising never
@@ -44,9 +50,9 @@ class Dataset:
     fingerprint: sha256 hex of shapes + uint8 bytes + int64 labels of both splits (see :func:`fingerprint`).
     """
 
-    x_train: torch.Tensor
+    x_train: torch.Tensor | None
     y_train: torch.Tensor
-    x_val: torch.Tensor
+    x_val: torch.Tensor | None
     y_val: torch.Tensor
     num_classes: int
     in_chans: int
@@ -56,10 +62,13 @@ class Dataset:
     name: str
     fingerprint: str
     class_names: list[str]
+    stream: StreamData | None = None
 
     def __repr__(self) -> str:
+        shape = (self.in_chans, self.img_size, self.img_size)
+        where = "streamed" if self.stream is not None else "in memory"
         return (
-            f"Dataset({self.name!r}: train {tuple(self.x_train.shape)}, val {tuple(self.x_val.shape)}, "
+            f"Dataset({self.name!r}: train {len(self.y_train)}, val {len(self.y_val)} x {shape} {where}, "
             f"{self.num_classes} classes, fingerprint {self.fingerprint[:12]})"
         )
 
@@ -153,10 +162,12 @@ def _finish(
     y_val: torch.Tensor,
     num_classes: int,
     class_names: list[str],
+    fp: str | None = None,
+    mean_std: tuple | None = None,
 ) -> Dataset:
     x_train, x_val = x_train.contiguous(), x_val.contiguous()
     y_train, y_val = y_train.to(torch.int64).contiguous(), y_val.to(torch.int64).contiguous()
-    mean, std = _mean_std(x_train)
+    mean, std = mean_std if mean_std is not None else _mean_std(x_train)
     return Dataset(
         x_train=x_train,
         y_train=y_train,
@@ -168,7 +179,7 @@ def _finish(
         mean=mean,
         std=std,
         name=name,
-        fingerprint=fingerprint(x_train, y_train, x_val, y_val),
+        fingerprint=fp or fingerprint(x_train, y_train, x_val, y_val),
         class_names=list(class_names),
     )
 
@@ -313,143 +324,62 @@ def _load_npz(path: str, img_size: int | None) -> Dataset:
 
 
 # ----------------------------------------------------------------------------------------------------
-# ImageFolder
-# ----------------------------------------------------------------------------------------------------
-
-
-def _list_split(root: str, split: str, spec: str) -> tuple[list[str], list[tuple[str, str]]]:
-    """Class names (sorted subfolders) and (path, class) pairs of one split, files in sorted order."""
-    sdir = os.path.join(root, split)
-    classes = sorted(e.name for e in os.scandir(sdir) if e.is_dir() and not e.name.startswith("."))
-    files: list[tuple[str, str]] = []
-    # the rule of fastkd.data.stream's scanner: symlinks are followed, but never into a directory already
-    # visited (a cycle) nor from one class into the split or another class (no image under a wrong class)
-    ident = lambda d: (os.stat(d).st_dev, os.stat(d).st_ino)  # noqa: E731
-    reserved = {ident(sdir)} | {ident(os.path.join(sdir, c)) for c in classes}
-    visited: set[tuple[int, int]] = set()
-    for c in classes:
-        for dirpath, dirnames, filenames in os.walk(os.path.join(sdir, c), followlinks=True):
-            visited.add(ident(dirpath))
-            keep = []
-            for dn in sorted(dirnames):
-                try:
-                    i = ident(os.path.join(dirpath, dn))
-                except OSError:
-                    continue
-                if i not in visited and i not in reserved:
-                    visited.add(i)
-                    keep.append(dn)
-            dirnames[:] = keep
-            for f in sorted(filenames):
-                if f.lower().endswith(IMG_EXTENSIONS) and not f.startswith("."):
-                    files.append((os.path.join(dirpath, f), c))
-    if not files:
-        raise ValueError(
-            f"--data {spec}: no images found under {sdir}/<class>/ ({', '.join(IMG_EXTENSIONS)}); "
-            "put each class's images in its own subfolder"
-        )
-    return classes, files
-
-
-def _to_array(img, mode: str, size: int) -> np.ndarray:
-    """PIL image -> uint8 [size, size, C] in ``mode`` ('L' or 'RGB'), bilinear resize if needed."""
-    from PIL import Image
-
-    if mode == "L" and img.mode.startswith("I"):  # 16/32-bit grayscale: scale 0..65535 -> 0..255
-        a = np.asarray(img, dtype=np.float64) / 257.0
-        img = Image.fromarray(np.clip(np.rint(a), 0, 255).astype(np.uint8), mode="L")
-    elif img.mode != mode:
-        img = img.convert(mode)
-    if img.size != (size, size):
-        img = img.resize((size, size), Image.Resampling.BILINEAR)
-    a = np.asarray(img, dtype=np.uint8)
-    return a[..., None] if a.ndim == 2 else a
-
-
-def _load_folder(root: str, img_size: int | None) -> Dataset:
-    from PIL import Image
-    from tqdm.auto import tqdm
-
-    spec = root
-    tr_classes, tr_files = _list_split(root, "train", spec)
-    va_classes, va_files = _list_split(root, "val", spec)
-    if set(tr_classes) != set(va_classes):
-        only_tr = sorted(set(tr_classes) - set(va_classes))
-        only_va = sorted(set(va_classes) - set(tr_classes))
-        raise ValueError(
-            f"--data {spec}: class folders differ between train/ and val/ (only in train: {only_tr}; "
-            f"only in val: {only_va}); give both splits the same class subfolders"
-        )
-    classes = sorted(set(tr_classes) | set(va_classes))
-    index = {c: i for i, c in enumerate(classes)}
-    _check_labels(spec, np.array([index[c] for _, c in tr_files]), np.array([index[c] for _, c in va_files]),
-                  classes)
-    all_files = tr_files + va_files
-
-    modes: set[str] = set()
-    sizes: Counter = Counter()
-    for path, _ in tqdm(all_files, desc="scanning images", leave=False, unit="img"):
-        try:
-            with Image.open(path) as im:
-                modes.add(im.mode)
-                sizes[im.size] += 1
-        except Exception as e:
-            raise ValueError(
-                f"--data {spec}: cannot read image {path} ({e}); remove or replace the file"
-            ) from None
-    mode = "L" if modes <= _GRAY_MODES else "RGB"
-    if img_size is None:
-        (w0, h0), _ = sizes.most_common(1)[0]
-        size = min(max(w0, h0), _MAX_DEFAULT_SIZE)
-    else:
-        size = int(img_size)
-    n_resize = sum(k for s, k in sizes.items() if s != (size, size))
-    if n_resize:
-        _notice(f"resizing {n_resize} of {len(all_files)} images in {spec} to {size}x{size}")
-
-    chans = 1 if mode == "L" else 3
-    out = []
-    for files in (tr_files, va_files):
-        x = np.empty((len(files), chans, size, size), dtype=np.uint8)  # filled in place, no later copy
-        y = np.empty(len(files), dtype=np.int64)
-        for i, (path, c) in enumerate(tqdm(files, desc="loading images", leave=False, unit="img")):
-            try:
-                with Image.open(path) as im:
-                    x[i] = _to_array(im, mode, size).transpose(2, 0, 1)
-            except Exception as e:
-                raise ValueError(
-                    f"--data {spec}: cannot read image {path} ({e}); remove or replace the file"
-                ) from None
-            y[i] = index[c]
-        out.append((torch.from_numpy(x), torch.from_numpy(y)))
-    (x_train, y_train), (x_val, y_val) = out
-    name = os.path.basename(os.path.normpath(root)) or "data"
-    return _finish(name, x_train, y_train, x_val, y_val, len(classes), classes)
-
-
-# ----------------------------------------------------------------------------------------------------
 # entry point
 # ----------------------------------------------------------------------------------------------------
 
 
-def load_data(spec: str = "digits", *, img_size: int | None = None) -> Dataset:
-    """Load a dataset into memory.
+def _default_size(spec: str, log) -> int:
+    """--img-size when none is given for a folder: the short side most common among up to 32 image
+    headers of train/ (no decode), capped at 224; for shards and synthetic data, 224."""
+    from PIL import Image
+
+    sizes: Counter = Counter()
+    if os.path.isdir(spec):
+        for dirpath, dirnames, filenames in os.walk(os.path.join(spec, "train"), followlinks=True):
+            dirnames.sort()
+            for f in sorted(filenames):
+                if len(sizes) >= 32 or sum(sizes.values()) >= 32:
+                    break
+                if f.lower().endswith(IMG_EXTENSIONS):
+                    try:
+                        with Image.open(os.path.join(dirpath, f)) as im:
+                            sizes[min(im.size)] += 1
+                    except Exception:
+                        continue
+    size = min(sizes.most_common(1)[0][0], _MAX_DEFAULT_SIZE) if sizes else _MAX_DEFAULT_SIZE
+    log(f"{spec}: no --img-size given; using {size}")
+    return size
+
+
+def load_data(
+    spec: str = "digits",
+    *,
+    img_size: int | None = None,
+    val_spec: str | None = None,
+    on_bad_image: str = "error",
+    seed: int = 0,
+    memory_threshold: float | None = None,
+    workers: int | None = None,
+    index_cache: str | None = None,
+    log=_notice,
+) -> Dataset:
+    """Load a dataset: in memory (uint8 CPU tensors) or, when too big, as a stream (``Dataset.stream``).
 
     spec:
       * ``"digits"``: scikit-learn's ``load_digits`` (1797 8x8 grayscale images, 10 classes), pixel values
         0..16 scaled to uint8 by ``round(v * 255 / 16)``. FIXED split: stratified 80/20 via
         ``sklearn.model_selection.train_test_split(arange(1797), test_size=0.2, random_state=0, stratify=y)``
         -> 1437 train / 360 val, in the order train_test_split returns.
-      * a directory with ``train/`` and ``val/`` in ImageFolder layout (one subfolder per class; the class
-        list is the sorted folder names and must be the same set in both splits). Images are read with PIL
-        as 'L' if every image is grayscale, else 'RGB' (alpha dropped), and resized (bilinear) to
-        img_size x img_size -- non-square images are stretched. Default img_size: the longer side of the
-        most common image size, capped at 224. A one-line notice says when images get resized.
       * a ``.npz`` with ``x_train, y_train, x_val, y_val`` (uint8 [N,H,W] or [N,H,W,C], C in 1 or 3;
         integer labels >= 0); optional ``class_names`` (1-D str array). num_classes = len(class_names) or
         max label + 1 over both splits. Non-square images are resized to the longer side.
-    img_size: resize everything to this square side (bilinear, antialiased); None keeps the native size
-        (see above for ImageFolder).
+      * a directory with ``train/`` and ``val/`` (ImageFolder), tar shards (``val_spec``: the val shards),
+        or ``synthetic:N`` -- indexed by :func:`fastkd.data.stream.open_stream` (no decode), each image
+        decoded as the stream decodes it (short side to img_size, centre crop). When both splits
+        decoded fit under ``memory_threshold`` GiB (default 2) they are decoded once into memory through
+        the same loader (same pixels), else streamed by ``workers`` processes; one line says which.
+        Default img_size: a folder's most common short side (capped at 224), else 224.
+    img_size: resize everything to this square side; None keeps the native size (see above).
 
     Raises FileNotFoundError for a missing path and ValueError for malformed data, each a single line
     that says how to fix it.
@@ -458,15 +388,26 @@ def load_data(spec: str = "digits", *, img_size: int | None = None) -> Dataset:
     spec = str(spec)
     if spec == "digits":
         return _load_digits(img_size)
-    if os.path.isdir(spec):
-        missing = [s for s in ("train", "val") if not os.path.isdir(os.path.join(spec, s))]
-        if missing:
-            raise ValueError(
-                f"--data {spec}: directory has no {' or '.join(s + '/' for s in missing)}; {_EXPECTED}"
-            )
-        return _load_folder(spec, img_size)
-    if os.path.isfile(spec):
-        if spec.lower().endswith(".npz"):
-            return _load_npz(spec, img_size)
-        raise ValueError(f"--data {spec}: not a .npz file; {_EXPECTED}")
-    raise FileNotFoundError(f"--data {spec}: no such file or directory; {_EXPECTED}")
+    if os.path.isfile(spec) and spec.lower().endswith(".npz"):
+        return _load_npz(spec, img_size)
+    from fastkd.data import stream as S
+
+    if not S.is_stream_spec(spec):
+        if os.path.isfile(spec):
+            raise ValueError(f"--data {spec}: not a .npz file, a .tar shard or a directory; {_EXPECTED}")
+        raise FileNotFoundError(f"--data {spec}: no such file or directory; {_EXPECTED}")
+    size = img_size if img_size is not None else _default_size(spec, log)
+    sd = S.open_stream(spec, img_size=size, val_spec=val_spec, on_bad_image=on_bad_image, seed=seed,
+                       index_cache=index_cache, log=log)
+    thr = S.DEFAULT_MEMORY_THRESHOLD if memory_threshold is None else int(memory_threshold * 2**30)
+    if S.plan_storage(sd, thr, log=log) == "memory":
+        xs = [S.materialize(ds, workers=workers) for ds in (sd.train, sd.val)]
+        # mean/std as when streamed (same ids, same arithmetic): same fingerprint, same normalisation
+        return _finish(sd.name, xs[0], sd.y_train, xs[1], sd.y_val, sd.num_classes, sd.class_names,
+                       fp=sd.fingerprint, mean_std=S.estimate_mean_std(sd.train, x=xs[0]))
+    mean, std = S.estimate_mean_std(sd.train, workers=workers)
+    return Dataset(
+        x_train=None, y_train=sd.y_train, x_val=None, y_val=sd.y_val, num_classes=sd.num_classes,
+        in_chans=sd.in_chans, img_size=sd.img_size, mean=mean, std=std, name=sd.name,
+        fingerprint=sd.fingerprint, class_names=list(sd.class_names), stream=sd,
+    )

@@ -7,7 +7,14 @@
   (``methods.cskd.default_cnn_arch``) — stored under ``<workdir>/teachers/<arch>-<key>`` (key = hash of
   data fingerprint + arch + recipe; ``default_teacher_spec``). Training it once is
   ``fastkd.train.setup.ensure_default_teacher``'s job (it needs the trainer; this module does not).
+* ``--teacher NAME --teacher-weights FILE`` / ``hf-hub:timm/<name>`` / ``local-dir:<folder>``: pretrained
+  timm weights, offline (``fastkd.models.weights.build_pretrained``); a head of other classes is one line
+  naming ``--teacher-finetune``.
+* ``--teacher-finetune EPOCHS``: those weights fine-tuned on the training split first, stored under
+  ``<workdir>/teachers/finetuned-<arch>-<key>`` (key = hash of the weights' sha256 + data fingerprint +
+  recipe; ``finetune_spec``); training it is ``fastkd.train.setup.ensure_finetuned_teacher``'s job.
 * ``teacher_identity``: the same answer without loading anything (what a cache manifest records).
+* ``input_norm``: the (mean, std) a teacher expects (pretrained config, or the one it was trained with).
 """
 
 from __future__ import annotations
@@ -26,6 +33,77 @@ from fastkd.data.augment import AugmentConfig
 from fastkd.methods.cskd import default_cnn_arch
 from fastkd.methods.registry import needs_cnn_teacher
 from fastkd.models import default_arch, resolve_model
+from fastkd.models.hub import is_pretrained_spec, resolve_weights
+from fastkd.models.weights import build_pretrained, preprocessing
+
+_SHA: dict[tuple, str] = {}
+FINETUNE_LR = {"full": 1e-4, "head": 1e-3}
+
+
+def weights_sha256(path: str) -> str:
+    """file_sha256, remembered per (path, size, mtime) in this process (a DeiT-B file is 350 MB)."""
+    st = os.stat(path)
+    k = (os.path.abspath(path), st.st_size, st.st_mtime_ns)
+    if k not in _SHA:
+        _SHA[k] = file_sha256(path)
+    return _SHA[k]
+
+
+def is_pretrained(cfg: TrainConfig) -> bool:
+    """--teacher names pretrained timm weights (hf-hub:, local-dir:, or with --teacher-weights)."""
+    t = cfg.model.teacher
+    return bool(t) and (is_pretrained_spec(t) or cfg.model.teacher_weights is not None)
+
+
+def finetune_lr(cfg: TrainConfig) -> float:
+    m = cfg.model
+    lr = m.teacher_finetune_lr
+    return lr if lr is not None else FINETUNE_LR[m.teacher_finetune_mode]
+
+
+def finetune_spec(cfg: TrainConfig, data: Dataset) -> tuple[str, Path]:
+    """(timm arch, directory) of the fine-tuned teacher: keyed by the weights' sha256, the data's
+    fingerprint and the fine-tuning recipe."""
+    if not is_pretrained(cfg):
+        raise ValueError(
+            "--teacher-finetune needs pretrained weights to start from: --teacher NAME --teacher-weights "
+            "FILE, --teacher hf-hub:timm/<name> or --teacher local-dir:<folder>"
+        )
+    m, o = cfg.model, cfg.optim
+    r = resolve_weights(m.teacher, m.teacher_weights)
+    recipe = {
+        "weights": weights_sha256(r.file), "arch": r.arch, "model_args": r.model_args,
+        "overrides": shape_overrides(cfg, "teacher"), "fingerprint": data.fingerprint,
+        "epochs": m.teacher_finetune, "lr": finetune_lr(cfg), "mode": m.teacher_finetune_mode,
+        "batch_size": o.batch_size, "wd": o.weight_decay, "warmup": o.warmup_epochs, "min_lr": o.min_lr,
+        "clip": o.grad_clip, "aug": vars(AugmentConfig.default_for(data.img_size)), "version": 1,
+    }
+    key = hashlib.sha256(json.dumps(recipe, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    arch = r.arch.replace("/", "_")
+    return r.arch, Path(cfg.run.workdir) / "teachers" / f"finetuned-{arch}-{key}"
+
+
+def pretrained_teacher(
+    cfg: TrainConfig, data: Dataset, *, reinit_head: bool = False, log=print
+) -> nn.Module:
+    """--teacher's pretrained weights in its architecture, built for the data (CPU)."""
+    return build_pretrained(
+        cfg.model.teacher, num_classes=data.num_classes, img_size=data.img_size, in_chans=data.in_chans,
+        weights=cfg.model.teacher_weights, reinit_head=reinit_head, seed=0, what="--teacher",
+        log=lambda m: log(f"fastkd: {m}"), **shape_overrides(cfg, "teacher"),
+    )
+
+
+def input_norm(model: nn.Module, data: Dataset) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """The (mean, std) the model expects: its pretrained config, else the normalisation it was trained
+    with (fastkd checkpoints record it), else the data's."""
+    if getattr(model, "fastkd_weights", None) is not None:
+        p = preprocessing(model, data.in_chans)
+        return p["mean"], p["std"]
+    meta = getattr(model, "fastkd_meta", None) or {}
+    if meta.get("input_mean") is not None:
+        return tuple(meta["input_mean"]), tuple(meta["input_std"])
+    return tuple(data.mean), tuple(data.std)
 
 
 def shape_overrides(cfg: TrainConfig, role: str) -> dict:
@@ -80,11 +158,15 @@ def teacher_model(cfg: TrainConfig, data: Dataset, path: str | os.PathLike | Non
     """The teacher model named by ``--teacher`` (timm name + ``--teacher-*`` overrides, or a checkpoint as
     saved), or the default teacher's checkpoint at ``path``. CPU, not frozen."""
     mk = dict(num_classes=data.num_classes, img_size=data.img_size, in_chans=data.in_chans)
+    if path is not None:  # the default or the fine-tuned teacher's checkpoint
+        return resolve_model(str(path), **mk)
+    if is_pretrained(cfg):
+        return pretrained_teacher(cfg, data)
     if cfg.model.teacher:
         src = str(cfg.model.teacher)
         ov = {} if os.path.exists(src) else shape_overrides(cfg, "teacher")
         return resolve_model(src, **mk, **ov)
-    return resolve_model(str(path), **mk)
+    raise ValueError("no --teacher and no default teacher checkpoint")
 
 
 def teacher_identity(cfg: TrainConfig, data: Dataset, model: nn.Module | None = None) -> dict:
@@ -94,6 +176,13 @@ def teacher_identity(cfg: TrainConfig, data: Dataset, model: nn.Module | None = 
     built ``model``'s state when given); no ``--teacher`` → the default teacher of this data and recipe,
     with its checkpoint's sha256 once it has been trained. ``data``: the full training split.
     """
+    if cfg.model.teacher and cfg.model.teacher_finetune:
+        path = finetune_spec(cfg, data)[1] / "student.safetensors"
+        sha = file_sha256(path) if path.is_file() else None
+        return {"source": str(path), "sha256": sha, "default_key": path.parent.name}
+    if is_pretrained(cfg):
+        r = resolve_weights(cfg.model.teacher, cfg.model.teacher_weights)
+        return {"source": cfg.model.teacher, "sha256": weights_sha256(r.file), "default_key": None}
     if cfg.model.teacher:
         src = str(cfg.model.teacher)
         if os.path.isfile(src):

@@ -17,9 +17,9 @@ from fastkd.models.checkpoints import set_verify
 from fastkd.train.distributed import init_distributed
 from fastkd.train.guard import validate
 from fastkd.train.rundir import default_out, prepare_run_dir
-from fastkd.train.setup import build_trainer
+from fastkd.train.setup import build_trainer, finetune_summary
 from fastkd.train.trainer import NonFiniteLoss
-from fastkd.utils import disk_full
+from fastkd.utils import atomic_write_json, disk_full
 
 __all__ = ["default_out", "main", "run"]
 
@@ -27,6 +27,8 @@ __all__ = ["default_out", "main", "run"]
 def run(cfg: TrainConfig, log=print) -> dict:
     validate(cfg)  # before any data loading or teacher training
     set_verify(not cfg.run.no_verify)
+    if cfg.run.threads:  # --threads N: results are bit-reproducible for one seed + thread count + versions
+        torch.set_num_threads(cfg.run.threads)
     out = Path(cfg.run.out) if cfg.run.out else default_out(cfg)
     dist = init_distributed(cfg.run.device)
     if not dist.main:
@@ -45,6 +47,10 @@ def run(cfg: TrainConfig, log=print) -> dict:
     summary = trainer.fit(out)
     if not dist.main:  # ranks > 0 return {} from fit: nothing to report
         return summary
+    ft = finetune_summary(cfg, trainer.full)
+    if ft:  # the fine-tuned teacher's own val top-1 (from its fine-tuning run) beside the run's numbers
+        summary.update(ft)
+        atomic_write_json(out / "summary.json", summary)
     log(
         f"fastkd: {cfg.method.method}: student val top-1 {summary['student_top1']:.2f}% "
         f"in {summary['wall_s']:.1f}s ({summary['img_per_s'] or 0:.0f} img/s) → {out}"

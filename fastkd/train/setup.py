@@ -12,6 +12,8 @@ default teacher is trained first by a plain ``fit`` on its own parts (``ensure_d
 from __future__ import annotations
 
 import hashlib
+import json
+import os
 import random
 from dataclasses import replace
 from pathlib import Path
@@ -25,11 +27,16 @@ from fastkd.data.augment import AugmentConfig
 from fastkd.methods.ce import METHOD as PLAIN  # the teacher-free method the default teacher uses
 from fastkd.methods.registry import DistillLoss, build_loss, check_student, needs_teacher, wants_dist_head
 from fastkd.models import default_arch, model_info, resolve_model
+from fastkd.models.weights import build_pretrained, classifier_names, input_renorm, preprocessing
 from fastkd.ops import dispatch as KF
 from fastkd.teachers.base import Teacher
 from fastkd.teachers.cached import CachedTeacher
 from fastkd.teachers.factory import (
     default_teacher_spec,
+    finetune_lr,
+    finetune_spec,
+    input_norm,
+    pretrained_teacher,
     shape_overrides,
     teacher_identity,
     teacher_model,
@@ -73,7 +80,8 @@ def limit_train(data: Dataset, n: int) -> Dataset:
         raise ValueError(f"--train-limit {n}: must be in 1..{len(data.y_train)} for {data.name}")
     if n == len(data.y_train):
         return data
-    x, y = data.x_train[:n], data.y_train[:n]
+    x = data.x_train[:n] if data.x_train is not None else None  # streamed: ids 0..n-1 of the stream
+    y = data.y_train[:n]
     fp = hashlib.sha256(f"{data.fingerprint}:first{n}".encode()).hexdigest()
     return replace(data, x_train=x, y_train=y, fingerprint=fp, name=f"{data.name}[:{n}]")
 
@@ -81,7 +89,16 @@ def limit_train(data: Dataset, n: int) -> Dataset:
 def build_data(cfg: TrainConfig, data: Dataset | None = None, log=print) -> tuple[Dataset, Dataset]:
     """(full training split, the student's split). The teacher (when fastkd trains it) learns from the
     whole split; the student from the first --train-limit images of it (digits default: 360)."""
-    full = data if data is not None else load_data(cfg.data.data, img_size=cfg.data.img_size)
+    if data is not None:
+        full = data
+    else:
+        dc = cfg.data
+        full = load_data(
+            dc.data, img_size=dc.img_size, val_spec=dc.val_data, on_bad_image=dc.on_bad_image,
+            memory_threshold=dc.memory_threshold, workers=dc.workers,
+            index_cache=os.path.join(os.path.expanduser("~"), ".cache", "fastkd", "tar-index"),
+            log=lambda m: log(f"fastkd.data: {m}"),
+        )
     limit = cfg.data.train_limit
     if limit is None and cfg.data.data == "digits":
         limit = DIGITS_DEFAULT_LIMIT
@@ -116,12 +133,30 @@ def build_student(cfg: TrainConfig, data: Dataset, device, arch: tuple[str, dict
     """(student model on device, its arch); fails fast when it cannot serve the methods."""
     arch = arch if arch is not None else student_arch(cfg, data)
     mk = dict(num_classes=data.num_classes, img_size=data.img_size, in_chans=data.in_chans)
-    student = resolve_model(arch[0], **mk, **arch[1]).to(device)
+    if cfg.model.student_weights:  # pretrained init; a head of other classes is re-initialised
+        student = build_pretrained(
+            arch[0], **mk, weights=cfg.model.student_weights, reinit_head=True, seed=cfg.run.seed,
+            what="--student-weights", log=lambda m: print(f"fastkd: {m}"), **arch[1],
+        ).to(device)
+    else:
+        student = resolve_model(arch[0], **mk, **arch[1]).to(device)
     check_student(cfg.method.method, model_info(student))
     return student, arch
 
 
-def resolve_teacher(cfg: TrainConfig, full: Dataset, device, *, dist: Dist | None = None, log=print):
+def run_norm(student, full: Dataset, data: Dataset, log=print) -> tuple[Dataset, Dataset]:
+    """A pretrained student (--student-weights) sets the run's normalisation to its own (mean, std)."""
+    if getattr(student, "fastkd_weights", None) is None:
+        return full, data
+    p = preprocessing(student, data.in_chans)
+    log(f"fastkd: normalising batches with the student's pretrained mean {p['mean']} std {p['std']}")
+    return replace(full, mean=p["mean"], std=p["std"]), replace(data, mean=p["mean"], std=p["std"])
+
+
+def resolve_teacher(
+    cfg: TrainConfig, full: Dataset, device, *, dist: Dist | None = None, log=print,
+    norm: tuple | None = None,
+):
     """(teacher model on device, its source) — the one teacher-resolution path of train and cache:
     ``--teacher`` (timm name + ``--teacher-*`` shape flags, or a checkpoint as saved), else the default
     teacher of the full split (trained once if missing; rank 0 trains it, the other ranks wait, then load
@@ -130,14 +165,23 @@ def resolve_teacher(cfg: TrainConfig, full: Dataset, device, *, dist: Dist | Non
     dist = dist or Dist()
     with torch.random.fork_rng(devices=[]):
         path = None
+        make = None
         if not cfg.model.teacher:
+            make = ensure_default_teacher
+        elif cfg.model.teacher_finetune:
+            make = ensure_finetuned_teacher
+        if make is not None:
             if dist.main:
-                path = ensure_default_teacher(cfg, full, log=log)
+                path = make(cfg, full, log=log)
             dist.barrier()
             if not dist.main:
-                path = ensure_default_teacher(cfg, full, log=log)
+                path = make(cfg, full, log=log)
         model = teacher_model(cfg, full, path)
-    return model.to(device), str(cfg.model.teacher or path)
+    # the teacher's own normalisation, derived on the device from the batches' (x_t = (x*s_s+m_s-m_t)/s_t)
+    input_renorm(model, norm or (full.mean, full.std), input_norm(model, full),
+                 log=lambda m: log(f"fastkd: {m}"))
+    return model.to(device), str(path if path is not None and cfg.model.teacher_finetune else
+                                 cfg.model.teacher or path)
 
 
 def build_teacher_and_loss(
@@ -156,9 +200,9 @@ def build_teacher_and_loss(
         loss = build_loss(cfg.method, s_info, cached.info, epochs=cfg.optim.epochs).to(device)
         cached.check_signals(loss)
         return cached, loss
-    t_model, source = resolve_teacher(cfg, full, device, dist=dist, log=log)
+    t_model, source = resolve_teacher(cfg, full, device, dist=dist, log=log, norm=(data.mean, data.std))
     loss = build_loss(cfg.method, s_info, model_info(t_model), epochs=cfg.optim.epochs).to(device)
-    top1 = evaluate(t_model, data, device, amp)["top1"]
+    top1 = evaluate(t_model, data, device, amp, dist=dist, workers=cfg.data.workers)["top1"]
     return OnlineTeacher(t_model, loss, top1=top1, source=source), loss
 
 
@@ -189,10 +233,13 @@ def build_trainer(
     full, d = build_data(cfg, data, log)
     aug = build_aug(cfg, d)
     student, arch = build_student(cfg, d, device, student_arch)
+    full, d = run_norm(student, full, d, log)
     teacher, loss = build_teacher_and_loss(
         cfg, full, d, aug, model_info(student), device, dist=dist, amp=amp, log=log
     )
-    return Trainer(cfg, d, aug, student, teacher, loss, student_arch=arch, dist=dist, log=log)
+    trainer = Trainer(cfg, d, aug, student, teacher, loss, student_arch=arch, dist=dist, log=log)
+    trainer.full = full  # the teacher's split (its fine-tuning summary is keyed by it)
+    return trainer
 
 
 def ensure_default_teacher(cfg: TrainConfig, data: Dataset, log=print) -> Path:
@@ -222,3 +269,54 @@ def ensure_default_teacher(cfg: TrainConfig, data: Dataset, log=print) -> Path:
     s = Trainer(tcfg, data, aug, model, None, loss, student_arch=arch, log=log).fit(tdir)
     log(f"fastkd: default {what} trained in {s['wall_s']:.0f}s → {path}")
     return path
+
+
+def ensure_finetuned_teacher(cfg: TrainConfig, data: Dataset, log=print) -> Path:
+    """Fine-tune --teacher's pretrained weights on the whole training split ``data`` once
+    (--teacher-finetune epochs, CE, --teacher-finetune-lr, seed 0; mode full or head), with the weights'
+    own normalisation and a new head when the classes differ; later runs reuse it (key: weights sha256 +
+    data fingerprint + recipe), an interrupted one resumes. Its val top-1 is in its summary.json."""
+    arch, tdir = finetune_spec(cfg, data)
+    path = tdir / "student.safetensors"
+    if path.exists():
+        log(f"fastkd: reusing the fine-tuned teacher {path}")
+        return path
+    m = cfg.model
+    log(f"fastkd: fine-tuning {m.teacher} ({m.teacher_finetune_mode}, {m.teacher_finetune} epochs, "
+        f"lr {finetune_lr(cfg):g}) on {data.name} → {tdir}")
+    tcfg = TrainConfig.from_dict(cfg.to_dict())
+    tcfg.method = replace(tcfg.method, method=PLAIN.name, ce_weight=1.0)
+    tcfg.model = replace(tcfg.model, teacher=None, student_weights=None, teacher_finetune=0)
+    tcfg.optim = replace(tcfg.optim, epochs=m.teacher_finetune, lr=finetune_lr(cfg))
+    tcfg.run = replace(tcfg.run, seed=0, resume=True, teacher_cache=None, tensorboard=False, compile=False)
+    tcfg.data = replace(tcfg.data, train_limit=0, mixup=0.0, cutmix=0.0, crop_pad=None, hflip=False)
+    device = pick_device(tcfg.run.device)
+    seed_everything(0)
+    with torch.random.fork_rng(devices=[]):
+        model = pretrained_teacher(cfg, data, reinit_head=True, log=log)
+    if m.teacher_finetune_mode == "head":
+        heads = tuple(f"{h}." for h in classifier_names(model))
+        for name, p in model.named_parameters():
+            p.requires_grad_(name.startswith(heads))
+    p = preprocessing(model, data.in_chans)
+    tdata = replace(data, mean=p["mean"], std=p["std"])  # its own normalisation (recorded in the checkpoint)
+    model = model.to(device)
+    aug = build_aug(tcfg, tdata)
+    loss = build_loss(tcfg.method, model_info(model), None, epochs=tcfg.optim.epochs).to(device)
+    t_arch = (arch, dict(getattr(model, "fastkd_arch", {}).get("overrides", shape_overrides(cfg, "teacher"))))
+    s = Trainer(tcfg, tdata, aug, model, None, loss, student_arch=t_arch, log=log).fit(tdir)
+    log(f"fastkd: fine-tuned teacher: val top-1 {s['student_top1']:.2f}% in {s['wall_s']:.0f}s → {path}")
+    return path
+
+
+def finetune_summary(cfg: TrainConfig, data: Dataset) -> dict | None:
+    """{'teacher_finetune_top1', 'teacher_finetune_dir', ...} of this run's fine-tuned teacher, if any."""
+    if not (cfg.model.teacher and cfg.model.teacher_finetune):
+        return None
+    tdir = finetune_spec(cfg, data)[1]
+    try:
+        s = json.loads((tdir / "summary.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return {"teacher_finetune_top1": s.get("student_top1"), "teacher_finetune_epochs": s.get("epochs"),
+            "teacher_finetune_mode": cfg.model.teacher_finetune_mode, "teacher_finetune_dir": str(tdir)}

@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 from fastkd.config import TrainConfig
 from fastkd.data import Dataset, EpochSampler
 from fastkd.data.augment import AugmentConfig, eval_batch
-from fastkd.data.batches import TrainBatches
+from fastkd.data.batches import TrainBatches, val_batches
 from fastkd.methods.registry import DistillLoss, eval_dense_heads
 from fastkd.models import forward_taps, model_info, save_model
 from fastkd.ops import dispatch as KF
@@ -116,7 +116,7 @@ class Trainer:
         self.amp = cfg.run.amp and self.device.type == "cuda"
         self.eval_dense = eval_dense_heads(cfg.method.method)
         self.teacher_top1 = teacher.top1 if teacher is not None else None
-        self.batches = TrainBatches(data, aug, cfg.run.seed, self.device)
+        self.batches = TrainBatches(data, aug, cfg.run.seed, self.device, workers=cfg.data.workers)
         self.y_train = self.batches.y_train
         self.sampler = EpochSampler(
             len(data.y_train),
@@ -255,7 +255,8 @@ class Trainer:
     def evaluate_model(self, model: nn.Module, batch_size: int = 512) -> dict[str, float]:
         """``evaluate`` with the methods' eval rule for the student (plain heads for any other model)."""
         dense = self.eval_dense and model is self.student
-        return evaluate(model, self.data, self.device, self.amp, dense_heads=dense, batch_size=batch_size)
+        return evaluate(model, self.data, self.device, self.amp, dense_heads=dense, batch_size=batch_size,
+                        dist=self.dist, workers=self.cfg.data.workers)
 
     # -- run ---------------------------------------------------------------------------------
     def fit(self, out_dir: str | Path) -> dict:
@@ -301,6 +302,8 @@ class Trainer:
                     self.teacher.prefetch_epoch(
                         self.sampler.batches(epoch, start_step=first), self.view_of(epoch)
                     )
+                # the loader prepares the epoch's batches (CPU ids) ahead, in workers or from pinned memory
+                self.batches.start_epoch(self.sampler.batches(epoch, start_step=first), self.view_of(epoch))
                 for i, ids in enumerate(self.sampler.batches(epoch, start_step=first), start=first):
                     terms = self.step(ids, epoch, tel)
                     tel.timer.step_done(len(ids) * self.dist.world)
@@ -322,8 +325,8 @@ class Trainer:
                         self._save_checkpoint(ckpt_dir, epoch, i + 1)
                 last = epoch + 1 == cfg.optim.epochs
                 if last or (cfg.run.eval_every and (epoch + 1) % cfg.run.eval_every == 0):
+                    last_eval = self.evaluate_model(self.student)  # sharded over the ranks, reduced
                     if main:
-                        last_eval = self.evaluate_model(self.student)
                         ev = {
                             "epoch": epoch + 1,
                             "step": self.step_idx,
@@ -341,11 +344,12 @@ class Trainer:
             if mf:
                 mf.close()
             bar.close()
+            self.batches.close()
+        if last_eval is None:  # resumed at the final epoch: evaluate what we have
+            last_eval = self.evaluate_model(self.student)
         if not main:
             tel.close()
             return {}
-        if last_eval is None:  # resumed at the final epoch: evaluate what we have
-            last_eval = self.evaluate_model(self.student)
         wall = time.perf_counter() - t0
         tsum = tel.summary()
         tel.close()
@@ -371,6 +375,10 @@ class Trainer:
             **tsum,
         }
         summary["img_per_s"] = tsum.get("img_per_s")
+        timed = tsum.get("timed_s") or 0.0  # host time blocked on the loader for a prepared batch
+        summary.update(loader="stream" if self.data.stream is not None else "memory",
+                       loader_wait_s=self.batches.wait_s,
+                       loader_wait_share=self.batches.wait_s / timed if timed else None)
         atomic_write_json(out / "summary.json", summary)
         # the full curves survive a resume: re-read metrics.jsonl for the report
         history, evals = read_metrics(metrics_path)
@@ -392,6 +400,8 @@ class Trainer:
             "img_size": d.img_size,
             "in_chans": d.in_chans,
             "data_fingerprint": d.fingerprint,
+            "input_mean": list(d.mean),  # the normalisation it was trained with (a teacher gets its own)
+            "input_std": list(d.std),
             "method": self.cfg.method.method,
         }
 
@@ -460,38 +470,43 @@ class NonFiniteLoss(RuntimeError):
 @torch.no_grad()
 def evaluate(
     model: nn.Module, data: Dataset, device, amp: bool = False, *, dense_heads: bool = False,
-    batch_size: int = 512,
+    batch_size: int = 512, dist: Dist | None = None, workers: int | None = None,
 ) -> dict[str, float]:
     """Top-1 on the val split. Distilled students: mean of the two heads (+ cls-only and dist-only top-1).
 
     dense_heads (a method's eval rule, CSKD release): a distilled student's top-1 is the argmax of the
     mean of (cls logits, dist logits, mean over patches of the dense dist-head logits).
+    Sharded: each rank evaluates its share of the val ids (``eval_id_batches``), hits are summed over
+    the ranks with one all_reduce; every rank returns the same numbers. Streamed val data is decoded by
+    a loader over the val split.
     """
     was = model.training
     model.eval()
-    d = data
+    dist = dist or Dist()
     has_dist = model_info(model).has_dist_head
     dense = dense_heads and has_dist
-    hits = {"top1": 0, "top1_cls": 0, "top1_dist": 0}
-    n = len(d.y_val)
-    for i in range(0, n, batch_size):
-        x = eval_batch(d.x_val[i : i + batch_size].to(device), d.mean, d.std)
-        y = d.y_val[i : i + batch_size].to(device)
+    hits = torch.zeros(3, dtype=torch.float64, device=device)  # top1, top1_cls, top1_dist (no host sync)
+    for xb, y in val_batches(data, device, batch_size, dist.rank, dist.world, workers=workers):
+        x = eval_batch(xb, data.mean, data.std)
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp):
             taps = forward_taps(model, x, dense=dense)
         logits = taps.logits.float()
         if taps.dist_logits is not None:
-            dist = taps.dist_logits.float()
-            hits["top1_cls"] += (logits.argmax(-1) == y).sum().item()
-            hits["top1_dist"] += (dist.argmax(-1) == y).sum().item()
+            dist_l = taps.dist_logits.float()
+            hits[1] += (logits.argmax(-1) == y).sum()
+            hits[2] += (dist_l.argmax(-1) == y).sum()
             if taps.dense_logits is not None:  # cls, dist and mean dense dist-head logits
-                logits = (logits + dist + taps.dense_logits.float().mean(dim=(2, 3))) / 3
+                logits = (logits + dist_l + taps.dense_logits.float().mean(dim=(2, 3))) / 3
             else:
-                logits = (logits + dist) / 2
-        hits["top1"] += (logits.argmax(-1) == y).sum().item()
+                logits = (logits + dist_l) / 2
+        hits[0] += (logits.argmax(-1) == y).sum()
+    if dist.world > 1:
+        torch.distributed.all_reduce(hits)
     model.train(was)
-    out = {"top1": 100.0 * hits["top1"] / n}
+    n = len(data.y_val)
+    top1, top1_cls, top1_dist = (100.0 * v / n for v in hits.tolist())
+    out = {"top1": top1}
     if has_dist:
-        out["top1_cls"] = 100.0 * hits["top1_cls"] / n
-        out["top1_dist"] = 100.0 * hits["top1_dist"] / n
+        out["top1_cls"] = top1_cls
+        out["top1_dist"] = top1_dist
     return out

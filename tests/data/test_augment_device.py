@@ -303,10 +303,15 @@ def test_trainer_batch_makes_no_host_sync(tmp_path):
     ]
     tr = build_trainer(parse_args(argv), log=lambda *a: None)
     ids = next(iter(tr.sampler.batches(0))).to(tr.device)
-    ref = tr.batch(ids, 0)  # warm-up
+    ref = tr.batch(ids, 0)  # warm-up (not announced: fetched directly)
+    # the loop announces each epoch's CPU id batches to the loader (rows gathered ahead, on the host)
+    tr.batches.start_epoch([ids], 0)
     with no_host_sync():
         got = tr.batch(ids, 0)
+    tr.batches.start_epoch([ids], 1)
+    with no_host_sync():
         tr.batch(ids, 1)
+    assert tr.batches.data.x_train.device.type == "cpu"  # the dataset stays on the host
     assert (ref[1].max(1).values < 1).any()  # mixing is in play
     for a, b in zip(ref, got, strict=True):
         assert torch.equal(a, b)

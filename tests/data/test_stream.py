@@ -442,15 +442,15 @@ def test_streamed_batches_augment_exactly_like_in_memory(folder):
 
 
 def test_shard_index_cache_reused_and_invalidated(folder, tmp_path, monkeypatch):
-    import fastkd.data.stream as st
+    import fastkd.data.shards as shards_mod
 
     tr = _write_shards(folder, tmp_path / "shards", "train")
     cache = tmp_path / "idx"
     a = open_stream(tr, val_spec=tr, img_size=32, index_cache=str(cache), log=None)
     assert len(list(cache.glob("*.json"))) == 2
     calls = []
-    real = st._index_one
-    monkeypatch.setattr(st, "_index_one", lambda *a: calls.append(a[0]) or real(*a))
+    real = shards_mod._index_one
+    monkeypatch.setattr(shards_mod, "_index_one", lambda *a: calls.append(a[0]) or real(*a))
     b = open_stream(tr, val_spec=tr, img_size=32, index_cache=str(cache), log=None)
     assert (
         calls == []
