@@ -23,6 +23,7 @@ from typing import NamedTuple
 import torch
 import triton
 import triton.language as tl
+from torch.utils.weak import WeakIdKeyDictionary
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 _EMULATE_RTNE = tl.constexpr(INTERPRET)
@@ -107,6 +108,25 @@ def resolve_amp(amp: bool | None, device: torch.device) -> bool:
     """The op's ``amp`` flag: the caller's explicit choice, or (None) bf16 autocast read now (eager only:
     under torch.compile the caller must pass it, the traced op runs outside the autocast context)."""
     return autocast_bf16_on(device) if amp is None else bool(amp)
+
+
+_W16 = WeakIdKeyDictionary()  # weight -> (version, bf16 copy); by identity (Tensor.__eq__ is elementwise)
+
+
+def bf16_weight(weight: torch.Tensor) -> torch.Tensor:
+    """``weight`` rounded to bf16, cached per (tensor, version): the forward and the backward of one step
+    share one cast (an optimizer step bumps the version, so the next step casts again). Not cached for
+    tensors without a version counter (inference tensors) or while tracing."""
+    try:
+        version = weight._version
+        hit = _W16.get(weight)
+    except (RuntimeError, TypeError):
+        return weight.to(torch.bfloat16)
+    if hit is not None and hit[0] == version:
+        return hit[1]
+    w16 = weight.detach().to(torch.bfloat16)
+    _W16[weight] = (version, w16)
+    return w16
 
 
 def dot_bf16(amp: bool, *operands: torch.Tensor | None) -> bool:

@@ -63,6 +63,7 @@ import triton.language as tl
 
 from ._utils import (
     INTERPRET,
+    bf16_weight,
     Cfg,
     autotune,
     cast_rtne,
@@ -464,20 +465,36 @@ def _token_kd_map_bwd_kernel(
 
 @triton.jit
 def _token_kd_scale_kernel(
-    x_ptr,  # [numel] dS of the mimic term from the stored residual (bf16, unscaled), contiguous
+    x_ptr,  # [B·N, D] dS of the mimic term from the stored residual (bf16, unscaled), compact
     g_ptr,  # [] fp32 upstream gradient of the mimic sum
-    out_ptr,  # [numel] out: 2·g·x in s's dtype (dS, contiguous [B, N, D_S])
-    numel,
-    BLOCK: tl.constexpr,
+    out_ptr,  # [B, P+N, D] out, contiguous: dS = 2·g·x in s's dtype; prefix tokens (t < P) get 0
+    R,  # B·(P+N) output rows
+    T,  # P+N tokens per sample
+    P,
+    D,
+    BLOCK_R: tl.constexpr,
+    BLOCK_D: tl.constexpr,
 ):
-    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    ok = offs < numel
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    row_ok = rows < R
+    col_ok = cols < D
+    tok = rows % T
+    src = (rows // T) * (T - P) + tok - P  # the compact row of a patch token
+    keep = row_ok & (tok >= P)
     g = 2.0 * tl.load(g_ptr).to(tl.float32)
-    x = tl.load(x_ptr + offs, mask=ok, other=0.0).to(tl.float32)
-    tl.store(out_ptr + offs, cast_rtne(x * g, out_ptr.dtype.element_ty), mask=ok)
+    x = tl.load(
+        x_ptr + src.to(tl.int64)[:, None] * D + cols[None, :], mask=keep[:, None] & col_ok[None, :], other=0.0
+    ).to(tl.float32)
+    tl.store(
+        out_ptr + rows.to(tl.int64)[:, None] * D + cols[None, :],
+        cast_rtne(x * g, out_ptr.dtype.element_ty),
+        mask=row_ok[:, None] & col_ok[None, :],
+    )
 
 
-SCALE_BLOCK = 2048  # elements per program of ``_token_kd_scale_kernel`` (4 warps, 16 per thread)
+# ``_token_kd_scale_kernel`` tile: 32 rows × 128 channels per program, 4 warps (32 elements per thread)
+SCALE_CFG = Cfg(BLOCK_M=32, BLOCK_N=1, BLOCK_K=128, num_warps=4, num_stages=1)
 
 
 # ---------------------------------------------------------------------------------------- launchers
@@ -656,7 +673,10 @@ def token_kd_forward(
         ),
         config,
     )
-    mim, msum = stats[3].sum(), stats[4].sum()  # rows of zeros when the term is off
+    # a term that is off is an exact 0 (its stats row holds zeros): no reduction launched for it
+    zero = lambda: s.new_zeros((), dtype=torch.float32)
+    mim = stats[3].sum() if mimic else zero()
+    msum = stats[4].sum() if has_t else zero()
     return mim, msum, a_s, s_cls, t_cls, stats
 
 
@@ -720,7 +740,7 @@ def _mimic_forward(s, t, weight, bias, P_s, P_t, amp, config, residual=None):
     return part[: triton.cdiv(D_t, cfg.BLOCK_N)].sum(), s.new_zeros((), dtype=torch.float32)
 
 
-def _residual_backward(g_mim, s, t, weight, bias, stats, P, need_dw, need_db):
+def _residual_backward(g_mim, s, t, weight, bias, stats, P, need_dw, need_db, placeholders=True):
     """(dS, dW, db) of the mimic term alone from the residual the forward stored (``residual_on``):
     dS = 2g·(r W) (cuBLAS bf16, then one scale-and-cast pass), dW = 2g·(rᵀ S), db = 2g·Σ_m r."""
     B, T, D_s = s.shape
@@ -730,31 +750,32 @@ def _residual_backward(g_mim, s, t, weight, bias, stats, P, need_dw, need_db):
     r, sb, db_sum = _residual_views(stats, M, D_s, D_t, has_w, has_b)
     g = g_mim if g_mim.dtype == torch.float32 else g_mim.float()
     mim_ds = torch.mm(r, _gemm_weight(weight, True)) if has_w else r  # [M, D_s] bf16, unscaled
-    if P == 0:
-        ds = torch.empty(s.shape, dtype=s.dtype, device=s.device)
-        numel = mim_ds.numel()
-        _token_kd_scale_kernel[(triton.cdiv(numel, SCALE_BLOCK),)](
-            mim_ds, g, ds, numel, BLOCK=SCALE_BLOCK, num_warps=4
-        )
-    else:  # prefix rows get no gradient from the mimic term (rare: the op called with prefixes)
-        ds = s.new_zeros(s.shape)
-        ds[:, P:] = (mim_ds.float() * (g * 2.0)).view(B, N, D_s)
+    # one pass writes all of dS [B, P+N, D_s] in s's dtype: the patch rows 2g·(r W), the prefix rows 0 —
+    # so a caller passing whole token tensors with num_prefix_s (not a patch view) needs no
+    # SliceBackward (zeros + copy of [B, 1+N, D_s], 76 µs per layer measured on the H200)
+    ds = torch.empty(s.shape, dtype=s.dtype, device=s.device)
+    R = B * T
+    c = SCALE_CFG
+    _token_kd_scale_kernel[(triton.cdiv(R, c.BLOCK_M), triton.cdiv(D_s, c.BLOCK_K))](
+        mim_ds, g, ds, R, T, P, D_s, BLOCK_R=c.BLOCK_M, BLOCK_D=c.BLOCK_K, num_warps=c.num_warps
+    )
     g2 = g * 2.0
     if has_w and need_dw:
         dw = torch.mm(r.t(), sb).to(weight.dtype).mul_(g2)
     else:
-        dw = s.new_empty(0, dtype=torch.float32)
+        dw = s.new_empty(0, dtype=torch.float32) if placeholders else None
     if has_b and need_db:
         db = (db_sum * g2).to(bias.dtype).reshape(bias.shape)
     else:
-        db = s.new_empty(0, dtype=torch.float32)
+        db = s.new_empty(0, dtype=torch.float32) if placeholders else None
     return ds, dw, db
 
 
 def _gemm_weight(weight, bf16: bool):
-    """W in the GEMM dtype: rounded to bf16 once per call for a bf16 dot (what autocast does; the kernels
-    then stream half the bytes of W from L2 per row tile), as is for an exact one."""
-    return weight.to(torch.bfloat16) if (bf16 and weight.dtype != torch.bfloat16) else weight
+    """W in the GEMM dtype: rounded to bf16 for a bf16 dot (what autocast does; the kernels then stream
+    half the bytes of W from L2 per row tile), as is for an exact one. The bf16 copy is cached per
+    weight version (``bf16_weight``): one cast per fwd + bwd, as autocast's own weight cache does."""
+    return bf16_weight(weight) if (bf16 and weight.dtype != torch.bfloat16) else weight
 
 
 def _as_matrix(x, N):
@@ -787,20 +808,25 @@ def token_kd_backward(
     config: Cfg | None = None,
     map_config: Cfg | None = None,
     residual: bool = False,
+    placeholders: bool = True,
 ):
-    """Gradients (dS, dW, db) of ``token_kd_forward``; dW / db are empty when not needed.
+    """Gradients (dS, dW, db) of ``token_kd_forward``; dW / db are empty when not needed (None with
+    ``placeholders=False``: the eager autograd path, which does not need tensors there).
 
     g_mim, g_map: 0-d upstream gradients (stay on device); g_as [B, N] / g_cls [B, D_s]: upstream
     gradients of a_s / s_cls, or None. dS is a fresh contiguous tensor of s's shape and dtype. ``amp``
-    as in the forward (the autograd formula passes the forward's value).
+    as in the forward (the autograd formula passes the forward's value). The inputs were validated by
+    the forward (``_check``), so the backward only reads the dims (host time per call).
     """
-    B, N, D_s, D_t = _check(s, t, weight, bias, num_prefix_s, num_prefix_t, mimic, cls_map)
+    B, T_s, D_s = s.shape
+    N = T_s - num_prefix_s
+    D_t = t.shape[2] if t is not None else 0
     M = B * N
     P = num_prefix_s
     dw = db = None  # empty placeholders made at the end when not computed (distinct: no aliasing)
     mim_ds = None  # compact [M, D_s] dS of the mimic term
     if residual:  # the forward stored r (bf16), S (bf16) and Σ_m r: no recompute, GEMMs on r, scale by 2g
-        return _residual_backward(g_mim, s, t, weight, bias, stats, P, need_dw, need_db)
+        return _residual_backward(g_mim, s, t, weight, bias, stats, P, need_dw, need_db, placeholders)
     if mimic:
         has_w = weight is not None
         has_b = bias is not None
@@ -866,9 +892,9 @@ def token_kd_backward(
             db = db_part[: triton.cdiv(M, cfg.BLOCK_M)].sum(0)
             if db.dtype != bias.dtype or db.shape != bias.shape:
                 db = db.to(bias.dtype).reshape(bias.shape)
-    if dw is None:
+    if placeholders and dw is None:  # the custom op returns tensors; the eager path takes None
         dw = s.new_empty(0, dtype=torch.float32)
-    if db is None:
+    if placeholders and db is None:
         db = s.new_empty(0, dtype=torch.float32)
     if not cls_map:
         if P == 0:
@@ -918,7 +944,7 @@ def token_kd_backward(
 
 # -------------------------------------------------------------------------------- custom op / autograd
 @torch.library.custom_op("fastkd::token_kd", mutates_args=())
-def token_kd_op(
+def token_kd_custom_op(
     s: torch.Tensor,
     t: Optional[torch.Tensor],  # noqa: UP045 (torch<2.7 schema inference needs typing.Optional)
     weight: Optional[torch.Tensor],  # noqa: UP045
@@ -952,7 +978,7 @@ def token_kd_op(
     )
 
 
-@token_kd_op.register_fake
+@token_kd_custom_op.register_fake
 def _(s, t, weight, bias, num_prefix_s, num_prefix_t, mimic, cls_map, amp=None, save_residual=None):
     _, N, _, _ = _check(s, t, weight, bias, num_prefix_s, num_prefix_t, mimic, cls_map)
     new = lambda: s.new_empty((), dtype=torch.float32)
@@ -1035,35 +1061,45 @@ def _(
     return ds, dw, db
 
 
-def _setup_context(ctx, inputs, output):
+def _save(ctx, s, t, weight, bias, num_prefix_s, num_prefix_t, mimic, cls_map, amp, residual, output):
     # unused outputs (stats, t_cls, often a_s / s_cls) get None, not materialised zeros: those zeros
     # were most of the ~9 zeros/fill_ per call measured on the H200 (issue 12, item 6)
     ctx.set_materialize_grads(False)
+    _, _, a_s, s_cls, _, stats = output
+    ctx.save_for_backward(s, t, weight, bias, a_s, stats, s_cls)
+    ctx.args = (num_prefix_s, num_prefix_t, mimic, cls_map, amp, residual)
+
+
+def _setup_context(ctx, inputs, output):
     s, t, weight, bias, num_prefix_s, num_prefix_t, mimic, cls_map = inputs[:8]
     amp = inputs[8] if len(inputs) > 8 else None
     save_residual = inputs[9] if len(inputs) > 9 else None
-    _, _, a_s, s_cls, _, stats = output
-    ctx.save_for_backward(s, t, weight, bias, a_s, stats, s_cls)
     residual = residual_on(amp, save_residual, mimic, cls_map, t, s.shape[2], weight)
-    ctx.args = (num_prefix_s, num_prefix_t, mimic, cls_map, resolve_amp(amp, s.device), residual)
+    amp = resolve_amp(amp, s.device)
+    _save(ctx, s, t, weight, bias, num_prefix_s, num_prefix_t, mimic, cls_map, amp, residual, output)
 
 
-def _backward(ctx, g_mim, g_map, g_as, g_scls, g_tcls, g_stats):
+def _grads(ctx, g_mim, g_map, g_as, g_scls, backward_fn):
+    """(dS, None, dW, db) for the op's autograd formula; ``backward_fn`` is the backward custom op (under
+    torch.compile) or ``token_kd_backward`` itself (eager: no custom-op dispatch on the host)."""
     s, t, weight, bias, a_s, stats, s_cls = ctx.saved_tensors
     num_prefix_s, num_prefix_t, mimic, cls_map, amp, residual = ctx.args
     need_s, _, need_w, need_b = ctx.needs_input_grad[:4]
     need_w = bool(need_w and mimic and weight is not None)
     need_b = bool(need_b and mimic and bias is not None)
     if g_mim is None and g_map is None and g_as is None and g_scls is None:
-        return (None,) * 10
+        return None, None, None, None
     if not (need_s or need_w or need_b):
-        return (None,) * 10
-    zero = None
-    if g_mim is None or g_map is None:  # one 0-d zero at most (the kernels read the scale on device)
-        zero = s.new_zeros((), dtype=torch.float32)
-    ds, dw, db = token_kd_backward_op(
-        zero if g_mim is None else g_mim,
-        zero if g_map is None else g_map,
+        return None, None, None, None
+    # a scale the kernels never read (its term is off) gets a placeholder, a missing one of a term that
+    # is on a 0-d zero (the kernels read the scales on device): no allocation in the common cases
+    if g_mim is None:
+        g_mim = s.new_zeros((), dtype=torch.float32) if mimic else a_s
+    if g_map is None:
+        g_map = s.new_zeros((), dtype=torch.float32) if (cls_map and t is not None) else g_mim
+    ds, dw, db = backward_fn(
+        g_mim,
+        g_map,
         g_as if cls_map else None,
         g_scls if cls_map else None,
         s,
@@ -1082,21 +1118,61 @@ def _backward(ctx, g_mim, g_map, g_as, g_scls, g_tcls, g_stats):
         amp,
         residual,
     )
-    return (
-        (ds if need_s else None),
-        None,
-        (dw if need_w else None),
-        (db if need_b else None),
-        None,
-        None,
-        None,
-        None,
-        None,
-        None,
-    )
+    return (ds if need_s else None), None, (dw if need_w else None), (db if need_b else None)
 
 
-token_kd_op.register_autograd(_backward, setup_context=_setup_context)
+def _backward(ctx, g_mim, g_map, g_as, g_scls, g_tcls, g_stats):
+    return (*_grads(ctx, g_mim, g_map, g_as, g_scls, token_kd_backward_op), *(None,) * 6)
+
+
+def _backward_eager(*args):  # token_kd_backward_op's positional arguments
+    return token_kd_backward(*args[:17], amp=args[17], residual=args[18], placeholders=False)
+
+
+class _TokenKD(torch.autograd.Function):
+    """The eager path of ``token_kd_op``: the same forward / backward launchers as the custom ops, without
+    the custom-op dispatch (``torch.library`` adds ~0.3–0.5 ms of host time per fwd + bwd: the H200
+    profile's ~0.8 ms of CPU per ``fastkd::token_kd`` call; ``tests/kernels/glue_timing.py``)."""
+
+    @staticmethod
+    def forward(ctx, s, t, weight, bias, num_prefix_s, num_prefix_t, mimic, cls_map, amp, residual):
+        out = token_kd_forward(
+            s, t, weight, bias, num_prefix_s, num_prefix_t, mimic, cls_map, amp, save_residual=residual
+        )
+        _save(ctx, s, t, weight, bias, num_prefix_s, num_prefix_t, mimic, cls_map, amp, residual, out)
+        return out
+
+    @staticmethod
+    def backward(ctx, g_mim, g_map, g_as, g_scls, g_tcls, g_stats):
+        return (*_grads(ctx, g_mim, g_map, g_as, g_scls, _backward_eager), *(None,) * 6)
+
+
+def token_kd_op(
+    s, t, weight, bias, num_prefix_s, num_prefix_t, mimic, cls_map, amp=None, save_residual=None
+):
+    """(mimic_sum, map_sum, a_s, s_cls, t_cls, stats): the fused token op (semantics: ``token_kd_forward``).
+
+    Under torch.compile this is the custom op ``fastkd::token_kd`` (``token_kd_custom_op``; pass ``amp``
+    and ``save_residual`` explicitly there). Eager, it runs the same launchers through a plain
+    ``autograd.Function`` (no custom-op dispatch on the host), and ``save_residual=None`` means "when a
+    backward follows": with ``amp`` (bf16 autocast) and the mimic term alone the forward then stores the
+    bf16 residual and the backward does not recompute (``residual_on``; bench/NOTES.md)."""
+    if torch.compiler.is_compiling():
+        return token_kd_custom_op(
+            s, t, weight, bias, num_prefix_s, num_prefix_t, mimic, cls_map, amp, save_residual
+        )
+    amp = resolve_amp(amp, s.device)
+    if save_residual is None:
+        save_residual = torch.is_grad_enabled() and (
+            s.requires_grad
+            or (weight is not None and weight.requires_grad)
+            or (bias is not None and bias.requires_grad)
+        )
+    residual = residual_on(amp, save_residual, mimic, cls_map, t, s.shape[2], weight)
+    return _TokenKD.apply(s, t, weight, bias, num_prefix_s, num_prefix_t, mimic, cls_map, amp, residual)
+
+
+token_kd_custom_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 # ------------------------------------------------------------------------------ compile-check specs
@@ -1281,19 +1357,21 @@ def compile_specs():
                     )
                 )
     for dt in ("fp32", "bf16"):
-        ptrs = {"x_ptr": "bf16", "g_ptr": "fp32", "out_ptr": dt}
-        scalars = dict(numel=256 * 196 * 384)
-        specs.append(
-            (
-                f"scale/{dt}/nodot/{SCALE_BLOCK}",
-                _token_kd_scale_kernel,
-                ptrs,
-                scalars,
-                dict(BLOCK=SCALE_BLOCK),
-                Cfg(BLOCK_M=SCALE_BLOCK, BLOCK_N=1, BLOCK_K=1, num_warps=4, num_stages=1),
+        for P, D in ((0, 384), (1, 384), (1, 768)):  # patch views; whole tokens with a CLS prefix
+            ptrs = {"x_ptr": "bf16", "g_ptr": "fp32", "out_ptr": dt}
+            scalars = dict(R=256 * (P + 196), T=P + 196, P=P, D=D)
+            c = SCALE_CFG
+            specs.append(
+                (
+                    f"scale/{dt}/nodot/p{P}d{D}/{c.BLOCK_M}x{c.BLOCK_K}",
+                    _token_kd_scale_kernel,
+                    ptrs,
+                    scalars,
+                    dict(BLOCK_R=c.BLOCK_M, BLOCK_D=c.BLOCK_K),
+                    c,
+                )
             )
-        )
     return specs
 
 
-__all__ = ["token_kd_op", "token_kd_forward", "token_kd_backward", "compile_specs"]
+__all__ = ["token_kd_op", "token_kd_custom_op", "token_kd_forward", "token_kd_backward", "compile_specs"]
