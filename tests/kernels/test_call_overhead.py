@@ -145,7 +145,8 @@ OPS = {
 GLUE_BUDGET = {"map": 17, "mimic": 31, "mimic_residual": 31, "fused": 33, "gen": 16, "kd": 8}
 # with amp (bf16 autocast) the mimic term alone stores the bf16 residual by default (eager, a backward
 # follows): the views of the packed residual, the 2g scales and the dW cast
-GLUE_BUDGET_AMP = {"mimic": 51, "mimic_residual": 51, "fused": 33}
+# (and takes Y = S Wᵀ from cuBLAS: the copy_ of S to bf16, one more mm)
+GLUE_BUDGET_AMP = {"mimic": 55, "mimic_residual": 55, "fused": 33}
 # allocations per fwd+bwd of the token ops (outputs, dS, gR / residual, partial sums, a 0-d zero for a
 # term that is off, the test's ones_like seed)
 ALLOC_BUDGET = {"map": 7, "mimic": 11, "mimic_residual": 11, "fused": 11}  # fused amp: + the dW cast
