@@ -18,12 +18,12 @@
 """
 
 import os
+import weakref
 from typing import NamedTuple
 
 import torch
 import triton
 import triton.language as tl
-from torch.utils.weak import WeakIdKeyDictionary
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 _EMULATE_RTNE = tl.constexpr(INTERPRET)
@@ -110,23 +110,30 @@ def resolve_amp(amp: bool | None, device: torch.device) -> bool:
     return autocast_bf16_on(device) if amp is None else bool(amp)
 
 
-_W16 = WeakIdKeyDictionary()  # weight -> (version, bf16 copy); by identity (Tensor.__eq__ is elementwise)
+_W16: dict = {}  # id(weight) -> (weakref to weight, version, bf16 copy); entries die with the weight
 
 
 def bf16_weight(weight: torch.Tensor) -> torch.Tensor:
     """``weight`` rounded to bf16, cached per (tensor, version): the forward and the backward of one step
-    share one cast (an optimizer step bumps the version, so the next step casts again). Not cached for
-    tensors without a version counter (inference tensors) or while tracing."""
+    share one cast (an optimizer step bumps the version, so the next step casts again), as autocast's
+    own weight cache does. Not cached for tensors without a version counter (inference tensors)."""
+    key = id(weight)
+    hit = _W16.get(key)
     try:
         version = weight._version
-        hit = _W16.get(weight)
-    except (RuntimeError, TypeError):
+    except RuntimeError:
         return weight.to(torch.bfloat16)
-    if hit is not None and hit[0] == version:
-        return hit[1]
+    if hit is not None and hit[0]() is weight and hit[1] == version:
+        return hit[2]
     w16 = weight.detach().to(torch.bfloat16)
-    _W16[weight] = (version, w16)
+    _W16[key] = (weakref.ref(weight, lambda _, k=key: _W16.pop(k, None)), version, w16)
     return w16
+
+
+def cdiv(a: int, b: int) -> int:
+    """``triton.cdiv`` for host code (in triton 3.8 that one is a ``constexpr_function`` wrapper costing
+    microseconds per call)."""
+    return -(-a // b)
 
 
 _FAKE_KEY = getattr(getattr(torch._C, "_TorchDispatchModeKey", None), "FAKE", None)

@@ -64,6 +64,7 @@ import triton.language as tl
 from ._utils import (
     INTERPRET,
     bf16_weight,
+    cdiv,
     custom_op_path,
     Cfg,
     autotune,
@@ -641,7 +642,7 @@ def token_kd_forward(
     bb = (bias if bias.dim() == 1 else bias.reshape(-1)) if has_b else s
     launch(
         _token_kd_fwd_kernel,
-        lambda meta: (triton.cdiv(M, meta["BLOCK_M"]),),
+        lambda meta: (cdiv(M, meta["BLOCK_M"]),),
         (
             s,
             tt,
@@ -693,13 +694,13 @@ def _mimic_forward(s, t, weight, bias, P_s, P_t, amp, config, residual=None):
     bf16 = dot_bf16(amp, s, t, weight)
     w = _gemm_weight(weight, bf16) if has_w else s
     bb = (bias if bias.dim() == 1 else bias.reshape(-1)) if has_b else s
-    part = s.new_empty((triton.cdiv(D_t, 32), M), dtype=torch.float32)  # enough rows for any BLOCK_N
+    part = s.new_empty((cdiv(D_t, 32), M), dtype=torch.float32)  # enough rows for any BLOCK_N
     store_r = residual is not None  # ``residual``: the packed buffer to fill (``_residual_views``)
     r = sb = db_sum = db_part = part
     if store_r:
         r, sb, db_sum = _residual_views(residual, M, D_s, D_t, has_w, has_b)
         sb = sb if has_w else part
-        db_part = s.new_empty((triton.cdiv(M, 32), D_t), dtype=torch.float32) if has_b else part
+        db_part = s.new_empty((cdiv(M, 32), D_t), dtype=torch.float32) if has_b else part
     via_cublas = store_r and has_w and bf16
     if via_cublas:
         # stored residual under autocast: S rounded to bf16 into the packed buffer (one strided copy; the
@@ -716,7 +717,7 @@ def _mimic_forward(s, t, weight, bias, P_s, P_t, amp, config, residual=None):
         s_strides = (s.stride(0), s.stride(1))
     cfg = launch(
         _token_kd_bwd_kernel,
-        lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(D_t, meta["BLOCK_N"]),),
+        lambda meta: (cdiv(M, meta["BLOCK_M"]) * cdiv(D_t, meta["BLOCK_N"]),),
         (
             s_in,
             t,
@@ -751,8 +752,8 @@ def _mimic_forward(s, t, weight, bias, P_s, P_t, amp, config, residual=None):
         config,
     )
     if store_r and has_b:
-        torch.sum(db_part[: triton.cdiv(M, cfg.BLOCK_M)], 0, out=db_sum)  # Σ_m r, for db = 2g·Σ_m r
-    return part[: triton.cdiv(D_t, cfg.BLOCK_N)].sum(), s.new_zeros((), dtype=torch.float32)
+        torch.sum(db_part[: cdiv(M, cfg.BLOCK_M)], 0, out=db_sum)  # Σ_m r, for db = 2g·Σ_m r
+    return part[: cdiv(D_t, cfg.BLOCK_N)].sum(), s.new_zeros((), dtype=torch.float32)
 
 
 def _residual_backward(g_mim, s, t, weight, bias, stats, P, need_dw, need_db, placeholders=True):
@@ -771,7 +772,7 @@ def _residual_backward(g_mim, s, t, weight, bias, stats, P, need_dw, need_db, pl
     ds = torch.empty(s.shape, dtype=s.dtype, device=s.device)
     R = B * T
     c = SCALE_CFG
-    _token_kd_scale_kernel[(triton.cdiv(R, c.BLOCK_M), triton.cdiv(D_s, c.BLOCK_K))](
+    _token_kd_scale_kernel[(cdiv(R, c.BLOCK_M), cdiv(D_s, c.BLOCK_K))](
         mim_ds, g, ds, R, T, P, D_s, BLOCK_R=c.BLOCK_M, BLOCK_D=c.BLOCK_K, num_warps=c.num_warps
     )
     g2 = g * 2.0
@@ -854,14 +855,14 @@ def token_kd_backward(
             s_mat = _as_matrix(s[:, P:], N) if s.dtype == gdt else None
         write_sb = has_w and need_dw and s_mat is None
         sb = s.new_empty((M, D_s), dtype=gdt) if write_sb else gr
-        n_tiles = triton.cdiv(M, 32)  # the smallest BLOCK_M shipped: enough partial rows for any config
+        n_tiles = cdiv(M, 32)  # the smallest BLOCK_M shipped: enough partial rows for any config
         db_part = s.new_empty((n_tiles if has_b else 0, D_t), dtype=torch.float32)
         w = _gemm_weight(weight, bf16) if has_w else s
         bb = (bias if bias.dim() == 1 else bias.reshape(-1)) if has_b else s
         g = g_mim if g_mim.dtype == torch.float32 else g_mim.float()
         cfg = launch(
             _token_kd_bwd_kernel,
-            lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(D_t, meta["BLOCK_N"]),),
+            lambda meta: (cdiv(M, meta["BLOCK_M"]) * cdiv(D_t, meta["BLOCK_N"]),),
             (
                 s,
                 t,
@@ -904,7 +905,7 @@ def token_kd_backward(
         else:
             mim_ds = gr  # identity: dS = gR
         if has_b and need_db:
-            db = db_part[: triton.cdiv(M, cfg.BLOCK_M)].sum(0)
+            db = db_part[: cdiv(M, cfg.BLOCK_M)].sum(0)
             if db.dtype != bias.dtype or db.shape != bias.shape:
                 db = db.to(bias.dtype).reshape(bias.shape)
     if placeholders and dw is None:  # the custom op returns tensors; the eager path takes None
@@ -926,7 +927,7 @@ def token_kd_backward(
         gc = gc.contiguous()
     gas = g_as if g_as is None or g_as.is_contiguous() else g_as.contiguous()
     gm = g_map if g_map.dtype == torch.float32 else g_map.float()
-    _token_kd_map_bwd_kernel[(B, triton.cdiv(D_s, mcfg.BLOCK_K))](
+    _token_kd_map_bwd_kernel[(B, cdiv(D_s, mcfg.BLOCK_K))](
         s,
         a_s,
         stats,

@@ -5,8 +5,9 @@ Run WITHOUT ``TRITON_INTERPRET`` (``OMP_NUM_THREADS=1 python tests/kernels/glue_
 the kernels' ``JITFunction.run`` is replaced by a no-op and the autotuner by its cache-hit path (config 0),
 and the CUDA-device check is bypassed, so one fwd+bwd on tiny CPU tensors measures what the host does per
 call around the launches (custom-op dispatch, autograd glue, argument checks, allocations, torch ops).
-Excluded: Triton's own launch path (the binder + driver launch, ~5–15 µs per launch on a GPU host) and
-the CUDA launch cost of each torch op. Prints the median µs per fwd+bwd of each case (best of rounds).
+Excluded: Triton's own launch path (the binder + driver launch, ~5–15 µs per launch on a GPU host), the
+CUDA launch cost of each torch op, and the compute of ``torch.mm`` (stubbed by an allocation of its
+output: on a GPU host a cuBLAS GEMM is a launch, on this CPU a bf16 mm computes). Prints the median µs per fwd+bwd of each case (best of rounds).
 """
 
 import os
@@ -35,6 +36,17 @@ def _stub_autotune(self, *args, **kwargs):
 
 jit.JITFunction.run = _stub_run
 autotuner.Autotuner.run = _stub_autotune
+
+# cuBLAS GEMMs are launches on a GPU host; on this CPU a bf16 mm computes (slowly), which is not glue:
+# stub torch.mm with an allocation of its output (the host part of a launch is excluded as for Triton)
+_real_mm = torch.mm
+
+
+def _stub_mm(a, b, *args, **kwargs):
+    return torch.empty((a.shape[0], b.shape[1]), dtype=a.dtype, device=a.device)
+
+
+torch.mm = _stub_mm
 
 from fastkd.kernels import _utils  # noqa: E402
 from fastkd.kernels import masked_gen as mg  # noqa: E402
