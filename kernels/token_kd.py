@@ -701,15 +701,15 @@ def _mimic_forward(s, t, weight, bias, P_s, P_t, amp, config, residual=None):
         r, sb, db_sum = _residual_views(residual, M, D_s, D_t, has_w, has_b)
         sb = sb if has_w else part
         db_part = s.new_empty((cdiv(M, 32), D_t), dtype=torch.float32) if has_b else part
-    via_cublas = store_r and has_w and bf16
+    via_cublas = has_w and bf16
     if via_cublas:
-        # stored residual under autocast: S rounded to bf16 into the packed buffer (one strided copy; the
-        # backward's dW needs it anyway), Y = S Wᵀ by cuBLAS (bf16 out, as autocast's linear), then the
-        # kernel without a GEMM: r = Y + b − t, r in bf16, Σ r² and Σ_m r. 2-D Triton GEMM on fp32 strided
-        # tokens measured 178–298 µs per call on the H200 (L2-bound: s and W re-read per tile) vs 47 µs
-        # for cuBLAS at this shape; bytes: 115.5 MB copy + 116 MB GEMM + 308 MB epilogue (bench/NOTES.md)
-        sb.view(B, N, D_s).copy_(s[:, P_s:] if P_s else s)
-        y = torch.mm(sb, w.t())  # [M, D_t] bf16
+        # under autocast (bf16 GEMM): S rounded to bf16 (one strided copy, into the packed residual when it
+        # is stored: the backward's dW needs it; none for bf16 tokens that form a matrix), Y = S Wᵀ by
+        # cuBLAS (bf16 out, as autocast's linear), then the kernel without a GEMM: r = Y + b − t, Σ r²
+        # (+ r in bf16 and Σ_m r when stored). The 2-D Triton GEMM on fp32 strided tokens measured 178 /
+        # 298 µs per call on the H200 (L2-bound: s and W re-read per tile) vs 47 µs for cuBLAS at this
+        # shape; bytes: 115.6 MB copy + 116 MB GEMM + 231 (309 stored) MB epilogue (bench/NOTES.md)
+        y = torch.mm(_bf16_rows(s, P_s, N, sb if store_r else None), w.t())  # [M, D_t] bf16
         s_in, w_in, P_in, D_in = y, y, 0, D_t
         s_strides = (N * D_t, D_t)
     else:
@@ -754,6 +754,20 @@ def _mimic_forward(s, t, weight, bias, P_s, P_t, amp, config, residual=None):
     if store_r and has_b:
         torch.sum(db_part[: cdiv(M, cfg.BLOCK_M)], 0, out=db_sum)  # Σ_m r, for db = 2g·Σ_m r
     return part[: cdiv(D_t, cfg.BLOCK_N)].sum(), s.new_zeros((), dtype=torch.float32)
+
+
+def _bf16_rows(s, P, N, out=None):
+    """The patch rows of s [B, P+N, D] as a compact [B·N, D] bf16 matrix: a view when s already is one, else
+    one strided copy (rounding fp32 → bf16, RTNE as autocast) into ``out`` or a new buffer."""
+    B, _, D = s.shape
+    if out is None and s.dtype == torch.bfloat16:
+        mat = _as_matrix(s[:, P:] if P else s, N)
+        if mat is not None:
+            return mat
+    if out is None:
+        out = s.new_empty((B * N, D), dtype=torch.bfloat16)
+    out.view(B, N, D).copy_(s[:, P:] if P else s)
+    return out
 
 
 def _residual_backward(g_mim, s, t, weight, bias, stats, P, need_dw, need_db, placeholders=True):
@@ -850,23 +864,34 @@ def token_kd_backward(
         # the GEMM dtype; with no projection there is no GEMM and gR = dS keeps s's precision
         gdt = (torch.bfloat16 if bf16 else torch.float32) if has_w else s.dtype
         gr = s.new_empty((M, D_t), dtype=gdt)  # compact, every row written by the kernel
+        w = _gemm_weight(weight, bf16) if has_w else s
+        via_cublas = has_w and bf16
         s_mat = None
-        if has_w and need_dw:
+        if via_cublas:
+            # under autocast: Y = S Wᵀ recomputed by cuBLAS on S in bf16 (a view, or one strided copy that
+            # dW = gRᵀS reuses), then the kernel without a GEMM writes gR = 2g·(Y + b − t): ≈ 154 µs
+            # predicted at DeiT-S on the H200 against 298 µs measured for the 2-D Triton GEMM
+            s_mat = _bf16_rows(s, P, N)
+            y = torch.mm(s_mat, w.t())  # [M, D_t] bf16
+        elif has_w and need_dw:
             s_mat = _as_matrix(s[:, P:], N) if s.dtype == gdt else None
         write_sb = has_w and need_dw and s_mat is None
         sb = s.new_empty((M, D_s), dtype=gdt) if write_sb else gr
         n_tiles = cdiv(M, 32)  # the smallest BLOCK_M shipped: enough partial rows for any config
         db_part = s.new_empty((n_tiles if has_b else 0, D_t), dtype=torch.float32)
-        w = _gemm_weight(weight, bf16) if has_w else s
         bb = (bias if bias.dim() == 1 else bias.reshape(-1)) if has_b else s
         g = g_mim if g_mim.dtype == torch.float32 else g_mim.float()
+        if via_cublas:
+            s_in, w_in, P_in, D_in, s_strides = y, y, 0, D_t, (N * D_t, D_t)
+        else:
+            s_in, w_in, P_in, D_in, s_strides = s, w, num_prefix_s, D_s, (s.stride(0), s.stride(1))
         cfg = launch(
             _token_kd_bwd_kernel,
             lambda meta: (cdiv(M, meta["BLOCK_M"]) * cdiv(D_t, meta["BLOCK_N"]),),
             (
-                s,
+                s_in,
                 t,
-                w,
+                w_in,
                 bb,
                 g,
                 gr,
@@ -875,18 +900,18 @@ def token_kd_backward(
                 gr,
                 M,
                 N,
-                D_s,
+                D_in,
                 D_t,
-                num_prefix_s,
+                P_in,
                 num_prefix_t,
-                s.stride(0),
-                s.stride(1),
+                s_strides[0],
+                s_strides[1],
                 t.stride(0),
                 t.stride(1),
-                w.stride(0) if has_w else 0,
+                w_in.stride(0) if (has_w and not via_cublas) else 0,
             ),
             dict(
-                HAS_W=has_w,
+                HAS_W=has_w and not via_cublas,
                 HAS_BIAS=has_b,
                 WRITE_SB=write_sb,
                 SUMSQ=False,
@@ -1228,6 +1253,8 @@ def compile_specs():
         ("fp32", False, True, True, False, True, False),  # exact
         ("fp32", False, False, True, False, True, False),  # identity
         ("bf16", True, False, True, False, True, True),  # stored residual: epilogue on cuBLAS's Y (bf16)
+        ("bf16", True, False, True, False, True, False),  # autocast forward: Σ r² on cuBLAS's Y
+        ("bf16", True, False, True, False, False, False),  # autocast recompute: gR from cuBLAS's Y
     ]
 
     def precision(bf16, gemm):
@@ -1302,7 +1329,7 @@ def compile_specs():
                     "db_part_ptr": "fp32",
                     "r_ptr": "bf16",
                 }
-                if store_r and not has_w:  # the epilogue on cuBLAS's Y (bf16); teacher tokens stay fp32
+                if bf16 and not has_w:  # the epilogue on cuBLAS's Y (bf16); teacher tokens stay fp32
                     ptrs["t_ptr"] = "fp32"
                 scalars = dict(
                     M=B * N,

@@ -146,7 +146,7 @@ GLUE_BUDGET = {"map": 17, "mimic": 31, "mimic_residual": 31, "fused": 33, "gen":
 # with amp (bf16 autocast) the mimic term alone stores the bf16 residual by default (eager, a backward
 # follows): the views of the packed residual, the 2g scales and the dW cast
 # (and takes Y = S Wᵀ from cuBLAS: the copy_ of S to bf16, one more mm)
-GLUE_BUDGET_AMP = {"mimic": 55, "mimic_residual": 55, "fused": 33}
+GLUE_BUDGET_AMP = {"mimic": 55, "mimic_residual": 55, "fused": 38}
 # allocations per fwd+bwd of the token ops (outputs, dS, gR / residual, partial sums, a 0-d zero for a
 # term that is off, the test's ones_like seed)
 ALLOC_BUDGET = {"map": 7, "mimic": 11, "mimic_residual": 11, "fused": 11}  # fused amp: + the dW cast
@@ -181,6 +181,11 @@ LAUNCHER_BUDGET = {  # (ops, allocations): outputs, the compact gR / dS and, und
     "mimic": (21, 13),
     "fused": (20, 11),
 }
+
+
+# under amp the mimic GEMMs run on cuBLAS (round 2): + S rounded to bf16 (alloc + copy_), Y = S Wᵀ (mm, t)
+# in the forward and again in the recompute backward
+LAUNCHER_BUDGET_AMP = {"map": (14, 8), "mimic": (28, 13), "fused": (23, 11)}
 
 
 def _launchers(name, x, amp):
@@ -223,7 +228,7 @@ def test_launchers_dispatch_o1_aten_ops(name, amp):
     big = _launchers(name, _inputs(5, 64, 40, 48, seed=1), amp)
     assert small.names() == big.names(), "the op count depends on the shape"
     assert small.big_fills() == [], f"zero fills inside the launchers: {small.big_fills()}"
-    ops, allocs = LAUNCHER_BUDGET[name]
+    ops, allocs = (LAUNCHER_BUDGET_AMP if amp else LAUNCHER_BUDGET)[name]
     assert len(small.ops) <= ops, f"{name}: {len(small.ops)} aten ops > budget {ops}: {small.names()}"
     assert small.allocs() <= allocs, (
         f"{name}: {small.allocs()} allocations > budget {allocs}: {small.names()}"
