@@ -18,7 +18,6 @@
 """
 
 import os
-import weakref
 from typing import NamedTuple
 
 import torch
@@ -108,26 +107,6 @@ def resolve_amp(amp: bool | None, device: torch.device) -> bool:
     """The op's ``amp`` flag: the caller's explicit choice, or (None) bf16 autocast read now (eager only:
     under torch.compile the caller must pass it, the traced op runs outside the autocast context)."""
     return autocast_bf16_on(device) if amp is None else bool(amp)
-
-
-_W16: dict = {}  # id(weight) -> (weakref to weight, version, bf16 copy); entries die with the weight
-
-
-def bf16_weight(weight: torch.Tensor) -> torch.Tensor:
-    """``weight`` rounded to bf16, cached per (tensor, version): the forward and the backward of one step
-    share one cast (an optimizer step bumps the version, so the next step casts again), as autocast's
-    own weight cache does. Not cached for tensors without a version counter (inference tensors)."""
-    key = id(weight)
-    hit = _W16.get(key)
-    try:
-        version = weight._version
-    except RuntimeError:
-        return weight.to(torch.bfloat16)
-    if hit is not None and hit[0]() is weight and hit[1] == version:
-        return hit[2]
-    w16 = weight.detach().to(torch.bfloat16)
-    _W16[key] = (weakref.ref(weight, lambda _, k=key: _W16.pop(k, None)), version, w16)
-    return w16
 
 
 def cdiv(a: int, b: int) -> int:

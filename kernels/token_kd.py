@@ -63,15 +63,14 @@ import triton.language as tl
 
 from ._utils import (
     INTERPRET,
-    bf16_weight,
-    cdiv,
-    custom_op_path,
     Cfg,
     autotune,
     cast_rtne,
+    cdiv,
     check_device,
     check_float,
     check_unit_stride,
+    custom_op_path,
     dot_bf16,
     fail,
     grouped_pid,
@@ -616,6 +615,7 @@ def token_kd_forward(
     amp: bool = False,
     config: Cfg | None = None,
     save_residual: bool = False,
+    w16: torch.Tensor | None = None,
 ):
     """Launch the forward kernel. Returns (mimic_sum [], map_sum [], a_s [B, N], s_cls, t_cls, stats).
 
@@ -630,7 +630,7 @@ def token_kd_forward(
     a_s, s_cls, t_cls, stats = _fwd_outputs(s, t, N, cls_map, weight, bias, residual)
     if not cls_map:  # the mimic term alone (ViTKD): the 2-D tiled GEMM kernel, row sums per column tile
         sums = _mimic_forward(
-            s, t, weight, bias, num_prefix_s, num_prefix_t, amp, config, stats if residual else None
+            s, t, weight, bias, num_prefix_s, num_prefix_t, amp, config, stats if residual else None, w16
         )
         return sums + (a_s, s_cls, t_cls, stats)
     has_t = t is not None
@@ -638,7 +638,7 @@ def token_kd_forward(
     has_b = mimic and bias is not None
     tt = t if has_t else s
     bf16 = dot_bf16(amp, s, t, weight if mimic else None)
-    w = _gemm_weight(weight, bf16) if has_w else s
+    w = _gemm_weight(weight, bf16, w16) if has_w else s
     bb = (bias if bias.dim() == 1 else bias.reshape(-1)) if has_b else s
     launch(
         _token_kd_fwd_kernel,
@@ -682,7 +682,7 @@ def token_kd_forward(
     return mim, msum, a_s, s_cls, t_cls, stats
 
 
-def _mimic_forward(s, t, weight, bias, P_s, P_t, amp, config, residual=None):
+def _mimic_forward(s, t, weight, bias, P_s, P_t, amp, config, residual=None, w16=None):
     """(mimic_sum, 0) of the mimic term alone, by ``_token_kd_bwd_kernel`` in its SUMSQ mode: a 2-D
     (row tile × D_t tile) grid in grouped order, so each program holds one [BLOCK_M, BLOCK_N] tile of
     r and W is streamed per column tile (less L2 traffic and bigger MMA tiles than the row-resident
@@ -692,7 +692,7 @@ def _mimic_forward(s, t, weight, bias, P_s, P_t, amp, config, residual=None):
     M = B * N
     has_w, has_b = weight is not None, bias is not None
     bf16 = dot_bf16(amp, s, t, weight)
-    w = _gemm_weight(weight, bf16) if has_w else s
+    w = _gemm_weight(weight, bf16, w16) if has_w else s
     bb = (bias if bias.dim() == 1 else bias.reshape(-1)) if has_b else s
     part = s.new_empty((cdiv(D_t, 32), M), dtype=torch.float32)  # enough rows for any BLOCK_N
     store_r = residual is not None  # ``residual``: the packed buffer to fill (``_residual_views``)
@@ -770,7 +770,7 @@ def _bf16_rows(s, P, N, out=None):
     return out
 
 
-def _residual_backward(g_mim, s, t, weight, bias, stats, P, need_dw, need_db, placeholders=True):
+def _residual_backward(g_mim, s, t, weight, bias, stats, P, need_dw, need_db, placeholders=True, w16=None):
     """(dS, dW, db) of the mimic term alone from the residual the forward stored (``residual_on``):
     dS = 2g·(r W) (cuBLAS bf16, then one scale-and-cast pass), dW = 2g·(rᵀ S), db = 2g·Σ_m r."""
     B, T, D_s = s.shape
@@ -779,7 +779,7 @@ def _residual_backward(g_mim, s, t, weight, bias, stats, P, need_dw, need_db, pl
     has_w, has_b = weight is not None, bias is not None
     r, sb, db_sum = _residual_views(stats, M, D_s, D_t, has_w, has_b)
     g = g_mim if g_mim.dtype == torch.float32 else g_mim.float()
-    mim_ds = torch.mm(r, _gemm_weight(weight, True)) if has_w else r  # [M, D_s] bf16, unscaled
+    mim_ds = torch.mm(r, _gemm_weight(weight, True, w16)) if has_w else r  # [M, D_s] bf16, unscaled
     # one pass writes all of dS [B, P+N, D_s] in s's dtype: the patch rows 2g·(r W), the prefix rows 0 —
     # so a caller passing whole token tensors with num_prefix_s (not a patch view) needs no
     # SliceBackward (zeros + copy of [B, 1+N, D_s], 76 µs per layer measured on the H200)
@@ -801,11 +801,13 @@ def _residual_backward(g_mim, s, t, weight, bias, stats, P, need_dw, need_db, pl
     return ds, dw, db
 
 
-def _gemm_weight(weight, bf16: bool):
+def _gemm_weight(weight, bf16: bool, w16=None):
     """W in the GEMM dtype: rounded to bf16 for a bf16 dot (what autocast does; the kernels then stream
-    half the bytes of W from L2 per row tile), as is for an exact one. The bf16 copy is cached per
-    weight version (``bf16_weight``): one cast per fwd + bwd, as autocast's own weight cache does."""
-    return bf16_weight(weight) if (bf16 and weight.dtype != torch.bfloat16) else weight
+    half the bytes of W from L2 per row tile), as is for an exact one. ``w16``: that bf16 copy made
+    already (the eager path makes it once in the forward and reuses it in the backward)."""
+    if not bf16 or weight.dtype == torch.bfloat16:
+        return weight
+    return w16 if w16 is not None else weight.to(torch.bfloat16)
 
 
 def _as_matrix(x, N):
@@ -839,6 +841,7 @@ def token_kd_backward(
     map_config: Cfg | None = None,
     residual: bool = False,
     placeholders: bool = True,
+    w16: torch.Tensor | None = None,
 ):
     """Gradients (dS, dW, db) of ``token_kd_forward``; dW / db are empty when not needed (None with
     ``placeholders=False``: the eager autograd path, which does not need tensors there).
@@ -856,7 +859,7 @@ def token_kd_backward(
     dw = db = None  # empty placeholders made at the end when not computed (distinct: no aliasing)
     mim_ds = None  # compact [M, D_s] dS of the mimic term
     if residual:  # the forward stored r (bf16), S (bf16) and Σ_m r: no recompute, GEMMs on r, scale by 2g
-        return _residual_backward(g_mim, s, t, weight, bias, stats, P, need_dw, need_db, placeholders)
+        return _residual_backward(g_mim, s, t, weight, bias, stats, P, need_dw, need_db, placeholders, w16)
     if mimic:
         has_w = weight is not None
         has_b = bias is not None
@@ -864,7 +867,7 @@ def token_kd_backward(
         # the GEMM dtype; with no projection there is no GEMM and gR = dS keeps s's precision
         gdt = (torch.bfloat16 if bf16 else torch.float32) if has_w else s.dtype
         gr = s.new_empty((M, D_t), dtype=gdt)  # compact, every row written by the kernel
-        w = _gemm_weight(weight, bf16) if has_w else s
+        w = _gemm_weight(weight, bf16, w16) if has_w else s
         via_cublas = has_w and bf16
         s_mat = None
         if via_cublas:
@@ -1166,10 +1169,6 @@ def _backward(ctx, g_mim, g_map, g_as, g_scls, g_tcls, g_stats):
     return (*_grads(ctx, g_mim, g_map, g_as, g_scls, token_kd_backward_op), *(None,) * 6)
 
 
-def _backward_eager(*args):  # token_kd_backward_op's positional arguments
-    return token_kd_backward(*args[:17], amp=args[17], residual=args[18], placeholders=False)
-
-
 class _TokenKD(torch.autograd.Function):
     """The eager path of ``token_kd_op``: the same forward / backward launchers as the custom ops, without
     the custom-op dispatch (``torch.library`` adds ~0.3–0.5 ms of host time per fwd + bwd: the H200
@@ -1177,20 +1176,39 @@ class _TokenKD(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, s, t, weight, bias, num_prefix_s, num_prefix_t, mimic, cls_map, amp, residual):
+        # W rounded to bf16 once per fwd + bwd (kept on ctx for the backward, like autocast's per-forward
+        # weight cache; never across steps: an optimizer step or a .data write changes W)
+        w16 = None
+        if mimic and weight is not None and weight.dtype != torch.bfloat16 and dot_bf16(amp, s, t, weight):
+            w16 = weight.detach().to(torch.bfloat16)
+        ctx.w16 = w16
         out = token_kd_forward(
-            s, t, weight, bias, num_prefix_s, num_prefix_t, mimic, cls_map, amp, save_residual=residual
+            s,
+            t,
+            weight,
+            bias,
+            num_prefix_s,
+            num_prefix_t,
+            mimic,
+            cls_map,
+            amp,
+            save_residual=residual,
+            w16=w16,
         )
         _save(ctx, s, t, weight, bias, num_prefix_s, num_prefix_t, mimic, cls_map, amp, residual, out)
         return out
 
     @staticmethod
     def backward(ctx, g_mim, g_map, g_as, g_scls, g_tcls, g_stats):
-        return (*_grads(ctx, g_mim, g_map, g_as, g_scls, _backward_eager), *(None,) * 6)
+        w16 = ctx.w16
+
+        def backward_fn(*args):  # token_kd_backward_op's positional arguments
+            return token_kd_backward(*args[:17], amp=args[17], residual=args[18], placeholders=False, w16=w16)
+
+        return (*_grads(ctx, g_mim, g_map, g_as, g_scls, backward_fn), *(None,) * 6)
 
 
-def token_kd_op(
-    s, t, weight, bias, num_prefix_s, num_prefix_t, mimic, cls_map, amp=None, save_residual=None
-):
+def token_kd_op(s, t, weight, bias, num_prefix_s, num_prefix_t, mimic, cls_map, amp=None, save_residual=None):
     """(mimic_sum, map_sum, a_s, s_cls, t_cls, stats): the fused token op (semantics: ``token_kd_forward``).
 
     Under torch.compile this is the custom op ``fastkd::token_kd`` (``token_kd_custom_op``; pass ``amp``

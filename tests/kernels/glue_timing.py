@@ -7,7 +7,8 @@ and the CUDA-device check is bypassed, so one fwd+bwd on tiny CPU tensors measur
 call around the launches (custom-op dispatch, autograd glue, argument checks, allocations, torch ops).
 Excluded: Triton's own launch path (the binder + driver launch, ~5–15 µs per launch on a GPU host), the
 CUDA launch cost of each torch op, and the compute of ``torch.mm`` (stubbed by an allocation of its
-output: on a GPU host a cuBLAS GEMM is a launch, on this CPU a bf16 mm computes). Prints the median µs per fwd+bwd of each case (best of rounds).
+output: on a GPU host a cuBLAS GEMM is a launch, on this CPU a bf16 mm computes). Prints the best and
+the median round, in µs per fwd+bwd of each case.
 """
 
 import os
