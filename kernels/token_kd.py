@@ -27,13 +27,19 @@ would cost more than the gR round trip). When s cannot be viewed as an [M, D_s] 
 dtype (fp32 tokens under autocast, or a strided view), the recompute kernel writes S rounded to the
 GEMM dtype, compact, as a by-product of the loads it does anyway (column-tile 0 only).
 
-Kernels: the mimic term alone (ViTKD) runs forward and recompute on the same 2-D grouped GEMM kernel
+Kernels: the mimic term alone (ViTKD) runs forward and recompute on the same 2-D grouped kernel
 (``_token_kd_bwd_kernel``; SUMSQ mode = forward: Σ_j r² per column tile); the map terms need whole
-rows, so mimic + map and the map alone run the row-resident ``_token_kd_fwd_kernel``.
-Stored residual (``save_residual``, mimic alone under autocast, opt-in by the caller): the forward also
-writes r and S in bf16 and Σ_m r; the backward then skips the recompute kernel: dS = 2g·(r W) (one
-cuBLAS GEMM + ``_token_kd_scale_kernel``), dW = 2g·(rᵀ S), db = 2g·Σ_m r — 25 % fewer bytes for
-115.6 MB held per layer at DeiT-S (bench/NOTES.md).
+rows, so mimic + map and the map alone run the row-resident ``_token_kd_fwd_kernel``. Under autocast
+(bf16 GEMM with a projection) the mimic term alone takes Y = S Wᵀ from cuBLAS (S rounded to bf16 by
+one strided copy, Y bf16 as autocast's linear) and the 2-D kernel runs GEMM-free on Y (``HAS_W``
+False): the Triton GEMM on fp32 strided tokens was L2-bound on the H200 (178 / 298 µs per call against
+47 µs for cuBLAS; bench/NOTES.md, round 2). Its tl.dot path remains for the ``exact`` variants.
+Stored residual (``save_residual``, mimic alone under autocast; eager: on when a backward follows): the
+forward also writes r and S in bf16 and Σ_m r; the backward then skips the recompute: dS = 2g·(r W)
+(one cuBLAS GEMM + ``_token_kd_scale_kernel``, which also writes zero prefix rows), dW = 2g·(rᵀ S),
+db = 2g·Σ_m r — 115.6 MB held per layer at DeiT-S (bench/NOTES.md).
+Host path: eager calls run the launchers from an ``autograd.Function`` (``token_kd_op``); the
+``fastkd::token_kd`` custom op (``token_kd_custom_op``) is what torch.compile traces.
 
 Precision (``amp`` = bf16 autocast at the op boundary, decided by the caller; ``_utils.dot_bf16``):
     amp, or bf16 tokens: every GEMM on bf16 tensor cores, fp32 accumulation. The recompute/forward
