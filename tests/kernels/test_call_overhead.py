@@ -263,5 +263,5 @@ def test_eager_path_equals_custom_op(name, amp, monkeypatch):
     ref = run()
     for a, b_ in zip(eager, ref, strict=True):
         assert (a is None) == (b_ is None)
-        if a is not None:
-            torch.testing.assert_close(a, b_, rtol=0, atol=0)
+        if a is not None:  # same launchers and inputs: equal up to run-to-run GEMM order on a GPU
+            torch.testing.assert_close(a, b_, rtol=1e-6, atol=0)
