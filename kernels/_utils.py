@@ -109,6 +109,23 @@ def resolve_amp(amp: bool | None, device: torch.device) -> bool:
     return autocast_bf16_on(device) if amp is None else bool(amp)
 
 
+def cdiv(a: int, b: int) -> int:
+    """``triton.cdiv`` for host code (in triton 3.8 that one is a ``constexpr_function`` wrapper costing
+    microseconds per call)."""
+    return -(-a // b)
+
+
+_FAKE_KEY = getattr(getattr(torch._C, "_TorchDispatchModeKey", None), "FAKE", None)
+
+
+def custom_op_path(x: torch.Tensor) -> bool:
+    """Whether an op call must go through its ``torch.library`` custom op (torch.compile tracing, fake or
+    meta tensors, tensor subclasses) rather than the eager ``autograd.Function`` fast path."""
+    if torch.compiler.is_compiling() or type(x) is not torch.Tensor or x.device.type == "meta":
+        return True
+    return _FAKE_KEY is not None and torch._C._get_dispatch_mode(_FAKE_KEY) is not None
+
+
 def dot_bf16(amp: bool, *operands: torch.Tensor | None) -> bool:
     """Whether the GEMM runs on bf16 tensor cores: under bf16 autocast, or when any operand already is
     bf16 (the weight is then rounded too, as autocast does). False = exact fp32 ``tl.dot`` (fp32

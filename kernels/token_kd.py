@@ -27,13 +27,19 @@ would cost more than the gR round trip). When s cannot be viewed as an [M, D_s] 
 dtype (fp32 tokens under autocast, or a strided view), the recompute kernel writes S rounded to the
 GEMM dtype, compact, as a by-product of the loads it does anyway (column-tile 0 only).
 
-Kernels: the mimic term alone (ViTKD) runs forward and recompute on the same 2-D grouped GEMM kernel
+Kernels: the mimic term alone (ViTKD) runs forward and recompute on the same 2-D grouped kernel
 (``_token_kd_bwd_kernel``; SUMSQ mode = forward: Σ_j r² per column tile); the map terms need whole
-rows, so mimic + map and the map alone run the row-resident ``_token_kd_fwd_kernel``.
-Stored residual (``save_residual``, mimic alone under autocast, opt-in by the caller): the forward also
-writes r and S in bf16 and Σ_m r; the backward then skips the recompute kernel: dS = 2g·(r W) (one
-cuBLAS GEMM + ``_token_kd_scale_kernel``), dW = 2g·(rᵀ S), db = 2g·Σ_m r — 25 % fewer bytes for
-115.6 MB held per layer at DeiT-S (bench/NOTES.md).
+rows, so mimic + map and the map alone run the row-resident ``_token_kd_fwd_kernel``. Under autocast
+(bf16 GEMM with a projection) the mimic term alone takes Y = S Wᵀ from cuBLAS (S rounded to bf16 by
+one strided copy, Y bf16 as autocast's linear) and the 2-D kernel runs GEMM-free on Y (``HAS_W``
+False): the Triton GEMM on fp32 strided tokens was L2-bound on the H200 (178 / 298 µs per call against
+47 µs for cuBLAS; bench/NOTES.md, round 2). Its tl.dot path remains for the ``exact`` variants.
+Stored residual (``save_residual``, mimic alone under autocast; eager: on when a backward follows): the
+forward also writes r and S in bf16 and Σ_m r; the backward then skips the recompute: dS = 2g·(r W)
+(one cuBLAS GEMM + ``_token_kd_scale_kernel``, which also writes zero prefix rows), dW = 2g·(rᵀ S),
+db = 2g·Σ_m r — 115.6 MB held per layer at DeiT-S (bench/NOTES.md).
+Host path: eager calls run the launchers from an ``autograd.Function`` (``token_kd_op``); the
+``fastkd::token_kd`` custom op (``token_kd_custom_op``) is what torch.compile traces.
 
 Precision (``amp`` = bf16 autocast at the op boundary, decided by the caller; ``_utils.dot_bf16``):
     amp, or bf16 tokens: every GEMM on bf16 tensor cores, fp32 accumulation. The recompute/forward
@@ -66,9 +72,11 @@ from ._utils import (
     Cfg,
     autotune,
     cast_rtne,
+    cdiv,
     check_device,
     check_float,
     check_unit_stride,
+    custom_op_path,
     dot_bf16,
     fail,
     grouped_pid,
@@ -464,20 +472,36 @@ def _token_kd_map_bwd_kernel(
 
 @triton.jit
 def _token_kd_scale_kernel(
-    x_ptr,  # [numel] dS of the mimic term from the stored residual (bf16, unscaled), contiguous
+    x_ptr,  # [B·N, D] dS of the mimic term from the stored residual (bf16, unscaled), compact
     g_ptr,  # [] fp32 upstream gradient of the mimic sum
-    out_ptr,  # [numel] out: 2·g·x in s's dtype (dS, contiguous [B, N, D_S])
-    numel,
-    BLOCK: tl.constexpr,
+    out_ptr,  # [B, P+N, D] out, contiguous: dS = 2·g·x in s's dtype; prefix tokens (t < P) get 0
+    R,  # B·(P+N) output rows
+    T,  # P+N tokens per sample
+    P,
+    D,
+    BLOCK_R: tl.constexpr,
+    BLOCK_D: tl.constexpr,
 ):
-    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    ok = offs < numel
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    row_ok = rows < R
+    col_ok = cols < D
+    tok = rows % T
+    src = (rows // T) * (T - P) + tok - P  # the compact row of a patch token
+    keep = row_ok & (tok >= P)
     g = 2.0 * tl.load(g_ptr).to(tl.float32)
-    x = tl.load(x_ptr + offs, mask=ok, other=0.0).to(tl.float32)
-    tl.store(out_ptr + offs, cast_rtne(x * g, out_ptr.dtype.element_ty), mask=ok)
+    x = tl.load(
+        x_ptr + src.to(tl.int64)[:, None] * D + cols[None, :], mask=keep[:, None] & col_ok[None, :], other=0.0
+    ).to(tl.float32)
+    tl.store(
+        out_ptr + rows.to(tl.int64)[:, None] * D + cols[None, :],
+        cast_rtne(x * g, out_ptr.dtype.element_ty),
+        mask=row_ok[:, None] & col_ok[None, :],
+    )
 
 
-SCALE_BLOCK = 2048  # elements per program of ``_token_kd_scale_kernel`` (4 warps, 16 per thread)
+# ``_token_kd_scale_kernel`` tile: 32 rows × 128 channels per program, 4 warps (32 elements per thread)
+SCALE_CFG = Cfg(BLOCK_M=32, BLOCK_N=1, BLOCK_K=128, num_warps=4, num_stages=1)
 
 
 # ---------------------------------------------------------------------------------------- launchers
@@ -597,6 +621,7 @@ def token_kd_forward(
     amp: bool = False,
     config: Cfg | None = None,
     save_residual: bool = False,
+    w16: torch.Tensor | None = None,
 ):
     """Launch the forward kernel. Returns (mimic_sum [], map_sum [], a_s [B, N], s_cls, t_cls, stats).
 
@@ -611,7 +636,7 @@ def token_kd_forward(
     a_s, s_cls, t_cls, stats = _fwd_outputs(s, t, N, cls_map, weight, bias, residual)
     if not cls_map:  # the mimic term alone (ViTKD): the 2-D tiled GEMM kernel, row sums per column tile
         sums = _mimic_forward(
-            s, t, weight, bias, num_prefix_s, num_prefix_t, amp, config, stats if residual else None
+            s, t, weight, bias, num_prefix_s, num_prefix_t, amp, config, stats if residual else None, w16
         )
         return sums + (a_s, s_cls, t_cls, stats)
     has_t = t is not None
@@ -619,11 +644,11 @@ def token_kd_forward(
     has_b = mimic and bias is not None
     tt = t if has_t else s
     bf16 = dot_bf16(amp, s, t, weight if mimic else None)
-    w = _gemm_weight(weight, bf16) if has_w else s
+    w = _gemm_weight(weight, bf16, w16) if has_w else s
     bb = (bias if bias.dim() == 1 else bias.reshape(-1)) if has_b else s
     launch(
         _token_kd_fwd_kernel,
-        lambda meta: (triton.cdiv(M, meta["BLOCK_M"]),),
+        lambda meta: (cdiv(M, meta["BLOCK_M"]),),
         (
             s,
             tt,
@@ -656,11 +681,14 @@ def token_kd_forward(
         ),
         config,
     )
-    mim, msum = stats[3].sum(), stats[4].sum()  # rows of zeros when the term is off
+    # a term that is off is an exact 0 (its stats row holds zeros): no reduction launched for it
+    zero = lambda: s.new_zeros((), dtype=torch.float32)
+    mim = stats[3].sum() if mimic else zero()
+    msum = stats[4].sum() if has_t else zero()
     return mim, msum, a_s, s_cls, t_cls, stats
 
 
-def _mimic_forward(s, t, weight, bias, P_s, P_t, amp, config, residual=None):
+def _mimic_forward(s, t, weight, bias, P_s, P_t, amp, config, residual=None, w16=None):
     """(mimic_sum, 0) of the mimic term alone, by ``_token_kd_bwd_kernel`` in its SUMSQ mode: a 2-D
     (row tile × D_t tile) grid in grouped order, so each program holds one [BLOCK_M, BLOCK_N] tile of
     r and W is streamed per column tile (less L2 traffic and bigger MMA tiles than the row-resident
@@ -670,22 +698,36 @@ def _mimic_forward(s, t, weight, bias, P_s, P_t, amp, config, residual=None):
     M = B * N
     has_w, has_b = weight is not None, bias is not None
     bf16 = dot_bf16(amp, s, t, weight)
-    w = _gemm_weight(weight, bf16) if has_w else s
+    w = _gemm_weight(weight, bf16, w16) if has_w else s
     bb = (bias if bias.dim() == 1 else bias.reshape(-1)) if has_b else s
-    part = s.new_empty((triton.cdiv(D_t, 32), M), dtype=torch.float32)  # enough rows for any BLOCK_N
+    part = s.new_empty((cdiv(D_t, 32), M), dtype=torch.float32)  # enough rows for any BLOCK_N
     store_r = residual is not None  # ``residual``: the packed buffer to fill (``_residual_views``)
     r = sb = db_sum = db_part = part
     if store_r:
         r, sb, db_sum = _residual_views(residual, M, D_s, D_t, has_w, has_b)
         sb = sb if has_w else part
-        db_part = s.new_empty((triton.cdiv(M, 32), D_t), dtype=torch.float32) if has_b else part
+        db_part = s.new_empty((cdiv(M, 32), D_t), dtype=torch.float32) if has_b else part
+    via_cublas = has_w and bf16
+    if via_cublas:
+        # under autocast (bf16 GEMM): S rounded to bf16 (one strided copy, into the packed residual when it
+        # is stored: the backward's dW needs it; none for bf16 tokens that form a matrix), Y = S Wᵀ by
+        # cuBLAS (bf16 out, as autocast's linear), then the kernel without a GEMM: r = Y + b − t, Σ r²
+        # (+ r in bf16 and Σ_m r when stored). The 2-D Triton GEMM on fp32 strided tokens measured 178 /
+        # 298 µs per call on the H200 (L2-bound: s and W re-read per tile) vs 47 µs for cuBLAS at this
+        # shape; bytes: 115.6 MB copy + 116 MB GEMM + 231 (309 stored) MB epilogue (bench/NOTES.md)
+        y = torch.mm(_bf16_rows(s, P_s, N, sb if store_r else None), w.t())  # [M, D_t] bf16
+        s_in, w_in, P_in, D_in = y, y, 0, D_t
+        s_strides = (N * D_t, D_t)
+    else:
+        s_in, w_in, P_in, D_in = s, w, P_s, D_s
+        s_strides = (s.stride(0), s.stride(1))
     cfg = launch(
         _token_kd_bwd_kernel,
-        lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(D_t, meta["BLOCK_N"]),),
+        lambda meta: (cdiv(M, meta["BLOCK_M"]) * cdiv(D_t, meta["BLOCK_N"]),),
         (
-            s,
+            s_in,
             t,
-            w,
+            w_in,
             bb,
             part,
             part,
@@ -694,20 +736,20 @@ def _mimic_forward(s, t, weight, bias, P_s, P_t, amp, config, residual=None):
             r,
             M,
             N,
-            D_s,
+            D_in,
             D_t,
-            P_s,
+            P_in,
             P_t,
-            s.stride(0),
-            s.stride(1),
+            s_strides[0],
+            s_strides[1],
             t.stride(0),
             t.stride(1),
-            w.stride(0) if has_w else 0,
+            w.stride(0) if (has_w and not via_cublas) else 0,
         ),
         dict(
-            HAS_W=has_w,
+            HAS_W=has_w and not via_cublas,
             HAS_BIAS=has_b,
-            WRITE_SB=store_r and has_w,
+            WRITE_SB=store_r and has_w and not via_cublas,
             SUMSQ=True,
             STORE_R=store_r,
             DOT_BF16=bf16,
@@ -716,11 +758,25 @@ def _mimic_forward(s, t, weight, bias, P_s, P_t, amp, config, residual=None):
         config,
     )
     if store_r and has_b:
-        torch.sum(db_part[: triton.cdiv(M, cfg.BLOCK_M)], 0, out=db_sum)  # Σ_m r, for db = 2g·Σ_m r
-    return part[: triton.cdiv(D_t, cfg.BLOCK_N)].sum(), s.new_zeros((), dtype=torch.float32)
+        torch.sum(db_part[: cdiv(M, cfg.BLOCK_M)], 0, out=db_sum)  # Σ_m r, for db = 2g·Σ_m r
+    return part[: cdiv(D_t, cfg.BLOCK_N)].sum(), s.new_zeros((), dtype=torch.float32)
 
 
-def _residual_backward(g_mim, s, t, weight, bias, stats, P, need_dw, need_db):
+def _bf16_rows(s, P, N, out=None):
+    """The patch rows of s [B, P+N, D] as a compact [B·N, D] bf16 matrix: a view when s already is one, else
+    one strided copy (rounding fp32 → bf16, RTNE as autocast) into ``out`` or a new buffer."""
+    B, _, D = s.shape
+    if out is None and s.dtype == torch.bfloat16:
+        mat = _as_matrix(s[:, P:] if P else s, N)
+        if mat is not None:
+            return mat
+    if out is None:
+        out = s.new_empty((B * N, D), dtype=torch.bfloat16)
+    out.view(B, N, D).copy_(s[:, P:] if P else s)
+    return out
+
+
+def _residual_backward(g_mim, s, t, weight, bias, stats, P, need_dw, need_db, placeholders=True, w16=None):
     """(dS, dW, db) of the mimic term alone from the residual the forward stored (``residual_on``):
     dS = 2g·(r W) (cuBLAS bf16, then one scale-and-cast pass), dW = 2g·(rᵀ S), db = 2g·Σ_m r."""
     B, T, D_s = s.shape
@@ -729,32 +785,35 @@ def _residual_backward(g_mim, s, t, weight, bias, stats, P, need_dw, need_db):
     has_w, has_b = weight is not None, bias is not None
     r, sb, db_sum = _residual_views(stats, M, D_s, D_t, has_w, has_b)
     g = g_mim if g_mim.dtype == torch.float32 else g_mim.float()
-    mim_ds = torch.mm(r, _gemm_weight(weight, True)) if has_w else r  # [M, D_s] bf16, unscaled
-    if P == 0:
-        ds = torch.empty(s.shape, dtype=s.dtype, device=s.device)
-        numel = mim_ds.numel()
-        _token_kd_scale_kernel[(triton.cdiv(numel, SCALE_BLOCK),)](
-            mim_ds, g, ds, numel, BLOCK=SCALE_BLOCK, num_warps=4
-        )
-    else:  # prefix rows get no gradient from the mimic term (rare: the op called with prefixes)
-        ds = s.new_zeros(s.shape)
-        ds[:, P:] = (mim_ds.float() * (g * 2.0)).view(B, N, D_s)
+    mim_ds = torch.mm(r, _gemm_weight(weight, True, w16)) if has_w else r  # [M, D_s] bf16, unscaled
+    # one pass writes all of dS [B, P+N, D_s] in s's dtype: the patch rows 2g·(r W), the prefix rows 0 —
+    # so a caller passing whole token tensors with num_prefix_s (not a patch view) needs no
+    # SliceBackward (zeros + copy of [B, 1+N, D_s], 76 µs per layer measured on the H200)
+    ds = torch.empty(s.shape, dtype=s.dtype, device=s.device)
+    R = B * T
+    c = SCALE_CFG
+    _token_kd_scale_kernel[(cdiv(R, c.BLOCK_M), cdiv(D_s, c.BLOCK_K))](
+        mim_ds, g, ds, R, T, P, D_s, BLOCK_R=c.BLOCK_M, BLOCK_D=c.BLOCK_K, num_warps=c.num_warps
+    )
     g2 = g * 2.0
     if has_w and need_dw:
         dw = torch.mm(r.t(), sb).to(weight.dtype).mul_(g2)
     else:
-        dw = s.new_empty(0, dtype=torch.float32)
+        dw = s.new_empty(0, dtype=torch.float32) if placeholders else None
     if has_b and need_db:
         db = (db_sum * g2).to(bias.dtype).reshape(bias.shape)
     else:
-        db = s.new_empty(0, dtype=torch.float32)
+        db = s.new_empty(0, dtype=torch.float32) if placeholders else None
     return ds, dw, db
 
 
-def _gemm_weight(weight, bf16: bool):
-    """W in the GEMM dtype: rounded to bf16 once per call for a bf16 dot (what autocast does; the kernels
-    then stream half the bytes of W from L2 per row tile), as is for an exact one."""
-    return weight.to(torch.bfloat16) if (bf16 and weight.dtype != torch.bfloat16) else weight
+def _gemm_weight(weight, bf16: bool, w16=None):
+    """W in the GEMM dtype: rounded to bf16 for a bf16 dot (what autocast does; the kernels then stream
+    half the bytes of W from L2 per row tile), as is for an exact one. ``w16``: that bf16 copy made
+    already (the eager path makes it once in the forward and reuses it in the backward)."""
+    if not bf16 or weight.dtype == torch.bfloat16:
+        return weight
+    return w16 if w16 is not None else weight.to(torch.bfloat16)
 
 
 def _as_matrix(x, N):
@@ -787,20 +846,26 @@ def token_kd_backward(
     config: Cfg | None = None,
     map_config: Cfg | None = None,
     residual: bool = False,
+    placeholders: bool = True,
+    w16: torch.Tensor | None = None,
 ):
-    """Gradients (dS, dW, db) of ``token_kd_forward``; dW / db are empty when not needed.
+    """Gradients (dS, dW, db) of ``token_kd_forward``; dW / db are empty when not needed (None with
+    ``placeholders=False``: the eager autograd path, which does not need tensors there).
 
     g_mim, g_map: 0-d upstream gradients (stay on device); g_as [B, N] / g_cls [B, D_s]: upstream
     gradients of a_s / s_cls, or None. dS is a fresh contiguous tensor of s's shape and dtype. ``amp``
-    as in the forward (the autograd formula passes the forward's value).
+    as in the forward (the autograd formula passes the forward's value). The inputs were validated by
+    the forward (``_check``), so the backward only reads the dims (host time per call).
     """
-    B, N, D_s, D_t = _check(s, t, weight, bias, num_prefix_s, num_prefix_t, mimic, cls_map)
+    B, T_s, D_s = s.shape
+    N = T_s - num_prefix_s
+    D_t = t.shape[2] if t is not None else 0
     M = B * N
     P = num_prefix_s
     dw = db = None  # empty placeholders made at the end when not computed (distinct: no aliasing)
     mim_ds = None  # compact [M, D_s] dS of the mimic term
     if residual:  # the forward stored r (bf16), S (bf16) and Σ_m r: no recompute, GEMMs on r, scale by 2g
-        return _residual_backward(g_mim, s, t, weight, bias, stats, P, need_dw, need_db)
+        return _residual_backward(g_mim, s, t, weight, bias, stats, P, need_dw, need_db, placeholders, w16)
     if mimic:
         has_w = weight is not None
         has_b = bias is not None
@@ -808,23 +873,34 @@ def token_kd_backward(
         # the GEMM dtype; with no projection there is no GEMM and gR = dS keeps s's precision
         gdt = (torch.bfloat16 if bf16 else torch.float32) if has_w else s.dtype
         gr = s.new_empty((M, D_t), dtype=gdt)  # compact, every row written by the kernel
+        w = _gemm_weight(weight, bf16, w16) if has_w else s
+        via_cublas = has_w and bf16
         s_mat = None
-        if has_w and need_dw:
+        if via_cublas:
+            # under autocast: Y = S Wᵀ recomputed by cuBLAS on S in bf16 (a view, or one strided copy that
+            # dW = gRᵀS reuses), then the kernel without a GEMM writes gR = 2g·(Y + b − t): ≈ 154 µs
+            # predicted at DeiT-S on the H200 against 298 µs measured for the 2-D Triton GEMM
+            s_mat = _bf16_rows(s, P, N)
+            y = torch.mm(s_mat, w.t())  # [M, D_t] bf16
+        elif has_w and need_dw:
             s_mat = _as_matrix(s[:, P:], N) if s.dtype == gdt else None
         write_sb = has_w and need_dw and s_mat is None
         sb = s.new_empty((M, D_s), dtype=gdt) if write_sb else gr
-        n_tiles = triton.cdiv(M, 32)  # the smallest BLOCK_M shipped: enough partial rows for any config
+        n_tiles = cdiv(M, 32)  # the smallest BLOCK_M shipped: enough partial rows for any config
         db_part = s.new_empty((n_tiles if has_b else 0, D_t), dtype=torch.float32)
-        w = _gemm_weight(weight, bf16) if has_w else s
         bb = (bias if bias.dim() == 1 else bias.reshape(-1)) if has_b else s
         g = g_mim if g_mim.dtype == torch.float32 else g_mim.float()
+        if via_cublas:
+            s_in, w_in, P_in, D_in, s_strides = y, y, 0, D_t, (N * D_t, D_t)
+        else:
+            s_in, w_in, P_in, D_in, s_strides = s, w, num_prefix_s, D_s, (s.stride(0), s.stride(1))
         cfg = launch(
             _token_kd_bwd_kernel,
-            lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(D_t, meta["BLOCK_N"]),),
+            lambda meta: (cdiv(M, meta["BLOCK_M"]) * cdiv(D_t, meta["BLOCK_N"]),),
             (
-                s,
+                s_in,
                 t,
-                w,
+                w_in,
                 bb,
                 g,
                 gr,
@@ -833,18 +909,18 @@ def token_kd_backward(
                 gr,
                 M,
                 N,
-                D_s,
+                D_in,
                 D_t,
-                num_prefix_s,
+                P_in,
                 num_prefix_t,
-                s.stride(0),
-                s.stride(1),
+                s_strides[0],
+                s_strides[1],
                 t.stride(0),
                 t.stride(1),
-                w.stride(0) if has_w else 0,
+                w_in.stride(0) if (has_w and not via_cublas) else 0,
             ),
             dict(
-                HAS_W=has_w,
+                HAS_W=has_w and not via_cublas,
                 HAS_BIAS=has_b,
                 WRITE_SB=write_sb,
                 SUMSQ=False,
@@ -863,12 +939,12 @@ def token_kd_backward(
         else:
             mim_ds = gr  # identity: dS = gR
         if has_b and need_db:
-            db = db_part[: triton.cdiv(M, cfg.BLOCK_M)].sum(0)
+            db = db_part[: cdiv(M, cfg.BLOCK_M)].sum(0)
             if db.dtype != bias.dtype or db.shape != bias.shape:
                 db = db.to(bias.dtype).reshape(bias.shape)
-    if dw is None:
+    if placeholders and dw is None:  # the custom op returns tensors; the eager path takes None
         dw = s.new_empty(0, dtype=torch.float32)
-    if db is None:
+    if placeholders and db is None:
         db = s.new_empty(0, dtype=torch.float32)
     if not cls_map:
         if P == 0:
@@ -885,7 +961,7 @@ def token_kd_backward(
         gc = gc.contiguous()
     gas = g_as if g_as is None or g_as.is_contiguous() else g_as.contiguous()
     gm = g_map if g_map.dtype == torch.float32 else g_map.float()
-    _token_kd_map_bwd_kernel[(B, triton.cdiv(D_s, mcfg.BLOCK_K))](
+    _token_kd_map_bwd_kernel[(B, cdiv(D_s, mcfg.BLOCK_K))](
         s,
         a_s,
         stats,
@@ -918,7 +994,7 @@ def token_kd_backward(
 
 # -------------------------------------------------------------------------------- custom op / autograd
 @torch.library.custom_op("fastkd::token_kd", mutates_args=())
-def token_kd_op(
+def token_kd_custom_op(
     s: torch.Tensor,
     t: Optional[torch.Tensor],  # noqa: UP045 (torch<2.7 schema inference needs typing.Optional)
     weight: Optional[torch.Tensor],  # noqa: UP045
@@ -952,7 +1028,7 @@ def token_kd_op(
     )
 
 
-@token_kd_op.register_fake
+@token_kd_custom_op.register_fake
 def _(s, t, weight, bias, num_prefix_s, num_prefix_t, mimic, cls_map, amp=None, save_residual=None):
     _, N, _, _ = _check(s, t, weight, bias, num_prefix_s, num_prefix_t, mimic, cls_map)
     new = lambda: s.new_empty((), dtype=torch.float32)
@@ -1035,35 +1111,45 @@ def _(
     return ds, dw, db
 
 
-def _setup_context(ctx, inputs, output):
+def _save(ctx, s, t, weight, bias, num_prefix_s, num_prefix_t, mimic, cls_map, amp, residual, output):
     # unused outputs (stats, t_cls, often a_s / s_cls) get None, not materialised zeros: those zeros
     # were most of the ~9 zeros/fill_ per call measured on the H200 (issue 12, item 6)
     ctx.set_materialize_grads(False)
+    _, _, a_s, s_cls, _, stats = output
+    ctx.save_for_backward(s, t, weight, bias, a_s, stats, s_cls)
+    ctx.args = (num_prefix_s, num_prefix_t, mimic, cls_map, amp, residual)
+
+
+def _setup_context(ctx, inputs, output):
     s, t, weight, bias, num_prefix_s, num_prefix_t, mimic, cls_map = inputs[:8]
     amp = inputs[8] if len(inputs) > 8 else None
     save_residual = inputs[9] if len(inputs) > 9 else None
-    _, _, a_s, s_cls, _, stats = output
-    ctx.save_for_backward(s, t, weight, bias, a_s, stats, s_cls)
     residual = residual_on(amp, save_residual, mimic, cls_map, t, s.shape[2], weight)
-    ctx.args = (num_prefix_s, num_prefix_t, mimic, cls_map, resolve_amp(amp, s.device), residual)
+    amp = resolve_amp(amp, s.device)
+    _save(ctx, s, t, weight, bias, num_prefix_s, num_prefix_t, mimic, cls_map, amp, residual, output)
 
 
-def _backward(ctx, g_mim, g_map, g_as, g_scls, g_tcls, g_stats):
+def _grads(ctx, g_mim, g_map, g_as, g_scls, backward_fn):
+    """(dS, None, dW, db) for the op's autograd formula; ``backward_fn`` is the backward custom op (under
+    torch.compile) or ``token_kd_backward`` itself (eager: no custom-op dispatch on the host)."""
     s, t, weight, bias, a_s, stats, s_cls = ctx.saved_tensors
     num_prefix_s, num_prefix_t, mimic, cls_map, amp, residual = ctx.args
     need_s, _, need_w, need_b = ctx.needs_input_grad[:4]
     need_w = bool(need_w and mimic and weight is not None)
     need_b = bool(need_b and mimic and bias is not None)
     if g_mim is None and g_map is None and g_as is None and g_scls is None:
-        return (None,) * 10
+        return None, None, None, None
     if not (need_s or need_w or need_b):
-        return (None,) * 10
-    zero = None
-    if g_mim is None or g_map is None:  # one 0-d zero at most (the kernels read the scale on device)
-        zero = s.new_zeros((), dtype=torch.float32)
-    ds, dw, db = token_kd_backward_op(
-        zero if g_mim is None else g_mim,
-        zero if g_map is None else g_map,
+        return None, None, None, None
+    # a scale the kernels never read (its term is off) gets a placeholder, a missing one of a term that
+    # is on a 0-d zero (the kernels read the scales on device): no allocation in the common cases
+    if g_mim is None:
+        g_mim = s.new_zeros((), dtype=torch.float32) if mimic else a_s
+    if g_map is None:
+        g_map = s.new_zeros((), dtype=torch.float32) if (cls_map and t is not None) else g_mim
+    ds, dw, db = backward_fn(
+        g_mim,
+        g_map,
         g_as if cls_map else None,
         g_scls if cls_map else None,
         s,
@@ -1082,21 +1168,76 @@ def _backward(ctx, g_mim, g_map, g_as, g_scls, g_tcls, g_stats):
         amp,
         residual,
     )
-    return (
-        (ds if need_s else None),
-        None,
-        (dw if need_w else None),
-        (db if need_b else None),
-        None,
-        None,
-        None,
-        None,
-        None,
-        None,
-    )
+    return (ds if need_s else None), None, (dw if need_w else None), (db if need_b else None)
 
 
-token_kd_op.register_autograd(_backward, setup_context=_setup_context)
+def _backward(ctx, g_mim, g_map, g_as, g_scls, g_tcls, g_stats):
+    return (*_grads(ctx, g_mim, g_map, g_as, g_scls, token_kd_backward_op), *(None,) * 6)
+
+
+class _TokenKD(torch.autograd.Function):
+    """The eager path of ``token_kd_op``: the same forward / backward launchers as the custom ops, without
+    the custom-op dispatch (``torch.library`` adds ~0.3–0.5 ms of host time per fwd + bwd: the H200
+    profile's ~0.8 ms of CPU per ``fastkd::token_kd`` call; ``tests/kernels/glue_timing.py``)."""
+
+    @staticmethod
+    def forward(ctx, s, t, weight, bias, num_prefix_s, num_prefix_t, mimic, cls_map, amp, residual):
+        # W rounded to bf16 once per fwd + bwd (kept on ctx for the backward, like autocast's per-forward
+        # weight cache; never across steps: an optimizer step or a .data write changes W)
+        w16 = None
+        if mimic and weight is not None and weight.dtype != torch.bfloat16 and dot_bf16(amp, s, t, weight):
+            w16 = weight.detach().to(torch.bfloat16)
+        ctx.w16 = w16
+        out = token_kd_forward(
+            s,
+            t,
+            weight,
+            bias,
+            num_prefix_s,
+            num_prefix_t,
+            mimic,
+            cls_map,
+            amp,
+            save_residual=residual,
+            w16=w16,
+        )
+        _save(ctx, s, t, weight, bias, num_prefix_s, num_prefix_t, mimic, cls_map, amp, residual, out)
+        return out
+
+    @staticmethod
+    def backward(ctx, g_mim, g_map, g_as, g_scls, g_tcls, g_stats):
+        w16 = ctx.w16
+
+        def backward_fn(*args):  # token_kd_backward_op's positional arguments
+            return token_kd_backward(*args[:17], amp=args[17], residual=args[18], placeholders=False, w16=w16)
+
+        return (*_grads(ctx, g_mim, g_map, g_as, g_scls, backward_fn), *(None,) * 6)
+
+
+def token_kd_op(s, t, weight, bias, num_prefix_s, num_prefix_t, mimic, cls_map, amp=None, save_residual=None):
+    """(mimic_sum, map_sum, a_s, s_cls, t_cls, stats): the fused token op (semantics: ``token_kd_forward``).
+
+    Under torch.compile this is the custom op ``fastkd::token_kd`` (``token_kd_custom_op``; pass ``amp``
+    and ``save_residual`` explicitly there). Eager, it runs the same launchers through a plain
+    ``autograd.Function`` (no custom-op dispatch on the host), and ``save_residual=None`` means "when a
+    backward follows": with ``amp`` (bf16 autocast) and the mimic term alone the forward then stores the
+    bf16 residual and the backward does not recompute (``residual_on``; bench/NOTES.md)."""
+    if custom_op_path(s):
+        return token_kd_custom_op(
+            s, t, weight, bias, num_prefix_s, num_prefix_t, mimic, cls_map, amp, save_residual
+        )
+    amp = resolve_amp(amp, s.device)
+    if save_residual is None:
+        save_residual = torch.is_grad_enabled() and (
+            s.requires_grad
+            or (weight is not None and weight.requires_grad)
+            or (bias is not None and bias.requires_grad)
+        )
+    residual = residual_on(amp, save_residual, mimic, cls_map, t, s.shape[2], weight)
+    return _TokenKD.apply(s, t, weight, bias, num_prefix_s, num_prefix_t, mimic, cls_map, amp, residual)
+
+
+token_kd_custom_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 # ------------------------------------------------------------------------------ compile-check specs
@@ -1135,6 +1276,9 @@ def compile_specs():
         ("bf16", True, True, True, False, True, False),
         ("fp32", False, True, True, False, True, False),  # exact
         ("fp32", False, False, True, False, True, False),  # identity
+        ("bf16", True, False, True, False, True, True),  # stored residual: epilogue on cuBLAS's Y (bf16)
+        ("bf16", True, False, True, False, True, False),  # autocast forward: Σ r² on cuBLAS's Y
+        ("bf16", True, False, True, False, False, False),  # autocast recompute: gR from cuBLAS's Y
     ]
 
     def precision(bf16, gemm):
@@ -1209,6 +1353,8 @@ def compile_specs():
                     "db_part_ptr": "fp32",
                     "r_ptr": "bf16",
                 }
+                if bf16 and not has_w:  # the epilogue on cuBLAS's Y (bf16); teacher tokens stay fp32
+                    ptrs["t_ptr"] = "fp32"
                 scalars = dict(
                     M=B * N,
                     N=N,
@@ -1281,19 +1427,21 @@ def compile_specs():
                     )
                 )
     for dt in ("fp32", "bf16"):
-        ptrs = {"x_ptr": "bf16", "g_ptr": "fp32", "out_ptr": dt}
-        scalars = dict(numel=256 * 196 * 384)
-        specs.append(
-            (
-                f"scale/{dt}/nodot/{SCALE_BLOCK}",
-                _token_kd_scale_kernel,
-                ptrs,
-                scalars,
-                dict(BLOCK=SCALE_BLOCK),
-                Cfg(BLOCK_M=SCALE_BLOCK, BLOCK_N=1, BLOCK_K=1, num_warps=4, num_stages=1),
+        for P, D in ((0, 384), (1, 384), (1, 768)):  # patch views; whole tokens with a CLS prefix
+            ptrs = {"x_ptr": "bf16", "g_ptr": "fp32", "out_ptr": dt}
+            scalars = dict(R=256 * (P + 196), T=P + 196, P=P, D=D)
+            c = SCALE_CFG
+            specs.append(
+                (
+                    f"scale/{dt}/nodot/p{P}d{D}/{c.BLOCK_M}x{c.BLOCK_K}",
+                    _token_kd_scale_kernel,
+                    ptrs,
+                    scalars,
+                    dict(BLOCK_R=c.BLOCK_M, BLOCK_D=c.BLOCK_K),
+                    c,
+                )
             )
-        )
     return specs
 
 
-__all__ = ["token_kd_op", "token_kd_forward", "token_kd_backward", "compile_specs"]
+__all__ = ["token_kd_op", "token_kd_custom_op", "token_kd_forward", "token_kd_backward", "compile_specs"]

@@ -193,13 +193,20 @@ def main(argv=None) -> int:
     ap.add_argument("--jobs", type=int, default=min(4, os.cpu_count() or 1))
     ap.add_argument("--only", choices=MODULES, help="check one kernel module")
     ap.add_argument("--selftest", action="store_true", help="prove the dot rule rejects an fp32 dot")
+    ap.add_argument("--match", help="check only the variants whose name contains this substring")
     args = ap.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET", "0") == "1":
         print("compile_check: unset TRITON_INTERPRET (kernels must be real JIT functions)", file=sys.stderr)
         return 2
     if args.selftest:
         return selftest()
-    jobs = [(args.only, i, cc) for i in range(len(_specs(args.only))) for cc in TARGETS]
+    specs = _specs(args.only)
+    jobs = [
+        (args.only, i, cc)
+        for i in range(len(specs))
+        if args.match is None or args.match in specs[i][0]
+        for cc in TARGETS
+    ]
     t0 = time.time()
     with ProcessPoolExecutor(max_workers=args.jobs) as pool:
         rows = list(pool.map(_build, jobs, chunksize=4))

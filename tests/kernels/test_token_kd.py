@@ -300,7 +300,10 @@ def test_token_kd_stored_residual_matches_recompute(case, prefix):
         mim = tk.token_kd_op(x["s"], x["t"], w, b, x["P_s"], x["P_t"], True, False, True, save)[0]
         (up["mim"] * mim).backward()
         outs[save] = (mim.detach(), full.grad.clone(), None if w is None else w.grad.clone(), b.grad.clone())
-    assert float(outs[True][0]) == float(outs[False][0])
+    # the loss: the stored residual under autocast takes Y = S Wᵀ from cuBLAS in bf16 (as autocast's linear
+    # does) where the recompute keeps the fp32 accumulator, so the two differ by a bf16 rounding of Y:
+    # both are held to the bf16 rule below (round 1 required equality: the same kernel computed both)
+    mims = {k: v[0] for k, v in outs.items()}
     x2 = dict(x, s=full.detach().clone().requires_grad_(), P_s=P if prefix else 0)
     s_view = x2["s"][:, P:] if prefix == 0 else x2["s"]
     conv = lambda v: None if v is None else v.detach().clone().requires_grad_()
@@ -317,9 +320,12 @@ def test_token_kd_stored_residual_matches_recompute(case, prefix):
         [s64v[:, x["P_s"] :]], [x["t"][:, x["P_t"] :].double()], [w64], [b64], alpha=float(full.shape[0])
     )
     (up["mim"] * ref).backward()
+    n_terms = x["s"].shape[0] * (x["s"].shape[1] - x["P_s"]) * x["t"].shape[2]
     for save in (False, True):
         _, ds, dw, db = outs[save]
         what = "stored" if save else "recompute"
+        atol = bf16_scalar_atol(ref, n_terms)
+        assert_bf16(mims[save], low.detach(), ref.detach().float(), f"{what}: loss", atol=atol)
         assert_bf16(ds, x2["s"].grad, s64.grad, f"{what}: ds")
         if w is not None:
             assert_bf16(dw, wl.grad, w64.grad, f"{what}: dw")

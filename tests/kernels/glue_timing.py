@@ -1,0 +1,133 @@
+"""CPU time of the Python/torch glue around the fused token ops, Triton launches stubbed out (a tool, not
+a test: tests never time anything).
+
+Run WITHOUT ``TRITON_INTERPRET`` (``OMP_NUM_THREADS=1 python tests/kernels/glue_timing.py [--profile]``):
+the kernels' ``JITFunction.run`` is replaced by a no-op and the autotuner by its cache-hit path (config 0),
+and the CUDA-device check is bypassed, so one fwd+bwd on tiny CPU tensors measures what the host does per
+call around the launches (custom-op dispatch, autograd glue, argument checks, allocations, torch ops).
+Excluded: Triton's own launch path (the binder + driver launch, ~5–15 µs per launch on a GPU host), the
+CUDA launch cost of each torch op, and the compute of ``torch.mm`` (stubbed by an allocation of its
+output: on a GPU host a cuBLAS GEMM is a launch, on this CPU a bf16 mm computes). Prints the best and
+the median round, in µs per fwd+bwd of each case.
+"""
+
+import os
+import statistics
+import sys
+import time
+
+assert os.environ.get("TRITON_INTERPRET", "0") != "1", "run without TRITON_INTERPRET"
+
+import torch  # noqa: E402
+import triton  # noqa: E402
+from triton.runtime import autotuner, jit  # noqa: E402
+
+LAUNCHES = [0]
+
+
+def _stub_run(self, *args, **kwargs):
+    LAUNCHES[0] += 1
+
+
+def _stub_autotune(self, *args, **kwargs):
+    cfg = self.configs[0]
+    self.best_config = cfg
+    return self.fn.run(*args, **kwargs, **cfg.all_kwargs())
+
+
+jit.JITFunction.run = _stub_run
+autotuner.Autotuner.run = _stub_autotune
+
+# cuBLAS GEMMs are launches on a GPU host; on this CPU a bf16 mm computes (slowly), which is not glue:
+# stub torch.mm with an allocation of its output (the host part of a launch is excluded as for Triton)
+_real_mm = torch.mm
+
+
+def _stub_mm(a, b, *args, **kwargs):
+    return torch.empty((a.shape[0], b.shape[1]), dtype=a.dtype, device=a.device)
+
+
+torch.mm = _stub_mm
+
+from fastkd.kernels import _utils  # noqa: E402
+from fastkd.kernels import masked_gen as mg  # noqa: E402
+from fastkd.kernels import token_kd as tk  # noqa: E402
+
+
+def _no_cuda_check(what, ref, **tensors):
+    return None
+
+
+for mod in (tk, mg, _utils):
+    if hasattr(mod, "check_device"):
+        mod.check_device = _no_cuda_check
+
+
+def inputs(B=3, N=16, D_s=24, D_t=40):
+    g = torch.Generator().manual_seed(0)
+    r = lambda *shape: torch.randn(*shape, generator=g)
+    s = r(B, 1 + N, D_s).requires_grad_()
+    t = r(B, 1 + N, D_t)
+    W = (r(D_t, D_s) * D_s**-0.5).requires_grad_()
+    b = r(D_t).requires_grad_()
+    return dict(s=s, t=t, W=W, b=b, N=N)
+
+
+def _map(x, amp):  # what cls_patch_map_loss does on the triton path: the op + the mean
+    out = tk.token_kd_op(x["s"], x["t"][..., : x["s"].shape[-1]], None, None, 1, 1, False, True, amp)
+    B, N = x["s"].shape[0], x["N"]
+    return out[1] / (B * N)
+
+
+def _mimic(x, amp, save=None):  # one ViTKD mimic layer as the dispatch calls it (patch views)
+    return tk.token_kd_op(x["s"][:, 1:], x["t"][:, 1:], x["W"], x["b"], 0, 0, True, False, amp, save)[0]
+
+
+CASES = {
+    "map (amp)": lambda x: _map(x, True),
+    "mimic (amp, recompute)": lambda x: _mimic(x, True, False),
+    "mimic (amp, save_residual)": lambda x: _mimic(x, True, True),
+    "mimic (no amp)": lambda x: _mimic(x, False),
+}
+
+
+def time_case(fn, x, iters=200, rounds=7):
+    for _ in range(20):
+        fn(x).backward()
+    best = []
+    for _ in range(rounds):
+        t0 = time.perf_counter()
+        for _ in range(iters):
+            fn(x).backward()
+        best.append((time.perf_counter() - t0) / iters * 1e6)
+    return min(best), statistics.median(best)
+
+
+def main():
+    torch.set_num_threads(1)
+    x = inputs()
+    if "--profile" in sys.argv:
+        import cProfile
+        import pstats
+
+        name = sys.argv[sys.argv.index("--profile") + 1] if len(sys.argv) > 2 else "map (amp)"
+        fn = CASES[name]
+        for _ in range(20):
+            fn(x).backward()
+        pr = cProfile.Profile()
+        pr.enable()
+        for _ in range(500):
+            fn(x).backward()
+        pr.disable()
+        pstats.Stats(pr).sort_stats("tottime").print_stats(25)
+        return
+    for name, fn in CASES.items():
+        LAUNCHES[0] = 0
+        lo, med = time_case(fn, x)
+        per = LAUNCHES[0] / (20 + 7 * 200)
+        print(f"{name:28s} min {lo:7.1f} µs  median {med:7.1f} µs per fwd+bwd  ({per:.0f} launches)")
+    print(f"torch {torch.__version__}, triton {triton.__version__}")
+
+
+if __name__ == "__main__":
+    main()
