@@ -24,10 +24,10 @@ from tqdm.auto import tqdm
 
 from fastkd.config import TrainConfig
 from fastkd.data import Dataset, EpochSampler
-from fastkd.data.augment import AugmentConfig, eval_batch
-from fastkd.data.batches import TrainBatches, val_batches
+from fastkd.data.augment import AugmentConfig
+from fastkd.data.batches import TrainBatches
 from fastkd.methods.registry import DistillLoss, eval_dense_heads
-from fastkd.models import forward_taps, model_info, save_model
+from fastkd.models import forward_taps, save_model
 from fastkd.ops import dispatch as KF
 from fastkd.teachers.base import Teacher
 from fastkd.telemetry import Telemetry
@@ -39,6 +39,7 @@ from fastkd.train.artifacts import (
     write_report,
 )
 from fastkd.train.distributed import Dist
+from fastkd.train.evaluate import evaluate
 from fastkd.train.finite import all_finite as _all_finite
 from fastkd.train.finite import total_norm as _total_norm
 from fastkd.train.rundir import NON_FINITE, record_non_finite, write_config
@@ -465,48 +466,3 @@ class Trainer:
 
 class NonFiniteLoss(RuntimeError):
     pass
-
-
-@torch.no_grad()
-def evaluate(
-    model: nn.Module, data: Dataset, device, amp: bool = False, *, dense_heads: bool = False,
-    batch_size: int = 512, dist: Dist | None = None, workers: int | None = None,
-) -> dict[str, float]:
-    """Top-1 on the val split. Distilled students: mean of the two heads (+ cls-only and dist-only top-1).
-
-    dense_heads (a method's eval rule, CSKD release): a distilled student's top-1 is the argmax of the
-    mean of (cls logits, dist logits, mean over patches of the dense dist-head logits).
-    Sharded: each rank evaluates its share of the val ids (``eval_id_batches``), hits are summed over
-    the ranks with one all_reduce; every rank returns the same numbers. Streamed val data is decoded by
-    a loader over the val split.
-    """
-    was = model.training
-    model.eval()
-    dist = dist or Dist()
-    has_dist = model_info(model).has_dist_head
-    dense = dense_heads and has_dist
-    hits = torch.zeros(3, dtype=torch.float64, device=device)  # top1, top1_cls, top1_dist (no host sync)
-    for xb, y in val_batches(data, device, batch_size, dist.rank, dist.world, workers=workers):
-        x = eval_batch(xb, data.mean, data.std)
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp):
-            taps = forward_taps(model, x, dense=dense)
-        logits = taps.logits.float()
-        if taps.dist_logits is not None:
-            dist_l = taps.dist_logits.float()
-            hits[1] += (logits.argmax(-1) == y).sum()
-            hits[2] += (dist_l.argmax(-1) == y).sum()
-            if taps.dense_logits is not None:  # cls, dist and mean dense dist-head logits
-                logits = (logits + dist_l + taps.dense_logits.float().mean(dim=(2, 3))) / 3
-            else:
-                logits = (logits + dist_l) / 2
-        hits[0] += (logits.argmax(-1) == y).sum()
-    if dist.world > 1:
-        torch.distributed.all_reduce(hits)
-    model.train(was)
-    n = len(data.y_val)
-    top1, top1_cls, top1_dist = (100.0 * v / n for v in hits.tolist())
-    out = {"top1": top1}
-    if has_dist:
-        out["top1_cls"] = top1_cls
-        out["top1_dist"] = top1_dist
-    return out
