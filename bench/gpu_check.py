@@ -20,7 +20,8 @@ decisions go to a fresh FASTKD_CACHE_DIR in the work folder (so the check measur
   sync           bench/sync_probe.py: syncs per step with their sites, what the fused ops are fed  cap  45 s
   losses_deit_b  the loss benches at DeiT-B                                                     cap  60 s
   peer           bench/peer_bench.py: fastkd kd vs hand-written KD and timm.task               cap  60 s
-  train          python -m fastkd.train --fused --epochs 1 (summary.json: telemetry + dispatch) cap  45 s
+  train          python -m fastkd.train --fused --epochs 1 --teacher-epochs 1 (summary.json: telemetry
+                 + the dispatch record)                                                         cap  45 s
 
 OUT_DIR gets at most 8 files: gpu_check.json (every step's status, rc, seconds, log tail; versions;
 nvidia-smi fields; test counts and failures; the training summary), bench_summary.md (PASS/FAIL of every
@@ -336,7 +337,8 @@ def main(argv: list[str] | None = None) -> int:
     # a training run with telemetry, if time is left -------------------------------------------------
     train_dir = work / "train"
     extra = os.environ.get("GPU_CHECK_TRAIN_ARGS", "").split()
-    r.python("train", ["-m", "fastkd.train", "--fused", "--epochs", "1", "--out", str(train_dir),
+    r.python("train", ["-m", "fastkd.train", "--fused", "--epochs", "1", "--teacher-epochs", "1",
+                       "--out", str(train_dir),
                        "--workdir", str(work / "runs"), *extra], cap_s=45)
     report["train_summary"] = _read_json(train_dir / "summary.json")
 
