@@ -11,16 +11,17 @@ decisions go to a fresh FASTKD_CACHE_DIR in the work folder (so the check measur
 
   env            versions, GPU, the fused-path description                                    cap  40 s
   step           bench/step_bench.py: DeiT-S <- DeiT-B, 224², B=256, bf16, 17+1 variants by priority,
-                 interleaved, host syncs per step, ratios vs the issue-12 targets               cap 240 s
+                 interleaved, host syncs per step, ratios vs the issue-12 targets               cap 220 s
   losses_deit_s  bench/test_bench_losses.py training inputs, fwd+bwd, DeiT-S, + copy bandwidth
                  (FASTKD_KERNELS=triton: the fused provider is the kernels, not the dispatch)   cap  75 s
+  losses_deit_b  the loss benches at DeiT-B                                                     cap  60 s
   tests          tests/kernels (minus the CPU-only compile check), tests/data/test_augment_device.py
                  and every tests/ file that uses set_sync_debug_mode, real compilation,
                  FASTKD_KERNELS=triton, pytest-xdist -n 8 when installed                        cap 100 s
   sync           bench/sync_probe.py: syncs per step with their sites, what the fused ops are fed  cap  45 s
-  losses_deit_b  the loss benches at DeiT-B                                                     cap  60 s
   peer           bench/peer_bench.py: fastkd kd vs hand-written KD and timm.task               cap  60 s
-  train          python -m fastkd.train --fused --epochs 1 (summary.json: telemetry + dispatch) cap  45 s
+  train          python -m fastkd.train --fused --epochs 1 --teacher-epochs 1 (summary.json: telemetry
+                 + the dispatch record)                                                         cap  45 s
 
 OUT_DIR gets at most 8 files: gpu_check.json (every step's status, rc, seconds, log tail; versions;
 nvidia-smi fields; test counts and failures; the training summary), bench_summary.md (PASS/FAIL of every
@@ -268,7 +269,7 @@ def main(argv: list[str] | None = None) -> int:
 
     # the step users run (priority 1) ----------------------------------------------------------------
     step_json = work / "step.json"
-    cap = 240 if cuda else 150
+    cap = 220 if cuda else 150
     inner = max(30, min(cap, r.remaining() - 15) - 30)  # the bench's own budget, inside the step's cap
     r.python("step", ["bench/step_bench.py", str(step_json), "--budget", str(round(inner)), *small,
                       *([] if cuda else ["--variants", "plain_eager,vitkd_nkd_online_eager,"
@@ -289,6 +290,14 @@ def main(argv: list[str] | None = None) -> int:
     part = work / f"bench_{shapes[0]}.json"
     r.python(f"losses_{shapes[0]}", [*bench_common, "--bench-shapes", shapes[0], "-k", sel,
                                      f"--benchmark-json={part}"], cap_s=75, env=triton_env)
+    parts.append(part)
+    save_report()
+
+    # DeiT-B loss benches -----------------------------------------------------------------------------
+    part = work / f"bench_{shapes[1]}.json"
+    r.python(f"losses_{shapes[1]}", [*bench_common, "--bench-shapes", shapes[1], "-k",
+                                     "training_inputs and fwdbwd", f"--benchmark-json={part}"],
+             cap_s=60, env=triton_env)
     parts.append(part)
     save_report()
 
@@ -316,14 +325,6 @@ def main(argv: list[str] | None = None) -> int:
         _write_atomic(out / "sync.json", json.dumps(doc, indent=1, default=str))
     save_report()
 
-    # DeiT-B loss benches -----------------------------------------------------------------------------
-    part = work / f"bench_{shapes[1]}.json"
-    r.python(f"losses_{shapes[1]}", [*bench_common, "--bench-shapes", shapes[1], "-k",
-                                     "training_inputs and fwdbwd", f"--benchmark-json={part}"],
-             cap_s=60, env=triton_env)
-    parts.append(part)
-    save_report()
-
     # peer -------------------------------------------------------------------------------------------
     peer_json = work / "peer.json"
     r.python("peer", ["bench/peer_bench.py", str(peer_json), *small], cap_s=60,
@@ -336,7 +337,8 @@ def main(argv: list[str] | None = None) -> int:
     # a training run with telemetry, if time is left -------------------------------------------------
     train_dir = work / "train"
     extra = os.environ.get("GPU_CHECK_TRAIN_ARGS", "").split()
-    r.python("train", ["-m", "fastkd.train", "--fused", "--epochs", "1", "--out", str(train_dir),
+    r.python("train", ["-m", "fastkd.train", "--fused", "--epochs", "1", "--teacher-epochs", "1",
+                       "--out", str(train_dir),
                        "--workdir", str(work / "runs"), *extra], cap_s=45)
     report["train_summary"] = _read_json(train_dir / "summary.json")
 

@@ -184,9 +184,12 @@ def _judged(results: list[dict], rows: list[dict]) -> list[dict]:
 def targets_section(results: list[dict], rows: list[dict]) -> str:
     """PASS/FAIL of the issue-13 targets for the fused token losses on the training inputs."""
     picked = _judged(results, rows)
-    if not picked:
-        return ""
     lines = []
+    done = {(r["loss"], r["shape"]) for r in picked}
+    for loss in TOKEN_LOSSES:  # every target is listed, measured or not
+        for shape in TARGET_SHAPES:
+            if (loss, shape) not in done:
+                lines.append([loss, shape, *(["— (not measured)"] * len(LOSS_TARGETS))])
     for r in picked:
         line = [r["loss"], str(r["shape"])]
         for key, goal, _ in LOSS_TARGETS:

@@ -2,7 +2,7 @@
 path against the compiled reference, the decisions and their JSON cache.
 
 **Measured dispatch** (fused mode on CUDA with Triton, ``FASTKD_KERNELS=auto``, the default): for each op
-and input *signature* — op, autocast dtype, and per tensor its dtype, stride pattern (contiguous or a
+and input *signature* — op, CUDA autocast on or off, and per tensor its dtype, stride pattern (contiguous or a
 strided view), shape bucket (rows = product of the leading dims rounded up to a power of two, the last
 dim exact) and whether it needs a gradient — the first eager call times the Triton path and the compiled
 reference on copies of its real inputs (same strides), fwd+bwd when a gradient is needed, with CUDA
@@ -76,7 +76,7 @@ def _tensor_sig(x: Tensor) -> str:
     size = [_concrete(d) for d in x.shape]
     stride = [_concrete(d) for d in x.stride()]
     contig, expect = True, 1
-    for n, st in zip(reversed(size), reversed(stride), strict=True):
+    for n, st in zip(reversed(size), reversed(stride)):  # noqa: B905  (equal lengths; traceable on torch 2.6+)
         if n != 1 and st != expect:
             contig = False
         expect *= n
@@ -89,10 +89,10 @@ def _tensor_sig(x: Tensor) -> str:
 
 
 def _amp_tag(xs: Sequence[Tensor]) -> str:
+    """CUDA autocast on or off (fastkd's autocast is always bf16; only the flag, which every torch ≥ 2.4
+    constant-folds under tracing, so the eager and the traced key agree)."""
     dev = xs[0].device.type if xs else "cpu"
-    if dev == "cuda" and torch.is_autocast_enabled("cuda"):
-        return "amp-" + str(torch.get_autocast_dtype("cuda")).removeprefix("torch.")
-    return "noamp"
+    return "amp" if dev == "cuda" and torch.is_autocast_enabled("cuda") else "noamp"
 
 
 def sig_key(name: str, xs: Sequence[Tensor]) -> str:

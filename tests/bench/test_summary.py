@@ -25,7 +25,7 @@ def _step():
                                                 "cache_wait_share": 0.01},
             "kd_cached_fused_compiled": {"status": "skipped: budget"},
         },
-        "dispatch": {"ops": {"vitkd_mimic_loss": [{"signature": "vitkd_mimic_loss|amp-bfloat16|...",
+        "dispatch": {"ops": {"vitkd_mimic_loss": [{"signature": "vitkd_mimic_loss|amp|...",
                                                    "path": "compiled", "triton_ms": 3.1, "compiled_ms": 1.6}]}},
     }
 
@@ -38,7 +38,7 @@ def test_issue12_table():
     assert "FAIL (2); vitkd_nkd_cached_fused_compiled 2" in text  # host syncs: worst, and where
     assert "PASS (1.00) %" in text  # cache wait share
     assert "Not measured: kd_cached_fused_compiled: skipped: budget" in text
-    assert "| vitkd_mimic_loss | vitkd_mimic_loss|amp-bfloat16|... | compiled | 3.1 | 1.6 |" in text
+    assert "| vitkd_mimic_loss | vitkd_mimic_loss|amp|... | compiled | 3.1 | 1.6 |" in text
 
 
 def _row(loss, provider, ms, shape="deit_s", peak=None, nbytes=None):
