@@ -105,6 +105,13 @@ def _needs_grad(x: Tensor) -> bool:
     return x.requires_grad and torch.is_grad_enabled()
 
 
+def _amp(x: Tensor) -> bool:
+    """bf16 autocast on for ``x``'s device type, read at the op boundary and passed to the kernels (dynamo
+    traces it as a constant; under torch.compile the kernels run outside the autocast context)."""
+    dev = x.device.type
+    return torch.is_autocast_enabled(dev) and torch.get_autocast_dtype(dev) == torch.bfloat16
+
+
 def _unit_stride(x: Tensor) -> Tensor:
     return x if x.dim() == 0 or x.stride(-1) == 1 else x.contiguous()
 
@@ -238,6 +245,7 @@ def _token_kd_triton(s_tokens, t_tokens, weight, bias, num_prefix_s, num_prefix_
         num_prefix_t,
         mimic,
         cls_map,
+        _amp(s_tokens),
     )
     if not cls_map:
         return TokenKD(mim, None, None, None)
@@ -278,6 +286,7 @@ def vitkd_mimic_loss(
     bs = [None] * n if biases is None else list(biases)
     k = _kern().token_kd
     B = s_feats[0].shape[0]
+    amp = _amp(s_feats[0])
     total = None
     for i, (s, t, w, b) in enumerate(zip(s_feats, t_feats, ws, bs, strict=True)):
         if s.dim() != 3 or t.dim() != 3 or s.shape[:2] != t.shape[:2] or s.shape[0] != B:
@@ -285,7 +294,9 @@ def vitkd_mimic_loss(
                 f"vitkd_mimic_loss layer {i}: student {tuple(s.shape)} and teacher {tuple(t.shape)} "
                 f"need the same [B, N] (B={B})"
             )
-        term = k.token_kd_op(_unit_stride(s), _unit_stride(t.detach()), w, b, 0, 0, True, False)[0]
+        # a backward follows: under autocast the kernel then stores the bf16 residual instead of recomputing
+        save = torch.is_grad_enabled() and any(v is not None and v.requires_grad for v in (s, w, b))
+        term = k.token_kd_op(_unit_stride(s), _unit_stride(t.detach()), w, b, 0, 0, True, False, amp, save)[0]
         total = term if total is None else total + term
     return total * (alpha / B)
 
@@ -293,7 +304,7 @@ def vitkd_mimic_loss(
 @fused(lambda tokens, *a, **k: (tokens,), lambda tokens, *a, **k: tokens.dim() != 3)
 def cls_patch_map(tokens: Tensor, num_prefix: int = 1) -> Tensor:
     k = _kern().token_kd
-    return k.token_kd_op(_unit_stride(tokens), None, None, None, num_prefix, 0, False, True)[2]
+    return k.token_kd_op(_unit_stride(tokens), None, None, None, num_prefix, 0, False, True, _amp(tokens))[2]
 
 
 @fused(lambda s_tokens, t_tokens, *a, **k: (s_tokens, t_tokens), lambda s, *a, **k: s.dim() != 3)
@@ -342,13 +353,13 @@ def vitkd_gen_loss(
     if not 0.0 < mask_ratio <= 1.0:
         raise ValueError(f"mask_ratio must be in (0, 1], got {mask_ratio}")
     h, w = R._resolve_grid(N, grid, "vitkd_gen_loss")
-    dev_type = s_last.device.type
-    if torch.is_autocast_enabled(dev_type) and torch.get_autocast_dtype(dev_type) == torch.bfloat16:
+    amp = _amp(s_last)
+    if amp:
         x_dtype = torch.bfloat16  # the generator's convolutions would cast it to bf16 anyway
     else:
         x_dtype = R._work_dtype(s_last, t_last, weight, bias, mask_token)
     k = _kern().masked_gen
-    x = k.gen_input_op(_unit_stride(s_last), mask, weight, bias, mask_token, h, w, x_dtype)
+    x = k.gen_input_op(_unit_stride(s_last), mask, weight, bias, mask_token, h, w, x_dtype, amp)
     g = generator(x)
     if tuple(g.shape) != (B, d_t, h, w):
         raise ValueError(
