@@ -25,7 +25,7 @@ import torch
 from fastkd.config import parse_args
 from fastkd.train import __main__ as train
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]  # the checkout (tests/train/ → ..): torchrun runs its fastkd
 
 FLAGS = [
     "--teacher-embed-dim", "32", "--teacher-depth", "2", "--teacher-heads", "2", "--teacher-epochs", "2",
