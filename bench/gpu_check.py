@@ -81,8 +81,14 @@ class Runner:
     def remaining(self) -> float:
         return self.deadline - time.monotonic()
 
-    def run(self, name: str, cmd: list[str], cap_s: float, reserve_s: float = 15,
-            env: dict[str, str] | None = None) -> dict:
+    def run(
+        self,
+        name: str,
+        cmd: list[str],
+        cap_s: float,
+        reserve_s: float = 15,
+        env: dict[str, str] | None = None,
+    ) -> dict:
         """Run ``cmd`` in the repo with limit min(cap, remaining − reserve) and ``env`` added to the
         environment; record and return the step."""
         step = {"name": name, "cmd": " ".join([*(f"{k}={v}" for k, v in (env or {}).items()), *cmd])}
@@ -95,8 +101,14 @@ class Runner:
             log_path = self.work / f"{name}.log"
             t0 = time.monotonic()
             with open(log_path, "wb") as log:
-                proc = subprocess.Popen(cmd, cwd=REPO, env={**self.env, **(env or {})}, stdout=log,
-                                        stderr=subprocess.STDOUT, start_new_session=True)
+                proc = subprocess.Popen(
+                    cmd,
+                    cwd=REPO,
+                    env={**self.env, **(env or {})},
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                    start_new_session=True,
+                )
                 try:
                     rc = proc.wait(timeout=limit)
                     status = "ok" if rc == 0 else "failed"
@@ -105,16 +117,27 @@ class Runner:
                     rc = proc.wait()
                     status = "timeout"
             text = log_path.read_text(errors="replace")
-            step.update(status=status, rc=rc, seconds=round(time.monotonic() - t0, 1), limit_s=round(limit),
-                        log_tail=text[-3000:])
+            step.update(
+                status=status,
+                rc=rc,
+                seconds=round(time.monotonic() - t0, 1),
+                limit_s=round(limit),
+                log_tail=text[-3000:],
+            )
             head = f"===== {name} ({status}, rc={rc}, {step['seconds']}s): {step['cmd']}"
             self.log_parts.append(f"{head}\n{text}")
         print(f"gpu_check: {name}: {step['status']} {step.get('seconds', '')}", flush=True)
         self.steps.append(step)
         return step
 
-    def python(self, name: str, args: list[str], cap_s: float, reserve_s: float = 15,
-               env: dict[str, str] | None = None) -> dict:
+    def python(
+        self,
+        name: str,
+        args: list[str],
+        cap_s: float,
+        reserve_s: float = 15,
+        env: dict[str, str] | None = None,
+    ) -> dict:
         return self.run(name, [sys.executable, *args], cap_s, reserve_s, env)
 
 
@@ -153,12 +176,13 @@ print("GPU_CHECK_ENV " + json.dumps(info))
 def _env_info(step: dict) -> dict:
     for line in step.get("log_tail", "").splitlines():
         if line.startswith("GPU_CHECK_ENV "):
-            return json.loads(line[len("GPU_CHECK_ENV "):])
+            return json.loads(line[len("GPU_CHECK_ENV ") :])
     return {}
 
 
 def _nvidia_smi(out: Path) -> dict:
-    """nvidia-smi -q into OUT/nvidia-smi.txt (the work dir: appended to log.txt), and the key fields as a dict (empty without nvidia-smi)."""
+    """nvidia-smi -q into OUT/nvidia-smi.txt (the work dir: appended to log.txt), and the key fields as a
+    dict (empty without nvidia-smi)."""
     exe = shutil.which("nvidia-smi")
     if exe is None:
         _write_atomic(out / "nvidia-smi.txt", "nvidia-smi not found\n")
@@ -167,8 +191,12 @@ def _nvidia_smi(out: Path) -> dict:
         q = subprocess.run([exe, "-q"], capture_output=True, text=True, timeout=60)
         _write_atomic(out / "nvidia-smi.txt", q.stdout + q.stderr)
         fields = "name,driver_version,memory.total,power.limit,clocks.max.sm,clocks.max.memory,pci.bus_id"
-        c = subprocess.run([exe, f"--query-gpu={fields}", "--format=csv,noheader"], capture_output=True,
-                           text=True, timeout=60)
+        c = subprocess.run(
+            [exe, f"--query-gpu={fields}", "--format=csv,noheader"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
         values = [v.strip() for v in c.stdout.splitlines()[0].split(",")] if c.stdout.strip() else []
         return dict(zip(fields.split(","), values, strict=False))
     except (OSError, subprocess.SubprocessError) as e:
@@ -186,7 +214,8 @@ def _junit_counts(path: Path) -> dict | None:
     counts = {k: sum(int(s.get(k, 0)) for s in suites) for k in keys}
     counts["failed_tests"] = [
         f"{c.get('classname')}::{c.get('name')}"
-        for c in root.iter("testcase") if c.find("failure") is not None or c.find("error") is not None
+        for c in root.iter("testcase")
+        if c.find("failure") is not None or c.find("error") is not None
     ][:50]
     return counts
 
@@ -232,12 +261,24 @@ def _sync_tests() -> list[str]:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("out", help="output folder (created)")
-    ap.add_argument("--budget", type=float, default=float(os.environ.get("GPU_CHECK_BUDGET_S", 500)),
-                    help="seconds for all steps together (default 500, env GPU_CHECK_BUDGET_S)")
-    ap.add_argument("--skip", default="", help="comma-separated steps to skip (env, step, losses_deit_s, "
-                    "tests, sync, losses_deit_b, peer, train)")
-    ap.add_argument("--bench-device", default="cuda", choices=("cuda", "cpu"),
-                    help="cpu: dry-run the pipeline on a machine without a GPU (tiny CPU shapes)")
+    ap.add_argument(
+        "--budget",
+        type=float,
+        default=float(os.environ.get("GPU_CHECK_BUDGET_S", 500)),
+        help="seconds for all steps together (default 500, env GPU_CHECK_BUDGET_S)",
+    )
+    ap.add_argument(
+        "--skip",
+        default="",
+        help="comma-separated steps to skip (env, step, losses_deit_s, "
+        "tests, sync, losses_deit_b, peer, train)",
+    )
+    ap.add_argument(
+        "--bench-device",
+        default="cuda",
+        choices=("cuda", "cpu"),
+        help="cpu: dry-run the pipeline on a machine without a GPU (tiny CPU shapes)",
+    )
     args = ap.parse_args(argv)
     cuda = args.bench_device == "cuda"
     out = Path(args.out).resolve()
@@ -246,8 +287,13 @@ def main(argv: list[str] | None = None) -> int:
     r = Runner(out, work, args.budget, {s for s in args.skip.split(",") if s})
     r.env["FASTKD_CACHE_DIR"] = str(work / "cache")  # measure afresh; dispatch.json is copied to OUT
     started = time.strftime("%Y-%m-%dT%H:%M:%S%z")
-    report: dict = {"started": started, "host": platform.node(), "repo": str(REPO), "budget_s": args.budget,
-                    "bench_device": args.bench_device}
+    report: dict = {
+        "started": started,
+        "host": platform.node(),
+        "repo": str(REPO),
+        "budget_s": args.budget,
+        "bench_device": args.bench_device,
+    }
     small = [] if cuda else ["--small"]
     triton_env = {"FASTKD_KERNELS": "triton"}  # tests and the fused loss provider: the kernels themselves
 
@@ -261,8 +307,12 @@ def main(argv: list[str] | None = None) -> int:
     env_step = r.python("env", ["-c", ENV_SNIPPET], cap_s=40)
     report["versions"] = _env_info(env_step)
     try:
-        report["git_commit"] = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True,
-                                              text=True, timeout=10).stdout.strip() or None
+        report["git_commit"] = (
+            subprocess.run(
+                ["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True, timeout=10
+            ).stdout.strip()
+            or None
+        )
     except (OSError, subprocess.SubprocessError):
         report["git_commit"] = None
     save_report()
@@ -271,33 +321,74 @@ def main(argv: list[str] | None = None) -> int:
     step_json = work / "step.json"
     cap = 220 if cuda else 150
     inner = max(30, min(cap, r.remaining() - 15) - 30)  # the bench's own budget, inside the step's cap
-    r.python("step", ["bench/step_bench.py", str(step_json), "--budget", str(round(inner)), *small,
-                      *([] if cuda else ["--variants", "plain_eager,vitkd_nkd_online_eager,"
-                                         "vitkd_nkd_online_fused,vitkd_nkd_cached_fused,kd_online_fused"])],
-             cap_s=cap)
+    r.python(
+        "step",
+        [
+            "bench/step_bench.py",
+            str(step_json),
+            "--budget",
+            str(round(inner)),
+            *small,
+            *(
+                []
+                if cuda
+                else [
+                    "--variants",
+                    "plain_eager,vitkd_nkd_online_eager,"
+                    "vitkd_nkd_online_fused,vitkd_nkd_cached_fused,kd_online_fused",
+                ]
+            ),
+        ],
+        cap_s=cap,
+    )
     step = _read_json(step_json)
     if step is not None:
         shutil.copyfile(step_json, out / "step.json")
     save_report()
 
     # loss benches on the training inputs (priority 2) ------------------------------------------------
-    bench_common = ["-m", "pytest", "--benchmark-only", "--bench-device", args.bench_device,
-                    "--bench-time", "0.05" if cuda else "0.02", "-q", "-rs", "-p", "no:cacheprovider",
-                    "bench/test_bench_losses.py"]
+    bench_common = [
+        "-m",
+        "pytest",
+        "--benchmark-only",
+        "--bench-device",
+        args.bench_device,
+        "--bench-time",
+        "0.05" if cuda else "0.02",
+        "-q",
+        "-rs",
+        "-p",
+        "no:cacheprovider",
+        "bench/test_bench_losses.py",
+    ]
     sel = "(training_inputs and fwdbwd) or copy"
     shapes = ("deit_s", "deit_b") if cuda else ("cpu_s", "cpu_m")
     parts = []
     part = work / f"bench_{shapes[0]}.json"
-    r.python(f"losses_{shapes[0]}", [*bench_common, "--bench-shapes", shapes[0], "-k", sel,
-                                     f"--benchmark-json={part}"], cap_s=75, env=triton_env)
+    r.python(
+        f"losses_{shapes[0]}",
+        [*bench_common, "--bench-shapes", shapes[0], "-k", sel, f"--benchmark-json={part}"],
+        cap_s=75,
+        env=triton_env,
+    )
     parts.append(part)
     save_report()
 
     # DeiT-B loss benches -----------------------------------------------------------------------------
     part = work / f"bench_{shapes[1]}.json"
-    r.python(f"losses_{shapes[1]}", [*bench_common, "--bench-shapes", shapes[1], "-k",
-                                     "training_inputs and fwdbwd", f"--benchmark-json={part}"],
-             cap_s=60, env=triton_env)
+    r.python(
+        f"losses_{shapes[1]}",
+        [
+            *bench_common,
+            "--bench-shapes",
+            shapes[1],
+            "-k",
+            "training_inputs and fwdbwd",
+            f"--benchmark-json={part}",
+        ],
+        cap_s=60,
+        env=triton_env,
+    )
     parts.append(part)
     save_report()
 
@@ -307,9 +398,27 @@ def main(argv: list[str] | None = None) -> int:
     test_paths += [p for p in _sync_tests() if p not in test_paths]
     report["test_paths"] = test_paths
     xdist = importlib.util.find_spec("xdist") is not None
-    r.python("tests", ["-m", "pytest", *test_paths, "-q", "-rs", "-p", "no:cacheprovider",
-                       "-k", "not compile_check", *(["-n", "8"] if xdist and cuda else []),
-                       f"--junitxml={junit}"], cap_s=100 if cuda else 150, env=triton_env)
+    # -v: each result is logged as it lands (the 2026-11-26 H200 run timed out here with failures that the
+    # junit file, written only at the end, could not name)
+    r.python(
+        "tests",
+        [
+            "-m",
+            "pytest",
+            *test_paths,
+            "-v",
+            "--tb=line",
+            "-rs",
+            "-p",
+            "no:cacheprovider",
+            "-k",
+            "not compile_check",
+            *(["-n", "8"] if xdist and cuda else []),
+            f"--junitxml={junit}",
+        ],
+        cap_s=150,
+        env=triton_env,
+    )
     report["tests"] = _junit_counts(junit)
     save_report()
 
@@ -327,8 +436,12 @@ def main(argv: list[str] | None = None) -> int:
 
     # peer -------------------------------------------------------------------------------------------
     peer_json = work / "peer.json"
-    r.python("peer", ["bench/peer_bench.py", str(peer_json), *small], cap_s=60,
-             env={"PEER_BUDGET": str(round(max(20, min(60, r.remaining() - 15) - 10)))})
+    r.python(
+        "peer",
+        ["bench/peer_bench.py", str(peer_json), *small],
+        cap_s=60,
+        env={"PEER_BUDGET": str(round(max(20, min(60, r.remaining() - 15) - 10)))},
+    )
     peer = _read_json(peer_json)
     if peer is not None:
         shutil.copyfile(peer_json, out / "peer.json")
@@ -337,9 +450,24 @@ def main(argv: list[str] | None = None) -> int:
     # a training run with telemetry, if time is left -------------------------------------------------
     train_dir = work / "train"
     extra = os.environ.get("GPU_CHECK_TRAIN_ARGS", "").split()
-    r.python("train", ["-m", "fastkd.train", "--fused", "--epochs", "1", "--teacher-epochs", "1",
-                       "--out", str(train_dir),
-                       "--workdir", str(work / "runs"), *extra], cap_s=45)
+    r.python(
+        "train",
+        [
+            "-m",
+            "fastkd.train",
+            "--fused",
+            "--epochs",
+            "1",
+            "--teacher-epochs",
+            "1",
+            "--out",
+            str(train_dir),
+            "--workdir",
+            str(work / "runs"),
+            *extra,
+        ],
+        cap_s=45,
+    )
     report["train_summary"] = _read_json(train_dir / "summary.json")
 
     # dispatch decisions, summary, report ------------------------------------------------------------

@@ -14,7 +14,8 @@ one runs):
 
 Then the timing phase: ``--rounds`` interleaved rounds (one step of every warmed variant per round,
 round-robin, so load drift hits them all alike), a sync after each step; median ms, img/s, peak memory
-(each variant's own warm-up peak above what the variants built before it hold). Then host syncs per step: one step per variant under
+(each variant's own warm-up peak above what the variants built before it hold). Then host syncs per step:
+one step per variant under
 ``torch.cuda.set_sync_debug_mode("warn")``, counting the warnings. ``step.json`` holds every variant, the
 ratios (vs plain compiled; ``--fused`` vs the ``--compile`` reference, per method; the targets of issue 12),
 the cached teacher's wait share, and the dispatch decisions. ``--small``: CPU dry run, tiny shapes.
@@ -24,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import itertools
 import json
 import os
 import shutil
@@ -85,17 +87,22 @@ def parse(argv=None):
     ap.add_argument("--small", action="store_true", help="CPU dry run: tiny shapes")
     ap.add_argument("--budget", type=float, default=float(os.environ.get("STEP_BUDGET_S", 230)))
     ap.add_argument("--variants", default="", help="comma-separated subset (default: all, in priority order)")
-    ap.add_argument("--rounds", type=int, default=None, help="interleaved timing rounds (default 12; 3 small)")
+    ap.add_argument(
+        "--rounds", type=int, default=None, help="interleaved timing rounds (default 12; 3 small)"
+    )
     return ap.parse_args(argv)
 
 
 def synthetic_npz(root: str, S: int, C: int, n_train: int, n_val: int) -> str:
     g = torch.Generator().manual_seed(0)
     path = os.path.join(root, "synthetic.npz")
-    np.savez(path, x_train=torch.randint(0, 256, (n_train, S, S, 3), dtype=torch.uint8, generator=g).numpy(),
-             y_train=torch.randint(0, C, (n_train,), generator=g).numpy(),
-             x_val=torch.randint(0, 256, (n_val, S, S, 3), dtype=torch.uint8, generator=g).numpy(),
-             y_val=torch.randint(0, C, (n_val,), generator=g).numpy())
+    np.savez(
+        path,
+        x_train=torch.randint(0, 256, (n_train, S, S, 3), dtype=torch.uint8, generator=g).numpy(),
+        y_train=torch.randint(0, C, (n_train,), generator=g).numpy(),
+        x_val=torch.randint(0, 256, (n_val, S, S, 3), dtype=torch.uint8, generator=g).numpy(),
+        y_val=torch.randint(0, C, (n_val,), generator=g).numpy(),
+    )
     return path
 
 
@@ -127,9 +134,17 @@ class DiyKD:
             with torch.no_grad():
                 tl = self.tf(self.x)
             sl = self.sf(self.x)
-            loss = F.cross_entropy(sl.float(), self.y, label_smoothing=0.1) + F.kl_div(
-                F.log_softmax(sl.float() / T, -1), F.log_softmax(tl.float() / T, -1), reduction="batchmean",
-                log_target=True) * T * T
+            loss = (
+                F.cross_entropy(sl.float(), self.y, label_smoothing=0.1)
+                + F.kl_div(
+                    F.log_softmax(sl.float() / T, -1),
+                    F.log_softmax(tl.float() / T, -1),
+                    reduction="batchmean",
+                    log_target=True,
+                )
+                * T
+                * T
+            )
         loss.backward()
         torch.nn.utils.clip_grad_norm_(self.s.parameters(), 5.0)
         self.opt.step()
@@ -174,13 +189,40 @@ def main(argv=None) -> int:
     root = tempfile.mkdtemp(prefix="fastkd_step_bench_")
     npz = synthetic_npz(root, S, C, NTR, 64)
     data = load_data(npz)
-    base = ["--data", npz, "--student", STU, "--teacher", TEA, "--batch-size", str(B), "--quiet",
-            "--workdir", root, "--device", dev, "--seed", "0", "--train-limit", "0", "--epochs", "1",
-            "--eval-every", "0", *(["--img-size", str(S)] if small else [])]
+    base = [
+        "--data",
+        npz,
+        "--student",
+        STU,
+        "--teacher",
+        TEA,
+        "--batch-size",
+        str(B),
+        "--quiet",
+        "--workdir",
+        root,
+        "--device",
+        dev,
+        "--seed",
+        "0",
+        "--train-limit",
+        "0",
+        "--epochs",
+        "1",
+        "--eval-every",
+        "0",
+        *(["--img-size", str(S)] if small else []),
+    ]
     res: dict = {
-        "device": torch.cuda.get_device_name(0) if dev == "cuda" else "cpu", "torch": torch.__version__,
-        "shape": dict(img=S, classes=C, batch=B, student=STU, teacher=TEA, amp="bf16" if dev == "cuda" else None),
-        "budget_s": a.budget, "rounds": rounds, "variants": {}, "ratios": {},
+        "device": torch.cuda.get_device_name(0) if dev == "cuda" else "cpu",
+        "torch": torch.__version__,
+        "shape": dict(
+            img=S, classes=C, batch=B, student=STU, teacher=TEA, amp="bf16" if dev == "cuda" else None
+        ),
+        "budget_s": a.budget,
+        "rounds": rounds,
+        "variants": {},
+        "ratios": {},
     }
     with contextlib.suppress(ImportError):
         import triton
@@ -206,11 +248,16 @@ def main(argv=None) -> int:
     ids = None
     # phase 1: build + warm up (compilation, measured dispatch, allocator) in priority order
     for name, method, flags in variants:
-        rec: dict = {"method": method, "flags": [f for f in flags if not f.startswith("@")],
-                     "teacher": "cached" if "@cache" in flags else ("online" if method != "ce" else None)}
+        rec: dict = {
+            "method": method,
+            "flags": [f for f in flags if not f.startswith("@")],
+            "teacher": "cached" if "@cache" in flags else ("online" if method != "ce" else None),
+        }
         res["variants"][name] = rec
         left = deadline - time.monotonic()
-        need = 25 if ("--compile" in flags or "@diy" in flags) else 8  # a compile needs room; the timing phase needs ~15 s
+        need = (
+            25 if ("--compile" in flags or "@diy" in flags) else 8
+        )  # a compile needs room; the timing phase needs ~15 s
         if left < need + 15:
             rec.update(status="skipped: budget", left_s=round(left, 1))
             print(name, "skipped (budget)", flush=True)
@@ -228,11 +275,17 @@ def main(argv=None) -> int:
 
                     cache_dir = os.path.join(root, "cache")
                     tb = time.monotonic()
-                    build_cache(parse_args([*base, "--method", "vitkd+nkd"]), cache_dir, views=1,
-                                log=lambda *x: None, progress=False)
+                    build_cache(
+                        parse_args([*base, "--method", "vitkd+nkd"]),
+                        cache_dir,
+                        views=1,
+                        log=lambda *x: None,
+                        progress=False,
+                    )
                     res["cache_build_s"] = round(time.monotonic() - tb, 2)
-                    res["cache_bytes"] = sum(os.path.getsize(os.path.join(dp, f))
-                                             for dp, _, fs in os.walk(cache_dir) for f in fs)
+                    res["cache_bytes"] = sum(
+                        os.path.getsize(os.path.join(dp, f)) for dp, _, fs in os.walk(cache_dir) for f in fs
+                    )
                 argv += ["--teacher-cache", cache_dir]
             if "@diy" in flags:
                 tr = DiyKD(STU, TEA, S, C, B, dev)
@@ -241,9 +294,9 @@ def main(argv=None) -> int:
             if ids is None and hasattr(tr, "sampler"):
                 ids = next(iter(tr.sampler.batches(0)))
             if hasattr(tr.teacher, "prefetch_epoch"):
-                import itertools
-
                 tr.teacher.prefetch_epoch(itertools.repeat(ids), 0)
+            if hasattr(tr, "batches"):  # announce the batches ahead, as fit does (no per-step id read-back)
+                tr.batches.start_epoch(itertools.repeat(ids.cpu()), tr.view_of(0))
             if dev == "cuda":
                 torch.cuda.reset_peak_memory_stats()
             for _ in range(3):
@@ -256,13 +309,17 @@ def main(argv=None) -> int:
             rec["fused_path"] = KF.describe(dev) if "--fused" in flags else "reference"
             trainers[name] = tr
         except Exception as e:
-            rec.update(status="failed", error=f"{type(e).__name__}: {e}"[:600], tb=traceback.format_exc()[-1500:])
+            rec.update(
+                status="failed", error=f"{type(e).__name__}: {e}"[:600], tb=traceback.format_exc()[-1500:]
+            )
         print(name, json.dumps({k: v for k, v in rec.items() if k != "tb"}), flush=True)
         save()
 
     # phase 2: interleaved timing
     times: dict[str, list[float]] = {n: [] for n in trainers}
-    waits0 = {n: (getattr(tr.teacher, "wait_s", 0.0), getattr(tr.teacher, "calls", 0)) for n, tr in trainers.items()}
+    waits0 = {
+        n: (getattr(tr.teacher, "wait_s", 0.0), getattr(tr.teacher, "calls", 0)) for n, tr in trainers.items()
+    }
     for r in range(rounds):
         if r >= 3 and time.monotonic() > deadline - 5:
             res["rounds_done"] = r
@@ -284,8 +341,13 @@ def main(argv=None) -> int:
             continue
         m = statistics.median(ts)
         med[n] = m
-        rec.update(status="ok", median_ms=round(1e3 * m, 3), min_ms=round(1e3 * min(ts), 3), steps=len(ts),
-                   img_per_s=round(B / m, 1))
+        rec.update(
+            status="ok",
+            median_ms=round(1e3 * m, 3),
+            min_ms=round(1e3 * min(ts), 3),
+            steps=len(ts),
+            img_per_s=round(B / m, 1),
+        )
         tr = trainers[n]
         if hasattr(tr.teacher, "wait_s"):
             w0, c0 = waits0[n]
@@ -296,7 +358,8 @@ def main(argv=None) -> int:
         if v is None and target is None:
             continue
         res["ratios"][f"{num} / {den}"] = {
-            "value": None if v is None else round(v, 3), "target": target,
+            "value": None if v is None else round(v, 3),
+            "target": target,
             "pass": None if (target is None or v is None) else bool(v <= target),
         }
     save()

@@ -126,8 +126,19 @@ def loss_section(rows: list[dict]) -> tuple[str, list[dict]]:
     if not cases:
         return "", []
     gpu = any(p.get("device") == "cuda" for c in cases.values() for p in c.values())
-    header = ["loss", "mode", "shape", "dtype", "eager ms", "compiled ms", "fused ms",
-              "eager/fused", "compiled/fused", "eager/compiled", "GB/s eager / compiled / fused"]
+    header = [
+        "loss",
+        "mode",
+        "shape",
+        "dtype",
+        "eager ms",
+        "compiled ms",
+        "fused ms",
+        "eager/fused",
+        "compiled/fused",
+        "eager/compiled",
+        "GB/s eager / compiled / fused",
+    ]
     if gpu:
         header += ["fused % HBM (nominal)", "fused % HBM (measured copy)", "fused peak-mem saving vs eager"]
     lines, results = [], []
@@ -135,26 +146,40 @@ def loss_section(rows: list[dict]) -> tuple[str, list[dict]]:
         t = {p: prov[p]["median_ms"] if p in prov else None for p in PROVIDERS}
         fused = prov.get("fused", {})
         res = {
-            "loss": loss, "mode": mode, "shape": shape, "dtype": dtype,
+            "loss": loss,
+            "mode": mode,
+            "shape": shape,
+            "dtype": dtype,
             "vs_eager": _ratio(t["eager"], t["fused"]),
             "vs_compiled": _ratio(t["compiled"], t["fused"]),
             "compiled_vs_eager": _ratio(t["eager"], t["compiled"]),
             "gbps": fused.get("gbps"),
             "hbm_pct_nominal": fused.get("hbm_pct_nominal"),
             "hbm_pct_measured": (100.0 * fused["bytes"] / (fused["median_ms"] / 1e3) / bw)
-            if bw and fused.get("bytes") else None,
+            if bw and fused.get("bytes")
+            else None,
             "mem_saving_pct": (100.0 * (1 - fused["peak_mem_bytes"] / prov["eager"]["peak_mem_bytes"]))
             if fused.get("peak_mem_bytes") is not None and prov.get("eager", {}).get("peak_mem_bytes")
             else None,
         }
         results.append(res)
-        line = [str(loss), str(mode), str(shape), str(dtype), *(_fmt(t[p], ".4g") for p in PROVIDERS),
-                _fmt(res["vs_eager"], ".2f", "×"), _fmt(res["vs_compiled"], ".2f", "×"),
-                _fmt(res["compiled_vs_eager"], ".2f", "×"),
-                " / ".join(_fmt(prov.get(p, {}).get("gbps"), ".3g") for p in PROVIDERS)]
+        line = [
+            str(loss),
+            str(mode),
+            str(shape),
+            str(dtype),
+            *(_fmt(t[p], ".4g") for p in PROVIDERS),
+            _fmt(res["vs_eager"], ".2f", "×"),
+            _fmt(res["vs_compiled"], ".2f", "×"),
+            _fmt(res["compiled_vs_eager"], ".2f", "×"),
+            " / ".join(_fmt(prov.get(p, {}).get("gbps"), ".3g") for p in PROVIDERS),
+        ]
         if gpu:
-            line += [_fmt(res["hbm_pct_nominal"], ".0f", "%"), _fmt(res["hbm_pct_measured"], ".0f", "%"),
-                     _fmt(res["mem_saving_pct"], ".0f", "%")]
+            line += [
+                _fmt(res["hbm_pct_nominal"], ".0f", "%"),
+                _fmt(res["hbm_pct_measured"], ".0f", "%"),
+                _fmt(res["mem_saving_pct"], ".0f", "%"),
+            ]
         lines.append(line)
     text = "## Losses (median; ratios > 1 = the second provider is faster)\n\n" + _table(header, lines)
     if bw:
@@ -176,9 +201,15 @@ def _judged(results: list[dict], rows: list[dict]) -> list[dict]:
     """The rows the issue-13 targets judge: token losses, fwd+bwd, training inputs, DeiT-S/B, on a GPU
     (on CPU: whatever shapes ran, so the dry run shows the table's plumbing)."""
     gpu = any(r.get("device") == "cuda" for r in rows)
-    return [r for r in results if r["loss"] in TOKEN_LOSSES and r["mode"] == "fwd+bwd"
-            and r["dtype"] == "train-fp32-strided" and (r["shape"] in TARGET_SHAPES or not gpu)
-            and r["vs_compiled"] is not None]
+    return [
+        r
+        for r in results
+        if r["loss"] in TOKEN_LOSSES
+        and r["mode"] == "fwd+bwd"
+        and r["dtype"] == "train-fp32-strided"
+        and (r["shape"] in TARGET_SHAPES or not gpu)
+        and r["vs_compiled"] is not None
+    ]
 
 
 def targets_section(results: list[dict], rows: list[dict]) -> str:
@@ -220,22 +251,45 @@ def issue12_section(step: dict | None, peer: dict | None = None) -> str:
             continue
         lines.append([name, f"≤ {r['target']}×", _verdict(r.get("value"), r["target"])])
     variants = (step or {}).get("variants") or {}
-    syncs = {n: v.get("host_syncs_per_step") for n, v in variants.items() if v.get("host_syncs_per_step") is not None}
+    syncs = {
+        n: v.get("host_syncs_per_step")
+        for n, v in variants.items()
+        if v.get("host_syncs_per_step") is not None
+    }
     if syncs:
         worst = max(syncs.values())
         bad = ", ".join(f"{n} {c}" for n, c in syncs.items() if c) or "none"
-        lines.append(["host syncs per step (max over variants)", "0", f"{_verdict(worst, 0, fmt='d')}; {bad}"])
+        lines.append(
+            ["host syncs per step (max over variants)", "0", f"{_verdict(worst, 0, fmt='d')}; {bad}"]
+        )
     else:
         lines.append(["host syncs per step", "0", "— (not measured)"])
-    waits = {n: v.get("cache_wait_share") for n, v in variants.items() if v.get("cache_wait_share") is not None}
+    waits = {
+        n: v.get("cache_wait_share") for n, v in variants.items() if v.get("cache_wait_share") is not None
+    }
     if waits:
-        lines.append(["cache wait share (max over cached variants)", "< 3 %",
-                      _verdict(100 * max(waits.values()), 3.0, fmt=".2f") + " %"])
+        lines.append(
+            [
+                "cache wait share (max over cached variants)",
+                "< 3 %",
+                _verdict(100 * max(waits.values()), 3.0, fmt=".2f") + " %",
+            ]
+        )
     missing = [f"{n}: {v.get('status')}" for n, v in variants.items() if v.get("status") not in ("ok",)]
     text = "## Issue 12 targets (train step, one run, interleaved medians)\n\n" + _table(
-        ["measure", "target", "result"], lines)
-    ms = [[n, _fmt(v.get("median_ms"), ".4g"), _fmt(v.get("img_per_s"), ".0f"), _fmt(v.get("peak_mem_gib"), ".3g"),
-           _fmt(v.get("host_syncs_per_step"), "d"), str(v.get("status"))] for n, v in variants.items()]
+        ["measure", "target", "result"], lines
+    )
+    ms = [
+        [
+            n,
+            _fmt(v.get("median_ms"), ".4g"),
+            _fmt(v.get("img_per_s"), ".0f"),
+            _fmt(v.get("peak_mem_gib"), ".3g"),
+            _fmt(v.get("host_syncs_per_step"), "d"),
+            str(v.get("status")),
+        ]
+        for n, v in variants.items()
+    ]
     if ms:
         text += "\n\n" + _table(["variant", "median ms", "img/s", "peak GiB", "host syncs", "status"], ms)
     if missing:
@@ -255,8 +309,19 @@ def step_section(rows: list[dict]) -> str:
             cases.setdefault(key, {})[r.get("variant")] = r
     if not cases:
         return ""
-    header = ["shape", "compile", "dtype", "plain ms", "cached ms", "online ms", "cached/plain (≤ 1.10)",
-              "online/cached (≥ 1.7)", "ratios from", "cached img/s", "cache wait share (< 5%)"]
+    header = [
+        "shape",
+        "compile",
+        "dtype",
+        "plain ms",
+        "cached ms",
+        "online ms",
+        "cached/plain (≤ 1.10)",
+        "online/cached (≥ 1.7)",
+        "ratios from",
+        "cached img/s",
+        "cache wait share (< 5%)",
+    ]
     lines = []
     for (shape, comp, dtype), v in sorted(cases.items(), key=lambda kv: tuple(map(str, kv[0]))):
         t = {k: v[k]["median_ms"] if k in v else None for k in ("plain", "cached", "online")}
@@ -270,14 +335,50 @@ def step_section(rows: list[dict]) -> str:
         ips = batch / (t["cached"] / 1e3) if batch and t["cached"] else None
         wait = info.get("cache_wait_share")
         times = [_fmt(t[k], ".4g") for k in ("plain", "cached", "online")]
-        lines.append([str(shape), str(comp), str(dtype), *times, _fmt(cp, ".2f", "×"), _fmt(oc, ".2f", "×"),
-                      source, _fmt(ips, ".0f"), _fmt(None if wait is None else 100 * wait, ".1f", "%")])
+        lines.append(
+            [
+                str(shape),
+                str(comp),
+                str(dtype),
+                *times,
+                _fmt(cp, ".2f", "×"),
+                _fmt(oc, ".2f", "×"),
+                source,
+                _fmt(ips, ".0f"),
+                _fmt(None if wait is None else 100 * wait, ".1f", "%"),
+            ]
+        )
     return "## Train step (median ms per step)\n\n" + _table(header, lines)
 
 
-CSV_FIELDS = ("name", "group", "bench", "loss", "mode", "provider", "variant", "compiled", "shape", "dtype",
-              "device", "device_name", "median_ms", "mean_ms", "stddev_ms", "min_ms", "rounds", "iterations",
-              "bytes", "gbps", "hbm_pct_nominal", "peak_mem_mb", "torch", "triton", "fastkd", "loadavg_1m")
+CSV_FIELDS = (
+    "name",
+    "group",
+    "bench",
+    "loss",
+    "mode",
+    "provider",
+    "variant",
+    "compiled",
+    "shape",
+    "dtype",
+    "device",
+    "device_name",
+    "median_ms",
+    "mean_ms",
+    "stddev_ms",
+    "min_ms",
+    "rounds",
+    "iterations",
+    "bytes",
+    "gbps",
+    "hbm_pct_nominal",
+    "peak_mem_mb",
+    "torch",
+    "triton",
+    "fastkd",
+    "loadavg_1m",
+)
 
 
 def write_atomic(path: str | os.PathLike, data: bytes | str) -> None:
@@ -305,22 +406,39 @@ def write_csv(rows: list[dict], path: str) -> None:
     write_atomic(path, buf.getvalue())
 
 
-def render(rows: list[dict], step: dict | None = None, peer: dict | None = None,
-           dispatch: dict | None = None) -> str:
+def render(
+    rows: list[dict], step: dict | None = None, peer: dict | None = None, dispatch: dict | None = None
+) -> str:
     """The whole markdown report (``step`` / ``peer``: step_bench.py / peer_bench.py JSON)."""
     first = rows[0] if rows else {}
     g = lambda k: first.get(k, "?")
-    head = (f"# Benchmark summary — {g('device_name')} ({g('device')}), "
-            f"torch {g('torch')}, triton {g('triton')}, fastkd {g('fastkd')}")
+    head = (
+        f"# Benchmark summary — {g('device_name')} ({g('device')}), "
+        f"torch {g('torch')}, triton {g('triton')}, fastkd {g('fastkd')}"
+    )
     loss_text, results = loss_section(rows)
     if not rows and step:
-        head = f"# Benchmark summary — {step.get('device')}, torch {step.get('torch')}, triton {step.get('triton')}"
+        head = (
+            f"# Benchmark summary — {step.get('device')}, torch {step.get('torch')}, "
+            f"triton {step.get('triton')}"
+        )
     parts = [head, issue12_section(step, peer), targets_section(results, rows), loss_text, step_section(rows)]
     if dispatch and dispatch.get("ops"):
-        dl = [[op, r.get("signature", ""), str(r.get("path")), _fmt(r.get("triton_ms"), ".4g"),
-               _fmt(r.get("compiled_ms"), ".4g")] for op, recs in dispatch["ops"].items() for r in recs]
-        parts.append("## Measured dispatch decisions\n\n" + _table(
-            ["op", "signature", "path", "triton ms", "compiled ms"], dl))
+        dl = [
+            [
+                op,
+                r.get("signature", ""),
+                str(r.get("path")),
+                _fmt(r.get("triton_ms"), ".4g"),
+                _fmt(r.get("compiled_ms"), ".4g"),
+            ]
+            for op, recs in dispatch["ops"].items()
+            for r in recs
+        ]
+        parts.append(
+            "## Measured dispatch decisions\n\n"
+            + _table(["op", "signature", "path", "triton ms", "compiled ms"], dl)
+        )
     if not any(parts[1:]):
         parts.append("(no loss, copy or step benchmarks in this file)")
     return "\n\n".join(p for p in parts if p) + "\n"

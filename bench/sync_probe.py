@@ -25,8 +25,17 @@ import warnings
 
 import torch
 
-OPS = ("token_kd", "kd_loss", "kd_loss_topk", "nkd_loss", "nkd_loss_topk", "vitkd_mimic_loss", "vitkd_gen_loss",
-       "cls_patch_map", "cls_patch_map_loss")
+OPS = (
+    "token_kd",
+    "kd_loss",
+    "kd_loss_topk",
+    "nkd_loss",
+    "nkd_loss_topk",
+    "vitkd_mimic_loss",
+    "vitkd_gen_loss",
+    "cls_patch_map",
+    "cls_patch_map_loss",
+)
 VARIANTS = (
     ("online_fused vitkd+nkd", ["--method", "vitkd+nkd", "--fused"]),
     ("cached_fused vitkd+nkd", ["--method", "vitkd+nkd", "--fused", "@cache"]),
@@ -37,8 +46,10 @@ VARIANTS = (
 
 def describe_tensor(x) -> str:
     if isinstance(x, torch.Tensor):
-        return (f"{x.dtype}{list(x.shape)} stride{list(x.stride())} "
-                f"{'contig' if x.is_contiguous() else 'NONCONTIG'} rg={x.requires_grad}")
+        return (
+            f"{x.dtype}{list(x.shape)} stride{list(x.stride())} "
+            f"{'contig' if x.is_contiguous() else 'NONCONTIG'} rg={x.requires_grad}"
+        )
     if isinstance(x, (list, tuple)) and x and isinstance(x[0], torch.Tensor):
         return "[" + ", ".join(describe_tensor(t) for t in x) + "]"
     return ""
@@ -82,11 +93,30 @@ def main(argv=None) -> int:
     from fastkd.data import load_data
 
     data = load_data(npz)
-    base = ["--data", npz, "--student", "deit_small_patch16_224" if cuda else "deit_tiny_patch16_224",
-            "--teacher", "deit_base_patch16_224" if cuda else "deit_small_patch16_224",
-            "--batch-size", str(B), "--quiet", "--workdir", root, "--device", "cuda" if cuda else "cpu",
-            "--seed", "0", "--train-limit", "0", "--epochs", "1", "--eval-every", "0",
-            *([] if cuda else ["--img-size", str(S)])]
+    base = [
+        "--data",
+        npz,
+        "--student",
+        "deit_small_patch16_224" if cuda else "deit_tiny_patch16_224",
+        "--teacher",
+        "deit_base_patch16_224" if cuda else "deit_small_patch16_224",
+        "--batch-size",
+        str(B),
+        "--quiet",
+        "--workdir",
+        root,
+        "--device",
+        "cuda" if cuda else "cpu",
+        "--seed",
+        "0",
+        "--train-limit",
+        "0",
+        "--epochs",
+        "1",
+        "--eval-every",
+        "0",
+        *([] if cuda else ["--img-size", str(S)]),
+    ]
     cache = os.path.join(root, "cache")
     out: dict = {}
     rep = open(os.path.join(a.out, "sync_report.txt"), "w")
@@ -102,14 +132,25 @@ def main(argv=None) -> int:
             if "@cache" in extra and not os.path.exists(cache):
                 from fastkd.cache.build import build_cache
 
-                build_cache(parse_args(base + ["--method", "vitkd+nkd"]), cache, views=1, log=lambda *x: None,
-                            progress=False)
-            argv = base + [e for e in extra if e != "@cache"] + (["--teacher-cache", cache] if "@cache" in extra else [])
+                build_cache(
+                    parse_args(base + ["--method", "vitkd+nkd"]),
+                    cache,
+                    views=1,
+                    log=lambda *x: None,
+                    progress=False,
+                )
+            argv = (
+                base
+                + [e for e in extra if e != "@cache"]
+                + (["--teacher-cache", cache] if "@cache" in extra else [])
+            )
             seen.clear()
             tr = build_trainer(parse_args(argv), data=data, log=lambda *x: None)
             ids = next(iter(tr.sampler.batches(0)))
             if hasattr(tr.teacher, "prefetch_epoch"):
                 tr.teacher.prefetch_epoch(itertools.repeat(ids), 0)
+            if hasattr(tr, "batches"):  # announce the batches ahead, as fit does (no per-step id read-back)
+                tr.batches.start_epoch(itertools.repeat(ids.cpu()), tr.view_of(0))
             for _ in range(2):
                 tr.step(ids, 0)
             if cuda:
@@ -140,11 +181,16 @@ def main(argv=None) -> int:
                     tr.step(ids, 0)
                     rec["first_sync"] = None
                 except RuntimeError as e:
-                    frames = [ln.strip() for ln in traceback.format_exc().splitlines()
-                              if 'File "' in ln and ("fastkd" in ln or "kernels" in ln)]
+                    frames = [
+                        ln.strip()
+                        for ln in traceback.format_exc().splitlines()
+                        if 'File "' in ln and ("fastkd" in ln or "kernels" in ln)
+                    ]
                     rec["first_sync"] = {"error": str(e).splitlines()[0][:200], "frames": frames[-6:]}
-                    rep.write(f"  first sync: {rec['first_sync']['error']}\n"
-                              + "".join(f"      {f}\n" for f in frames[-6:]))
+                    rep.write(
+                        f"  first sync: {rec['first_sync']['error']}\n"
+                        + "".join(f"      {f}\n" for f in frames[-6:])
+                    )
                 finally:
                     torch.cuda.set_sync_debug_mode(0)
             else:

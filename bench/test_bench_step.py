@@ -1,6 +1,7 @@
 """Train-step benchmark: plain student vs online KD vs cached KD (``pytest bench/ --benchmark-only``).
 
-CPU only (on CUDA ``bench/step_bench.py`` measures the step at real ViT shapes). One ``Trainer.step`` (zero_grad → augment → teacher → student + loss → backward → clip → AdamW) on the
+CPU only (on CUDA ``bench/step_bench.py`` measures the step at real ViT shapes). One ``Trainer.step``
+(zero_grad → augment → teacher → student + loss → backward → clip → AdamW) on the
 default digits job's shapes (8×8 images, patch 2, batch 64, the default student: ViT 64 wide, 4 deep)
 for three variants:
 
