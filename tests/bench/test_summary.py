@@ -12,7 +12,9 @@ spec.loader.exec_module(S)
 
 def _step():
     return {
-        "device": "NVIDIA H200", "torch": "2.11", "triton": "3.6",
+        "device": "NVIDIA H200",
+        "torch": "2.11",
+        "triton": "3.6",
         "ratios": {
             "vitkd_nkd_online_fused_compiled / vitkd_nkd_online_compiled": {"value": 0.97, "target": 1.0},
             "vitkd_nkd_cached_fused_compiled / plain_compiled": {"value": 1.4, "target": 1.15},
@@ -20,13 +22,32 @@ def _step():
             "plain_eager / plain_compiled": {"value": 1.5, "target": None},
         },
         "variants": {
-            "plain_compiled": {"status": "ok", "median_ms": 33.9, "img_per_s": 7544, "host_syncs_per_step": 0},
-            "vitkd_nkd_cached_fused_compiled": {"status": "ok", "median_ms": 47.0, "host_syncs_per_step": 2,
-                                                "cache_wait_share": 0.01},
+            "plain_compiled": {
+                "status": "ok",
+                "median_ms": 33.9,
+                "img_per_s": 7544,
+                "host_syncs_per_step": 0,
+            },
+            "vitkd_nkd_cached_fused_compiled": {
+                "status": "ok",
+                "median_ms": 47.0,
+                "host_syncs_per_step": 2,
+                "cache_wait_share": 0.01,
+            },
             "kd_cached_fused_compiled": {"status": "skipped: budget"},
         },
-        "dispatch": {"ops": {"vitkd_mimic_loss": [{"signature": "vitkd_mimic_loss|amp|...",
-                                                   "path": "compiled", "triton_ms": 3.1, "compiled_ms": 1.6}]}},
+        "dispatch": {
+            "ops": {
+                "vitkd_mimic_loss": [
+                    {
+                        "signature": "vitkd_mimic_loss|amp|...",
+                        "path": "compiled",
+                        "triton_ms": 3.1,
+                        "compiled_ms": 1.6,
+                    }
+                ]
+            }
+        },
     }
 
 
@@ -42,15 +63,28 @@ def test_issue12_table():
 
 
 def _row(loss, provider, ms, shape="deit_s", peak=None, nbytes=None):
-    return {"bench": "loss", "loss": loss, "mode": "fwd+bwd", "shape": shape, "dtype": "train-fp32-strided",
-            "provider": provider, "median_ms": ms, "device": "cuda", "device_name": "NVIDIA H200",
-            "peak_mem_bytes": peak, "bytes": nbytes}
+    return {
+        "bench": "loss",
+        "loss": loss,
+        "mode": "fwd+bwd",
+        "shape": shape,
+        "dtype": "train-fp32-strided",
+        "provider": provider,
+        "median_ms": ms,
+        "device": "cuda",
+        "device_name": "NVIDIA H200",
+        "peak_mem_bytes": peak,
+        "bytes": nbytes,
+    }
 
 
 def test_issue13_table_judges_the_training_inputs():
-    rows = [_row("vitkd_mimic_loss", "eager", 2.6, peak=100), _row("vitkd_mimic_loss", "compiled", 1.64),
-            _row("vitkd_mimic_loss", "fused", 0.8, peak=50, nbytes=10**9),
-            {"bench": "copy", "bytes": 2 * 10**9, "median_ms": 0.5, "device": "cuda"}]
+    rows = [
+        _row("vitkd_mimic_loss", "eager", 2.6, peak=100),
+        _row("vitkd_mimic_loss", "compiled", 1.64),
+        _row("vitkd_mimic_loss", "fused", 0.8, peak=50, nbytes=10**9),
+        {"bench": "copy", "bytes": 2 * 10**9, "median_ms": 0.5, "device": "cuda"},
+    ]
     text = S.render(rows)
     line = next(ln for ln in text.splitlines() if ln.startswith("| vitkd_mimic_loss | deit_s |"))
     assert "PASS (2.05)" in line  # ≥ 1.5× compiled
