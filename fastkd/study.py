@@ -1,31 +1,39 @@
-"""``python -m fastkd.study``: the same student under every method, one recipe, several seeds.
+"""``python -m fastkd.study``: the same student under every method, paired over seeds, with verdicts.
 
-Each (method, seed) is one ordinary training run (``fastkd.train.Trainer`` … ``fit``, exactly what
-``python -m fastkd.train`` does) with the same data, epochs, batch size, learning rate, schedule and
-augmentation; only the method (and the teacher it needs) changes. Runs land in
-``<out>/runs/<label>-s<seed>/`` and a run whose ``summary.json`` exists is skipped, so an interrupted
-study resumes where it stopped. At the end ``<out>/study.md`` (markdown table: mean ± std top-1 over
-seeds, mean wall time, seed count, teacher accuracies), ``<out>/study.json`` (every number) and
-``<out>/study.png`` (bar chart with std error bars) are written atomically.
+Each (method, seed) is one ordinary training run (``fastkd.train.setup.build_trainer`` … ``fit``, exactly
+what ``python -m fastkd.train`` does) with the same data, epochs, batch size, learning rate, schedule and
+augmentation; only the method (and the teacher it needs) changes.
 
-Methods (``--methods``, comma-separated): the labels below, any ``--preset`` name of fastkd.config
-(e.g. ``clskd-release``), or any ``+``-joined method string.
+**Pairing.** For one seed every run starts from the same student initialisation (the same architecture is
+built right after ``seed_everything(seed)``, and the teacher is built under a forked RNG), sees the same
+batches in the same order (``EpochSampler(seed)``) and the same augmented images (a pure function of
+(seed, epoch, sample id)). The study checks this: each run records the sha256 of its initial student
+weights and of its first epoch's batches (``pairing.json``), and study.md says whether every run of a seed
+agreed. The DeiT-distilled students (``deit``, ``cskd+deit``: one extra token and head) share their init
+with each other, and the data stream with everyone.
 
-- ``plain``: the student alone (CE, label smoothing 0.1) — no teacher;
-- ``kd``, ``nkd``, ``vitkd``, ``vitkd+nkd``, ``clskd``, ``clskd+kd``: the default ViT teacher (trained
-  once and reused, see fastkd.train); CE(ls 0.1) stays in every total;
-- ``cskd+deit``: the CSKD release total (½ CE + ½ DeiT hard + CSKD) with the default CNN teacher
-  (``fastkd.methods.cskd.default_cnn_arch``, trained once with the same teacher recipe) and the
-  DeiT-distilled version of the default student (same width/depth/heads/patch, plus a dist token and
-  head). Its top-1 is the CSKD eval (mean of cls, dist and dense dist-head logits); the cls-head top-1
-  is listed beside it.
+**Report.** Per method: mean ± std top-1 over seeds, and the mean paired gain over ``plain`` (per seed:
+method − plain, same seed) with a 95 % t-interval over seeds (mean ± t₀.₉₇₅,ₙ₋₁·sd/√n). **Verdicts** for
+the seed papers' claims (``CLAIMS``): "holds" when the 95 % CI of the paired difference lies above 0,
+"contradicted" when it lies below 0, "not shown" otherwise (or with fewer than 2 paired seeds).
+
+Runs land in ``<out>/runs/<label>-s<seed>/``; a run whose ``summary.json`` exists is skipped, so an
+interrupted study resumes where it stopped. The report (``<out>/study.md``, ``study.json``, ``study.png``)
+is rewritten after every seed, so a partial study already has one; ``--report-only`` writes it from the
+finished runs without training.
+
+Labels (``--methods``): ``plain`` (CE, label smoothing 0.1, no teacher); ``kd``, ``nkd``, ``vitkd``,
+``vitkd+nkd``, ``clskd``: the default ViT teacher; ``deit`` (DeiT hard distillation alone) and
+``cskd+deit`` (the CSKD release total): the default CNN teacher and the DeiT-distilled student, so the
+two differ only by the CSKD term. Any ``--preset`` name of fastkd.config or ``+``-joined method string
+works too; ``label:key=value,key=value`` adds config overrides (ablations: ``cskd+deit:cskd_hard=False``).
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
-import math
 import os
 import platform
 import sys
@@ -35,53 +43,107 @@ from pathlib import Path
 
 import torch
 
-from fastkd.config import PRESETS, ModelConfig, OptimConfig, TrainConfig, apply_overrides, parse_methods
+from fastkd.config import PRESETS, REGIMES, TrainConfig, apply_overrides, parse_methods
 from fastkd.data import load_data
 from fastkd.methods import registry
-from fastkd.models import default_arch
-from fastkd.train.setup import build_data, build_trainer, ensure_default_teacher
+from fastkd.study_report import (  # noqa: F401  (re-exported: the study's statistics and outputs)
+    _mean_std,
+    mean_std,
+    paired_diff,
+    render_markdown,
+    t_crit,
+    verdict,
+    write_chart,
+)
+from fastkd.train.artifacts import repro_info
+from fastkd.train.setup import (
+    DISTILLED_BASE,
+    build_data,
+    build_trainer,
+    ensure_default_teacher,
+    student_arch,
+)
 from fastkd.utils import atomic_write_json, atomic_write_text
 
-DEFAULT_METHODS = ("plain", "kd", "nkd", "vitkd", "vitkd+nkd", "clskd", "clskd+kd", "cskd+deit")
-DISTILLED_STUDENT = "deit_tiny_distilled_patch16_224"
+DEFAULT_METHODS = ("plain", "kd", "nkd", "vitkd", "vitkd+nkd", "clskd", "deit", "cskd+deit")
+DEFAULT_SEEDS = "0,1,2,3,4"
+# (a, b, claim): "a > b" in paired top-1; the seed papers' claims
+CLAIMS = (
+    ("vitkd", "plain", "ViTKD > plain"),
+    ("vitkd+nkd", "nkd", "ViTKD+NKD > NKD"),
+    ("nkd", "plain", "NKD > plain"),
+    ("clskd", "plain", "[CLS]-KD > plain"),
+    ("clskd", "kd", "[CLS]-KD > KD"),
+    ("cskd+deit", "deit", "CSKD+DeiT > DeiT hard distillation alone"),
+    ("cskd+deit", "plain", "CSKD+DeiT > plain"),
+)
+DISTILLED_STUDENT = DISTILLED_BASE  # deit / cskd+deit: the default student plus DeiT's dist token and head
+# student epochs per regime (every run of a study shares them); digits8 = the default job's 150
+REGIME_EPOCHS = {"digits8": 150, "digits32": 40}
+# the default teachers' epoch cap per regime (None: scaled with the data, fastkd.teachers.default); 32×32 is
+# ~10× the compute per image, so its teachers get a 25-epoch cap (patience may stop them earlier)
+REGIME_TEACHER_EPOCHS = {"digits8": None, "digits32": 25}
 
-# The study recipe, sized for 2 CPU cores on digits (every run shares it): 25 student epochs (the
-# default job trains 80; everything else is the default recipe) and the default teacher recipe
-# (60 epochs), so the ViT teacher is the one ``python -m fastkd.train`` trains and caches.
-# study.md records the measured wall times.
-DEFAULTS = dict(epochs=OptimConfig().epochs, teacher_epochs=ModelConfig().teacher_epochs, seeds="0,1,2")
 
-
+# -- labels ------------------------------------------------------------------------------------------
 def method_overrides(label: str) -> dict:
-    """Config overrides for one study label: a known label, a preset name, or a '+'-joined method."""
-    if label == "plain":
-        return {"method": "ce"}
-    if label in PRESETS:
-        return dict(PRESETS[label][1])
-    parse_methods(label)  # one clear line for a typo
-    return {"method": label}
+    """Config overrides for one study label: a known label, a preset name, or a '+'-joined method, with
+    optional ``:key=value,...`` config overrides."""
+    base, _, extra = label.partition(":")
+    if base == "plain":
+        ov = {"method": "ce"}
+    elif base in PRESETS and "method" in PRESETS[base][1]:
+        ov = dict(PRESETS[base][1])
+    else:
+        parse_methods(base)  # one clear line for a typo
+        ov = {"method": base}
+    for kv in filter(None, extra.split(",")):
+        k, eq, v = kv.partition("=")
+        if not eq:
+            raise ValueError(
+                f"--methods {label!r}: write overrides as key=value, e.g. cskd+deit:cskd_hard=False"
+            )
+        ov[k.strip()] = _parse_value(v.strip())
+    apply_overrides(TrainConfig(), ov)  # unknown keys: one clear line
+    return ov
+
+
+def _parse_value(v: str):
+    low = v.lower()
+    if low in ("true", "false"):
+        return low == "true"
+    for typ in (int, float):
+        try:
+            return typ(v)
+        except ValueError:
+            pass
+    return v
 
 
 def needs_cnn_teacher(overrides: dict) -> bool:
-    return registry.needs_cnn_teacher(overrides["method"])
+    """CSKD's dense CNN teacher; the ``deit`` baseline uses the same CNN so it pairs with ``cskd+deit``."""
+    m = overrides["method"]
+    return registry.needs_cnn_teacher(m) or parse_methods(m) == ["deit"]
 
 
 def needs_distilled_student(overrides: dict) -> bool:
     return registry.wants_dist_head(overrides["method"], strict=False)
 
 
-def _mean_std(v: list[float]) -> tuple[float, float]:
-    m = sum(v) / len(v)
-    if len(v) < 2:
-        return m, 0.0
-    return m, math.sqrt(sum((x - m) ** 2 for x in v) / (len(v) - 1))
+def _sha(*tensors) -> str:
+    h = hashlib.sha256()
+    for t in tensors:
+        h.update(t.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
 
 
-def _fmt(v: list[float] | None) -> str:
-    if not v:
-        return "–"
-    m, s = _mean_std(v)
-    return f"{m:.2f} ± {s:.2f}"
+def pairing_signature(trainer) -> dict:
+    """sha256 of the student's initial weights and of the first epoch's batches (ids, images, labels)."""
+    sd = trainer.student.state_dict()
+    init = _sha(*(sd[k] for k in sorted(sd)))
+    ids = list(trainer.sampler.batches(0))
+    x, y_soft, _ = trainer.batches(ids[0].to(trainer.device), 0)
+    return {"init": init, "data": _sha(torch.cat(ids), x, y_soft), "arch": trainer.student_arch[0]}
 
 
 class Study:
@@ -90,50 +152,82 @@ class Study:
         self.out = Path(args.out)
         self.seeds = [int(s) for s in str(args.seeds).split(",") if s.strip()]
         if not self.seeds:
-            raise ValueError("--seeds is empty; give comma-separated ints, e.g. --seeds 0,1,2")
-        self.labels = [m.strip() for m in str(args.methods).split(",") if m.strip()]
+            raise ValueError("--seeds is empty; give comma-separated ints, e.g. --seeds 0,1,2,3,4")
+        self.labels = [
+            m.strip() for m in str(args.methods).split(";" if ";" in args.methods else ",") if m.strip()
+        ]
         if not self.labels:
             raise ValueError("--methods is empty; e.g. --methods " + ",".join(DEFAULT_METHODS))
+        if args.regime not in REGIMES:
+            raise ValueError(f"--regime {args.regime!r}: choose one of {', '.join(REGIMES)}")
+        self.regime = dict(REGIMES[args.regime])
+        if args.epochs is None:
+            args.epochs = REGIME_EPOCHS.get(args.regime, 150)
+        if args.teacher_epochs is None:
+            args.teacher_epochs = REGIME_TEACHER_EPOCHS.get(args.regime)
         self.overrides = {lab: method_overrides(lab) for lab in self.labels}
         # the full split: each run applies --train-limit (the digits default regime) itself, and the
         # default teachers learn from all of it (fastkd.train.setup)
-        self.data = load_data(args.data, img_size=args.img_size)
+        img = args.img_size or self.regime.get("img_size")
+        self.data = load_data(args.data, img_size=img)
         self.student_data = build_data(self.base_config(0), self.data, log=lambda *a: None)[1]
 
     def base_config(self, seed: int) -> TrainConfig:
         a = self.args
         cfg = TrainConfig()
-        apply_overrides(cfg, dict(
-            data=a.data, img_size=a.img_size, epochs=a.epochs, teacher_epochs=a.teacher_epochs, seed=seed,
-            workdir=a.workdir, device=a.device, quiet=True, eval_every=0, log_every=a.log_every,
-            train_limit=a.train_limit,
-        ))
-        for k in ("batch_size", "lr", "teacher_lr", "warmup_epochs"):
+        apply_overrides(cfg, self.regime)
+        apply_overrides(
+            cfg,
+            dict(
+                data=a.data,
+                epochs=a.epochs,
+                teacher_epochs=a.teacher_epochs,
+                seed=seed,
+                workdir=a.workdir,
+                device=a.device,
+                quiet=True,
+                eval_every=0,
+                log_every=a.log_every,
+                train_limit=a.train_limit,
+            ),
+        )
+        for k in ("img_size", "batch_size", "lr", "teacher_lr", "warmup_epochs"):
             if getattr(a, k) is not None:
                 apply_overrides(cfg, {k: getattr(a, k)})
         return cfg
 
-    def cnn_teacher(self, overrides: dict) -> str:
-        cfg = apply_overrides(self.base_config(0), overrides)
+    def cnn_teacher(self) -> str:
+        cfg = apply_overrides(self.base_config(0), {"method": "cskd+deit"})
         return str(ensure_default_teacher(cfg, self.data, log=self.log))
 
+    def run_dir(self, label: str, seed: int) -> Path:
+        safe = label.replace("+", "_").replace(":", "-").replace("=", "").replace(",", "-")
+        return self.out / "runs" / f"{safe}-s{seed}"
+
     def run_one(self, label: str, seed: int) -> dict:
-        run_dir = self.out / "runs" / f"{label.replace('+', '_')}-s{seed}"
+        run_dir = self.run_dir(label, seed)
         ov = self.overrides[label]
         cfg = apply_overrides(self.base_config(seed), ov)
         cfg.run = replace(cfg.run, out=str(run_dir), resume=True)
-        d = self.data
-        arch = default_arch("student", d.img_size, d.in_chans, d.num_classes)
-        if needs_distilled_student(ov):
-            arch = (DISTILLED_STUDENT, arch[1])
-            cfg.model = replace(cfg.model, student=DISTILLED_STUDENT)
         self._check_same_recipe(run_dir, cfg)
         done = run_dir / "summary.json"
         if done.exists():
             return json.loads(done.read_text())
         if needs_cnn_teacher(ov):
-            cfg.model = replace(cfg.model, teacher=self.cnn_teacher(ov))
-        trainer = build_trainer(cfg, data=d, student_arch=arch, log=self.log)
+            cfg.model = replace(cfg.model, teacher=self.cnn_teacher())
+        arch = student_arch(cfg, self.student_data)
+        if needs_distilled_student(ov) and not cfg.model.student:
+            arch = (
+                student_arch(
+                    apply_overrides(TrainConfig.from_dict(cfg.to_dict()), {"method": "deit"}),
+                    self.student_data,
+                )[0],
+                arch[1],
+            )
+        trainer = build_trainer(cfg, data=self.data, student_arch=arch, log=self.log)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        if not (run_dir / "pairing.json").exists():  # the initial weights: before fit (and any resume)
+            atomic_write_json(run_dir / "pairing.json", pairing_signature(trainer))
         return trainer.fit(run_dir)
 
     @staticmethod
@@ -147,7 +241,7 @@ class Study:
             f"{sec}.{k}: {old.get(sec, {}).get(k)!r} → {v!r}"
             for sec in ("data", "model", "method", "optim")
             for k, v in new[sec].items()
-            if k != "teacher" and old.get(sec, {}).get(k) != v
+            if k not in ("teacher", "student") and old.get(sec, {}).get(k) != v
         ]
         if diff:
             raise ValueError(
@@ -155,61 +249,145 @@ class Study:
                 "use a new --out or delete that directory"
             )
 
+    def finished(self) -> dict[str, list[dict]]:
+        res: dict[str, list[dict]] = {lab: [] for lab in self.labels}
+        for lab in self.labels:
+            for seed in self.seeds:
+                p = self.run_dir(lab, seed) / "summary.json"
+                if p.exists():
+                    s = json.loads(p.read_text())
+                    pj = p.parent / "pairing.json"
+                    s["pairing"] = json.loads(pj.read_text()) if pj.exists() else None
+                    res[lab].append(s)
+        return res
+
     def run(self) -> dict:
         t0 = time.perf_counter()
         total = len(self.labels) * len(self.seeds)
-        results: dict[str, list[dict]] = {lab: [] for lab in self.labels}
         i = 0
-        for seed in self.seeds:  # seed-major: a partial study already has every method once
-            for lab in self.labels:
-                i += 1
-                t1 = time.perf_counter()
-                s = self.run_one(lab, seed)
-                results[lab].append(s)
-                self.log(
-                    f"study [{i}/{total}] {lab:<12} seed {seed}: top-1 {s['student_top1']:.2f}% "
-                    f"(run {s['wall_s']:.0f}s, {time.perf_counter() - t1:.0f}s here, "
-                    f"{time.perf_counter() - t0:.0f}s total)"
-                )
-        report = self.report(results, time.perf_counter() - t0)
+        report = None
+        if not self.args.report_only:
+            for seed in self.seeds:  # seed-major: a partial study already has every method paired
+                for lab in self.labels:
+                    i += 1
+                    t1 = time.perf_counter()
+                    s = self.run_one(lab, seed)
+                    self.log(
+                        f"study [{i}/{total}] {lab:<12} seed {seed}: top-1 {s['student_top1']:.2f}% "
+                        f"(run {s['wall_s']:.0f}s, {time.perf_counter() - t1:.0f}s here, "
+                        f"{time.perf_counter() - t0:.0f}s total)"
+                    )
+                report = self.report(self.finished(), time.perf_counter() - t0)
+        report = self.report(self.finished(), time.perf_counter() - t0)
         self.log(f"study: wrote {self.out / 'study.md'} and {self.out / 'study.png'}")
         return report
 
     # -- outputs -------------------------------------------------------------------------------
-    def report(self, results: dict[str, list[dict]], study_wall: float) -> dict:
+    def report(self, results: dict[str, list[dict]], session_wall: float) -> dict:
         a = self.args
         rows = []
+        by_seed = {lab: {r["seed"]: r["student_top1"] for r in runs} for lab, runs in results.items()}
         for lab in self.labels:
             runs = results[lab]
+            if not runs:
+                continue
             top1 = [r["student_top1"] for r in runs]
-            rows.append(dict(
-                label=lab,
-                method=self.overrides[lab]["method"],
-                teacher=runs[0].get("teacher"),
-                teacher_top1=runs[0].get("teacher_top1"),
-                student=runs[0].get("student"),
-                top1=top1,
-                top1_mean_std=_mean_std(top1),
-                top1_cls=[r["student_top1_cls"] for r in runs if "student_top1_cls" in r] or None,
-                wall_s=[r["wall_s"] for r in runs],
-                seeds=[r["seed"] for r in runs],
-            ))
+            t_path = runs[0].get("teacher")
+            fit = _teacher_fit(t_path)
+            rows.append(
+                dict(
+                    label=lab,
+                    method=self.overrides[lab]["method"],
+                    overrides=self.overrides[lab],
+                    teacher=t_path,
+                    teacher_top1=runs[0].get("teacher_top1"),
+                    teacher_fit={
+                        k: fit.get(k) for k in ("top1", "best_epoch", "epochs_run", "epoch_cap", "wall_s")
+                    }
+                    if fit
+                    else None,
+                    student=runs[0].get("student"),
+                    top1=top1,
+                    top1_mean_std=mean_std(top1),
+                    top1_cls=[r["student_top1_cls"] for r in runs if "student_top1_cls" in r] or None,
+                    top1_dist=[r["student_top1_dist"] for r in runs if "student_top1_dist" in r] or None,
+                    gain_vs_plain=paired_diff(by_seed[lab], by_seed["plain"]) if "plain" in by_seed else None,
+                    gain_vs_also=(
+                        paired_diff(by_seed[lab], by_seed[a.also_vs]) if a.also_vs in by_seed else None
+                    ),
+                    wall_s=[r["wall_s"] for r in runs],
+                    seeds=[r["seed"] for r in runs],
+                )
+            )
+        claims = []
+        for x, y, text in CLAIMS:
+            if x in by_seed and y in by_seed:
+                d = paired_diff(by_seed[x], by_seed[y])
+                claims.append(dict(claim=text, a=x, b=y, **d, verdict=verdict(d)))
+        cfg0 = self.base_config(0)
+        run_walls = [w for r in rows for w in r["wall_s"]]
         meta = dict(
             command=a.command,
-            data=self.student_data.name, train=len(self.student_data.y_train),
+            regime=a.regime,
+            also_vs=a.also_vs,
+            regime_overrides=self.regime,
+            data=self.student_data.name,
+            img_size=self.data.img_size,
+            train=len(self.student_data.y_train),
             val=len(self.student_data.y_val),
-            epochs=a.epochs, teacher_epochs=a.teacher_epochs, seeds=self.seeds,
-            batch_size=self.base_config(0).optim.batch_size, lr=self.base_config(0).optim.lr,
+            teacher_train=len(self.data.y_train),
+            epochs=a.epochs,
+            teacher_epochs=a.teacher_epochs or "patience (cap scales with the data)",
+            seeds=self.seeds,
+            batch_size=cfg0.optim.batch_size,
+            lr=cfg0.optim.lr,
+            pairing=_pairing_check(results),
             machine=_machine(a.device),
-            threads=torch.get_num_threads(), torch=torch.__version__, date=time.strftime("%Y-%m-%d"),
-            study_wall_s=study_wall,
+            threads=torch.get_num_threads(),
+            **{k: v for k, v in repro_info().items() if k != "torch_threads"},
+            date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+            run_commits=sorted({str((r.get("repro") or {}).get("fastkd_commit")) for r in _all(results)}),
+            run_threads=sorted({(r.get("repro") or {}).get("torch_threads") or 0 for r in _all(results)}),
+            runs_done=len(run_walls),
+            runs_total=len(self.labels) * len(self.seeds),
+            run_wall_s_sum=sum(run_walls),
+            session_wall_s=session_wall,
         )
-        report = {"meta": meta, "rows": rows}
+        report = {"meta": meta, "rows": rows, "claims": claims}
         self.out.mkdir(parents=True, exist_ok=True)
         atomic_write_json(self.out / "study.json", report)
         atomic_write_text(self.out / "study.md", render_markdown(report))
-        write_chart(self.out / "study.png", report)
+        if rows:
+            write_chart(self.out / "study.png", report)
         return report
+
+
+def _all(results: dict[str, list[dict]]) -> list[dict]:
+    return [r for runs in results.values() for r in runs]
+
+
+def _teacher_fit(path: str | None) -> dict | None:
+    if not path:
+        return None
+    p = Path(path).parent / "fit.json"
+    return json.loads(p.read_text()) if p.exists() else None
+
+
+def _pairing_check(results: dict[str, list[dict]]) -> dict:
+    """Per seed: do all runs share the data stream, and all runs of one student arch the same init?"""
+    by_seed: dict[int, list[dict]] = {}
+    for runs in results.values():
+        for r in runs:
+            if r.get("pairing"):
+                by_seed.setdefault(r["seed"], []).append(r["pairing"])
+    data_ok = all(len({p["data"] for p in ps}) == 1 for ps in by_seed.values())
+    init_ok = all(
+        len({p["init"] for p in ps if p["arch"] == arch}) == 1
+        for ps in by_seed.values()
+        for arch in {p["arch"] for p in ps}
+    )
+    n = sum(len(ps) for ps in by_seed.values())
+    return {"runs_checked": n, "same_data_stream": data_ok, "same_init_per_arch": init_ok}
 
 
 def _machine(device: str) -> str:
@@ -218,96 +396,48 @@ def _machine(device: str) -> str:
     return cpu + (f", {torch.cuda.get_device_name()}" if gpu else "")
 
 
-def _teacher_name(row: dict) -> str:
-    """Readable teacher name: the run dir of an auto-trained teacher without its hash, else as given."""
-    t = str(row.get("teacher") or "")
-    p = Path(t)
-    name = p.parent.name if p.name == "student.safetensors" else p.name
-    head, _, tail = name.rpartition("-")
-    return head if head and len(tail) == 16 else name
-
-
-def render_markdown(report: dict) -> str:
-    m, rows = report["meta"], report["rows"]
-    lines = [
-        f"## fastkd study — {m['data']} ({m['train']} train / {m['val']} val images)",
-        "",
-        f"Command: `{m['command']}`  ",
-        f"Recipe (every run): {m['epochs']} epochs, batch {m['batch_size']}, lr {m['lr']} (AdamW, cosine), "
-        f"teachers trained for {m['teacher_epochs']} epochs; seeds {', '.join(map(str, m['seeds']))}.  ",
-        f"Machine: {m['machine']} ({m['threads']} torch threads); torch {m['torch']}; {m['date']}; "
-        f"whole study {m['study_wall_s'] / 60:.1f} min (teacher training included when not cached).",
-        "",
-        "| method | teacher (val top-1) | student val top-1 (mean ± std) | wall s / run | seeds |",
-        "|---|---|---|---:|---:|",
-    ]
-    for r in rows:
-        teacher = "–" if r["teacher_top1"] is None else f"{_teacher_name(r)} ({r['teacher_top1']:.2f})"
-        top1 = _fmt(r["top1"])
-        if r.get("top1_cls"):
-            top1 += f" (cls head alone {_fmt(r['top1_cls'])})"
-        wall = sum(r["wall_s"]) / len(r["wall_s"])
-        label = r["label"] if r["method"] in (r["label"], "ce") else f"{r['label']} (`{r['method']}`)"
-        lines.append(f"| {label} | {teacher} | {top1} | {wall:.0f} | {len(r['top1'])} |")
-    order = sorted(rows, key=lambda r: -r["top1_mean_std"][0])
-    lines += [
-        "",
-        "Ordering by mean top-1: " + " > ".join(r["label"] for r in order) + ".",
-        f"Std is the sample standard deviation over seeds; with few seeds and a {m['val']}-image val set "
-        f"(1 image = {100 / max(1, m['val']):.2f} points) differences below ~1 std are not meaningful.",
-        "",
-    ]
-    return "\n".join(lines)
-
-
-def write_chart(path: Path, report: dict) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    rows = report["rows"]
-    labels = [r["label"] for r in rows]
-    means = [r["top1_mean_std"][0] for r in rows]
-    stds = [r["top1_mean_std"][1] for r in rows]
-    fig, ax = plt.subplots(figsize=(max(6.0, 1.1 * len(rows)), 4))
-    ax.bar(range(len(rows)), means, yerr=stds, capsize=4, color="tab:blue", alpha=0.8)
-    for i, r in enumerate(rows):
-        ax.plot([i] * len(r["top1"]), r["top1"], "k.", ms=4)
-    lo = min(min(r["top1"]) for r in rows)
-    ax.set_ylim(max(0.0, lo - 3.0), min(100.0, max(means) + max(stds) + 1.5))
-    ax.set_xticks(range(len(rows)), labels, rotation=30, ha="right")
-    ax.set_ylabel("student val top-1 (%)")
-    m = report["meta"]
-    ax.set_title(f"{m['data']}: {m['epochs']} epochs, seeds {','.join(map(str, m['seeds']))} (mean ± std)")
-    fig.tight_layout()
-    tmp = path.with_name(f".{path.stem}.tmp.png")
-    fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-    os.replace(tmp, path)
-
-
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m fastkd.study", description=__doc__.split("\n\n")[0])
+    p.add_argument("--regime", default="digits8", help=f"one of {', '.join(REGIMES)} (fastkd.config.REGIMES)")
     p.add_argument("--data", default="digits", help="digits | DIR | FILE.npz (as fastkd.train)")
     p.add_argument("--img-size", type=int, default=None)
     p.add_argument("--train-limit", type=int, default=None, help="use only the first N training images")
-    p.add_argument("--methods", default=",".join(DEFAULT_METHODS), help="comma-separated study labels")
-    p.add_argument("--seeds", default=DEFAULTS["seeds"], help="comma-separated seeds (default 0,1,2)")
-    p.add_argument("--epochs", type=int, default=DEFAULTS["epochs"], help="student epochs, every run")
-    p.add_argument("--teacher-epochs", type=int, default=DEFAULTS["teacher_epochs"])
+    p.add_argument(
+        "--methods",
+        default=",".join(DEFAULT_METHODS),
+        help="comma-separated study labels (';'-separated when a label carries ':key=value,...')",
+    )
+    p.add_argument("--seeds", default=DEFAULT_SEEDS, help=f"comma-separated seeds (default {DEFAULT_SEEDS})")
+    p.add_argument(
+        "--epochs",
+        type=int,
+        default=None,
+        help=f"student epochs, every run (default per regime: {REGIME_EPOCHS})",
+    )
+    p.add_argument(
+        "--teacher-epochs",
+        type=int,
+        default=None,
+        help="the default teachers' epoch cap (default: scaled with the data; patience stops earlier)",
+    )
     p.add_argument("--batch-size", type=int, default=None)
     p.add_argument("--lr", type=float, default=None)
     p.add_argument("--teacher-lr", type=float, default=None)
     p.add_argument("--warmup-epochs", type=float, default=None)
     p.add_argument("--device", default="auto")
     p.add_argument("--workdir", default="runs", help="where the default teachers are trained and reused")
-    p.add_argument("--out", default="runs/study")
+    p.add_argument("--out", default=None, help="default: runs/study-<regime>")
     p.add_argument("--log-every", type=int, default=50)
+    p.add_argument("--report-only", action="store_true", help="write the report from the finished runs")
     p.add_argument(
-        "--threads", type=int, default=1,
-        help="torch CPU threads (default 1: these tiny models gain little from more, and OpenMP threads "
-        "spin badly when the cores are shared; 0 = torch's default)",
+        "--also-vs", default=None, help="a second paired-gain column against this label (e.g. deit)"
+    )
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch CPU threads (default 1: bit-reproducible, and these tiny models gain little from more; "
+        "0 = torch's default)",
     )
     return p
 
@@ -315,7 +445,11 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
-    args.command = " ".join(["python -m fastkd.study", *argv])
+    # the command that (re)produces this report: --report-only writes the same report the run would
+    args.command = " ".join(["python -m fastkd.study", *(a for a in argv if a != "--report-only")])
+    if args.out is None:
+        args.out = f"runs/study-{args.regime}"
+    repro_info()  # pins the fastkd commit this process runs (a later checkout does not change it)
     threads = torch.get_num_threads()
     if args.threads > 0:
         torch.set_num_threads(args.threads)

@@ -45,14 +45,18 @@ def default_cnn_arch(img_size: int) -> tuple[str, dict]:
     Its last feature map is half the fastkd student's token grid, the release's ratio (14×14 student
     tokens → 7×7 RegNet map): total stride 2p for the student patch size p, from the stem stride and
     timm's ``output_stride`` (8×8 digits: p = 2, stride 4 = stem 1 × output_stride 16 → a 2×2 map under
-    the student's 4×4 grid; 224 px: p = 16, stride 32 = the stock ResNet-18). Images below 64 px get
-    half the channels (32, 64, 128, 256) to keep CPU runs short.
+    the student's 4×4 grid; 32 px: p = 4, stride 8 → a 4×4 map under the 8×8 grid; 224 px: p = 16, stride
+    32 = the stock ResNet-18). Images below 16 px get half the channels (32, 64, 128, 256), 16–63 px a
+    quarter (16, 32, 64, 128): at stem stride 1 the first stage runs at full resolution, and CPU runs stay
+    short.
     """
     stride = 2 * default_patch_size(img_size)
     stem, out = {2: (1, 8), 4: (1, 16), 8: (1, 32), 16: (2, 32)}.get(stride, (4, 32))
     ov: dict = dict(stem_stride=stem, output_stride=out)
-    if img_size < 64:
+    if img_size < 16:
         ov["channels"] = [32, 64, 128, 256]
+    elif img_size < 64:
+        ov["channels"] = [16, 32, 64, 128]
     return "fastkd_resnet", ov
 
 

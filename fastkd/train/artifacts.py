@@ -3,12 +3,61 @@ loss modules' weights, and report.png (loss and accuracy curves)."""
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 from pathlib import Path
 
 from fastkd.methods.registry import report_terms
 from fastkd.utils import atomic_write_text, umask_mode
+
+
+def repro_info() -> dict:
+    """What a run's numbers depend on beyond its config: torch CPU threads, library versions, the fastkd
+    commit (``+dirty`` when the working tree differs from it). Same seed + these → the same numbers on CPU."""
+    import timm
+    import torch
+
+    try:
+        import triton
+
+        triton_v = triton.__version__
+    except Exception:  # noqa: BLE001  (no triton on this machine)
+        triton_v = None
+    commit = _fastkd_commit()
+    return {
+        "torch_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "timm": timm.__version__,
+        "triton": triton_v,
+        "fastkd_commit": commit,
+    }
+
+
+@functools.lru_cache(maxsize=1)
+def _fastkd_commit() -> str | None:
+    """The fastkd commit this process loaded (read once, at the first call: later checkouts do not count).
+    ``FASTKD_COMMIT`` overrides it (a run from a copied snapshot of the tree says which commit it copied)."""
+    if os.environ.get("FASTKD_COMMIT"):
+        return os.environ["FASTKD_COMMIT"]
+    import subprocess
+
+    root = Path(__file__).resolve().parents[2]
+    try:
+        git = ["git", "-C", str(root)]
+        commit = subprocess.run(
+            [*git, "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10
+        ).stdout.strip()
+        dirty = subprocess.run(
+            [*git, "status", "--porcelain", "--untracked-files=no", "--", "fastkd"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+        ).stdout.strip()
+        commit = (commit + ("+dirty" if dirty else "")) or None
+    except (OSError, subprocess.SubprocessError):
+        commit = None
+    return commit
 
 
 def metric_lines(path: Path):

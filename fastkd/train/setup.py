@@ -31,6 +31,7 @@ from fastkd.models.weights import build_pretrained, classifier_names, input_reno
 from fastkd.ops import dispatch as KF
 from fastkd.teachers.base import Teacher
 from fastkd.teachers.cached import CachedTeacher
+from fastkd.teachers.default import check_worth, epoch_cap, fit_with_patience, patience_for, read_fit
 from fastkd.teachers.factory import (
     default_teacher_spec,
     finetune_lr,
@@ -39,6 +40,7 @@ from fastkd.teachers.factory import (
     pretrained_teacher,
     shape_overrides,
     teacher_identity,
+    teacher_key,
     teacher_model,
 )
 from fastkd.teachers.online import OnlineTeacher
@@ -155,7 +157,7 @@ def run_norm(student, full: Dataset, data: Dataset, log=print) -> tuple[Dataset,
 
 def resolve_teacher(
     cfg: TrainConfig, full: Dataset, device, *, dist: Dist | None = None, log=print,
-    norm: tuple | None = None,
+    norm: tuple | None = None, student_data: Dataset | None = None,
 ):
     """(teacher model on device, its source) — the one teacher-resolution path of train and cache:
     ``--teacher`` (timm name + ``--teacher-*`` shape flags, or a checkpoint as saved), else the default
@@ -176,12 +178,30 @@ def resolve_teacher(
             dist.barrier()
             if not dist.main:
                 path = make(cfg, full, log=log)
+            if student_data is not None and dist.main and not cfg.model.teacher:
+                report_default_teacher(cfg, path, student_data, log)
         model = teacher_model(cfg, full, path)
     # the teacher's own normalisation, derived on the device from the batches' (x_t = (x*s_s+m_s-m_t)/s_t)
     input_renorm(model, norm or (full.mean, full.std), input_norm(model, full),
                  log=lambda m: log(f"fastkd: {m}"))
     return model.to(device), str(path if path is not None and cfg.model.teacher_finetune else
                                  cfg.model.teacher or path)
+
+
+def report_default_teacher(cfg: TrainConfig, path: Path, student_data: Dataset, log=print) -> str | None:
+    """One line: the default teacher's val top-1 beside the student-alone estimate; one warning line when
+    the teacher is not clearly better (returned too). Once per process and teacher."""
+    if announced(f"worth:{path}:{student_data.fingerprint}"):
+        return None
+    fit = read_fit(path.parent) or {}
+    alone = student_alone_estimate(cfg, student_data, log=log)
+    t1 = fit.get("top1", float("nan"))
+    log(f"fastkd: default teacher val top-1 {t1:.2f}% (best of {fit.get('epochs_run')} epochs) vs the "
+        f"student alone ≈{alone:.2f}% (its own recipe, on its {len(student_data.y_train)} images)")
+    warn = check_worth(t1, alone)
+    if warn:
+        log(warn)
+    return warn
 
 
 def build_teacher_and_loss(
@@ -200,7 +220,9 @@ def build_teacher_and_loss(
         loss = build_loss(cfg.method, s_info, cached.info, epochs=cfg.optim.epochs).to(device)
         cached.check_signals(loss)
         return cached, loss
-    t_model, source = resolve_teacher(cfg, full, device, dist=dist, log=log, norm=(data.mean, data.std))
+    t_model, source = resolve_teacher(
+        cfg, full, device, dist=dist, log=log, norm=(data.mean, data.std), student_data=data
+    )
     loss = build_loss(cfg.method, s_info, model_info(t_model), epochs=cfg.optim.epochs).to(device)
     top1 = evaluate(t_model, data, device, amp, dist=dist, workers=cfg.data.workers)["top1"]
     return OnlineTeacher(t_model, loss, top1=top1, source=source), loss
@@ -243,31 +265,56 @@ def build_trainer(
 
 
 def ensure_default_teacher(cfg: TrainConfig, data: Dataset, log=print) -> Path:
-    """Train the default teacher for this data once (CE, ``--teacher-epochs``, ``--teacher-lr``, seed 0,
-    the whole training split ``data``); later runs reuse it. Resumable: an interrupted teacher run
-    continues. A plain ``fit`` on the teacher's own parts (a student of the teacher's arch, CE, no
-    teacher)."""
+    """Train the default teacher for this data once (CE, seed 0, the whole training split ``data``, the
+    patience recipe of ``fastkd.teachers.default``: best val epoch, cap ``--teacher-epochs`` or scaled with
+    the data); later runs reuse it. A plain CE ``Trainer`` of the teacher's arch, no teacher."""
     arch, tdir, cnn = default_teacher_spec(cfg, data)
+    return _fit_default(cfg, data, arch, tdir, "CNN teacher" if cnn else "teacher", log)
+
+
+def student_alone_estimate(cfg: TrainConfig, data: Dataset, log=print) -> float:
+    """Val top-1 of the student architecture (without a distillation head) trained alone on the student's
+    split ``data`` under the student's own recipe (``--epochs``, ``--lr``: what ``--method ce`` would reach;
+    short, as it runs no teacher; the best evaluated epoch, like the teacher's) — the bar a default teacher
+    must clear. Cached by key under ``<workdir>/student-alone/``, like the teacher."""
+    plain = TrainConfig.from_dict(cfg.to_dict())
+    plain.method = replace(plain.method, method=PLAIN.name)
+    arch = student_arch(plain, data)
+    key = teacher_key(data, arch, cfg, AugmentConfig.default_for(data.img_size))
+    ep, lr = cfg.optim.epochs, cfg.optim.lr
+    tdir = Path(cfg.run.workdir) / "student-alone" / f"{arch[0]}-{key}-e{ep}-lr{lr:g}"
+    path = _fit_default(cfg, data, arch, tdir, "student-alone estimate", log, cap=ep, lr=lr, patience=ep)
+    return read_fit(path.parent)["top1"]
+
+
+def _fit_default(
+    cfg: TrainConfig, data: Dataset, arch, tdir: Path, what: str, log, cap: int | None = None,
+    lr: float | None = None, patience: int | None = None,
+) -> Path:
     path = tdir / "student.safetensors"
-    what = "CNN teacher" if cnn else "teacher"
-    if path.exists():
-        log(f"fastkd: reusing {what} {path}")
+    if path.exists() and (tdir / "fit.json").exists():
+        if not announced(f"reuse:{tdir}"):
+            log(f"fastkd: reusing {what} {path}")
         return path
-    log(f"fastkd: no --teacher given; training the default {what} ({arch[0]} {arch[1]}) → {tdir}")
     tcfg = TrainConfig.from_dict(cfg.to_dict())
     tcfg.method = replace(tcfg.method, method=PLAIN.name, ce_weight=1.0)
     tcfg.model = replace(tcfg.model, teacher=None, student=arch[0], student_embed_dim=None,
                          student_depth=None, student_heads=None, student_patch_size=None)
-    tcfg.optim = replace(tcfg.optim, epochs=cfg.model.teacher_epochs, lr=cfg.model.teacher_lr)
-    tcfg.run = replace(tcfg.run, seed=0, resume=True, teacher_cache=None, tensorboard=False, compile=False)
+    cap = cap or epoch_cap(len(data.y_train), cfg.optim.batch_size, cfg.model.teacher_epochs)
+    tcfg.optim = replace(tcfg.optim, epochs=cap, lr=lr or cfg.model.teacher_lr)
+    tcfg.run = replace(tcfg.run, seed=0, resume=False, teacher_cache=None, tensorboard=False, compile=False)
     tcfg.data = replace(tcfg.data, train_limit=0, mixup=0.0, cutmix=0.0, crop_pad=None, hflip=False)
+    log(f"fastkd: training the default {what} ({arch[0]} {arch[1]}; up to {cap} epochs, "
+        f"stops when val top-1 stops improving) → {tdir}")
     device = pick_device(tcfg.run.device)
     seed_everything(0)
     aug = build_aug(tcfg, data)
     model, _ = build_student(tcfg, data, device, arch)
     loss = build_loss(tcfg.method, model_info(model), None, epochs=tcfg.optim.epochs).to(device)
-    s = Trainer(tcfg, data, aug, model, None, loss, student_arch=arch, log=log).fit(tdir)
-    log(f"fastkd: default {what} trained in {s['wall_s']:.0f}s → {path}")
+    trainer = Trainer(tcfg, data, aug, model, None, loss, student_arch=arch, log=log)
+    rec = fit_with_patience(trainer, tdir, patience=patience or patience_for(cap), log=log)
+    log(f"fastkd: default {what}: val top-1 {rec['top1']:.2f}% at epoch {rec['best_epoch']} "
+        f"({rec['epochs_run']}/{cap} epochs run, {rec['wall_s']:.0f}s) → {path}")
     return path
 
 

@@ -34,6 +34,7 @@ from fastkd.telemetry import Telemetry
 from fastkd.train.artifacts import (
     dispatch_summary,
     read_metrics,
+    repro_info,
     save_loss_modules,
     truncate_metrics,
     write_report,
@@ -373,6 +374,7 @@ class Trainer:
             "fused_path": KF.describe(self.device) if cfg.run.fused else "reference",
             "dispatch": dispatch_summary(self.device, cfg.run.fused),
             "device": str(self.device),
+            "repro": repro_info(),
             **tsum,
         }
         summary["img_per_s"] = tsum.get("img_per_s")
