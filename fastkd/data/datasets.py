@@ -335,10 +335,15 @@ def _default_size(spec: str, log) -> int:
 
     sizes: Counter = Counter()
     if os.path.isdir(spec):
+        seen: set[str] = set()  # symlinks are followed, but never into a directory already visited
         for dirpath, dirnames, filenames in os.walk(os.path.join(spec, "train"), followlinks=True):
-            dirnames.sort()
+            seen.add(os.path.realpath(dirpath))
+            real = {d: os.path.realpath(os.path.join(dirpath, d)) for d in dirnames}
+            dirnames[:] = sorted(d for d in dirnames if real[d] not in seen)
+            if sum(sizes.values()) >= 32:
+                break
             for f in sorted(filenames):
-                if len(sizes) >= 32 or sum(sizes.values()) >= 32:
+                if sum(sizes.values()) >= 32:
                     break
                 if f.lower().endswith(IMG_EXTENSIONS):
                     try:
