@@ -432,6 +432,10 @@ class CachedTeacher:
         return out
 
     # -- the teacher interface ----------------------------------------------------------------------
+    def compile(self, **kwargs) -> CachedTeacher:
+        """Nothing to compile: the signals are read, not computed."""
+        return self
+
     def ready(self, ids: torch.Tensor, view: int) -> None:
         """Wait for the records of ``ids`` (the host waits only if the prefetch thread is behind; on CUDA
         the current stream waits on the copy's event). The next ``__call__`` with these ids serves them."""

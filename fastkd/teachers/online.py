@@ -54,6 +54,9 @@ class OnlineTeacher:
     def prefetch_epoch(self, batches, view: int) -> None:
         pass
 
+    def ready(self, ids: torch.Tensor, view: int) -> None:
+        pass
+
     def check_signals(self, loss) -> None:
         pass  # the signals come from the same loss
 

@@ -12,7 +12,9 @@ def total_norm(tensors: list[torch.Tensor], device: torch.device) -> torch.Tenso
     if not tensors:
         return torch.zeros((), device=device)
     norms = torch._foreach_norm([t.detach() for t in tensors])
-    return torch.linalg.vector_norm(torch.stack([n.float().to(device) for n in norms]))
+    # (norms live on their tensors' device, the step's: no copy, so no host round trip on CPU or GPU)
+    return torch.linalg.vector_norm(torch.stack([n.float() if n.device == device else n.float().to(device)
+                                                 for n in norms]))
 
 
 def all_finite(state) -> bool:

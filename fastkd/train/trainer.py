@@ -154,7 +154,7 @@ class Trainer:
             # and read it back on the host every step (a sync beyond the gradient all-reduce)
             self.step_module = DDP(self.step_module, device_ids=ids, static_graph=True)
         self._fwd = KF.compile_step(self.step_module) if cfg.run.compile else self.step_module
-        if cfg.run.compile and teacher is not None and hasattr(teacher, "compile"):
+        if cfg.run.compile and teacher is not None:
             teacher.compile()  # the online teacher's tap forward (no grad, eval) compiled too
         # the training position as a 0-d device tensor, refilled each step (a fill kernel: no host→device
         # copy, no sync; one tensor object, so torch.compile does not recompile as it moves)
@@ -187,10 +187,8 @@ class Trainer:
             x, y_soft, y_hard = self.batches(ids, view)
         t_sig = {}
         if self.teacher is not None:
-            ready = getattr(self.teacher, "ready", None)
-            if ready is not None:  # a cached teacher: wait for the prefetched record (data_wait_share)
-                with ph("cache_wait"):
-                    ready(ids, view)
+            with ph("cache_wait"):  # a cached teacher waits for the prefetched record (data_wait_share)
+                self.teacher.ready(ids, view)
             with ph("teacher"), torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.amp):
                 t_sig = self.teacher(x, ids=ids, view=view)
         with ph("student"):

@@ -102,6 +102,7 @@ def _steps(tr, warm: int, guarded: int, guard=None):
     batches = tr.sampler.batches(0)
     if tr.teacher is not None:
         tr.teacher.prefetch_epoch(batches, tr.view_of(0))
+    tr.batches.start_epoch(batches, tr.view_of(0))  # the loader gathers the epoch's batches ahead, as in fit
     it = iter(batches)
     try:
         for _ in range(warm):
@@ -178,6 +179,7 @@ def _steps_continue(tr, guard, n: int = 2):
     batches = tr.sampler.batches(0, start_step=2)
     if tr.teacher is not None:
         tr.teacher.prefetch_epoch(batches, tr.view_of(0))
+    tr.batches.start_epoch(batches, tr.view_of(0))
     it = iter(batches)
     try:
         tr.step(next(it), 0)  # the new epoch iterator's one-time work (ids upload) before the guard
