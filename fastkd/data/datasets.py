@@ -404,6 +404,8 @@ def load_data(
     size = img_size if img_size is not None else _default_size(spec, log)
     sd = S.open_stream(spec, img_size=size, val_spec=val_spec, on_bad_image=on_bad_image, seed=seed,
                        index_cache=index_cache, log=log)
+    # the label rules of .npz, for folders and shards too (one class: error; empty/unseen classes: a warning)
+    _check_labels(spec, np.asarray(sd.y_train), np.asarray(sd.y_val), list(sd.class_names))
     thr = S.DEFAULT_MEMORY_THRESHOLD if memory_threshold is None else int(memory_threshold * 2**30)
     if S.plan_storage(sd, thr, log=log) == "memory":
         xs = [S.materialize(ds, workers=workers) for ds in (sd.train, sd.val)]
