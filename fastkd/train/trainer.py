@@ -160,6 +160,9 @@ class Trainer:
         # copy, no sync; one tensor object, so torch.compile does not recompile as it moves)
         self._epoch_frac = torch.zeros((), dtype=torch.get_default_dtype(), device=self.device)
         self._bad = None  # per-part first non-finite step, on device (checked on log steps: no sync)
+        self._ckpt_dir: Path | None = None  # set by fit
+        self._last_ckpt_step: int | None = None  # the step of the last (finite) checkpoint written or loaded
+        self.resume_event: dict | None = None  # set by the CLI on --resume (recorded in config.json)
 
     # -- the step ----------------------------------------------------------------------------
     def view_of(self, epoch: int) -> int:
@@ -241,15 +244,15 @@ class Trainer:
             )
 
     def _last_good_words(self) -> str:
-        last = getattr(self, "_last_ckpt_step", None)
+        last = self._last_ckpt_step
         if last is None:
             return "no finite checkpoint was written (start again without --resume)"
         return f"the last finite checkpoint (step {last}) is kept"
 
     def _stop_non_finite(self, step: int) -> None:
-        ckpt = getattr(self, "_ckpt_dir", None)
+        ckpt = self._ckpt_dir
         if ckpt is not None and self.dist.main:
-            record_non_finite(ckpt, self.cfg, step, getattr(self, "_last_ckpt_step", None))
+            record_non_finite(ckpt, self.cfg, step, self._last_ckpt_step)
 
     # -- eval ------------------------------------------------------------------------------
     def evaluate_model(self, model: nn.Module, batch_size: int = 512) -> dict[str, float]:
@@ -277,7 +280,7 @@ class Trainer:
             metrics_path.unlink()
         if main:
             out.mkdir(parents=True, exist_ok=True)
-            write_config(out, cfg, getattr(self, "resume_event", None))
+            write_config(out, cfg, self.resume_event)
         tel = Telemetry(
             self.device, tensorboard_dir=str(out / "tb") if (cfg.run.tensorboard and main) else None
         )
