@@ -179,8 +179,9 @@ def _fetch(src, ids: torch.Tensor, device) -> torch.Tensor:
         _check_images(src, "x_all")
         x = src.index_select(0, _on(ids, src.device))
     else:
-        # a fetch function reads host data, so it takes host ids (a sync when ids are on a GPU)
-        x = src(_on(ids, torch.device("cpu")))
+        # a fetch function gets the ids where the parameters are drawn (``Prepared.fetch`` serves device
+        # ids it prepared without reading them; a host lookup such as ``StreamBatch.fetch`` reads them)
+        x = src(ids)
         _check_images(x, "the fetch function's result")
         if x.shape[0] != ids.shape[0]:
             raise ValueError(
@@ -241,7 +242,8 @@ def augment_batch(
     """Augment the training samples ``ids``.
 
     x_all_or_fetch: the whole training set, uint8 [N, C, H, W] (any device), or a function
-        ``fetch(ids: int64 CPU [k]) -> uint8 [k, C, H, W]``.
+        ``fetch(ids: int64 [k], on ids' device) -> uint8 [k, C, H, W]``: called with ``ids``, then (when
+        mixing) with their partners.
     y_all: int64 [N] labels of the whole training set (N = len(y_all) is the partner range). Its range is
         checked on first use only (one host read per label tensor; see ``check_labels``).
     ids: int64 [B] sample ids in [0, N). The parameters are drawn on ids' device.

@@ -164,7 +164,8 @@ class StreamBatch:
         self._order = torch.argsort(self.ids)
         self._sorted = self.ids[self._order]
 
-    def fetch(self, ids: torch.Tensor) -> torch.Tensor:
+    def positions(self, ids: torch.Tensor) -> torch.Tensor:
+        """int64 [k] (CPU): the row of each of ``ids`` in ``x`` (a host lookup; device ids are read back)."""
         q = ids.detach().to("cpu", torch.int64).reshape(-1)
         pos = torch.searchsorted(self._sorted, q).clamp_max(max(0, self._sorted.numel() - 1))
         if self._sorted.numel() == 0 or not bool((self._sorted[pos] == q).all()):
@@ -173,8 +174,10 @@ class StreamBatch:
                 f"StreamBatch.fetch: ids {missing} are not in this batch; pass extra_ids= to "
                 "StreamLoader.epoch so the loader fetches them (e.g. mixing partners)"
             )
-        rows = self._order[pos]
-        return self.x.index_select(0, rows.to(self.x.device))
+        return self._order[pos]
+
+    def fetch(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.x.index_select(0, self.positions(ids).to(self.x.device))
 
 
 class StreamLoader:

@@ -21,6 +21,7 @@ from fastkd.cache.format import (
     part_signatures,
     read_manifest,
 )
+from fastkd.data.pinned import Ring as _Ring
 from fastkd.models.zoo import ModelInfo
 
 # -------------------------------------------------------------------------------------------------- read
@@ -62,48 +63,6 @@ def _read_ids(ids: torch.Tensor, side) -> torch.Tensor:
 def _convert(t: torch.Tensor, copy: bool = False) -> torch.Tensor:
     """Records as the losses take them: floats as fp32, ids as int64."""
     return t.to(torch.float32 if t.is_floating_point() else torch.int64, copy=copy)
-
-
-class _Ring:
-    """Host buffers reused round-robin by the prefetch thread (producer).
-
-    ``acquire`` → (k, slot k's buffers) once slot k is free: released by ``release(k, event)`` and, when an
-    event was given (the host→device copy that reads the slot), that event has completed. A slot is never
-    gathered into while its copy (CUDA) or its consumer (CPU) still reads it. ``stop`` unblocks a waiting
-    producer (acquire then returns None)."""
-
-    def __init__(self, n: int, stop: threading.Event):
-        self.n, self.stop = int(n), stop
-        self.slots: list[dict | None] = [None] * self.n
-        self.free = [True] * self.n
-        self.events: list = [None] * self.n
-        self.next = 0
-        self.cond = threading.Condition()
-        self.acquired = 0  # slots handed out so far (tests)
-
-    def acquire(self, make, batch: int):
-        k = self.next
-        with self.cond:
-            while not self.free[k]:
-                if self.stop.is_set():
-                    return None
-                self.cond.wait(timeout=0.05)
-            self.free[k] = False
-            ev, self.events[k] = self.events[k], None
-        if ev is not None:
-            ev.synchronize()  # this thread waits for the copy that last read slot k; the step never does
-        bufs = self.slots[k]
-        if bufs is None or any(t.shape[0] != batch for t in bufs.values()):
-            bufs = self.slots[k] = make()
-        self.next = (k + 1) % self.n
-        self.acquired += 1
-        return k, bufs
-
-    def release(self, k: int, event=None) -> None:
-        with self.cond:
-            self.events[k] = event
-            self.free[k] = True
-            self.cond.notify_all()
 
 
 class CachedTeacher:
