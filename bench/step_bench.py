@@ -378,6 +378,8 @@ def main(argv=None) -> int:
         with contextlib.suppress(Exception):
             if tr.teacher is not None:
                 tr.teacher.close()
+        with contextlib.suppress(Exception):
+            tr.batches.close()  # stops the batch prefetch thread
     res["total_s"] = round(time.monotonic() - t_start, 1)
     save()
     shutil.rmtree(root, ignore_errors=True)
