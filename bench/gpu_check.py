@@ -14,6 +14,8 @@ decisions go to a fresh FASTKD_CACHE_DIR in the work folder (so the check measur
                  interleaved, host syncs per step, ratios vs the issue-12 targets               cap 220 s
   losses_deit_s  bench/test_bench_losses.py training inputs, fwd+bwd, DeiT-S, + copy bandwidth
                  (FASTKD_KERNELS=triton: the fused provider is the kernels, not the dispatch)   cap  75 s
+  profile        bench/profile_losses.py: the mimic loss at DeiT-S, fused vs compiled, torch.profiler
+                 tables into gpu_check.json ("profile_txt")                                   cap  45 s
   losses_deit_b  the loss benches at DeiT-B                                                     cap  60 s
   tests          tests/kernels (minus the CPU-only compile check), tests/data/test_augment_device.py
                  and every tests/ file that uses set_sync_debug_mode, real compilation,
@@ -373,6 +375,22 @@ def main(argv: list[str] | None = None) -> int:
     )
     parts.append(part)
     save_report()
+
+    # profile of the mimic loss at DeiT-S (cuda only): where the fused path's time goes, kernel by kernel
+    # (round 2 predicted 0.71 ms fwd+bwd and measured 2.45 ms on the 2026-11-26 H200; bench/NOTES.md)
+    if cuda:
+        prof_dir = work / "prof"
+        r.python(
+            "profile",
+            ["bench/profile_losses.py", str(prof_dir), "--losses", "vitkd_mimic_loss", "--shapes", "deit_s"],
+            cap_s=45,
+            env=triton_env,
+        )
+        try:
+            report["profile_txt"] = (prof_dir / "prof.txt").read_text()[-12000:]
+        except OSError:
+            pass
+        save_report()
 
     # DeiT-B loss benches -----------------------------------------------------------------------------
     part = work / f"bench_{shapes[1]}.json"

@@ -1,6 +1,6 @@
 """GPU profile of the token losses on the training inputs: fused (Triton) vs torch.compile of the reference.
 
-    PYTHONPATH=<checkout> python3 bench/profile_losses.py OUT_DIR
+    PYTHONPATH=<checkout> python3 bench/profile_losses.py OUT_DIR [--losses a,b] [--shapes deit_s,deit_b]
 
 DeiT-S and DeiT-B shapes, fwd+bwd under bf16 autocast on ``bench/test_bench_losses.make_training_case``
 inputs (fp32 strided views of [B, 1+N, D]); 4 warm-up and 20 timed iterations, then a torch.profiler
@@ -37,7 +37,7 @@ def _iteration(fn, args, kw, leaves):
     return call
 
 
-def main(out: str) -> None:
+def main(out: str, losses=LOSSES, shapes=None) -> None:
     from fastkd.ops import dispatch as KF
     from fastkd.ops import reference as R
 
@@ -47,7 +47,9 @@ def main(out: str) -> None:
     os.makedirs(out, exist_ok=True)
     with open(os.path.join(out, "prof.txt"), "w") as f:
         for shape in conf.GPU_SHAPES[1:]:
-            for loss in LOSSES:
+            if shapes and shape.name not in shapes:
+                continue
+            for loss in losses:
                 for provider in ("compiled", "fused"):
                     head = f"{shape.name} {loss} {provider} fwd+bwd"
                     try:
@@ -69,7 +71,7 @@ def main(out: str) -> None:
                             torch.cuda.synchronize()
                         gpu_ms = sum(e.self_device_time_total for e in p.key_averages()) / 5e3
                         f.write(f"\n===== {head}: wall {ms:.3f} ms/iter; kernels {gpu_ms:.3f} ms/iter\n")
-                        f.write(p.key_averages().table(sort_by="cuda_time_total", row_limit=12))
+                        f.write(p.key_averages().table(sort_by="cuda_time_total", row_limit=20))
                     except Exception as e:  # one failing case must not lose the others
                         f.write(f"\n===== {head}: FAILED {type(e).__name__}: {e}\n")
                     f.flush()
@@ -77,4 +79,11 @@ def main(out: str) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
+    import argparse
+
+    ap = argparse.ArgumentParser()
+    ap.add_argument("out")
+    ap.add_argument("--losses", default=",".join(LOSSES))
+    ap.add_argument("--shapes", default="", help="comma-separated (default: every GPU shape)")
+    a = ap.parse_args()
+    main(a.out, tuple(x for x in a.losses.split(",") if x), {x for x in a.shapes.split(",") if x})
