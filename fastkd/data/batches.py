@@ -36,7 +36,7 @@ from fastkd.data.augment import AugmentConfig, augment_batch, check_labels
 from fastkd.data.augparams import sample_params
 from fastkd.data.datasets import Dataset
 from fastkd.data.loader import StreamBatch, StreamLoader, default_workers, eval_id_batches
-from fastkd.data.pinned import Ring
+from fastkd.data.pinned import Ring, offer
 
 
 def _workers(workers: int | None) -> int:
@@ -118,13 +118,7 @@ class _MemoryLoader:
         shape = tuple(self.x.shape[1:])
 
         def put(item) -> bool:
-            while not stop.is_set():
-                try:
-                    q.put(item, timeout=0.05)
-                    return True
-                except queue.Full:
-                    continue
-            return False
+            return offer(q, item, stop)
 
         def make(k: int) -> dict[str, torch.Tensor]:
             return {"x": torch.empty((k, *shape), dtype=torch.uint8, pin_memory=self.cuda),

@@ -3,9 +3,10 @@ batch loader gather into before their host→device copies (shared so both follo
 
 from __future__ import annotations
 
+import queue
 import threading
 
-__all__ = ["Ring"]
+__all__ = ["Ring", "offer"]
 
 
 class Ring:
@@ -48,3 +49,15 @@ class Ring:
             self.events[k] = event
             self.free[k] = True
             self.cond.notify_all()
+
+
+def offer(q: queue.Queue, item, stop: threading.Event) -> bool:
+    """Put ``item`` on the producer's bounded queue, waiting while it is full; False once ``stop`` is set
+    (the consumer went away), so a producer never blocks forever."""
+    while not stop.is_set():
+        try:
+            q.put(item, timeout=0.05)
+            return True
+        except queue.Full:
+            continue
+    return False

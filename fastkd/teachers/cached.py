@@ -22,6 +22,7 @@ from fastkd.cache.format import (
     read_manifest,
 )
 from fastkd.data.pinned import Ring as _Ring
+from fastkd.data.pinned import offer
 from fastkd.models.zoo import ModelInfo
 
 # -------------------------------------------------------------------------------------------------- read
@@ -286,13 +287,7 @@ class CachedTeacher:
             side.wait_stream(torch.cuda.current_stream(self.device))
 
         def put(item) -> bool:
-            while not stop.is_set():
-                try:
-                    q.put(item, timeout=0.05)
-                    return True
-                except queue.Full:
-                    continue
-            return False
+            return offer(q, item, stop)
 
         def work():
             try:
