@@ -19,10 +19,12 @@ import tempfile
 import time
 import traceback
 
-import numpy as np
 import timm
 import torch
 import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from benchlib import DiyKD, synthetic_npz, trainer_argv  # noqa: E402
 
 out_path, small = sys.argv[1], "--small" in sys.argv
 cuda = torch.cuda.is_available() and not small
@@ -97,32 +99,7 @@ def opt_for(params):
 
 
 def diy(compile_):
-    s, t = models()
-    o = opt_for(s.parameters())
-    sf, tf = (torch.compile(s), torch.compile(t)) if compile_ else (s, t)
-
-    def step():
-        o.zero_grad(set_to_none=True)
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda):
-            with torch.no_grad():
-                tl = tf(x)
-            sl = sf(x)
-            loss = (
-                F.cross_entropy(sl.float(), y, label_smoothing=0.1)
-                + F.kl_div(
-                    F.log_softmax(sl.float() / T, -1),
-                    F.log_softmax(tl.float() / T, -1),
-                    reduction="batchmean",
-                    log_target=True,
-                )
-                * T
-                * T
-            )
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(s.parameters(), 5.0)
-        o.step()
-
-    return step
+    return DiyKD(STU, TEA, S, C, B, dev.type, compile_=compile_).step
 
 
 def plain_compiled():
@@ -163,47 +140,9 @@ def fastkd(extra):
     from fastkd.train.setup import build_trainer
 
     root = tempfile.mkdtemp()
-    npz = os.path.join(root, "s.npz")
-    N = B * 2
-    gg = torch.Generator().manual_seed(1)
-    np.savez(
-        npz,
-        x_train=torch.randint(0, 256, (N, S, S, 3), dtype=torch.uint8, generator=gg).numpy(),
-        y_train=torch.randint(0, C, (N,), generator=gg).numpy(),
-        x_val=torch.randint(0, 256, (64, S, S, 3), dtype=torch.uint8, generator=gg).numpy(),
-        y_val=torch.randint(0, C, (64,), generator=gg).numpy(),
-    )
-    argv = (
-        [
-            "--data",
-            npz,
-            "--student",
-            STU,
-            "--teacher",
-            TEA,
-            "--batch-size",
-            str(B),
-            "--quiet",
-            "--workdir",
-            root,
-            "--device",
-            dev.type,
-            "--seed",
-            "0",
-            "--train-limit",
-            "0",
-            "--epochs",
-            "1",
-            "--eval-every",
-            "0",
-            "--method",
-            "kd",
-            "--kd-T",
-            str(T),
-        ]
-        + (["--img-size", str(S)] if not cuda else [])
-        + extra
-    )
+    npz = synthetic_npz(root, S, C, 2 * B, 64)
+    argv = trainer_argv(npz, STU, TEA, B, root, dev.type, img_size=None if cuda else S)
+    argv += ["--method", "kd", "--kd-T", str(T), *extra]
     tr = build_trainer(parse_args(argv), data=load_data(npz), log=lambda *a: None)
     ids = next(iter(tr.sampler.batches(0)))
     tr.batches.start_epoch(itertools.repeat(ids.cpu()), tr.view_of(0))  # announced ahead, as fit does

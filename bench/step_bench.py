@@ -36,8 +36,8 @@ import time
 import traceback
 import warnings
 
-import numpy as np
 import torch
+from benchlib import DiyKD, synthetic_npz, trainer_argv
 
 # name: (method, flags; "@cache" = from the teacher cache)
 VARIANTS = [
@@ -93,64 +93,6 @@ def parse(argv=None):
     return ap.parse_args(argv)
 
 
-def synthetic_npz(root: str, S: int, C: int, n_train: int, n_val: int) -> str:
-    g = torch.Generator().manual_seed(0)
-    path = os.path.join(root, "synthetic.npz")
-    np.savez(
-        path,
-        x_train=torch.randint(0, 256, (n_train, S, S, 3), dtype=torch.uint8, generator=g).numpy(),
-        y_train=torch.randint(0, C, (n_train,), generator=g).numpy(),
-        x_val=torch.randint(0, 256, (n_val, S, S, 3), dtype=torch.uint8, generator=g).numpy(),
-        y_val=torch.randint(0, C, (n_val,), generator=g).numpy(),
-    )
-    return path
-
-
-class DiyKD:
-    """The hand-written PyTorch Hinton-KD step users would write instead (``peer_bench.py``'s): student and
-    teacher ``torch.compile``d, bf16 autocast, CE with label smoothing + KL(T=4), clip 5, fused AdamW; the
-    batch already on the device (no augmentation: a lower bound for what fastkd does)."""
-
-    def __init__(self, student: str, teacher: str, S: int, C: int, B: int, device: str):
-        import timm
-        import torch.nn.functional as F
-
-        torch.manual_seed(0)
-        mk = dict(num_classes=C, img_size=S)
-        self.s = timm.create_model(student, **mk).to(device)
-        self.t = timm.create_model(teacher, **mk).to(device).eval().requires_grad_(False)
-        cuda = device == "cuda"
-        self.opt = torch.optim.AdamW(self.s.parameters(), lr=1e-4, **({"fused": True} if cuda else {}))
-        self.sf, self.tf = torch.compile(self.s), torch.compile(self.t)
-        g = torch.Generator().manual_seed(0)
-        self.x = torch.randn(B, 3, S, S, generator=g).to(device)
-        self.y = torch.randint(0, C, (B,), generator=g).to(device)
-        self.cuda, self.F, self.teacher = cuda, F, None
-
-    def step(self, ids=None, epoch=0):
-        F, T = self.F, 4.0
-        self.opt.zero_grad(set_to_none=True)
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.cuda):
-            with torch.no_grad():
-                tl = self.tf(self.x)
-            sl = self.sf(self.x)
-            loss = (
-                F.cross_entropy(sl.float(), self.y, label_smoothing=0.1)
-                + F.kl_div(
-                    F.log_softmax(sl.float() / T, -1),
-                    F.log_softmax(tl.float() / T, -1),
-                    reduction="batchmean",
-                    log_target=True,
-                )
-                * T
-                * T
-            )
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(self.s.parameters(), 5.0)
-        self.opt.step()
-        return {"loss": loss}
-
-
 def count_syncs(fn) -> int:
     """Host syncs during ``fn()`` (CUDA): torch.cuda.set_sync_debug_mode('warn') + warnings capture."""
     with warnings.catch_warnings(record=True) as ws:
@@ -189,30 +131,7 @@ def main(argv=None) -> int:
     root = tempfile.mkdtemp(prefix="fastkd_step_bench_")
     npz = synthetic_npz(root, S, C, NTR, 64)
     data = load_data(npz)
-    base = [
-        "--data",
-        npz,
-        "--student",
-        STU,
-        "--teacher",
-        TEA,
-        "--batch-size",
-        str(B),
-        "--quiet",
-        "--workdir",
-        root,
-        "--device",
-        dev,
-        "--seed",
-        "0",
-        "--train-limit",
-        "0",
-        "--epochs",
-        "1",
-        "--eval-every",
-        "0",
-        *(["--img-size", str(S)] if small else []),
-    ]
+    base = trainer_argv(npz, STU, TEA, B, root, dev, img_size=S if small else None)
     res: dict = {
         "device": torch.cuda.get_device_name(0) if dev == "cuda" else "cpu",
         "torch": torch.__version__,

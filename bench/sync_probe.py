@@ -85,7 +85,7 @@ def main(argv=None) -> int:
     from fastkd.train.setup import build_trainer
 
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-    from step_bench import synthetic_npz
+    from benchlib import synthetic_npz, trainer_argv
 
     S, C, NTR, B = (224, 1000, 512, 256) if cuda else (32, 10, 32, 8)
     root = tempfile.mkdtemp(prefix="fastkd_sync_probe_")
@@ -93,30 +93,15 @@ def main(argv=None) -> int:
     from fastkd.data import load_data
 
     data = load_data(npz)
-    base = [
-        "--data",
+    base = trainer_argv(
         npz,
-        "--student",
         "deit_small_patch16_224" if cuda else "deit_tiny_patch16_224",
-        "--teacher",
         "deit_base_patch16_224" if cuda else "deit_small_patch16_224",
-        "--batch-size",
-        str(B),
-        "--quiet",
-        "--workdir",
+        B,
         root,
-        "--device",
         "cuda" if cuda else "cpu",
-        "--seed",
-        "0",
-        "--train-limit",
-        "0",
-        "--epochs",
-        "1",
-        "--eval-every",
-        "0",
-        *([] if cuda else ["--img-size", str(S)]),
-    ]
+        img_size=None if cuda else S,
+    )
     cache = os.path.join(root, "cache")
     out: dict = {}
     rep = open(os.path.join(a.out, "sync_report.txt"), "w")

@@ -1,0 +1,76 @@
+"""What the GPU benches share (``step_bench``, ``peer_bench``, ``sync_probe``): the synthetic data set, the
+trainer flags every bench variant starts from, and the hand-written KD step users would write instead.
+Plain module next to the scripts (``python bench/<script>.py`` puts bench/ on ``sys.path``)."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+
+def synthetic_npz(root: str, S: int, C: int, n_train: int, n_val: int) -> str:
+    """A random uint8 RGB set of S×S images and C classes as ``root/synthetic.npz`` (seed 0)."""
+    g = torch.Generator().manual_seed(0)
+    path = os.path.join(root, "synthetic.npz")
+    np.savez(
+        path,
+        x_train=torch.randint(0, 256, (n_train, S, S, 3), dtype=torch.uint8, generator=g).numpy(),
+        y_train=torch.randint(0, C, (n_train,), generator=g).numpy(),
+        x_val=torch.randint(0, 256, (n_val, S, S, 3), dtype=torch.uint8, generator=g).numpy(),
+        y_val=torch.randint(0, C, (n_val,), generator=g).numpy(),
+    )
+    return path
+
+
+def trainer_argv(npz: str, student: str, teacher: str, B: int, root: str, device: str,
+                 img_size: int | None = None) -> list[str]:
+    """``fastkd.train`` flags of a bench trainer: the synthetic set, one epoch, no eval, seed 0, quiet."""
+    argv = ["--data", npz, "--student", student, "--teacher", teacher, "--batch-size", str(B), "--quiet",
+            "--workdir", root, "--device", device, "--seed", "0", "--train-limit", "0", "--epochs", "1",
+            "--eval-every", "0"]
+    return argv + (["--img-size", str(img_size)] if img_size else [])
+
+
+def hinton_kd_loss(sl: torch.Tensor, tl: torch.Tensor, y: torch.Tensor, T: float = 4.0) -> torch.Tensor:
+    """CE (label smoothing 0.1) + T²·KL(teacher ‖ student) at temperature T, as a user writes it."""
+    return F.cross_entropy(sl.float(), y, label_smoothing=0.1) + F.kl_div(
+        F.log_softmax(sl.float() / T, -1), F.log_softmax(tl.float() / T, -1), reduction="batchmean",
+        log_target=True,
+    ) * (T * T)
+
+
+class DiyKD:
+    """The hand-written PyTorch Hinton-KD step users would write instead: student and teacher
+    ``torch.compile``d (or eager), bf16 autocast on CUDA, CE with label smoothing + KL(T=4), clip 5, fused
+    AdamW; the batch already on the device (no augmentation: a lower bound for what fastkd does)."""
+
+    def __init__(
+        self, student: str, teacher: str, S: int, C: int, B: int, device: str, compile_: bool = True
+    ):
+        import timm
+
+        torch.manual_seed(0)
+        mk = dict(num_classes=C, img_size=S)
+        self.s = timm.create_model(student, **mk).to(device)
+        self.t = timm.create_model(teacher, **mk).to(device).eval().requires_grad_(False)
+        self.cuda = torch.device(device).type == "cuda"
+        self.opt = torch.optim.AdamW(self.s.parameters(), lr=1e-4, **({"fused": True} if self.cuda else {}))
+        self.sf, self.tf = (torch.compile(self.s), torch.compile(self.t)) if compile_ else (self.s, self.t)
+        g = torch.Generator().manual_seed(0)
+        self.x = torch.randn(B, 3, S, S, generator=g).to(device)
+        self.y = torch.randint(0, C, (B,), generator=g).to(device)
+        self.teacher = None
+
+    def step(self, ids=None, epoch=0):
+        self.opt.zero_grad(set_to_none=True)
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.cuda):
+            with torch.no_grad():
+                tl = self.tf(self.x)
+            loss = hinton_kd_loss(self.sf(self.x), tl, self.y)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.s.parameters(), 5.0)
+        self.opt.step()
+        return {"loss": loss}
