@@ -1286,7 +1286,9 @@ def compile_specs():
 
     seen = set()
     for B, N, P, D_s, D_t in shapes.values():
-        T = P + N
+        T = P + N  # the patch rows are read through the [B, P+N, D] row stride, as training passes them
+        scalars = dict(M=B * N, N=N, D_S=D_s, D_T=D_t, P_S=P, P_T=P, stride_sb=T * D_s, stride_sn=D_s,
+                       stride_tb=T * D_t, stride_tn=D_t, stride_w=D_s)
         for dt, bf16, has_w, has_b, mimic, cls_map, has_t in fwd_variants:
             gemm = has_w and mimic
             for cfg in valid_configs("fwd", D_s, D_t, bf16, gemm):
@@ -1305,19 +1307,6 @@ def compile_specs():
                     "scls_ptr": "fp32",
                     "tcls_ptr": "fp32",
                 }
-                scalars = dict(
-                    M=B * N,
-                    N=N,
-                    D_S=D_s,
-                    D_T=D_t,
-                    P_S=P,
-                    P_T=P,
-                    stride_sb=T * D_s,
-                    stride_sn=D_s,
-                    stride_tb=T * D_t,
-                    stride_tn=D_t,
-                    stride_w=D_s,
-                )
                 const = dict(
                     BLOCK_M=cfg.BLOCK_M,
                     BLOCK_N=cfg.BLOCK_N,
@@ -1330,7 +1319,7 @@ def compile_specs():
                     DOT_BF16=bf16,
                     UPCAST=False,
                 )
-                specs.append((tag, _token_kd_fwd_kernel.fn, ptrs, scalars, const, cfg))
+                specs.append((tag, _token_kd_fwd_kernel.fn, ptrs, dict(scalars), const, cfg))
         for dt, bf16, has_w, has_b, write_sb, sumsq, store_r in bwd_variants:
             for cfg in valid_configs("bwd", D_s, D_t, bf16, has_w):
                 kname = "mimic_fwd" if sumsq else "bwd"
@@ -1355,19 +1344,6 @@ def compile_specs():
                 }
                 if bf16 and not has_w:  # the epilogue on cuBLAS's Y (bf16); teacher tokens stay fp32
                     ptrs["t_ptr"] = "fp32"
-                scalars = dict(
-                    M=B * N,
-                    N=N,
-                    D_S=D_s,
-                    D_T=D_t,
-                    P_S=P,
-                    P_T=P,
-                    stride_sb=T * D_s,
-                    stride_sn=D_s,
-                    stride_tb=T * D_t,
-                    stride_tn=D_t,
-                    stride_w=D_s,
-                )
                 const = dict(
                     BLOCK_M=cfg.BLOCK_M,
                     BLOCK_N=cfg.BLOCK_N,
@@ -1380,7 +1356,7 @@ def compile_specs():
                     DOT_BF16=bf16,
                     UPCAST=False,
                 )
-                specs.append((tag, _token_kd_bwd_kernel.fn, ptrs, scalars, const, cfg))
+                specs.append((tag, _token_kd_bwd_kernel.fn, ptrs, dict(scalars), const, cfg))
     for cname, cfg in MAP_BWD_CONFIGS.items():
         B, N, P, D_s, _ = shapes["small" if cname == "small" else "deit_s"]
         T = P + N
