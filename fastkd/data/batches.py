@@ -100,13 +100,17 @@ class _MemoryLoader:
         # CPU threaded mode (tests): the same producer, its slot copied out instead of uploaded
         self.threaded = self.cuda if threaded is None else bool(threaded)
 
-    def epoch(self, id_batches, extra_ids=None) -> Iterator[Prepared]:
-        if not self.threaded:
-            for b in id_batches:
-                rows, n = _rows(b, extra_ids)
-                yield Prepared(self.x.index_select(0, rows), rows, n, rows, self.labels)
+    def epoch(self, id_batches, extra_ids=None, ahead: bool = True) -> Iterator[Prepared]:
+        """``ahead=False``: gather each batch when asked, in this thread (one-off batches; a CPU device)."""
+        if ahead and self.threaded:
+            yield from self._threaded(id_batches, extra_ids)
             return
-        yield from self._threaded(id_batches, extra_ids)
+        for b in id_batches:
+            rows, n = _rows(b, extra_ids)
+            x, want = self.x.index_select(0, rows), rows
+            if x.device != self.device:  # a direct batch for a CUDA step (pageable copies: not the hot path)
+                x, want = x.to(self.device), rows.to(self.device)
+            yield Prepared(x, want, n, rows, self.labels)
 
     def _threaded(self, id_batches, extra_ids) -> Iterator[Prepared]:
         q: queue.Queue = queue.Queue(maxsize=self.depth)
@@ -116,9 +120,6 @@ class _MemoryLoader:
         if self.cuda:
             side.wait_stream(torch.cuda.current_stream(self.device))
         shape = tuple(self.x.shape[1:])
-
-        def put(item) -> bool:
-            return offer(q, item, stop)
 
         def make(k: int) -> dict[str, torch.Tensor]:
             return {"x": torch.empty((k, *shape), dtype=torch.uint8, pin_memory=self.cuda),
@@ -150,12 +151,12 @@ class _MemoryLoader:
                     bufs["ids"].copy_(rows)
                     x, want, ev = upload(bufs)
                     ring.release(k, ev)  # reusable once this copy has read it
-                    if not put((x, want, n, rows, ev)):
+                    if not offer(q, (x, want, n, rows, ev), stop):
                         return
             except BaseException as e:  # handed to the training thread, raised there
-                put(("error", e))
+                offer(q, ("error", e), stop)
                 return
-            put(_END)
+            offer(q, _END, stop)
 
         th = threading.Thread(target=work, name="fastkd-batch-prefetch", daemon=True)
         th.start()
@@ -225,11 +226,7 @@ class TrainBatches:
     def _epoch(self, id_batches: Iterable, view: int, *, ahead: bool) -> Iterator[Prepared]:
         extra = self._extra(view)
         if self.data.stream is None:
-            if ahead:
-                return self.loader.epoch(id_batches, extra_ids=extra)
-            return _MemoryLoader(self.data.x_train, self.data.y_train, torch.device("cpu")).epoch(
-                id_batches, extra_ids=extra
-            )  # one direct batch: gathered here (the caller then copies it up)
+            return self.loader.epoch(id_batches, extra_ids=extra, ahead=ahead)
         return self._stream_epoch(id_batches, extra)
 
     def _stream_epoch(self, id_batches: Iterable, extra) -> Iterator[Prepared]:
@@ -267,9 +264,6 @@ class TrainBatches:
             if cpu.device.type != "cpu":  # device ids: the host gathers (one copy, a sync on CUDA)
                 cpu = cpu.cpu()
             b = next(self._epoch([cpu], view, ahead=False))
-            if b.x.device != self.device:
-                b = Prepared(b.x.to(self.device), b.want.to(self.device), b.n_main, b.ids, b.labels,
-                             sel=None if b.sel is None else b.sel.to(self.device))
         self.wait_s += time.perf_counter() - t0
         return b
 

@@ -286,9 +286,6 @@ class CachedTeacher:
         if cuda:  # ids made on the step's stream before now (e.g. a bench's batch) are readable on `side`
             side.wait_stream(torch.cuda.current_stream(self.device))
 
-        def put(item) -> bool:
-            return offer(q, item, stop)
-
         def work():
             try:
                 if cuda:
@@ -312,12 +309,12 @@ class CachedTeacher:
                         item = (ids_cpu, ids_dev, dev, ev, None)
                     else:
                         item = (ids_cpu, ids_cpu, bufs, None, k)  # the consumer frees slot k
-                    if not put(item):
+                    if not offer(q, item, stop):
                         return
             except BaseException as e:  # handed to the training thread, raised there
-                put(("error", e))
+                offer(q, ("error", e), stop)
                 return
-            put(_END)
+            offer(q, _END, stop)
 
         th = threading.Thread(target=work, name="fastkd-cache-prefetch", daemon=True)
         self._pf = {"queue": q, "stop": stop, "thread": th, "view": int(view), "ring": ring}
