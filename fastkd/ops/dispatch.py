@@ -340,19 +340,7 @@ def vitkd_gen_loss(
     """Triton path: one kernel builds the generator input (projection + mask-token substitution, laid out
     channels_last [B, D_t, h, w]); the generator runs in torch (cuDNN); one kernel computes the masked
     squared error and its gradient. Under autocast the generator input is made in the autocast dtype."""
-    B, N, _ = s_last.shape
-    d_t = t_last.shape[-1]
-    if t_last.shape[:2] != (B, N):
-        raise ValueError(
-            f"s_last {tuple(s_last.shape)} and t_last {tuple(t_last.shape)} need the same [B, N]"
-        )
-    if tuple(mask.shape) != (B, N) or mask.dtype != torch.bool:
-        raise ValueError(f"mask must be bool [B, N] = [{B}, {N}], got {mask.dtype} {tuple(mask.shape)}")
-    if mask_token.numel() != d_t:
-        raise ValueError(f"mask_token must have D_t = {d_t} elements, got {mask_token.numel()}")
-    if not 0.0 < mask_ratio <= 1.0:
-        raise ValueError(f"mask_ratio must be in (0, 1], got {mask_ratio}")
-    h, w = R._resolve_grid(N, grid, "vitkd_gen_loss")
+    B, _, d_t, h, w = R.gen_loss_shapes(s_last, t_last, mask, mask_token, mask_ratio, grid)
     amp = _amp(s_last)
     if amp:
         x_dtype = torch.bfloat16  # the generator's convolutions would cast it to bf16 anyway
@@ -360,11 +348,7 @@ def vitkd_gen_loss(
         x_dtype = R._work_dtype(s_last, t_last, weight, bias, mask_token)
     k = _kern().masked_gen
     x = k.gen_input_op(_unit_stride(s_last), mask, weight, bias, mask_token, h, w, x_dtype, amp)
-    g = generator(x)
-    if tuple(g.shape) != (B, d_t, h, w):
-        raise ValueError(
-            f"generator must map [B, D_t, h, w] = {(B, d_t, h, w)} to itself, got {tuple(g.shape)}"
-        )
+    g = R.check_generator_output(generator(x), B, d_t, h, w)
     if g.dtype not in _FLOAT:
         g = g.float()
     loss, _ = k.gen_loss_op(g, _unit_stride(t_last.detach()), mask, beta / (mask_ratio * B), _needs_grad(g))

@@ -432,6 +432,35 @@ def random_token_mask(
     return mask.to(device)
 
 
+def gen_loss_shapes(s_last, t_last, mask, mask_token, mask_ratio, grid) -> tuple[int, int, int, int, int]:
+    """(B, N, D_t, h, w) of ``vitkd_gen_loss``'s inputs, each bad one rejected in one line (shared with
+    the fused path in ``fastkd.ops.dispatch``)."""
+    _check_3d("s_last", s_last)
+    _check_3d("t_last", t_last)
+    B, N, _ = s_last.shape
+    d_t = t_last.shape[-1]
+    if t_last.shape[:2] != (B, N):
+        raise ValueError(
+            f"s_last {tuple(s_last.shape)} and t_last {tuple(t_last.shape)} need the same [B, N]"
+        )
+    if tuple(mask.shape) != (B, N) or mask.dtype != torch.bool:
+        raise ValueError(f"mask must be bool [B, N] = [{B}, {N}], got {mask.dtype} {tuple(mask.shape)}")
+    if mask_token.numel() != d_t:
+        raise ValueError(f"mask_token must have D_t = {d_t} elements, got {mask_token.numel()}")
+    if not 0.0 < mask_ratio <= 1.0:
+        raise ValueError(f"mask_ratio must be in (0, 1], got {mask_ratio}")
+    h, w = _resolve_grid(N, grid, "vitkd_gen_loss")
+    return B, N, d_t, h, w
+
+
+def check_generator_output(g: Tensor, B: int, d_t: int, h: int, w: int) -> Tensor:
+    if tuple(g.shape) != (B, d_t, h, w):
+        raise ValueError(
+            f"generator must map [B, D_t, h, w] = {(B, d_t, h, w)} to the same shape, got {tuple(g.shape)}"
+        )
+    return g
+
+
 def vitkd_gen_loss(
     s_last: Tensor,
     t_last: Tensor,
@@ -455,30 +484,12 @@ def vitkd_gen_loss(
     Returns the 0-d ``β/(λ·B) · Σ_{masked n, d} (G − t_last)²`` with λ = mask_ratio (the nominal ratio,
     as in the release, not the realised masked fraction).
     """
-    _check_3d("s_last", s_last)
-    _check_3d("t_last", t_last)
-    B, N, _ = s_last.shape
-    d_t = t_last.shape[-1]
-    if t_last.shape[:2] != (B, N):
-        raise ValueError(
-            f"s_last {tuple(s_last.shape)} and t_last {tuple(t_last.shape)} need the same [B, N]"
-        )
-    if tuple(mask.shape) != (B, N) or mask.dtype != torch.bool:
-        raise ValueError(f"mask must be bool [B, N] = [{B}, {N}], got {mask.dtype} {tuple(mask.shape)}")
-    if mask_token.numel() != d_t:
-        raise ValueError(f"mask_token must have D_t = {d_t} elements, got {mask_token.numel()}")
-    if not 0.0 < mask_ratio <= 1.0:
-        raise ValueError(f"mask_ratio must be in (0, 1], got {mask_ratio}")
-    h, w = _resolve_grid(N, grid, "vitkd_gen_loss")
+    B, N, d_t, h, w = gen_loss_shapes(s_last, t_last, mask, mask_token, mask_ratio, grid)
     dt = _work_dtype(s_last, t_last, weight, bias, mask_token)
     x = _project(s_last.to(dt), weight, bias, d_t, "vitkd_gen_loss")
     x = torch.where(mask[:, :, None], mask_token.to(dt).reshape(1, 1, d_t), x)
     x = x.transpose(1, 2).reshape(B, d_t, h, w)
-    g = generator(x)
-    if tuple(g.shape) != (B, d_t, h, w):
-        raise ValueError(
-            f"generator must map [B, D_t, h, w] = {(B, d_t, h, w)} to the same shape, got {tuple(g.shape)}"
-        )
+    g = check_generator_output(generator(x), B, d_t, h, w)
     g = g.to(dt).reshape(B, d_t, N).transpose(1, 2)                     # [B, N, D_t]
     sq = (g - t_last.detach().to(dt)).pow(2) * mask[:, :, None].to(dt)
     return sq.sum() * (beta / (mask_ratio * B))
