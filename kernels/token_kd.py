@@ -1281,6 +1281,10 @@ def compile_specs():
         ("bf16", True, False, True, False, False, False),  # autocast recompute: gR from cuBLAS's Y
     ]
 
+    def base_const(cfg, has_w, has_b, bf16):  # the constexprs both GEMM kernels share
+        blocks = dict(BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, BLOCK_K=cfg.BLOCK_K)
+        return dict(blocks, HAS_W=has_w, HAS_BIAS=has_b, DOT_BF16=bf16, UPCAST=False)
+
     def precision(bf16, gemm):
         return "bf16dot" if (bf16 and gemm) else ("exact" if gemm else "nodot")
 
@@ -1307,18 +1311,7 @@ def compile_specs():
                     "scls_ptr": "fp32",
                     "tcls_ptr": "fp32",
                 }
-                const = dict(
-                    BLOCK_M=cfg.BLOCK_M,
-                    BLOCK_N=cfg.BLOCK_N,
-                    BLOCK_K=cfg.BLOCK_K,
-                    HAS_W=has_w,
-                    HAS_BIAS=has_b,
-                    MIMIC=mimic,
-                    CLS_MAP=cls_map,
-                    HAS_T=has_t,
-                    DOT_BF16=bf16,
-                    UPCAST=False,
-                )
+                const = dict(base_const(cfg, has_w, has_b, bf16), MIMIC=mimic, CLS_MAP=cls_map, HAS_T=has_t)
                 specs.append((tag, _token_kd_fwd_kernel.fn, ptrs, dict(scalars), const, cfg))
         for dt, bf16, has_w, has_b, write_sb, sumsq, store_r in bwd_variants:
             for cfg in valid_configs("bwd", D_s, D_t, bf16, has_w):
@@ -1345,16 +1338,7 @@ def compile_specs():
                 if bf16 and not has_w:  # the epilogue on cuBLAS's Y (bf16); teacher tokens stay fp32
                     ptrs["t_ptr"] = "fp32"
                 const = dict(
-                    BLOCK_M=cfg.BLOCK_M,
-                    BLOCK_N=cfg.BLOCK_N,
-                    BLOCK_K=cfg.BLOCK_K,
-                    HAS_W=has_w,
-                    HAS_BIAS=has_b,
-                    WRITE_SB=write_sb,
-                    SUMSQ=sumsq,
-                    STORE_R=store_r,
-                    DOT_BF16=bf16,
-                    UPCAST=False,
+                    base_const(cfg, has_w, has_b, bf16), WRITE_SB=write_sb, SUMSQ=sumsq, STORE_R=store_r
                 )
                 specs.append((tag, _token_kd_bwd_kernel.fn, ptrs, dict(scalars), const, cfg))
     for cname, cfg in MAP_BWD_CONFIGS.items():
