@@ -97,29 +97,35 @@ def make_case(loss: str, s, dtype: torch.dtype, device: torch.device):
     raise AssertionError(loss)
 
 
+def moved_bytes(inputs, grads, mode: str) -> int:
+    """The bytes floor: the inputs read once (fwd), or read twice plus the gradients written (fwd+bwd)."""
+    return tensor_bytes(inputs) if mode == "fwd" else 2 * tensor_bytes(inputs) + tensor_bytes(grads)
+
+
+def _checked_call(impl: Callable, args, kwargs, ctx, mode: str, grad_of, what: str) -> Callable:
+    """The timed call (forward, or forward + ``autograd.grad`` w.r.t. ``grad_of``), after one checked call:
+    a broken provider (non-scalar or non-finite loss) must not produce a timing."""
+    with ctx():
+        out = impl(*args, **kwargs)
+    if out.dim() != 0 or not torch.isfinite(out).item():
+        raise AssertionError(f"{what} returned {out!r}")
+
+    def fn():
+        with ctx():
+            out = impl(*args, **kwargs)
+        return out if mode == "fwd" else torch.autograd.grad(out, grad_of)
+
+    return fn
+
+
 @pytest.mark.parametrize("loss", LOSSES)
 def test_loss(benchmark, bench_call, loss_fn, loss, provider, mode, bench_shape, device, dtype):
     impl: Callable = loss_fn(loss)
     args, kwargs, grad_inputs, inputs = make_case(loss, bench_shape, dtype, device)
     amp = device.type == "cuda" and dtype in (torch.bfloat16, torch.float16)
     ctx = (lambda: torch.autocast("cuda", dtype=dtype)) if amp else contextlib.nullcontext
-
-    if mode == "fwd":
-        def fn():
-            with ctx():
-                return impl(*args, **kwargs)
-        bytes_moved = tensor_bytes(inputs)
-    else:
-        def fn():
-            with ctx():
-                out = impl(*args, **kwargs)
-            return torch.autograd.grad(out, grad_inputs)
-        bytes_moved = 2 * tensor_bytes(inputs) + tensor_bytes(grad_inputs)
-
-    with ctx():
-        out = impl(*args, **kwargs)
-    if out.dim() != 0 or not torch.isfinite(out).item():  # a broken provider must not produce a timing
-        raise AssertionError(f"{provider} {loss} returned {out!r}")
+    fn = _checked_call(impl, args, kwargs, ctx, mode, grad_inputs, f"{provider} {loss}")
+    bytes_moved = moved_bytes(inputs, grad_inputs, mode)
     info = {"loss": loss, "mode": mode, "provider": provider, "dtype": str(dtype).removeprefix("torch."),
             "amp": amp}
     if provider == "fused":  # "triton", or the fallback these inputs would take
@@ -185,27 +191,8 @@ def test_loss_training_inputs(benchmark, bench_call, loss_fn, loss, provider, mo
     args, kwargs, grad_leaves, grad_views, inputs = make_training_case(loss, bench_shape, device)
     amp = device.type == "cuda"
     ctx = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if amp else contextlib.nullcontext
-
-    if mode == "fwd":
-
-        def fn():
-            with ctx():
-                return impl(*args, **kwargs)
-
-        bytes_moved = tensor_bytes(inputs)
-    else:
-
-        def fn():
-            with ctx():
-                out = impl(*args, **kwargs)
-            return torch.autograd.grad(out, grad_leaves)
-
-        bytes_moved = 2 * tensor_bytes(inputs) + tensor_bytes(grad_views)
-
-    with ctx():
-        out = impl(*args, **kwargs)
-    if out.dim() != 0 or not torch.isfinite(out).item():
-        raise AssertionError(f"{provider} {loss} returned {out!r}")
+    fn = _checked_call(impl, args, kwargs, ctx, mode, grad_leaves, f"{provider} {loss}")
+    bytes_moved = moved_bytes(inputs, grad_views, mode)
     info = {
         "loss": loss,
         "mode": mode,
