@@ -14,8 +14,8 @@ decisions go to a fresh FASTKD_CACHE_DIR in the work folder (so the check measur
                  interleaved, host syncs per step, ratios vs the issue-12 targets               cap 220 s
   losses_deit_s  bench/test_bench_losses.py training inputs, fwd+bwd, DeiT-S, + copy bandwidth
                  (FASTKD_KERNELS=triton: the fused provider is the kernels, not the dispatch)   cap  75 s
-  profile        bench/profile_losses.py: the mimic loss at DeiT-S, fused vs compiled, torch.profiler
-                 tables into gpu_check.json ("profile_txt")                                   cap  45 s
+  profile        bench/profile_losses.py: the mimic and map losses at DeiT-S, fused vs compiled,
+                 torch.profiler tables into gpu_check.json ("profile_txt")                    cap  70 s
   losses_deit_b  the loss benches at DeiT-B                                                     cap  60 s
   tests          tests/kernels (minus the CPU-only compile check), tests/data/test_augment_device.py
                  and every tests/ file that uses set_sync_debug_mode, real compilation,
@@ -382,12 +382,19 @@ def main(argv: list[str] | None = None) -> int:
         prof_dir = work / "prof"
         r.python(
             "profile",
-            ["bench/profile_losses.py", str(prof_dir), "--losses", "vitkd_mimic_loss", "--shapes", "deit_s"],
-            cap_s=45,
+            [
+                "bench/profile_losses.py",
+                str(prof_dir),
+                "--losses",
+                "vitkd_mimic_loss,cls_patch_map_loss",
+                "--shapes",
+                "deit_s",
+            ],
+            cap_s=70,
             env=triton_env,
         )
         try:
-            report["profile_txt"] = (prof_dir / "prof.txt").read_text()[-12000:]
+            report["profile_txt"] = (prof_dir / "prof.txt").read_text()[-40000:]
         except OSError:
             pass
         save_report()
