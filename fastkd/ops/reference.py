@@ -582,7 +582,7 @@ def ald(layer_losses: Tensor | Sequence[Tensor], last_weight: float = 4.0, detac
     if detach:
         r = r.detach()
     w = torch.ones_like(losses)
-    w[-1] = last_weight
+    w[-1:].fill_(last_weight)  # a fill kernel: item assignment would copy a pageable scalar (a CUDA sync)
     return (w * r * losses).sum()
 
 

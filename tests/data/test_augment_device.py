@@ -304,11 +304,12 @@ def test_trainer_batch_makes_no_host_sync(tmp_path):
     tr = build_trainer(parse_args(argv), log=lambda *a: None)
     ids = next(iter(tr.sampler.batches(0))).to(tr.device)
     ref = tr.batch(ids, 0)  # warm-up (not announced: fetched directly)
-    # the loop announces each epoch's CPU id batches to the loader (rows gathered ahead, on the host)
-    tr.batches.start_epoch([ids], 0)
+    # the loop announces each epoch as the sampler's batches: their host ids (``.host()``) are gathered
+    # ahead, on the host (announcing device ids would read them back in the producer thread: a sync)
+    tr.batches.start_epoch(tr.sampler.batches(0), 0)
     with no_host_sync():
         got = tr.batch(ids, 0)
-    tr.batches.start_epoch([ids], 1)
+    tr.batches.start_epoch(tr.sampler.batches(0), 1)
     with no_host_sync():
         tr.batch(ids, 1)
     assert tr.batches.data.x_train.device.type == "cpu"  # the dataset stays on the host

@@ -5,7 +5,9 @@ so block the host until the GPU catches up (a host sync): ``Tensor.item``, ``.to
 ``.numpy``, ``int()`` / ``float()`` / ``bool()`` / ``operator.index()`` of a tensor (``__int__``,
 ``__float__``, ``__bool__``, ``__index__``: ``if t:``, ``range(t)``), ``.to(<cpu>)``, ``torch.equal``,
 ``nonzero`` (also ``torch.nonzero``, ``torch.where(cond)`` with one argument), ``torch.unique``,
-``torch.masked_select``, indexing with a boolean mask (data-dependent shapes), and ``torch.tensor`` /
+``torch.masked_select``, indexing or item assignment with a boolean mask (data-dependent shapes),
+item assignment of a Python number (``t[i] = 4.0``: the number is copied up from pageable host memory;
+``t[i:i+1].fill_(4.0)`` passes it as a kernel argument instead) and ``torch.tensor`` /
 ``torch.as_tensor`` (a per-step tensor from host data: a pageable host→device copy on a GPU).
 
 A call raises ``HostSync`` only when it is made directly by code of a module named ``fastkd.*`` or
@@ -101,6 +103,18 @@ class SyncGuard:
             return getitem
 
         self._patch(T, "__getitem__", make_getitem)
+
+        def make_setitem(orig):
+            def setitem(self_, idx, value):
+                if bool_index(idx):
+                    chk("boolean-mask item assignment")
+                if isinstance(value, (bool, int, float, complex)):
+                    chk("item assignment of a host number (t[i] = x)")
+                return orig(self_, idx, value)
+
+            return setitem
+
+        self._patch(T, "__setitem__", make_setitem)
 
         def make_where(orig):
             def where(*args, **kwargs):

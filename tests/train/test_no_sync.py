@@ -6,8 +6,9 @@ AdamW) run under ``SyncGuard`` (tests/train/syncguard.py): ``.item()``, ``.tolis
 ``unique``, boolean-mask indexing and per-step ``torch.tensor`` raise when fastkd (or timm) code calls
 them in the training thread. torch's CPU AdamW reads its CPU step counter with ``.item()`` from torch's
 own code, which the guard exempts: on CUDA the trainer's AdamW is the fused one, whose step counter
-lives on the device, so it is not a sync there. The guard is shown to catch a planted ``.item()``, a
-planted ``int(tensor)`` and a planted host copy of the ids in a step.
+lives on the device, so it is not a sync there. The guard is shown to catch each kind of host read
+planted in a step (``.item()``, ``int(tensor)``, ``if tensor:``, ``.to('cpu')``, ``torch.tensor``, a
+boolean mask, ``t[i] = 4.0``).
 
 CUDA (skipped on CPU; ``bench/gpu_check.sh`` runs it): the same steps under
 ``torch.cuda.set_sync_debug_mode("error")`` after warm-up.
@@ -208,8 +209,9 @@ def _planted(name: str, body: str):
         "def plant(logits, y_soft):\n    y_soft.to('cpu')\n",
         "def plant(logits, y_soft):\n    torch.tensor(0.5)\n",
         "def plant(logits, y_soft):\n    logits[y_soft > 0.5]\n",
+        "def plant(logits, y_soft):\n    w = torch.ones_like(y_soft)\n    w[-1] = 4.0\n",
     ],
-    ids=["item", "int", "bool", "to-cpu", "torch.tensor", "bool-mask"],
+    ids=["item", "int", "bool", "to-cpu", "torch.tensor", "bool-mask", "setitem-number"],
 )
 def test_guard_catches_a_planted_sync(env, data, monkeypatch, body):
     """The guard is not vacuous: one host read planted in the CE part of a real step is caught."""
