@@ -5,6 +5,8 @@ Plain module next to the scripts (``python bench/<script>.py`` puts bench/ on ``
 from __future__ import annotations
 
 import os
+import warnings
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -74,3 +76,21 @@ class DiyKD:
         torch.nn.utils.clip_grad_norm_(self.s.parameters(), 5.0)
         self.opt.step()
         return {"loss": loss}
+
+
+def sync_warnings(fn: Callable[[], object]) -> list[warnings.WarningMessage]:
+    """The host-sync warnings ``fn()`` raises under ``torch.cuda.set_sync_debug_mode("warn")`` (CUDA).
+    torch's own notice that the debug mode "is a prototype feature" (emitted once per process, when the
+    mode is first set) is not a sync: the 2026-11-26 H100 run counted it as one for the first variant."""
+    with warnings.catch_warnings(record=True) as ws:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            fn()
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+    torch.cuda.synchronize()
+    return [
+        w for w in ws
+        if "synchroniz" in str(w.message).lower() and "prototype feature" not in str(w.message)
+    ]

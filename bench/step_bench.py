@@ -34,10 +34,9 @@ import sys
 import tempfile
 import time
 import traceback
-import warnings
 
 import torch
-from benchlib import DiyKD, synthetic_npz, trainer_argv
+from benchlib import DiyKD, sync_warnings, synthetic_npz, trainer_argv
 
 # name: (method, flags; "@cache" = from the teacher cache)
 VARIANTS = [
@@ -95,15 +94,7 @@ def parse(argv=None):
 
 def count_syncs(fn) -> int:
     """Host syncs during ``fn()`` (CUDA): torch.cuda.set_sync_debug_mode('warn') + warnings capture."""
-    with warnings.catch_warnings(record=True) as ws:
-        warnings.simplefilter("always")
-        torch.cuda.set_sync_debug_mode("warn")
-        try:
-            fn()
-        finally:
-            torch.cuda.set_sync_debug_mode(0)
-    torch.cuda.synchronize()
-    return sum(1 for w in ws if "synchroniz" in str(w.message).lower())
+    return len(sync_warnings(fn))
 
 
 def main(argv=None) -> int:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import functools
 import itertools
 import json
 import os
@@ -21,7 +22,6 @@ import sys
 import tempfile
 import time
 import traceback
-import warnings
 
 import torch
 
@@ -85,7 +85,7 @@ def main(argv=None) -> int:
     from fastkd.train.setup import build_trainer
 
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-    from benchlib import synthetic_npz, trainer_argv
+    from benchlib import sync_warnings, synthetic_npz, trainer_argv
 
     S, C, NTR, B = (224, 1000, 512, 256) if cuda else (32, 10, 32, 8)
     root = tempfile.mkdtemp(prefix="fastkd_sync_probe_")
@@ -145,15 +145,7 @@ def main(argv=None) -> int:
                 rep.write(f"  op {k}\n" + "".join(f"      {d}\n" for d in v))
             if cuda:
                 sites: collections.Counter = collections.Counter()
-                with warnings.catch_warnings(record=True) as ws:
-                    warnings.simplefilter("always")
-                    torch.cuda.set_sync_debug_mode("warn")
-                    try:
-                        tr.step(ids, 0)
-                    finally:
-                        torch.cuda.set_sync_debug_mode(0)
-                torch.cuda.synchronize()
-                syncs = [w for w in ws if "synchroniz" in str(w.message).lower()]
+                syncs = sync_warnings(functools.partial(tr.step, ids, 0))
                 for w in syncs:
                     sites[f"{os.path.relpath(w.filename)}:{w.lineno}"] += 1
                 rec["syncs_per_step"] = len(syncs)
