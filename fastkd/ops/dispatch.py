@@ -272,6 +272,27 @@ def _mimic_unsupported(s_feats, t_feats, weights=None, biases=None, *a, **k):
     )
 
 
+def _whole_tokens(s: Tensor) -> tuple[Tensor, int]:
+    """(x, P) when ``s`` is exactly the patch view ``x[:, P:]`` of a [B, P+N, D] tensor x (what ViTKD's taps
+    pass: the block output's patch rows), else (s, 0). Given x whole with ``num_prefix_s = P`` the op writes
+    dx in one pass (prefix rows 0) and the gradient reaches x directly: autograd runs no SliceBackward, a
+    zeros + copy of all of x per layer (90 µs per DeiT-S layer on the H100, bench/NOTES.md). Eager only
+    (``_base`` of a traced view is not relied on); any other layout keeps the view."""
+    x = s._base
+    if x is None or torch.compiler.is_compiling() or x.dim() != 3 or s.dim() != 3:
+        return s, 0
+    P = x.shape[1] - s.shape[1]
+    same = (
+        P > 0
+        and x.dtype == s.dtype
+        and x.requires_grad == s.requires_grad
+        and (x.shape[0], x.shape[2]) == (s.shape[0], s.shape[2])
+        and x.stride() == s.stride()
+        and s.storage_offset() == x.storage_offset() + P * x.stride(1)
+    )
+    return (x, P) if same else (s, 0)
+
+
 @fused(_mimic_tensors, _mimic_unsupported)
 def vitkd_mimic_loss(
     s_feats: Sequence[Tensor],
@@ -296,7 +317,8 @@ def vitkd_mimic_loss(
             )
         # a backward follows: under autocast the kernel then stores the bf16 residual instead of recomputing
         save = torch.is_grad_enabled() and any(v is not None and v.requires_grad for v in (s, w, b))
-        term = k.token_kd_op(_unit_stride(s), _unit_stride(t.detach()), w, b, 0, 0, True, False, amp, save)[0]
+        x, P = _whole_tokens(s)
+        term = k.token_kd_op(_unit_stride(x), _unit_stride(t.detach()), w, b, P, 0, True, False, amp, save)[0]
         total = term if total is None else total + term
     return total * (alpha / B)
 

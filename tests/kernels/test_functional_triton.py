@@ -1,6 +1,8 @@
 """fastkd.functional on the Triton path (the interpreter on CPU, CUDA when present): every kernel-covered
 public function against the fp64 reference, including multi-layer ViTKD mimic on patch views."""
 
+import functools
+
 import pytest
 import torch
 from kd_testutil import DEVICE, assert_fp32, randn
@@ -107,3 +109,78 @@ def test_token_kd_matches_its_reference_path():
             assert_fp32(out, via(False)(s.double(), t.double(), w.double(), b.double()), field)
         else:
             _check(via(True), via(False), [s, t, w, b])
+
+
+def _graph_ops(t: torch.Tensor) -> set[str]:
+    """The names of every autograd node behind ``t``."""
+    names, seen, stack = set(), set(), [t.grad_fn]
+    while stack:
+        fn = stack.pop()
+        if fn is None or fn in seen:
+            continue
+        seen.add(fn)
+        names.add(fn.name())
+        stack.extend(f for f, _ in fn.next_functions)
+    return names
+
+
+def _mimic_on_views(mod, xs, ts, ws, bs, autocast, *, P, up):
+    """(loss, grads w.r.t. xs, ws, bs) of ``mod.vitkd_mimic_loss`` on the patch views x[:, P:]."""
+    with torch.autocast(DEVICE.type, dtype=torch.bfloat16, enabled=autocast):
+        loss = mod.vitkd_mimic_loss([v[:, P:] for v in xs], [v[:, P:] for v in ts], ws, bs, alpha=0.7)
+    return loss, torch.autograd.grad(loss * up, [*xs, *ws, *bs])
+
+
+@pytest.mark.parametrize("amp", [False, True], ids=["fp32", "bf16-autocast"])
+def test_vitkd_mimic_takes_patch_views_whole(amp):
+    """ViTKD hands the mimic patch views x[:, P:] of the fp32 block outputs [B, P+N, D]: the fused op takes x
+    whole (num_prefix_s = P), so autograd runs no SliceBackward (zeros + copy of x per layer); the loss
+    and dx match the reference on the same views (fp32: the fp64 rule; autocast: the flash-attention rule
+    against the reference under the same autocast); P = 1 and 2, odd B."""
+    from kd_testutil import assert_bf16
+
+    g = torch.Generator().manual_seed(5)
+    for P, (B, N, D_s, D_t) in ((1, (3, 16, 24, 40)), (2, (5, 9, 32, 32))):
+        x = [randn(B, P + N, D_s, gen=g).requires_grad_() for _ in range(2)]
+        t = [randn(B, P + N, D_t, gen=g) for _ in range(2)]
+        w = [randn(D_t, D_s, gen=g, scale=D_s**-0.5).requires_grad_() for _ in range(2)]
+        b = [randn(D_t, gen=g, scale=0.1).requires_grad_() for _ in range(2)]
+        run = functools.partial(_mimic_on_views, P=P, up=0.83)
+        loss, grads = run(KF, x, t, w, b, amp)
+        assert "SliceBackward0" not in _graph_ops(loss), "the fused mimic took the patch view, not x whole"
+        for v, gx in zip(x, grads[:2], strict=True):
+            assert gx.shape == v.shape and torch.all(gx[:, :P] == 0)
+        d = lambda vs: [v.detach().double().requires_grad_(v.requires_grad) for v in vs]  # noqa: E731
+        ref, ref_g = run(R, d(x), d(t), d(w), d(b), False)
+        if amp:
+            low, low_g = run(R, x, t, w, b, True)
+            assert_bf16(loss, low, ref, f"P={P} loss")
+            for i, (a, lo, r) in enumerate(zip(grads, low_g, ref_g, strict=True)):
+                assert_bf16(a, lo, r, f"P={P} grad {i}")
+        else:
+            assert_fp32(loss, ref, f"P={P} loss")
+            for i, (a, r) in enumerate(zip(grads, ref_g, strict=True)):
+                assert_fp32(a, r, f"P={P} grad {i}")
+
+
+def test_vitkd_mimic_other_views_keep_the_view():
+    """A view that is not x[:, P:] of its base (the first N rows, a channel slice, a batch slice, a detached
+    slice) is passed as it is, and the loss through it stays exact."""
+    from fastkd.ops.dispatch import _whole_tokens
+
+    x = torch.randn(2, 5, 8, requires_grad=True)
+    assert _whole_tokens(x[:, 1:])[1] == 1 and _whole_tokens(x[:, 1:])[0] is x
+    xd = x.detach()
+    assert _whole_tokens(xd[:, 1:])[0] is xd  # a patch view of a no-grad tensor (a teacher's): whole too
+    for v in (x[:, :-1], x[:, 1:, :4], x[:1, 1:], x[:, 1:].detach()):
+        xv, P = _whole_tokens(v)
+        assert xv is v and P == 0, tuple(v.shape)
+    g = torch.Generator().manual_seed(6)
+    s = randn(3, 7, 12, gen=g).requires_grad_()
+    t = randn(3, 6, 20, gen=g)
+    w = randn(20, 12, gen=g, scale=0.3).requires_grad_()
+    _check(
+        lambda a, c, e: KF.vitkd_mimic_loss([a[:, :-1]], [c], [e], None, alpha=0.5),
+        lambda a, c, e: R.vitkd_mimic_loss([a[:, :-1]], [c], [e], None, alpha=0.5),
+        [s, t, w],
+    )
