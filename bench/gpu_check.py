@@ -1,6 +1,7 @@
 """One-call GPU check: the step users run, loss benches, kernel/sync tests, peer + sync probes.
 
     python3 bench/gpu_check.py OUT_DIR [--budget SECONDS] [--skip STEP,...] [--bench-device cuda|cpu]
+        [--step-variants a,b,...] [--losses a,b] [--tests all|sync]
 
 Normally started through ``bench/gpu_check.sh OUT_DIR`` (sets PYTHONPATH to the repo, unsets
 TRITON_INTERPRET). Needs nothing beyond what the GPU machines carry (torch, triton, timm, pytest,
@@ -276,6 +277,22 @@ def main(argv: list[str] | None = None) -> int:
         "tests, sync, losses_deit_b, peer, train)",
     )
     ap.add_argument(
+        "--step-variants",
+        default="",
+        help="comma-separated step_bench variants (default: all, in priority order)",
+    )
+    ap.add_argument(
+        "--losses",
+        default="",
+        help="comma-separated token losses for the loss benches (default: all three)",
+    )
+    ap.add_argument(
+        "--tests",
+        default="all",
+        choices=("all", "sync"),
+        help="sync: only the host-sync tests (tests/ files that use set_sync_debug_mode)",
+    )
+    ap.add_argument(
         "--bench-device",
         default="cuda",
         choices=("cuda", "cpu"),
@@ -336,10 +353,11 @@ def main(argv: list[str] | None = None) -> int:
                 if cuda
                 else [
                     "--variants",
-                    "plain_eager,vitkd_nkd_online_eager,"
+                    args.step_variants or "plain_eager,vitkd_nkd_online_eager,"
                     "vitkd_nkd_online_fused,vitkd_nkd_cached_fused,kd_online_fused",
                 ]
             ),
+            *(["--variants", args.step_variants] if (cuda and args.step_variants) else []),
         ],
         cap_s=cap,
     )
@@ -363,7 +381,9 @@ def main(argv: list[str] | None = None) -> int:
         "no:cacheprovider",
         "bench/test_bench_losses.py",
     ]
-    sel = "(training_inputs and fwdbwd) or copy"
+    only = " or ".join(x for x in args.losses.split(",") if x)
+    train_sel = f"training_inputs and fwdbwd{f' and ({only})' if only else ''}"
+    sel = f"({train_sel}) or copy"
     shapes = ("deit_s", "deit_b") if cuda else ("cpu_s", "cpu_m")
     parts = []
     part = work / f"bench_{shapes[0]}.json"
@@ -408,7 +428,7 @@ def main(argv: list[str] | None = None) -> int:
             "--bench-shapes",
             shapes[1],
             "-k",
-            "training_inputs and fwdbwd",
+            train_sel,
             f"--benchmark-json={part}",
         ],
         cap_s=60,
@@ -419,7 +439,8 @@ def main(argv: list[str] | None = None) -> int:
 
     # kernel + sync tests with real compilation (priority 3) ------------------------------------------
     junit = work / "junit_tests.xml"
-    test_paths = [p for p in ("tests/kernels", "tests/data/test_augment_device.py") if (REPO / p).exists()]
+    test_paths = [] if args.tests == "sync" else ["tests/kernels", "tests/data/test_augment_device.py"]
+    test_paths = [p for p in test_paths if (REPO / p).exists()]
     test_paths += [p for p in _sync_tests() if p not in test_paths]
     report["test_paths"] = test_paths
     xdist = importlib.util.find_spec("xdist") is not None
