@@ -1,7 +1,7 @@
 """One-call GPU check: the step users run, loss benches, kernel/sync tests, peer + sync probes.
 
     python3 bench/gpu_check.py OUT_DIR [--budget SECONDS] [--skip STEP,...] [--bench-device cuda|cpu]
-        [--step-variants a,b,...] [--losses a,b] [--tests all|sync]
+        [--step-variants a,b,...] [--step-cap S] [--losses a,b] [--tests all|sync]
 
 Normally started through ``bench/gpu_check.sh OUT_DIR`` (sets PYTHONPATH to the repo, unsets
 TRITON_INTERPRET). Needs nothing beyond what the GPU machines carry (torch, triton, timm, pytest,
@@ -282,6 +282,12 @@ def main(argv: list[str] | None = None) -> int:
         help="comma-separated step_bench variants (default: all, in priority order)",
     )
     ap.add_argument(
+        "--step-cap",
+        type=float,
+        default=220,
+        help="seconds for the step bench (default 220; a follow-up call gives it less)",
+    )
+    ap.add_argument(
         "--losses",
         default="",
         help="comma-separated token losses for the loss benches (default: all three)",
@@ -338,7 +344,7 @@ def main(argv: list[str] | None = None) -> int:
 
     # the step users run (priority 1) ----------------------------------------------------------------
     step_json = work / "step.json"
-    cap = 220 if cuda else 150
+    cap = args.step_cap if cuda else 150
     inner = max(30, min(cap, r.remaining() - 15) - 30)  # the bench's own budget, inside the step's cap
     r.python(
         "step",

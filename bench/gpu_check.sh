@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One-call GPU check (see bench/gpu_check.py and bench/README.md):
 #   bash bench/gpu_check.sh OUT_DIR [--budget SECONDS] [--skip STEP,...] [--bench-device cuda|cpu]
-#       [--step-variants a,b,...] [--losses a,b] [--tests all|sync]   (a follow-up call: a subset)
+#       [--step-variants a,b,...] [--step-cap S] [--losses a,b] [--tests all|sync]   (a follow-up call: a subset)
 # The train step users run (bench/step_bench.py), the loss benches on the training inputs, kernel + sync
 # tests with real Triton compilation, the sync probe, the peer bench, a short training run; at most 8
 # files into OUT_DIR (gpu_check.json, bench_summary.md, step.json, bench.json, peer.json, sync.json,

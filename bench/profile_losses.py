@@ -4,7 +4,8 @@
 
 DeiT-S and DeiT-B shapes, fwd+bwd under bf16 autocast on ``bench/test_bench_losses.make_training_case``
 inputs (fp32 strided views of [B, 1+N, D]); 4 warm-up and 20 timed iterations, then a torch.profiler
-table of 5 iterations, into OUT_DIR/prof.txt (this made
+table of 5 iterations (and, for the fused provider, a cProfile of 30 iterations: the host side), into
+OUT_DIR/prof.txt (this made
 results/h200-2026-11-26-early/prof_training_inputs.txt).
 """
 
@@ -35,6 +36,23 @@ def _iteration(fn, args, kw, leaves):
         torch.autograd.grad(loss, leaves)
 
     return call
+
+
+def _host_profile(call, iters: int = 30) -> str:
+    """cProfile of ``iters`` calls (the GPU keeps up: the host is what is timed), top 20 by own time."""
+    import cProfile
+    import io
+    import pstats
+
+    pr = cProfile.Profile()
+    pr.enable()
+    for _ in range(iters):
+        call()
+    torch.cuda.synchronize()
+    pr.disable()
+    buf = io.StringIO()
+    pstats.Stats(pr, stream=buf).sort_stats("tottime").print_stats(20)
+    return f"\n----- host profile ({iters} iterations, cProfile, by own time)\n{buf.getvalue()}"
 
 
 def main(out: str, losses=LOSSES, shapes=None) -> None:
@@ -72,6 +90,8 @@ def main(out: str, losses=LOSSES, shapes=None) -> None:
                         gpu_ms = sum(e.self_device_time_total for e in p.key_averages()) / 5e3
                         f.write(f"\n===== {head}: wall {ms:.3f} ms/iter; kernels {gpu_ms:.3f} ms/iter\n")
                         f.write(p.key_averages().table(sort_by="cuda_time_total", row_limit=20))
+                        if provider == "fused":  # the host side: where the per-call Python time goes
+                            f.write(_host_profile(call))
                     except Exception as e:  # one failing case must not lose the others
                         f.write(f"\n===== {head}: FAILED {type(e).__name__}: {e}\n")
                     f.flush()
