@@ -1,6 +1,7 @@
 """The training step users run, measured: DeiT-S student ← DeiT-B teacher, 224², B=256, bf16 autocast.
 
     python bench/step_bench.py OUT.json [--small] [--budget S] [--variants a,b,...] [--rounds N]
+        [--steps-per-run K]
 
 (``PYTHONPATH=<checkout>``; ``bench/gpu_check.sh`` runs it.) One ``build_trainer`` per variant, all kept
 alive; synthetic uint8 data (1000 classes); one fixed batch of ids. Variants, built and warmed up in
@@ -12,8 +13,10 @@ one runs):
   clskd+kd online --compile, --fused --compile; kd / clskd+kd online eager and --fused;
   kd cached --fused --compile (top-K logits).
 
-Then the timing phase: ``--rounds`` interleaved rounds (one step of every warmed variant per round,
-round-robin, so load drift hits them all alike), a sync after each step; median ms, img/s, peak memory
+Then the timing phase: ``--rounds`` interleaved rounds (one run of ``--steps-per-run`` steps of every
+warmed variant per round, round-robin, so load drift hits them all alike; no sync inside a run, as
+``fit`` runs, so the host's per-step work overlaps the previous step's GPU work); median ms per step of
+the runs, img/s, peak memory
 (each variant's own warm-up peak above what the variants built before it hold). Then host syncs per step:
 one step per variant under
 ``torch.cuda.set_sync_debug_mode("warn")``, counting the warnings. ``step.json`` holds every variant, the
@@ -87,7 +90,14 @@ def parse(argv=None):
     ap.add_argument("--budget", type=float, default=float(os.environ.get("STEP_BUDGET_S", 230)))
     ap.add_argument("--variants", default="", help="comma-separated subset (default: all, in priority order)")
     ap.add_argument(
-        "--rounds", type=int, default=None, help="interleaved timing rounds (default 12; 3 small)"
+        "--rounds", type=int, default=None, help="interleaved timing rounds (default 8; 3 small)"
+    )
+    ap.add_argument(
+        "--steps-per-run",
+        type=int,
+        default=3,
+        help="steps per timed run, no sync between them (as fit runs; default 3). 1 = a sync after every "
+        "step (the 2026-11-26 H200 / H100 measurements): the host's per-step work is then exposed",
     )
     return ap.parse_args(argv)
 
@@ -107,7 +117,8 @@ def main(argv=None) -> int:
         S, C, NTR, B, STU, TEA = 32, 10, 32, 8, "deit_tiny_patch16_224", "deit_small_patch16_224"
     else:
         S, C, NTR, B, STU, TEA = 224, 1000, 512, 256, "deit_small_patch16_224", "deit_base_patch16_224"
-    rounds = a.rounds or (3 if small else 12)
+    rounds = a.rounds or (3 if small else 8)
+    per_run = a.steps_per_run
     wanted = [v for v in a.variants.split(",") if v]
     unknown = sorted(set(wanted) - {v[0] for v in VARIANTS})
     if unknown:
@@ -131,6 +142,7 @@ def main(argv=None) -> int:
         ),
         "budget_s": a.budget,
         "rounds": rounds,
+        "steps_per_run": per_run,
         "variants": {},
         "ratios": {},
     }
@@ -235,11 +247,13 @@ def main(argv=None) -> int:
             res["rounds_done"] = r
             break
         for n, tr in trainers.items():
-            try:
-                t0 = time.perf_counter()
-                tr.step(ids, 0)
+            try:  # a run of ``per_run`` steps, no sync between them, as ``fit`` runs (it syncs on log steps)
                 sync()
-                times[n].append(time.perf_counter() - t0)
+                t0 = time.perf_counter()
+                for _ in range(per_run):
+                    tr.step(ids, 0)
+                sync()
+                times[n].append((time.perf_counter() - t0) / per_run)
             except Exception as e:
                 res["variants"][n].update(status="failed", error=f"timing: {type(e).__name__}: {e}"[:600])
     else:
@@ -255,7 +269,8 @@ def main(argv=None) -> int:
             status="ok",
             median_ms=round(1e3 * m, 3),
             min_ms=round(1e3 * min(ts), 3),
-            steps=len(ts),
+            runs=len(ts),
+            steps=len(ts) * per_run,
             img_per_s=round(B / m, 1),
         )
         tr = trainers[n]
