@@ -1,10 +1,13 @@
-"""What the GPU benches share (``step_bench``, ``peer_bench``, ``sync_probe``): the synthetic data set, the
-trainer flags every bench variant starts from, and the hand-written KD step users would write instead.
+"""What the GPU benches share (``step_bench``, ``profile_step``, ``peer_bench``, ``sync_probe``): the
+synthetic data set, the trainer flags every bench variant starts from, the step shapes, a builder of any
+step variant (``StepBed``), and the hand-written KD step users would write instead.
 Plain module next to the scripts (``python bench/<script>.py`` puts bench/ on ``sys.path``)."""
 
 from __future__ import annotations
 
+import itertools
 import os
+import time
 import warnings
 from collections.abc import Callable
 
@@ -34,6 +37,72 @@ def trainer_argv(npz: str, student: str, teacher: str, B: int, root: str, device
             "--workdir", root, "--device", device, "--seed", "0", "--train-limit", "0", "--epochs", "1",
             "--eval-every", "0"]
     return argv + (["--img-size", str(img_size)] if img_size else [])
+
+
+def step_shape(small: bool) -> dict:
+    """The step benches' shape: DeiT-S ← DeiT-B, 224², B = 256, 1000 classes (``small``: a CPU dry run)."""
+    if small:
+        return dict(S=32, C=10, NTR=32, B=8, student="deit_tiny_patch16_224",
+                    teacher="deit_small_patch16_224")
+    return dict(S=224, C=1000, NTR=512, B=256, student="deit_small_patch16_224",
+                teacher="deit_base_patch16_224")
+
+
+class StepBed:
+    """Builds the step benches' variants on one synthetic set: ``build(method, flags)`` → (trainer, ids),
+    warmed by nothing yet, its batches announced as ``fit`` announces them. ``flags`` are ``fastkd.train``
+    flags plus ``@cache`` (a teacher cache of the set, built once on first use: ``cache_build_s``,
+    ``cache_bytes``) and ``@diy`` (the hand-written KD step, ``DiyKD``)."""
+
+    def __init__(self, root: str, shape: dict, device: str, small: bool):
+        from fastkd.data import load_data
+
+        self.root, self.shape, self.device = root, shape, device
+        npz = synthetic_npz(root, shape["S"], shape["C"], shape["NTR"], 64)
+        self.data = load_data(npz)
+        self.base = trainer_argv(
+            npz, shape["student"], shape["teacher"], shape["B"], root, device,
+            img_size=shape["S"] if small else None,
+        )
+        self.cache_dir: str | None = None
+        self.cache_build_s: float | None = None
+        self.cache_bytes: int | None = None
+        self.ids: torch.Tensor | None = None
+
+    def _cache(self) -> str:
+        if self.cache_dir is None:
+            from fastkd.cache.build import build_cache
+            from fastkd.config import parse_args
+
+            self.cache_dir = os.path.join(self.root, "cache")
+            t0 = time.monotonic()
+            build_cache(parse_args([*self.base, "--method", "vitkd+nkd"]), self.cache_dir, views=1,
+                        log=lambda *x: None, progress=False)
+            self.cache_build_s = round(time.monotonic() - t0, 2)
+            self.cache_bytes = sum(
+                os.path.getsize(os.path.join(dp, f)) for dp, _, fs in os.walk(self.cache_dir) for f in fs
+            )
+        return self.cache_dir
+
+    def build(self, method: str, flags: list[str]):
+        from fastkd.config import parse_args
+        from fastkd.train.setup import build_trainer
+
+        sh = self.shape
+        if "@diy" in flags:
+            tr = DiyKD(sh["student"], sh["teacher"], sh["S"], sh["C"], sh["B"], self.device)
+        else:
+            argv = [*self.base, "--method", method, *(f for f in flags if not f.startswith("@"))]
+            if "@cache" in flags:
+                argv += ["--teacher-cache", self._cache()]
+            tr = build_trainer(parse_args(argv), data=self.data, log=lambda *x: None)
+        if self.ids is None and hasattr(tr, "sampler"):
+            self.ids = next(iter(tr.sampler.batches(0)))
+        if hasattr(tr.teacher, "prefetch_epoch"):
+            tr.teacher.prefetch_epoch(itertools.repeat(self.ids), 0)
+        if hasattr(tr, "batches"):  # announce the batches ahead, as fit does (no per-step id read-back)
+            tr.batches.start_epoch(itertools.repeat(self.ids.cpu()), tr.view_of(0))
+        return tr, self.ids
 
 
 def hinton_kd_loss(sl: torch.Tensor, tl: torch.Tensor, y: torch.Tensor, T: float = 4.0) -> torch.Tensor:

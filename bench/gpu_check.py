@@ -22,6 +22,8 @@ decisions go to a fresh FASTKD_CACHE_DIR in the work folder (so the check measur
                  and every tests/ file that uses set_sync_debug_mode, real compilation,
                  FASTKD_KERNELS=triton, pytest-xdist -n 8 when installed                        cap 100 s
   sync           bench/sync_probe.py: syncs per step with their sites, what the fused ops are fed  cap  45 s
+  step_profile   bench/profile_step.py: torch.profiler tables of the cached vitkd+nkd and the online kd
+                 steps (3 steps back to back) into gpu_check.json ("step_profile_txt")        cap  75 s
   peer           bench/peer_bench.py: fastkd kd vs hand-written KD and timm.task               cap  60 s
   train          python -m fastkd.train --fused --epochs 1 --teacher-epochs 1 (summary.json: telemetry
                  + the dispatch record)                                                         cap  45 s
@@ -273,8 +275,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--skip",
         default="",
-        help="comma-separated steps to skip (env, step, losses_deit_s, "
-        "tests, sync, losses_deit_b, peer, train)",
+        help="comma-separated steps to skip (env, step, losses_deit_s, profile, losses_deit_b, "
+        "tests, sync, step_profile, peer, train)",
     )
     ap.add_argument(
         "--step-variants",
@@ -484,6 +486,15 @@ def main(argv: list[str] | None = None) -> int:
         except OSError:
             pass
         _write_atomic(out / "sync.json", json.dumps(doc, indent=1, default=str))
+    save_report()
+
+    # step profile: where the cached and kd steps' time goes (torch.profiler, steps back to back) ----------
+    sprof_dir = work / "step_profile"
+    r.python("step_profile", ["bench/profile_step.py", str(sprof_dir), *small], cap_s=75)
+    try:
+        report["step_profile_txt"] = (sprof_dir / "prof_step.txt").read_text()[-30000:]
+    except OSError:
+        pass
     save_report()
 
     # peer -------------------------------------------------------------------------------------------

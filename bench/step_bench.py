@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import itertools
 import json
 import os
 import shutil
@@ -39,7 +38,7 @@ import time
 import traceback
 
 import torch
-from benchlib import DiyKD, sync_warnings, synthetic_npz, trainer_argv
+from benchlib import StepBed, step_shape, sync_warnings
 
 # name: (method, flags; "@cache" = from the teacher cache)
 VARIANTS = [
@@ -113,10 +112,8 @@ def main(argv=None) -> int:
     dev = "cpu" if small else "cuda"
     t_start = time.monotonic()
     deadline = t_start + a.budget
-    if small:
-        S, C, NTR, B, STU, TEA = 32, 10, 32, 8, "deit_tiny_patch16_224", "deit_small_patch16_224"
-    else:
-        S, C, NTR, B, STU, TEA = 224, 1000, 512, 256, "deit_small_patch16_224", "deit_base_patch16_224"
+    shape = step_shape(small)
+    S, C, B, STU, TEA = shape["S"], shape["C"], shape["B"], shape["student"], shape["teacher"]
     rounds = a.rounds or (3 if small else 8)
     per_run = a.steps_per_run
     wanted = [v for v in a.variants.split(",") if v]
@@ -125,15 +122,10 @@ def main(argv=None) -> int:
         raise SystemExit(f"step_bench: unknown variants {unknown}; choose from {[v[0] for v in VARIANTS]}")
     variants = [v for v in VARIANTS if not wanted or v[0] in wanted]
 
-    from fastkd.config import parse_args
-    from fastkd.data import load_data
     from fastkd.ops import dispatch as KF
-    from fastkd.train.setup import build_trainer
 
     root = tempfile.mkdtemp(prefix="fastkd_step_bench_")
-    npz = synthetic_npz(root, S, C, NTR, 64)
-    data = load_data(npz)
-    base = trainer_argv(npz, STU, TEA, B, root, dev, img_size=S if small else None)
+    bed = StepBed(root, shape, dev, small)
     res: dict = {
         "device": torch.cuda.get_device_name(0) if dev == "cuda" else "cpu",
         "torch": torch.__version__,
@@ -165,7 +157,6 @@ def main(argv=None) -> int:
         if dev == "cuda":
             torch.cuda.synchronize()
 
-    cache_dir = None
     trainers: dict = {}
     ids = None
     # phase 1: build + warm up (compilation, measured dispatch, allocator) in priority order
@@ -188,37 +179,11 @@ def main(argv=None) -> int:
         t0 = time.monotonic()
         before = torch.cuda.memory_allocated() if dev == "cuda" else 0
         try:
-            argv = [*base, "--method", method, *rec["flags"]]
             if "@diy" in flags:
                 rec["teacher"] = "hand-written (timm, torch.compile)"
-            if "@cache" in flags:
-                if cache_dir is None:
-                    from fastkd.cache.build import build_cache
-
-                    cache_dir = os.path.join(root, "cache")
-                    tb = time.monotonic()
-                    build_cache(
-                        parse_args([*base, "--method", "vitkd+nkd"]),
-                        cache_dir,
-                        views=1,
-                        log=lambda *x: None,
-                        progress=False,
-                    )
-                    res["cache_build_s"] = round(time.monotonic() - tb, 2)
-                    res["cache_bytes"] = sum(
-                        os.path.getsize(os.path.join(dp, f)) for dp, _, fs in os.walk(cache_dir) for f in fs
-                    )
-                argv += ["--teacher-cache", cache_dir]
-            if "@diy" in flags:
-                tr = DiyKD(STU, TEA, S, C, B, dev)
-            else:
-                tr = build_trainer(parse_args(argv), data=data, log=lambda *x: None)
-            if ids is None and hasattr(tr, "sampler"):
-                ids = next(iter(tr.sampler.batches(0)))
-            if hasattr(tr.teacher, "prefetch_epoch"):
-                tr.teacher.prefetch_epoch(itertools.repeat(ids), 0)
-            if hasattr(tr, "batches"):  # announce the batches ahead, as fit does (no per-step id read-back)
-                tr.batches.start_epoch(itertools.repeat(ids.cpu()), tr.view_of(0))
+            tr, ids = bed.build(method, flags)
+            if bed.cache_build_s is not None:
+                res.update(cache_build_s=bed.cache_build_s, cache_bytes=bed.cache_bytes)
             if dev == "cuda":
                 torch.cuda.reset_peak_memory_stats()
             for _ in range(3):
