@@ -68,6 +68,7 @@ import triton
 import triton.language as tl
 
 from ._utils import (
+    FLOAT_DTYPES,
     INTERPRET,
     Cfg,
     autotune,
@@ -1240,6 +1241,123 @@ def token_kd_op(s, t, weight, bias, num_prefix_s, num_prefix_t, mimic, cls_map, 
 token_kd_custom_op.register_autograd(_backward, setup_context=_setup_context)
 
 
+# ------------------------------------------------------------------ the mimic term over all its layers
+def mimic_layers_ok(xs, ts, ws, bs, P: int, amp: bool) -> bool:
+    """Whether ``mimic_layers_op`` takes these layers: eager, bf16 autocast, ≥ 2 layers of one shape each
+    (student ``[B, P+N, D_s]`` tensors of one dtype and strides, teacher ``[B, N, D_t]`` likewise), a
+    projection W on every layer and a bias on all or none, all on one device."""
+    if not amp or len(xs) < 2 or torch.compiler.is_compiling() or any(w is None for w in ws):
+        return False
+    if len({b is None for b in bs}) != 1:
+        return False
+
+    def one(group, attrs):
+        return len({tuple(getattr(x, a) if a != "stride" else x.stride() for a in attrs) for x in group}) == 1
+
+    same = ("shape", "dtype", "stride", "device")
+    return (
+        one(xs, same)
+        and one(ts, same)
+        and one(ws, ("shape", "dtype", "device"))
+        and (bs[0] is None or one(bs, ("shape", "dtype", "device")))
+        and xs[0].dim() == 3
+        and ts[0].dim() == 3
+        and xs[0].dtype in FLOAT_DTYPES
+        and ts[0].dtype in FLOAT_DTYPES
+        and xs[0].stride(2) == 1
+        and ts[0].stride(2) == 1
+        and xs[0].device == ts[0].device
+        and tuple(ws[0].shape) == (ts[0].shape[2], xs[0].shape[2])
+        and ts[0].shape[:2] == (xs[0].shape[0], xs[0].shape[1] - P)
+    )
+
+
+class _MimicLayers(torch.autograd.Function):
+    """Σ_l Σ_{m,d} (W_l s_l,m + b_l − t_l,m)² of L layers with one shape, under bf16 autocast, with the
+    stored-residual design of the one-layer op, batched over the layers: S_l and W_l are rounded to bf16
+    into [L, M, D_s] / [L, D_t, D_s] stacks, Y = S Wᵀ, dS = r W and dW = rᵀ S are one ``torch.bmm`` each
+    (L cuBLAS calls in the one-layer op), one autograd node, one sum over all layers' partials. The
+    streaming epilogue (r = Y + b − t, Σ r², r in bf16, Σ_m r) and the dS scale pass stay one launch per
+    layer (each layer's teacher and dS are their own tensors). Same rounding as the one-layer op."""
+
+    @staticmethod
+    def forward(ctx, P, n, has_b, *flat):
+        xs, ts, ws = flat[:n], flat[n : 2 * n], flat[2 * n : 3 * n]
+        bs = flat[3 * n : 4 * n] if has_b else (None,) * n
+        B, T, D_s = xs[0].shape
+        N, D_t = T - P, ts[0].shape[2]
+        M = B * N
+        x0 = xs[0]
+        s16 = x0.new_empty((n, M, D_s), dtype=torch.bfloat16)
+        w16 = x0.new_empty((n, D_t, D_s), dtype=torch.bfloat16)
+        for x, s_i, w, w_i in zip(xs, s16.unbind(0), ws, w16.unbind(0), strict=True):
+            _bf16_rows(x, P, N, s_i)
+            w_i.copy_(w.detach())
+        y = torch.bmm(s16, w16.transpose(1, 2))  # [L, M, D_t] bf16, as autocast's linear rounds it
+        r = torch.empty_like(y)
+        part = x0.new_empty((n, cdiv(D_t, 32), M), dtype=torch.float32)  # rows for any BLOCK_N
+        db_part = x0.new_empty((n, cdiv(M, 32), D_t), dtype=torch.float32) if has_b else part
+        cfg = None
+        per_layer = zip(ts, bs, y.unbind(0), r.unbind(0), part.unbind(0), db_part.unbind(0), strict=True)
+        for t, b, y_i, r_i, part_i, db_i in per_layer:
+            cfg = launch(
+                _token_kd_bwd_kernel,
+                lambda meta: (cdiv(M, meta["BLOCK_M"]) * cdiv(D_t, meta["BLOCK_N"]),),
+                (
+                    y_i, t, y_i, (b.reshape(-1) if has_b else y_i), part_i, part_i, part_i,
+                    db_i, r_i, M, N, D_t, D_t, 0, 0, N * D_t, D_t, t.stride(0), t.stride(1), 0,
+                ),
+                dict(HAS_W=False, HAS_BIAS=has_b, WRITE_SB=False, SUMSQ=True, STORE_R=True, DOT_BF16=True,
+                     UPCAST=INTERPRET),
+                None,
+            )
+        total = part[:, : cdiv(D_t, cfg.BLOCK_N)].sum()  # one shape, so one config for every layer
+        db_sum = db_part[:, : cdiv(M, cfg.BLOCK_M)].sum(1) if has_b else None  # [L, D_t]
+        ctx.save_for_backward(r, s16, w16, db_sum)
+        ctx.meta = (P, n, has_b, x0.shape, x0.dtype, ws[0].dtype, bs[0].dtype if has_b else None)
+        return total
+
+    @staticmethod
+    def backward(ctx, g):
+        r, s16, w16, db_sum = ctx.saved_tensors
+        P, n, has_b, shape, x_dtype, w_dtype, b_dtype = ctx.meta
+        need = ctx.needs_input_grad[3:]
+        need_x, need_w, need_b = any(need[:n]), any(need[2 * n : 3 * n]), has_b and any(need[3 * n :])
+        g = g if g.dtype == torch.float32 else g.float()
+        dxs = [None] * n
+        if need_x:
+            ds16 = torch.bmm(r, w16)  # [L, M, D_s] bf16, unscaled
+            B, T, D_s = shape
+            c = SCALE_CFG
+            for i, ds_i in enumerate(ds16.unbind(0)):
+                if not need[i]:
+                    continue
+                dx = torch.empty(shape, dtype=x_dtype, device=r.device)  # prefix rows written as 0
+                _token_kd_scale_kernel[(cdiv(B * T, c.BLOCK_M), cdiv(D_s, c.BLOCK_K))](
+                    ds_i, g, dx, B * T, T, P, D_s, BLOCK_R=c.BLOCK_M, BLOCK_D=c.BLOCK_K,
+                    num_warps=c.num_warps,
+                )
+                dxs[i] = dx
+        g2 = g * 2.0
+        dws = [None] * n
+        if need_w:
+            dw = torch.bmm(r.transpose(1, 2), s16).to(w_dtype).mul_(g2)  # [L, D_t, D_s]
+            dws = list(dw.unbind(0))
+        dbs = [None] * n
+        if need_b:
+            dbs = list((db_sum * g2).to(b_dtype).unbind(0))
+        return (None, None, None, *dxs, *([None] * n), *dws, *(dbs if has_b else ()))
+
+
+def mimic_layers_op(xs, ts, ws, bs, P: int):
+    """Σ over the layers of the mimic sum Σ_{m,d} (W s + b − t)² (0-d fp32), for layers that
+    ``mimic_layers_ok`` accepts: xs [B, P+N, D_s] (P prefix tokens skipped), ts [B, N, D_t], ws [D_t, D_s],
+    bs [D_t] or all None. Eager only (torch.compile traces the one-layer custom op)."""
+    has_b = bs[0] is not None
+    flat = (*xs, *(t.detach() for t in ts), *ws, *(bs if has_b else ()))
+    return _MimicLayers.apply(P, len(xs), has_b, *flat)
+
+
 # ------------------------------------------------------------------------------ compile-check specs
 def compile_specs():
     """Every shipped (kernel, config, dtype, flags) variant as (name, fn, pointers, scalars, constexprs, cfg).
@@ -1277,6 +1395,7 @@ def compile_specs():
         ("fp32", False, True, True, False, True, False),  # exact
         ("fp32", False, False, True, False, True, False),  # identity
         ("bf16", True, False, True, False, True, True),  # stored residual: epilogue on cuBLAS's Y (bf16)
+        ("bf16", True, False, False, False, True, True),  # the same, projection without bias
         ("bf16", True, False, True, False, True, False),  # autocast forward: Σ r² on cuBLAS's Y
         ("bf16", True, False, True, False, False, False),  # autocast recompute: gR from cuBLAS's Y
     ]

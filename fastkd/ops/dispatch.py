@@ -301,25 +301,36 @@ def vitkd_mimic_loss(
     biases: Sequence[Tensor | None] | None,
     alpha: float = 3e-5,
 ) -> Tensor:
-    """One kernel launch per layer."""
+    """Under autocast, with a backward to follow and layers of one shape (ViTKD's two), one op for all
+    layers (``mimic_layers_op``: one batched GEMM per product, one autograd node); else one op per layer."""
     n = len(s_feats)
     ws = [None] * n if weights is None else list(weights)
     bs = [None] * n if biases is None else list(biases)
     k = _kern().token_kd
     B = s_feats[0].shape[0]
     amp = _amp(s_feats[0])
-    total = None
-    for i, (s, t, w, b) in enumerate(zip(s_feats, t_feats, ws, bs, strict=True)):
+    for i, (s, t) in enumerate(zip(s_feats, t_feats, strict=True)):
         if s.dim() != 3 or t.dim() != 3 or s.shape[:2] != t.shape[:2] or s.shape[0] != B:
             raise ValueError(
                 f"vitkd_mimic_loss layer {i}: student {tuple(s.shape)} and teacher {tuple(t.shape)} "
                 f"need the same [B, N] (B={B})"
             )
-        # a backward follows: under autocast the kernel then stores the bf16 residual instead of recomputing
-        save = torch.is_grad_enabled() and any(v is not None and v.requires_grad for v in (s, w, b))
-        x, P = _whole_tokens(s)
-        term = k.token_kd_op(_unit_stride(x), _unit_stride(t.detach()), w, b, P, 0, True, False, amp, save)[0]
-        total = term if total is None else total + term
+    # a backward follows: under autocast the kernels then store the bf16 residual instead of recomputing
+    saves = [
+        torch.is_grad_enabled() and any(v is not None and v.requires_grad for v in (s, w, b))
+        for s, w, b in zip(s_feats, ws, bs, strict=True)
+    ]
+    whole = [_whole_tokens(s) for s in s_feats]
+    xs = [_unit_stride(x) for x, _ in whole]
+    ts = [_unit_stride(t.detach()) for t in t_feats]
+    P0 = whole[0][1]
+    if all(saves) and all(P == P0 for _, P in whole) and k.mimic_layers_ok(xs, ts, ws, bs, P0, amp):
+        total = k.mimic_layers_op(xs, ts, ws, bs, P0)
+    else:
+        total = None
+        for (x, P), t, w, b, save in zip(whole, ts, ws, bs, saves, strict=True):
+            term = k.token_kd_op(_unit_stride(x), t, w, b, P, 0, True, False, amp, save)[0]
+            total = term if total is None else total + term
     return total * (alpha / B)
 
 

@@ -265,3 +265,39 @@ def test_eager_path_equals_custom_op(name, amp, monkeypatch):
         assert (a is None) == (b_ is None)
         if a is not None:  # same launchers and inputs: equal up to run-to-run GEMM order on a GPU
             torch.testing.assert_close(a, b_, rtol=1e-6, atol=0)
+
+
+def _two_layers(x, x2, stacked: bool):
+    """ViTKD's two mimic layers under autocast: one ``mimic_layers_op`` or two one-layer ops."""
+    vs = (x, x2)
+    if stacked:
+        return tk.mimic_layers_op([v["s"] for v in vs], [v["t"][:, 1:] for v in vs], [v["W"] for v in vs],
+                                  [v["b"] for v in vs], 1)
+    return sum(tk.token_kd_op(v["s"], v["t"][:, 1:], v["W"], v["b"], 1, 0, True, False, True, True)[0]
+               for v in vs)
+
+
+# aten ops / allocations of one fwd+bwd of two mimic layers under autocast (incl. the test's backward):
+# one op over the layer stack vs two one-layer ops (measured: 113 ops, 21 allocations); the stack makes
+# 3 batched GEMMs instead of 6, one autograd node instead of 2 (the host path of bench/NOTES.md)
+LAYERS_BUDGET = (52, 9)
+
+
+def test_mimic_layers_glue_is_o1_and_half_of_two_ops():
+    counts = {}
+    for shape, seed in (((3, 16, 24, 40), 0), ((5, 64, 40, 48), 1)):
+        x, x2 = _inputs(*shape, seed=seed), _inputs(*shape, seed=seed + 7)
+        for stacked in (True, False):
+            _two_layers(x, x2, stacked).backward()  # warm-up
+            with Count() as c:
+                _two_layers(x, x2, stacked).backward()
+            counts[(shape, stacked)] = c
+    small, big = counts[((3, 16, 24, 40), True)], counts[((5, 64, 40, 48), True)]
+    assert small.names() == big.names(), "the op count depends on the shape"
+    assert small.big_fills() == [], f"zero-filled tensors per call: {small.big_fills()}"
+    ops, allocs = LAYERS_BUDGET
+    assert len(small.ops) <= ops, f"{len(small.ops)} aten ops > budget {ops}: {small.names()}"
+    assert small.allocs() <= allocs, f"{small.allocs()} allocations > budget {allocs}: {small.names()}"
+    two = counts[((3, 16, 24, 40), False)]
+    assert small.names()["bmm"] == 3 and two.names()["mm"] == 6
+    assert len(small.ops) < 0.5 * len(two.ops) and small.allocs() < 0.5 * two.allocs()

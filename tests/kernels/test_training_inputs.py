@@ -17,7 +17,7 @@ gradient flows to the [B, P+N, D] leaf through the view.
 
 import pytest
 import torch
-from kd_testutil import DEVICE, assert_bf16, bf16_scalar_atol, randn, upstream_scalar
+from kd_testutil import DEVICE, assert_bf16, bf16_scalar_atol, randn, upstream_scalar  # noqa: F401
 
 from fastkd.kernels import masked_gen as mg
 from fastkd.kernels import token_kd as tk
@@ -141,6 +141,68 @@ def test_mimic_on_training_inputs(taps, save_residual):
 
     n_terms = {"mim": s_full[:, P_s:].shape[0] * s_full[:, P_s:].shape[1] * D_t}
     _check(_three([s_leaf, W, b], fn, up), ["mim"], ["s", "W", "b"], taps["name"], n_terms)
+
+
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "no-bias"])
+def test_mimic_layers_on_training_inputs(taps, bias):
+    """ViTKD's two mimic layers in one op (``mimic_layers_op``: batched GEMMs over the layer stack) on the
+    fp32 block outputs taken whole (P prefix tokens skipped) and the teacher's patch views, under the
+    2x rule against the reference under autocast; its loss and gradients also agree with two one-layer
+    ops (the same rounding; only the GEMMs' summation order differs)."""
+    P_s, P_t = taps["P_s"], taps["P_t"]
+    s_fulls = [taps["s0"], taps["s_last"]]
+    t_fulls = [taps["t0"], taps["t_last"]]
+    B, T, D_s = s_fulls[0].shape
+    N, D_t = T - P_s, t_fulls[0].shape[2]
+    g = torch.Generator().manual_seed(7)
+    Ws = [randn(D_t, D_s, gen=g, scale=D_s**-0.5).requires_grad_() for _ in range(2)]
+    bs = [randn(D_t, gen=g, scale=0.1).requires_grad_() for _ in range(2)] if bias else [None, None]
+    up = [upstream_scalar(g)]
+    ts = [t[:, P_t:] for t in t_fulls]
+    assert tk.mimic_layers_ok(s_fulls, ts, Ws, bs, P_s, True)
+
+    def fn(mode, s0_, s1_, W0, W1, *b_):
+        b_ = list(b_) if bias else [None, None]
+        if mode == "kernel":
+            return [tk.mimic_layers_op([s0_, s1_], ts, [W0, W1], b_, P_s)]
+        t = [x.double() if mode == "ref" else x for x in ts]
+        return [R.vitkd_mimic_loss([s0_[:, P_s:], s1_[:, P_s:]], t, [W0, W1], b_, alpha=float(B))]
+
+    leaves = [*(x.clone().requires_grad_() for x in s_fulls), *Ws, *(bs if bias else [])]
+    names = ["s0", "s1", "W0", "W1", *(["b0", "b1"] if bias else [])]
+    res = _three(leaves, fn, up)
+    _check(res, ["mim"], names, taps["name"], {"mim": 2 * B * N * D_t})
+
+    # two one-layer ops (stored residual) on copies of the same leaves
+    pl = [leaf_like(v) for v in leaves]
+    b_ = pl[4:] if bias else [None, None]
+    terms = [tk.token_kd_op(x, t, w, bb, P_s, 0, True, False, True, True)[0]
+             for x, t, w, bb in zip(pl[:2], ts, pl[2:4], b_, strict=True)]
+    p_out = [terms[0] + terms[1]]
+    (up[0] * p_out[0].double()).backward()
+    (k_out, k_grads), p_grads = res[0], _grads(pl)
+    assert_bf16(k_out[0], p_out[0], res[2][0][0], "stack vs per layer: loss",
+                atol=bf16_scalar_atol(res[2][0][0], 2 * B * N * D_t))
+    for n, a, b in zip(names, k_grads, p_grads, strict=True):
+        assert a.shape == b.shape and a.dtype == b.dtype, n
+        assert_bf16(a, b, res[2][1][names.index(n)], f"stack vs per layer: d{n}")
+
+
+def test_mimic_layers_declines_what_it_does_not_take(taps):
+    """Layers of different shapes, a missing projection, mixed biases, autocast off or one layer: the
+    dispatch keeps one op per layer."""
+    P, s, t = taps["P_s"], taps["s0"], taps["t0"][:, taps["P_t"] :]
+    D_t, D_s = t.shape[2], s.shape[2]
+    W = torch.zeros(D_t, D_s, device=DEVICE)
+    b = torch.zeros(D_t, device=DEVICE)
+    ok = tk.mimic_layers_ok
+    assert ok([s, s], [t, t], [W, W], [b, b], P, True)
+    assert not ok([s, s], [t, t], [W, W], [b, b], P, False)  # autocast off: exact fp32, one op per layer
+    assert not ok([s], [t], [W], [b], P, True)
+    assert not ok([s, s[:1]], [t, t[:1]], [W, W], [b, b], P, True)
+    assert not ok([s, s], [t, t], [W, None], [b, b], P, True)
+    assert not ok([s, s], [t, t], [W, W], [b, None], P, True)
+    assert not ok([s, s], [t, t.contiguous()], [W, W], [b, b], P, True)  # other strides
 
 
 def test_mimic_and_map_fused_on_training_inputs(taps):
