@@ -39,7 +39,10 @@ forward also writes r and S in bf16 and Σ_m r; the backward then skips the reco
 (one cuBLAS GEMM + ``_token_kd_scale_kernel``, which also writes zero prefix rows), dW = 2g·(rᵀ S),
 db = 2g·Σ_m r — 115.6 MB held per layer at DeiT-S (bench/NOTES.md).
 Host path: eager calls run the launchers from an ``autograd.Function`` (``token_kd_op``); the
-``fastkd::token_kd`` custom op (``token_kd_custom_op``) is what torch.compile traces.
+``fastkd::token_kd`` custom op (``token_kd_custom_op``) is what torch.compile traces. ViTKD's mimic
+layers of one shape under autocast take one op for all layers (``mimic_layers_op``: the S and W stacks,
+one ``torch.bmm`` per product, one autograd node), halving the per-call host work, which bounded the
+fused mimic's wall time on the H100 (bench/NOTES.md).
 
 Precision (``amp`` = bf16 autocast at the op boundary, decided by the caller; ``_utils.dot_bf16``):
     amp, or bf16 tokens: every GEMM on bf16 tensor cores, fp32 accumulation. The recompute/forward

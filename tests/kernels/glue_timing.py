@@ -47,7 +47,12 @@ def _stub_mm(a, b, *args, **kwargs):
     return torch.empty((a.shape[0], b.shape[1]), dtype=a.dtype, device=a.device)
 
 
+def _stub_bmm(a, b, *args, **kwargs):
+    return torch.empty((a.shape[0], a.shape[1], b.shape[2]), dtype=a.dtype, device=a.device)
+
+
 torch.mm = _stub_mm
+torch.bmm = _stub_bmm
 
 from fastkd.kernels import _utils  # noqa: E402
 from fastkd.kernels import masked_gen as mg  # noqa: E402
@@ -70,7 +75,8 @@ def inputs(B=3, N=16, D_s=24, D_t=40):
     t = r(B, 1 + N, D_t)
     W = (r(D_t, D_s) * D_s**-0.5).requires_grad_()
     b = r(D_t).requires_grad_()
-    return dict(s=s, t=t, W=W, b=b, N=N)
+    s2 = r(B, 1 + N, D_s).requires_grad_()
+    return dict(s=s, s2=s2, t=t, W=W, b=b, N=N)
 
 
 def _map(x, amp):  # what cls_patch_map_loss does on the triton path: the op + the mean
@@ -83,11 +89,22 @@ def _mimic(x, amp, save=None):  # one ViTKD mimic layer as the dispatch calls it
     return tk.token_kd_op(x["s"][:, 1:], x["t"][:, 1:], x["W"], x["b"], 0, 0, True, False, amp, save)[0]
 
 
+def _two_layers(x, stacked):  # ViTKD's two mimic layers under amp: one stacked op, or two one-layer ops
+    if stacked:
+        return tk.mimic_layers_op([x["s"], x["s2"]], [x["t"][:, 1:]] * 2, [x["W"]] * 2, [x["b"]] * 2, 1)
+    return sum(
+        tk.token_kd_op(s, x["t"][:, 1:], x["W"], x["b"], 1, 0, True, False, True, True)[0]
+        for s in (x["s"], x["s2"])
+    )
+
+
 CASES = {
     "map (amp)": lambda x: _map(x, True),
     "mimic (amp, recompute)": lambda x: _mimic(x, True, False),
     "mimic (amp, save_residual)": lambda x: _mimic(x, True, True),
     "mimic (no amp)": lambda x: _mimic(x, False),
+    "2 mimic layers, two ops": lambda x: _two_layers(x, False),
+    "2 mimic layers, stacked": lambda x: _two_layers(x, True),
 }
 
 
@@ -125,7 +142,7 @@ def main():
         LAUNCHES[0] = 0
         lo, med = time_case(fn, x)
         per = LAUNCHES[0] / (20 + 7 * 200)
-        print(f"{name:28s} min {lo:7.1f} µs  median {med:7.1f} µs per fwd+bwd  ({per:.0f} launches)")
+        print(f"{name:30s} min {lo:7.1f} µs  median {med:7.1f} µs per fwd+bwd  ({per:.0f} launches)")
     print(f"torch {torch.__version__}, triton {triton.__version__}")
 
 
