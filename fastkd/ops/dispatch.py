@@ -35,6 +35,7 @@ import torch
 import torch._dynamo
 import torch.nn.functional as F
 
+from fastkd.ops import measure as M
 from fastkd.ops import reference as R
 from fastkd.ops.measure import cache_path, clear_decisions, decisions
 from fastkd.ops.reference import (  # noqa: F401  (re-exported: not kernel-covered)
@@ -273,24 +274,12 @@ def _mimic_unsupported(s_feats, t_feats, weights=None, biases=None, *a, **k):
 
 
 def _whole_tokens(s: Tensor) -> tuple[Tensor, int]:
-    """(x, P) when ``s`` is exactly the patch view ``x[:, P:]`` of a [B, P+N, D] tensor x (what ViTKD's taps
-    pass: the block output's patch rows), else (s, 0). Given x whole with ``num_prefix_s = P`` the op writes
-    dx in one pass (prefix rows 0) and the gradient reaches x directly: autograd runs no SliceBackward, a
-    zeros + copy of all of x per layer (90 µs per DeiT-S layer on the H100, bench/NOTES.md). Eager only
-    (``_base`` of a traced view is not relied on); any other layout keeps the view."""
-    x = s._base
-    if x is None or torch.compiler.is_compiling() or x.dim() != 3 or s.dim() != 3:
-        return s, 0
-    P = x.shape[1] - s.shape[1]
-    same = (
-        P > 0
-        and x.dtype == s.dtype
-        and x.requires_grad == s.requires_grad
-        and (x.shape[0], x.shape[2]) == (s.shape[0], s.shape[2])
-        and x.stride() == s.stride()
-        and s.storage_offset() == x.storage_offset() + P * x.stride(1)
-    )
-    return (x, P) if same else (s, 0)
+    """(x, P) when ``s`` is exactly the patch view ``x[:, P:]`` of a [B, P+N, D] tensor x
+    (``measure.patch_view``), else (s, 0). Given x whole with ``num_prefix_s = P`` the op writes dx in
+    one pass (prefix rows 0) and the gradient reaches x directly: autograd runs no SliceBackward, a
+    zeros + copy of all of x per layer (90 µs per DeiT-S layer on the H100, bench/NOTES.md)."""
+    pv = M.patch_view(s)
+    return pv if pv is not None else (s, 0)
 
 
 @fused(_mimic_tensors, _mimic_unsupported)

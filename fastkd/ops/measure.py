@@ -209,9 +209,33 @@ def _clone_like(x: Tensor, grad: bool) -> Tensor:
     return y.requires_grad_(grad)
 
 
+def patch_view(x: Tensor) -> tuple[Tensor, int] | None:
+    """(base, P) when ``x`` is exactly ``base[:, P:]`` of a 3-D ``[B, P+N, D]`` tensor (what ViTKD's taps
+    pass: a block output's patch rows), else None. Eager only: ``_base`` of a traced view is not relied on."""
+    base = x._base
+    if base is None or torch.compiler.is_compiling() or base.dim() != 3 or x.dim() != 3:
+        return None
+    P = base.shape[1] - x.shape[1]
+    same = (
+        P > 0
+        and base.dtype == x.dtype
+        and base.requires_grad == x.requires_grad
+        and (base.shape[0], base.shape[2]) == (x.shape[0], x.shape[2])
+        and base.stride() == x.stride()
+        and x.storage_offset() == base.storage_offset() + P * base.stride(1)
+    )
+    return (base, P) if same else None
+
+
 def _clone_args(obj, leaves: list):
     if isinstance(obj, Tensor):
         grad = obj.is_floating_point() and obj.requires_grad and torch.is_grad_enabled()
+        pv = patch_view(obj)
+        if pv is not None:  # a patch view stays a view of a copied base, and the gradient goes to that base,
+            base = _clone_like(pv[0], grad)  # as in training: each path pays (or skips) what it does there
+            if grad:
+                leaves.append(base)
+            return base[:, pv[1] :]
         y = _clone_like(obj, grad)
         if grad:
             leaves.append(y)

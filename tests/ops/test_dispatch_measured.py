@@ -214,3 +214,28 @@ def test_a_compiled_step_reads_the_eager_decision(measured):
     s2, t2 = _logits(B=9, C=7)
     torch.testing.assert_close(bare(s2, t2), 2.0 * R.kd_loss(s2, t2), rtol=1e-5, atol=1e-6)
     assert len(KF.dispatch_record()["pending"]) == 1 and len(KF.decisions()) == 1
+
+
+def test_patch_views_are_measured_as_training_passes_them():
+    """The paths are timed on copies of the inputs; a patch view x[:, P:] of a block output stays a view of a
+    copied base, and the gradient goes to that base, as in training: the compiled reference pays its
+    SliceBackward there and the fused mimic (which takes x whole) does not. Other tensors are copied with
+    their strides."""
+    x = torch.randn(3, 5, 8, requires_grad=True)
+    other = torch.randn(3, 4, 8, requires_grad=True)
+    leaves = []
+    v, o = M._clone_args([x[:, 1:], other[:, :, :6]], leaves)
+    assert v._base is not None and v._base is leaves[0] and leaves[0].shape == x.shape
+    assert torch.equal(v, x[:, 1:]) and v.stride() == x[:, 1:].stride()
+    assert o._base is None and o.stride() == other[:, :, :6].stride() and leaves[1] is o
+    loss = (v * 2).sum()
+    (g,) = torch.autograd.grad(loss, [leaves[0]])
+    assert torch.equal(g[:, 0], torch.zeros(3, 8)) and torch.equal(g[:, 1:], torch.full((3, 4, 8), 2.0))
+    names = set()
+    stack = [loss.grad_fn]
+    while stack:
+        fn = stack.pop()
+        if fn is not None:
+            names.add(fn.name())
+            stack.extend(f for f, _ in fn.next_functions)
+    assert "SliceBackward0" in names  # what the compiled reference pays in training
