@@ -1317,13 +1317,14 @@ class _MimicLayers(torch.autograd.Function):
         total = part[:, : cdiv(D_t, cfg.BLOCK_N)].sum()  # one shape, so one config for every layer
         db_sum = db_part[:, : cdiv(M, cfg.BLOCK_M)].sum(1) if has_b else None  # [L, D_t]
         ctx.save_for_backward(r, s16, w16, db_sum)
-        ctx.meta = (P, n, has_b, x0.shape, x0.dtype, ws[0].dtype, bs[0].dtype if has_b else None)
+        b_meta = (bs[0].dtype, bs[0].shape) if has_b else None
+        ctx.meta = (P, n, has_b, x0.shape, x0.dtype, ws[0].dtype, b_meta)
         return total
 
     @staticmethod
     def backward(ctx, g):
         r, s16, w16, db_sum = ctx.saved_tensors
-        P, n, has_b, shape, x_dtype, w_dtype, b_dtype = ctx.meta
+        P, n, has_b, shape, x_dtype, w_dtype, b_meta = ctx.meta
         need = ctx.needs_input_grad[3:]
         need_x, need_w, need_b = any(need[:n]), any(need[2 * n : 3 * n]), has_b and any(need[3 * n :])
         g = g if g.dtype == torch.float32 else g.float()
@@ -1348,7 +1349,10 @@ class _MimicLayers(torch.autograd.Function):
             dws = list(dw.unbind(0))
         dbs = [None] * n
         if need_b:
-            dbs = list((db_sum * g2).to(b_dtype).unbind(0))
+            dbs = [
+                db if db.shape == b_meta[1] else db.reshape(b_meta[1])
+                for db in (db_sum * g2).to(b_meta[0]).unbind(0)
+            ]
         return (None, None, None, *dxs, *([None] * n), *dws, *(dbs if has_b else ()))
 
 
