@@ -317,8 +317,8 @@ def vitkd_mimic_loss(
         total = k.mimic_layers_op(xs, ts, ws, bs, P0)
     else:
         total = None
-        for (x, P), t, w, b, save in zip(whole, ts, ws, bs, saves, strict=True):
-            term = k.token_kd_op(_unit_stride(x), t, w, b, P, 0, True, False, amp, save)[0]
+        for x, (_, P), t, w, b, save in zip(xs, whole, ts, ws, bs, saves, strict=True):
+            term = k.token_kd_op(x, t, w, b, P, 0, True, False, amp, save)[0]
             total = term if total is None else total + term
     return total * (alpha / B)
 
