@@ -242,6 +242,11 @@ def _clone_args(obj, leaves: list):
         return y
     if isinstance(obj, (list, tuple)) and not hasattr(obj, "_fields"):
         return type(obj)(_clone_args(o, leaves) for o in obj)
+    if isinstance(obj, torch.nn.Module) and torch.is_grad_enabled():
+        # a module argument (ViTKD's generator) is trained in the step: its weight gradients are part of
+        # each path's backward (cuDNN's weight-gradient convolutions differ by input layout), so they are
+        # timed too. ``autograd.grad`` returns them; nothing accumulates into ``.grad``.
+        leaves.extend(p for p in obj.parameters() if p.requires_grad)
     return obj
 
 

@@ -239,3 +239,23 @@ def test_patch_views_are_measured_as_training_passes_them():
             names.add(fn.name())
             stack.extend(f for f, _ in fn.next_functions)
     assert "SliceBackward0" in names  # what the compiled reference pays in training
+
+
+def test_a_module_arguments_weight_gradients_are_timed():
+    """ViTKD's generator is passed to vitkd_gen_loss as a module and trained in the step: each path's timed
+    backward includes its weight gradients (returned by autograd.grad, never accumulated into .grad)."""
+    gen = torch.nn.Linear(4, 4)
+    hits = []
+    gen.weight.register_hook(lambda g: hits.append(g.shape))
+    x = torch.randn(3, 4, requires_grad=True)
+
+    def path(x_, mod):
+        return mod(x_).pow(2).sum()
+
+    def timer(p, run):
+        run()
+        return {"triton": 1.0, "compiled": 2.0}[p]
+
+    rec = M._measure("gen_like", {"triton": path, "compiled": path}, (x, gen), {}, torch.device("cpu"), timer)
+    assert rec["path"] == "triton" and hits and all(h == (4, 4) for h in hits)
+    assert gen.weight.grad is None and x.grad is None
