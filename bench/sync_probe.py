@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import collections
 import functools
-import itertools
 import json
 import os
 import sys
@@ -25,23 +24,17 @@ import traceback
 
 import torch
 
-OPS = (
-    "token_kd",
-    "kd_loss",
-    "kd_loss_topk",
-    "nkd_loss",
-    "nkd_loss_topk",
-    "vitkd_mimic_loss",
-    "vitkd_gen_loss",
-    "cls_patch_map",
-    "cls_patch_map_loss",
+VARIANTS = (  # (name, method, StepBed flags)
+    ("online_fused vitkd+nkd", "vitkd+nkd", ["--fused"]),
+    ("cached_fused vitkd+nkd", "vitkd+nkd", ["--fused", "@cache"]),
+    ("online_fused clskd+kd", "clskd+kd", ["--fused"]),
+    ("online plain ce", "ce", []),
 )
-VARIANTS = (
-    ("online_fused vitkd+nkd", ["--method", "vitkd+nkd", "--fused"]),
-    ("cached_fused vitkd+nkd", ["--method", "vitkd+nkd", "--fused", "@cache"]),
-    ("online_fused clskd+kd", ["--method", "clskd+kd", "--fused"]),
-    ("online plain ce", ["--method", "ce"]),
-)
+
+
+def fused_ops(KF) -> list[str]:
+    """The ``fastkd.ops.dispatch`` ops that may run a kernel: every ``@fused`` one, and ``token_kd``."""
+    return ["token_kd", *(n for n in KF.__all__ if hasattr(getattr(KF, n, None), "kernel_fn"))]
 
 
 def describe_tensor(x) -> str:
@@ -79,33 +72,17 @@ def main(argv=None) -> int:
 
         setattr(KF, name, w)
 
-    for n in OPS:
+    for n in fused_ops(KF):
         wrap(n)
-    from fastkd.config import parse_args
-    from fastkd.train.setup import build_trainer
 
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-    from benchlib import sync_warnings, synthetic_npz, trainer_argv
+    from benchlib import StepBed, step_shape, sync_warnings
 
-    S, C, NTR, B = (224, 1000, 512, 256) if cuda else (32, 10, 32, 8)
     root = tempfile.mkdtemp(prefix="fastkd_sync_probe_")
-    npz = synthetic_npz(root, S, C, NTR, 64)
-    from fastkd.data import load_data
-
-    data = load_data(npz)
-    base = trainer_argv(
-        npz,
-        "deit_small_patch16_224" if cuda else "deit_tiny_patch16_224",
-        "deit_base_patch16_224" if cuda else "deit_small_patch16_224",
-        B,
-        root,
-        "cuda" if cuda else "cpu",
-        img_size=None if cuda else S,
-    )
-    cache = os.path.join(root, "cache")
+    bed = StepBed(root, step_shape(not cuda), "cuda" if cuda else "cpu", not cuda)
     out: dict = {}
     rep = open(os.path.join(a.out, "sync_report.txt"), "w")
-    for name, extra in VARIANTS:
+    for name, method, flags in VARIANTS:
         rec: dict = {}
         out[name] = rec
         rep.write(f"\n################ {name}\n")
@@ -114,28 +91,8 @@ def main(argv=None) -> int:
             rep.write("  skipped: budget\n")
             continue
         try:
-            if "@cache" in extra and not os.path.exists(cache):
-                from fastkd.cache.build import build_cache
-
-                build_cache(
-                    parse_args(base + ["--method", "vitkd+nkd"]),
-                    cache,
-                    views=1,
-                    log=lambda *x: None,
-                    progress=False,
-                )
-            argv = (
-                base
-                + [e for e in extra if e != "@cache"]
-                + (["--teacher-cache", cache] if "@cache" in extra else [])
-            )
             seen.clear()
-            tr = build_trainer(parse_args(argv), data=data, log=lambda *x: None)
-            ids = next(iter(tr.sampler.batches(0)))
-            if hasattr(tr.teacher, "prefetch_epoch"):
-                tr.teacher.prefetch_epoch(itertools.repeat(ids), 0)
-            if hasattr(tr, "batches"):  # announce the batches ahead, as fit does (no per-step id read-back)
-                tr.batches.start_epoch(itertools.repeat(ids.cpu()), tr.view_of(0))
+            tr, ids = bed.build(method, flags)  # its batches announced ahead, as fit does
             for _ in range(2):
                 tr.step(ids, 0)
             if cuda:
