@@ -10,7 +10,6 @@ student step (the floor). Issue 12 target: fastkd kd --compile ≤ 0.95× the ha
 (``ratios`` in OUT.json). --small: CPU dry run with tiny shapes. Port of ../shared/gpu/peer_bench.py.
 """
 
-import itertools
 import json
 import os
 import statistics
@@ -24,18 +23,14 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from benchlib import DiyKD, synthetic_npz, trainer_argv  # noqa: E402
+from benchlib import DiyKD, StepBed, step_shape  # noqa: E402
 
 out_path, small = sys.argv[1], "--small" in sys.argv
 cuda = torch.cuda.is_available() and not small
 dev = torch.device("cuda" if cuda else "cpu")
 deadline = time.monotonic() + float(os.environ.get("PEER_BUDGET", "150"))
-S, C, B = (224, 1000, 256) if cuda else (32, 10, 8)
-STU, TEA = (
-    ("deit_small_patch16_224", "deit_base_patch16_224")
-    if cuda
-    else ("deit_tiny_patch16_224", "deit_small_patch16_224")
-)
+SHAPE = step_shape(not cuda)
+S, C, B, STU, TEA = SHAPE["S"], SHAPE["C"], SHAPE["B"], SHAPE["student"], SHAPE["teacher"]
 mk = dict(num_classes=C, img_size=S)
 g = torch.Generator().manual_seed(0)
 x = torch.randn(B, 3, S, S, generator=g).to(dev)
@@ -134,18 +129,13 @@ def timm_task():
     return step
 
 
-def fastkd(extra):
-    from fastkd.config import parse_args
-    from fastkd.data import load_data
-    from fastkd.train.setup import build_trainer
+_BED: list[StepBed] = []  # one synthetic set for every fastkd variant
 
-    root = tempfile.mkdtemp()
-    npz = synthetic_npz(root, S, C, 2 * B, 64)
-    argv = trainer_argv(npz, STU, TEA, B, root, dev.type, img_size=None if cuda else S)
-    argv += ["--method", "kd", "--kd-T", str(T), *extra]
-    tr = build_trainer(parse_args(argv), data=load_data(npz), log=lambda *a: None)
-    ids = next(iter(tr.sampler.batches(0)))
-    tr.batches.start_epoch(itertools.repeat(ids.cpu()), tr.view_of(0))  # announced ahead, as fit does
+
+def fastkd(extra):
+    if not _BED:
+        _BED.append(StepBed(tempfile.mkdtemp(), SHAPE, dev.type, not cuda))
+    tr, ids = _BED[0].build("kd", ["--kd-T", str(T), *extra])  # batches announced ahead, as fit does
     return lambda: tr.step(ids, 0)
 
 
