@@ -790,15 +790,7 @@ def _residual_backward(g_mim, s, t, weight, bias, stats, P, need_dw, need_db, pl
     r, sb, db_sum = _residual_views(stats, M, D_s, D_t, has_w, has_b)
     g = g_mim if g_mim.dtype == torch.float32 else g_mim.float()
     mim_ds = torch.mm(r, _gemm_weight(weight, True, w16)) if has_w else r  # [M, D_s] bf16, unscaled
-    # one pass writes all of dS [B, P+N, D_s] in s's dtype: the patch rows 2g·(r W), the prefix rows 0 —
-    # so a caller passing whole token tensors with num_prefix_s (not a patch view) needs no
-    # SliceBackward (zeros + copy of [B, 1+N, D_s], 76 µs per layer measured on the H200)
-    ds = torch.empty(s.shape, dtype=s.dtype, device=s.device)
-    R = B * T
-    c = SCALE_CFG
-    _token_kd_scale_kernel[(cdiv(R, c.BLOCK_M), cdiv(D_s, c.BLOCK_K))](
-        mim_ds, g, ds, R, T, P, D_s, BLOCK_R=c.BLOCK_M, BLOCK_D=c.BLOCK_K, num_warps=c.num_warps
-    )
+    ds = _scaled_ds(mim_ds, g, s.shape, s.dtype, P)
     g2 = g * 2.0
     if has_w and need_dw:
         dw = torch.mm(r.t(), sb).to(weight.dtype).mul_(g2)
@@ -809,6 +801,19 @@ def _residual_backward(g_mim, s, t, weight, bias, stats, P, need_dw, need_db, pl
     else:
         db = s.new_empty(0, dtype=torch.float32) if placeholders else None
     return ds, dw, db
+
+
+def _scaled_ds(mim_ds, g, shape, dtype, P):
+    """dS [B, P+N, D_s] (``shape``) in ``dtype``, written in one pass: the patch rows 2g·mim_ds (the compact
+    [B·N, D_s] product r W), the prefix rows 0 — so a caller passing whole token tensors with num_prefix_s
+    (not a patch view) needs no SliceBackward (zeros + copy of [B, 1+N, D_s], 76 µs per layer, H200)."""
+    B, T, D_s = shape
+    ds = torch.empty(shape, dtype=dtype, device=mim_ds.device)
+    c = SCALE_CFG
+    _token_kd_scale_kernel[(cdiv(B * T, c.BLOCK_M), cdiv(D_s, c.BLOCK_K))](
+        mim_ds, g, ds, B * T, T, P, D_s, BLOCK_R=c.BLOCK_M, BLOCK_D=c.BLOCK_K, num_warps=c.num_warps
+    )
+    return ds
 
 
 def _gemm_weight(weight, bf16: bool, w16=None):
@@ -1331,17 +1336,9 @@ class _MimicLayers(torch.autograd.Function):
         dxs = [None] * n
         if need_x:
             ds16 = torch.bmm(r, w16)  # [L, M, D_s] bf16, unscaled
-            B, T, D_s = shape
-            c = SCALE_CFG
             for i, ds_i in enumerate(ds16.unbind(0)):
-                if not need[i]:
-                    continue
-                dx = torch.empty(shape, dtype=x_dtype, device=r.device)  # prefix rows written as 0
-                _token_kd_scale_kernel[(cdiv(B * T, c.BLOCK_M), cdiv(D_s, c.BLOCK_K))](
-                    ds_i, g, dx, B * T, T, P, D_s, BLOCK_R=c.BLOCK_M, BLOCK_D=c.BLOCK_K,
-                    num_warps=c.num_warps,
-                )
-                dxs[i] = dx
+                if need[i]:
+                    dxs[i] = _scaled_ds(ds_i, g, shape, x_dtype, P)
         g2 = g * 2.0
         dws = [None] * n
         if need_w:
