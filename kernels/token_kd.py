@@ -720,50 +720,69 @@ def _mimic_forward(s, t, weight, bias, P_s, P_t, amp, config, residual=None, w16
         # 298 µs per call on the H200 (L2-bound: s and W re-read per tile) vs 47 µs for cuBLAS at this
         # shape; bytes: 115.6 MB copy + 116 MB GEMM + 231 (309 stored) MB epilogue (bench/NOTES.md)
         y = torch.mm(_bf16_rows(s, P_s, N, sb if store_r else None), w.t())  # [M, D_t] bf16
-        s_in, w_in, P_in, D_in = y, y, 0, D_t
-        s_strides = (N * D_t, D_t)
+        cfg = _sumsq_on_y(y, t, bias if has_b else None, P_t, part, db_part, r, store_r, config)
     else:
-        s_in, w_in, P_in, D_in = s, w, P_s, D_s
-        s_strides = (s.stride(0), s.stride(1))
-    cfg = launch(
-        _token_kd_bwd_kernel,
-        lambda meta: (cdiv(M, meta["BLOCK_M"]) * cdiv(D_t, meta["BLOCK_N"]),),
-        (
-            s_in,
-            t,
-            w_in,
-            bb,
-            part,
-            part,
-            sb,
-            db_part,
-            r,
-            M,
-            N,
-            D_in,
-            D_t,
-            P_in,
-            P_t,
-            s_strides[0],
-            s_strides[1],
-            t.stride(0),
-            t.stride(1),
-            w.stride(0) if (has_w and not via_cublas) else 0,
-        ),
-        dict(
-            HAS_W=has_w and not via_cublas,
-            HAS_BIAS=has_b,
-            WRITE_SB=store_r and has_w and not via_cublas,
-            SUMSQ=True,
-            STORE_R=store_r,
-            DOT_BF16=bf16,
-            UPCAST=INTERPRET,
-        ),
-        config,
-    )
+        cfg = launch(
+            _token_kd_bwd_kernel,
+            lambda meta: (cdiv(M, meta["BLOCK_M"]) * cdiv(D_t, meta["BLOCK_N"]),),
+            (
+                s,
+                t,
+                w,
+                bb,
+                part,
+                part,
+                sb,
+                db_part,
+                r,
+                M,
+                N,
+                D_s,
+                D_t,
+                P_s,
+                P_t,
+                s.stride(0),
+                s.stride(1),
+                t.stride(0),
+                t.stride(1),
+                w.stride(0) if has_w else 0,
+            ),
+            dict(
+                HAS_W=has_w,
+                HAS_BIAS=has_b,
+                WRITE_SB=store_r and has_w,
+                SUMSQ=True,
+                STORE_R=store_r,
+                DOT_BF16=bf16,
+                UPCAST=INTERPRET,
+            ),
+            config,
+        )
     if store_r and has_b:
         torch.sum(db_part[: cdiv(M, cfg.BLOCK_M)], 0, out=db_sum)  # Σ_m r, for db = 2g·Σ_m r
     return part[: cdiv(D_t, cfg.BLOCK_N)].sum(), s.new_zeros((), dtype=torch.float32)
+
+
+def _sumsq_on_y(y, t, bias, P_t, part, db_part, r, store_r: bool, config=None) -> Cfg:
+    """The mimic forward's streaming epilogue on cuBLAS's Y = S Wᵀ [M, D_t] (bf16): ``_token_kd_bwd_kernel``
+    without a GEMM (``HAS_W`` False) computes r = Y + b − t (t [B, P_t+N, D_t], any row stride), writes
+    Σ_j r² per (column tile, row) into ``part`` and, with ``store_r``, r in bf16 into ``r`` and Σ_rows r
+    per row tile into ``db_part`` (with a bias). Returns the config it ran with."""
+    M, D_t = y.shape
+    N = t.shape[1] - P_t
+    has_b = bias is not None
+    return launch(
+        _token_kd_bwd_kernel,
+        lambda meta: (cdiv(M, meta["BLOCK_M"]) * cdiv(D_t, meta["BLOCK_N"]),),
+        (
+            y, t, y, ((bias if bias.dim() == 1 else bias.reshape(-1)) if has_b else y), part, part, part,
+            db_part, r,
+            M, N, D_t, D_t, 0, P_t, N * D_t, D_t, t.stride(0), t.stride(1), 0,
+        ),
+        dict(HAS_W=False, HAS_BIAS=has_b, WRITE_SB=False, SUMSQ=True, STORE_R=store_r, DOT_BF16=True,
+             UPCAST=INTERPRET),
+        config,
+    )
 
 
 def _bf16_rows(s, P, N, out=None):
@@ -1308,17 +1327,7 @@ class _MimicLayers(torch.autograd.Function):
         cfg = None
         per_layer = zip(ts, bs, y.unbind(0), r.unbind(0), part.unbind(0), db_part.unbind(0), strict=True)
         for t, b, y_i, r_i, part_i, db_i in per_layer:
-            cfg = launch(
-                _token_kd_bwd_kernel,
-                lambda meta: (cdiv(M, meta["BLOCK_M"]) * cdiv(D_t, meta["BLOCK_N"]),),
-                (
-                    y_i, t, y_i, (b.reshape(-1) if has_b else y_i), part_i, part_i, part_i,
-                    db_i, r_i, M, N, D_t, D_t, 0, 0, N * D_t, D_t, t.stride(0), t.stride(1), 0,
-                ),
-                dict(HAS_W=False, HAS_BIAS=has_b, WRITE_SB=False, SUMSQ=True, STORE_R=True, DOT_BF16=True,
-                     UPCAST=INTERPRET),
-                None,
-            )
+            cfg = _sumsq_on_y(y_i, t, b, 0, part_i, db_i, r_i, True)
         total = part[:, : cdiv(D_t, cfg.BLOCK_N)].sum()  # one shape, so one config for every layer
         db_sum = db_part[:, : cdiv(M, cfg.BLOCK_M)].sum(1) if has_b else None  # [L, D_t]
         ctx.save_for_backward(r, s16, w16, db_sum)
