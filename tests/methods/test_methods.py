@@ -13,6 +13,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from tiny_models import CNN_OV, DEIT, MK, S_OV, T_OV, VIT  # tests/ is on sys.path (tests/conftest.py)
 
 import fastkd.models.cnn  # noqa: F401  (registers fastkd_resnet)
 from fastkd.config import MethodConfig, parse_args
@@ -24,14 +25,6 @@ from fastkd.models import Taps, create_model, forward_taps, model_info, save_mod
 from fastkd.ops import reference as R
 from fastkd.train.setup import build_trainer
 from fastkd.train.trainer import Trainer
-
-VIT = "vit_tiny_patch16_224"
-DEIT = "deit_tiny_distilled_patch16_224"
-_VIT_OV = dict(patch_size=2, depth=4, num_heads=2, mlp_ratio=2.0, class_token=True, global_pool="token")
-S_OV = dict(_VIT_OV, embed_dim=16)
-T_OV = dict(_VIT_OV, embed_dim=32)
-CNN_OV = dict(stem_stride=1, output_stride=16, channels=[8, 8, 16, 16])  # 8×8 input → 2×2 map
-MK = dict(num_classes=10, img_size=8, in_chans=1)
 
 
 @pytest.fixture(scope="module")

@@ -22,6 +22,7 @@ import numpy as np
 import pytest
 import torch
 from syncguard import HostSync, SyncGuard
+from tiny_models import CNN_OV, DEIT, MK, S_OV, T_OV, VIT  # tests/ is on sys.path (tests/conftest.py)
 
 import fastkd.models.cnn  # noqa: F401  (registers fastkd_resnet)
 from fastkd.cache.build import build_cache
@@ -32,13 +33,6 @@ from fastkd.models import create_model, save_model
 from fastkd.ops import dispatch as KF
 from fastkd.train.setup import build_trainer
 
-VIT = "vit_tiny_patch16_224"
-DEIT = "deit_tiny_distilled_patch16_224"
-_VIT_OV = dict(patch_size=2, depth=4, num_heads=2, mlp_ratio=2.0, class_token=True, global_pool="token")
-S_OV = dict(_VIT_OV, embed_dim=16)
-T_OV = dict(_VIT_OV, embed_dim=32)
-CNN_OV = dict(stem_stride=1, output_stride=16, channels=[8, 8, 16, 16])  # 8×8 input → 2×2 map
-MK = dict(num_classes=10, img_size=8, in_chans=1)
 CUDA = torch.cuda.is_available()
 
 
