@@ -16,6 +16,7 @@ CUDA (skipped on CPU; ``bench/gpu_check.sh`` runs it): the same steps under
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 
 import numpy as np
@@ -91,10 +92,12 @@ def _trainer(env, data, method, *, teacher="vit", distilled=False, device="cpu",
     return tr
 
 
-def _steps(tr, warm: int, guarded: int, guard=None):
-    """``warm`` steps, then ``guarded`` steps inside ``guard`` (a context manager), as ``fit`` runs them:
-    the sampler's device ids, the cached teacher's prefetch announced first."""
-    batches = tr.sampler.batches(0)
+def _steps(tr, warm: int, guarded: int, guard=None, start_step: int = 0):
+    """From step ``start_step`` of epoch 0 (> 0: a resumed epoch), ``warm`` steps, then ``guarded`` steps
+    inside ``guard`` (a context manager), as ``fit`` runs them: the sampler's device ids, the cached
+    teacher's prefetch announced first. A new epoch iterator's one-time work (the ids upload) falls in
+    the warm steps."""
+    batches = tr.sampler.batches(0, start_step=start_step)
     if tr.teacher is not None:
         tr.teacher.prefetch_epoch(batches, tr.view_of(0))
     tr.batches.start_epoch(batches, tr.view_of(0))  # the loader gathers the epoch's batches ahead, as in fit
@@ -103,21 +106,13 @@ def _steps(tr, warm: int, guarded: int, guard=None):
         for _ in range(warm):
             tr.step(next(it), 0)
         terms = None
-        with guard if guard is not None else _null():
+        with guard if guard is not None else contextlib.nullcontext():
             for _ in range(guarded):
                 terms = tr.step(next(it), 0)
         return terms
     finally:
         if tr.teacher is not None:
             tr.teacher.close()
-
-
-class _null:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *a):
-        return None
 
 
 # (method, teacher, distilled student, flags, cached)
@@ -161,30 +156,12 @@ def test_step_makes_no_host_sync(env, data, case):
         before = graphs()
         _steps(tr, warm=2, guarded=0)
         assert graphs() == before, "a step recompiled"
-    terms = _steps_continue(tr, guard)
+    terms = _steps(tr, warm=1, guarded=2, guard=guard, start_step=2)
     assert guard.hits == []
     assert KF.is_fused() == ("--fused" in flags)  # the guarded steps ran on the path the flags chose
     assert all(torch.isfinite(v).all() for v in terms.values())
     if cached:
         assert tr.teacher.prefetched >= 3
-
-
-def _steps_continue(tr, guard, n: int = 2):
-    """Steps 2.. of epoch 0 under ``guard``, prefetch announced from step 2 (a resumed epoch)."""
-    batches = tr.sampler.batches(0, start_step=2)
-    if tr.teacher is not None:
-        tr.teacher.prefetch_epoch(batches, tr.view_of(0))
-    tr.batches.start_epoch(batches, tr.view_of(0))
-    it = iter(batches)
-    try:
-        tr.step(next(it), 0)  # the new epoch iterator's one-time work (ids upload) before the guard
-        with guard:
-            for _ in range(n):
-                terms = tr.step(next(it), 0)
-        return terms
-    finally:
-        if tr.teacher is not None:
-            tr.teacher.close()
 
 
 def _planted(name: str, body: str):
@@ -221,7 +198,7 @@ def test_guard_catches_a_planted_sync(env, data, monkeypatch, body):
     monkeypatch.setattr(ce_module, "soft_ce", soft_ce)
     guard = SyncGuard()
     with pytest.raises(HostSync, match="fastkd.methods.planted"):
-        _steps_continue(tr, guard, n=1)
+        _steps(tr, warm=1, guarded=1, guard=guard, start_step=2)
     assert len(guard.hits) == 1
 
 
@@ -272,7 +249,7 @@ def test_cuda_step_has_no_sync_under_sync_debug_mode(env, data, case):
                   device="cuda", cached=cached)
     _steps(tr, warm=2, guarded=0)
     torch.cuda.synchronize()
-    terms = _steps_continue(tr, _CudaSyncError())
+    terms = _steps(tr, warm=1, guarded=2, guard=_CudaSyncError(), start_step=2)
     torch.cuda.synchronize()
     assert KF.is_fused() == ("--fused" in flags)
     assert all(torch.isfinite(v).all() for v in terms.values())
