@@ -30,6 +30,8 @@ from typing import Any
 import pytest
 import torch
 
+from fastkd.ops.timing import gpu_and_host_ms
+
 PROVIDERS = ("eager", "compiled", "fused")
 MODES = ("fwd", "fwd+bwd")
 
@@ -229,34 +231,6 @@ def loss_fn(provider: str, device: torch.device) -> Callable[[str], Callable]:
     return get
 
 
-_SLEEP_CYCLES_PER_MS: list[float] = []
-
-
-def gpu_time_ms(fn: Callable[[], Any], device: torch.device, wall_s: float, calls: int = 10) -> float:
-    """GPU time of one ``fn()`` with its host work hidden, as in a GPU-bound training step (the host
-    enqueues ahead; the wall-clock benchmark syncs after every call, so it also times the host's launch
-    work). A ``torch.cuda._sleep`` kernel keeps the stream busy while the host enqueues ``calls`` calls
-    (it lasts 1.5 × the calls' measured wall time), then CUDA events time the queued calls back to back.
-    If the host did not finish enqueueing in time the result includes the wait: an upper bound."""
-    if not _SLEEP_CYCLES_PER_MS:  # the sleep kernel counts clock cycles: calibrate cycles per ms once
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        torch.cuda.synchronize(device)
-        a.record()
-        torch.cuda._sleep(10_000_000)
-        b.record()
-        b.synchronize()
-        _SLEEP_CYCLES_PER_MS.append(10_000_000 / max(a.elapsed_time(b), 1e-3))
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    torch.cuda.synchronize(device)
-    torch.cuda._sleep(int(1.5 * calls * wall_s * 1e3 * _SLEEP_CYCLES_PER_MS[0]))
-    start.record()
-    for _ in range(calls):
-        fn()
-    end.record()
-    end.synchronize()
-    return start.elapsed_time(end) / calls
-
-
 @pytest.fixture
 def bench_call(device: torch.device, env_info: dict, pytestconfig) -> Callable[..., Any]:
     """``bench_call(benchmark, fn, *, bytes_moved=None, shape=None, info=None, group=None, warmup=3)``.
@@ -268,7 +242,8 @@ def bench_call(device: torch.device, env_info: dict, pytestconfig) -> Callable[.
     with ``torch.cuda.synchronize()``. ``extra_info`` gets ``env_info``, the ``shape`` (name and
     sizes), ``info``, ``dtype`` when given in ``info``, ``bytes``,
     ``gbps`` (bytes / median time), ``peak_mem_bytes`` (None on CPU), ``rounds``, ``iterations``, and
-    on CUDA ``gpu_ms`` (``gpu_time_ms``: the GPU time per call with the host work hidden).
+    on CUDA ``gpu_ms`` and ``host_ms`` (``fastkd.ops.timing.gpu_and_host_ms``: the GPU time per call with
+    the host's work hidden, as in a GPU-bound step, and the host's enqueue time per call).
     Returns the last result of ``fn``.
     """
     cuda = device.type == "cuda"
@@ -315,7 +290,8 @@ def bench_call(device: torch.device, env_info: dict, pytestconfig) -> Callable[.
             benchmark.extra_info["gbps"] = bytes_moved / median / 1e9 if median > 0 else None
         if cuda and stats is not None:
             try:
-                benchmark.extra_info["gpu_ms"] = gpu_time_ms(fn, device, stats.stats.median)
+                gpu, host = gpu_and_host_ms(fn, device, stats.stats.median * 1e3, calls=10)
+                benchmark.extra_info.update(gpu_ms=gpu, host_ms=host)
             except Exception as e:  # a failed extra measurement must not lose the wall-clock one
                 benchmark.extra_info["gpu_ms_error"] = f"{type(e).__name__}: {e}"[:300]
         return result

@@ -15,8 +15,8 @@ Sections (each only when its benchmarks are present):
 * Issue 13 targets — the fused token-KD losses, fwd+bwd, on the training inputs (``dtype =
   train-fp32-strided``) at DeiT-S and DeiT-B shapes, on a GPU: ≥ 1.5× compiled, ≥ 3× eager, ≥ 50 % of
   measured HBM bandwidth, ≥ 40 % less peak memory.
-* Measured dispatch decisions (``step.json``'s ``dispatch``): per op and signature, the path and both
-  timings.
+* Measured dispatch decisions (``step.json``'s ``dispatch``): per op and signature, the path, its rule
+  (wall or GPU time) and the timings.
 * Train step — per (shape, compile): ms per step for plain / cached / online, ``cached/plain``
   (target ≤ 1.10) and ``online/cached`` (target ≥ 1.7). Step benchmarks put ``"variant":
   "plain"|"cached"|"online"`` in ``extra_info``, optionally ``"compile"`` (or ``"compiled"``),
@@ -141,7 +141,8 @@ def loss_section(rows: list[dict]) -> tuple[str, list[dict]]:
     ]
     if gpu:
         header += ["fused % HBM (nominal)", "fused % HBM (measured copy)", "fused peak-mem saving vs eager",
-                   "GPU ms eager / compiled / fused (host hidden)", "compiled/fused GPU time"]
+                   "GPU ms eager / compiled / fused (host hidden)", "compiled/fused GPU time",
+                   "host ms eager / compiled / fused (enqueue)"]
     lines, results = [], []
     for (loss, mode, shape, dtype), prov in sorted(cases.items(), key=lambda kv: tuple(map(str, kv[0]))):
         t = {p: prov[p]["median_ms"] if p in prov else None for p in PROVIDERS}
@@ -183,6 +184,7 @@ def loss_section(rows: list[dict]) -> tuple[str, list[dict]]:
                 _fmt(res["mem_saving_pct"], ".0f", "%"),
                 " / ".join(_fmt(prov.get(p, {}).get("gpu_ms"), ".4g") for p in PROVIDERS),
                 _fmt(res["vs_compiled_gpu"], ".2f", "×"),
+                " / ".join(_fmt(prov.get(p, {}).get("host_ms"), ".4g") for p in PROVIDERS),
             ]
         lines.append(line)
     text = "## Losses (median; ratios > 1 = the second provider is faster)\n\n" + _table(header, lines)
@@ -444,19 +446,29 @@ def render(
                 op,
                 r.get("signature", ""),
                 str(r.get("path")),
-                _fmt(r.get("triton_ms"), ".4g"),
-                _fmt(r.get("compiled_ms"), ".4g"),
+                str(r.get("rule", "wall")),
+                *(_fmt(r.get(k), ".4g") for k in _DISPATCH_TIMES),
             ]
             for op, recs in dispatch["ops"].items()
             for r in recs
         ]
+        slack = dispatch.get("step_slack_ms")
         parts.append(
             "## Measured dispatch decisions\n\n"
-            + _table(["op", "signature", "path", "triton ms", "compiled ms"], dl)
+            + ("" if slack is None else f"Last calibrated step's slack (GPU − host ms of its forward): "
+               f"{slack:.4g}. ")
+            + "The rule: `wall` = faster with the host in the loop; `gpu` = faster on GPU time, its host "
+            "work hidden in the step's slack (`fastkd.ops.measure.rebalance`).\n\n"
+            + _table(["op", "signature", "path", "rule", "triton ms", "compiled ms", "triton GPU ms",
+                      "compiled GPU ms", "triton host ms", "compiled host ms"], dl)
         )
     if not any(parts[1:]):
         parts.append("(no loss, copy or step benchmarks in this file)")
     return "\n\n".join(p for p in parts if p) + "\n"
+
+
+_DISPATCH_TIMES = ("triton_ms", "compiled_ms", "triton_gpu_ms", "compiled_gpu_ms", "triton_host_ms",
+                   "compiled_host_ms")
 
 
 def _read_json(path: str | None) -> dict | None:

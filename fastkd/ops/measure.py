@@ -5,19 +5,24 @@ path against the compiled reference, the decisions and their JSON cache.
 and input *signature* — op, CUDA autocast on or off, and per tensor its dtype, stride pattern (contiguous or a
 strided view), shape bucket (rows = product of the leading dims rounded up to a power of two, the last
 dim exact) and whether it needs a gradient — the first eager call times the Triton path and the compiled
-reference on copies of its real inputs (same strides), fwd+bwd when a gradient is needed, with CUDA
-events (2 warm-up calls, then the median of 5, the two paths interleaved), and keeps the faster for the
-run. The choice is remembered in ``$FASTKD_CACHE_DIR/dispatch.json`` (default
-``$XDG_CACHE_HOME/fastkd`` or ``~/.cache/fastkd``), keyed by GPU name, torch, triton and fastkd version,
-written atomically; a corrupt file is ignored with one line.
+reference on copies of its real inputs (same strides), fwd+bwd when a gradient is needed (2 warm-up calls,
+then the median of 5, the two paths interleaved; ``fastkd.ops.timing``). Each path gets three numbers:
+wall time with the host in the loop, GPU time with the host's work hidden, and host (enqueue) time. The
+decision keeps two answers: the faster on wall time (``wall_path``, the default: right when the host is
+the bottleneck) and on GPU time (``gpu_path``). The step's calibration (``CalibratedStep``) then times the
+step forward's host work against its GPU work, and ``rebalance`` takes the GPU-time answer for the ops
+whose host work the step's slack hides. The choices are remembered in ``$FASTKD_CACHE_DIR/dispatch.json``
+(default ``$XDG_CACHE_HOME/fastkd`` or ``~/.cache/fastkd``), keyed by GPU name, torch, triton and fastkd
+version, written atomically; a corrupt file is ignored with one line.
 
 Under ``torch.compile`` tracing the tensors are fake, so nothing can be timed there. ``compile_step(module)``
-(the trainer's ``--compile``) therefore runs the module's forward once eagerly before the first compiled
-call, RNG state preserved: each fused op meets its real training inputs, measures, and the trace then
-reads the decision (a ``torch._dynamo.assume_constant_result`` lookup keyed by the same signature: shapes
-are turned into constants by comparisons, so it also works once dims are dynamic). A signature the trace
-meets with no decision takes ``compiled`` — exactly what ``--compile`` alone runs — so ``--fused`` is never
-slower than the compiled reference by construction.
+(the trainer's ``--compile``; ``calibrate_step`` without it) therefore runs the module's forward eagerly
+before the first compiled call, RNG state preserved: each fused op meets its real training inputs and
+measures, a second forward times the step's balance, and the trace then reads the decision (a
+``torch._dynamo.assume_constant_result`` lookup keyed by the same signature: shapes are turned into
+constants by comparisons, so it also works once dims are dynamic). A signature the trace meets with no
+decision takes ``compiled``, exactly what ``--compile`` alone runs. So ``--fused`` picks the Triton path
+only where it measured faster, on wall time or (its host work hidden) on GPU time.
 """
 
 from __future__ import annotations
@@ -31,12 +36,17 @@ from collections.abc import Callable, Sequence
 import torch
 import torch._dynamo
 
+from fastkd.ops.timing import as_times, cuda_times, host_and_span_ms
+
 Tensor = torch.Tensor
 
 
 class _Decisions:
     def __init__(self):
         self.memo: dict[tuple, str] = {}  # exact call key → path (the per-call fast lookup)
+        self.memo_key: dict[tuple, str] = {}  # exact call key → its signature key
+        self.counts: dict[str, int] | None = None  # calls per signature, while ``step_balance`` counts
+        self.slack_ms: float | None = None  # the calibrated step's GPU − host ms (``rebalance``), if any
         self.decided: dict[str, dict] = {}  # signature key → decision record (this process)
         self.pending: set[str] = set()  # signatures a trace met with no decision (took "compiled")
         self.file: dict | None = None  # dispatch.json, loaded lazily
@@ -183,8 +193,10 @@ def _write_cache(device: torch.device, key: str, rec: dict) -> None:
 def clear_decisions() -> None:
     """Forget this process's decisions (the file stays; tests and benches)."""
     _S.memo.clear()
+    _S.memo_key.clear()
     _S.decided.clear()
     _S.pending.clear()
+    _S.slack_ms = None
     _S.file = None
     _S.env_key = None
 
@@ -258,16 +270,6 @@ def _outputs(out) -> list[Tensor]:
     return []
 
 
-def _cuda_time(run: Callable[[], None], device: torch.device) -> float:
-    """One timed call in ms (CUDA events)."""
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    run()
-    end.record()
-    end.synchronize()
-    return start.elapsed_time(end)
-
-
 def _measure(name: str, runners: dict[str, Callable], args, kwargs, device: torch.device, timer=None) -> dict:
     """Time each path on copies of the real inputs: fwd (+bwd w.r.t. what needs a gradient)."""
     leaves: list[Tensor] = []
@@ -284,7 +286,7 @@ def _measure(name: str, runners: dict[str, Callable], args, kwargs, device: torc
         return run
 
     runs = {p: make(fn) for p, fn in runners.items()}
-    times: dict[str, list[float]] = {p: [] for p in runs}
+    times: dict[str, list[dict[str, float]]] = {p: [] for p in runs}
     errors: dict[str, str] = {}
     for p, run in runs.items():  # warm-up: compilation, autotuning, allocator
         try:
@@ -297,19 +299,26 @@ def _measure(name: str, runners: dict[str, Callable], args, kwargs, device: torc
             if p in errors:
                 continue
             try:
-                ms = timer(p, run) if timer is not None else _cuda_time(run, device)
+                t = timer(p, run) if timer is not None else cuda_times(run, device)
             except Exception as e:
                 errors[p] = f"{type(e).__name__}: {e}"[:300]
                 continue
-            times[p].append(float(ms))
-    med = {p: statistics.median(t) for p, t in times.items() if t and p not in errors}
+            times[p].append(as_times(t))
+    med = {
+        p: {m: statistics.median(t[m] for t in ts) for m in ("wall", "gpu", "host")}
+        for p, ts in times.items()
+        if ts and p not in errors
+    }
     rec = {"op": name, "source": "measured", "reps": _REPS}
     for p in runners:
-        rec[f"{p}_ms"] = round(med[p], 4) if p in med else None
+        for m, suffix in (("wall", "_ms"), ("gpu", "_gpu_ms"), ("host", "_host_ms")):
+            rec[p + suffix] = round(med[p][m], 4) if p in med else None
     if errors:
         rec["errors"] = errors
     # ties go to the compiled reference (the path --compile alone runs)
-    rec["path"] = min(med, key=lambda p: (med[p], p != "compiled")) if med else "reference"
+    for m in ("wall", "gpu"):
+        rec[f"{m}_path"] = min(med, key=lambda p: (med[p][m], p != "compiled")) if med else "reference"
+    rec["path"], rec["rule"] = rec["wall_path"], "wall"
     return rec
 
 
@@ -318,6 +327,9 @@ def decide(name: str, xs: Sequence[Tensor], runners: dict[str, Callable], args, 
     fk = _fast_key(name, xs)
     path = _S.memo.get(fk)
     if path is not None:
+        if _S.counts is not None:  # the balance pass counts each signature's calls per step
+            key = _S.memo_key[fk]
+            _S.counts[key] = _S.counts.get(key, 0) + 1
         return path
     key = sig_key(name, xs)
     rec = _S.decided.get(key)
@@ -326,13 +338,70 @@ def decide(name: str, xs: Sequence[Tensor], runners: dict[str, Callable], args, 
         cached = _cache_entries(device).get(key)
         if isinstance(cached, dict) and cached.get("path") in runners:
             rec = {**cached, "op": name, "source": "cache"}
+            rec["path"] = rec["wall_path"] = rec.get("wall_path", cached["path"])  # the step's rule: later
+            rec["rule"] = "wall"
         else:
             rec = _measure(name, runners, args, kwargs, device, timer)
-            _write_cache(device, key, {k: v for k, v in rec.items() if k != "source"})
+            _write_cache(device, key, {k: v for k, v in rec.items() if k not in ("source", "rule")})
         _S.decided[key] = rec
         _S.pending.discard(key)
-    _S.memo[fk] = rec["path"]
+    _S.memo[fk], _S.memo_key[fk] = rec["path"], key
+    if _S.counts is not None:
+        _S.counts[key] = _S.counts.get(key, 0) + 1
     return rec["path"]
+
+
+def rebalance(slack_ms: float, calls: dict[str, int] | None = None) -> list[str]:
+    """Re-decide for a step whose GPU time exceeds its host time by ``slack_ms`` (its *slack*).
+
+    Each decision keeps two answers: the faster path on wall time with the host in the loop (``wall_path``;
+    the default, right for a host-bound step) and on GPU time with the host's work hidden (``gpu_path``).
+    In a GPU-bound step the host runs ahead, so an op's cost there is its GPU time as long as the host
+    stays ahead. Ops whose GPU-time path differs are switched to it, largest GPU saving first (times its
+    calls per step, ``calls``: signature key → count), while the switched paths' host time, whole (their
+    other path may cost no host time at all when it is inlined in a compiled step) and counted with the GPU
+    time they save, fits in half the slack (margin for the step's backward, whose slack is not measured, and
+    for noise). Returns the keys switched. The memo is cleared, so eager calls read the new paths; a
+    ``torch.compile`` trace after this reads them too."""
+    _S.slack_ms = float(slack_ms)
+    calls = calls or {}
+    budget = 0.5 * max(float(slack_ms), 0.0)
+    cands = []
+    for key, rec in _S.decided.items():
+        wp = rec["path"] = rec.get("wall_path", rec["path"])
+        rec["rule"] = "wall"
+        gp = rec.get("gpu_path")
+        if gp is None or gp == wp or rec.get(f"{gp}_gpu_ms") is None or rec.get(f"{wp}_gpu_ms") is None:
+            continue
+        n = max(calls.get(key, 1), 1)
+        saving = n * (rec[f"{wp}_gpu_ms"] - rec[f"{gp}_gpu_ms"])
+        cost = n * (rec.get(f"{gp}_host_ms") or 0.0) + saving
+        cands.append((saving, key, cost))
+    switched = []
+    for saving, key, cost in sorted(cands, key=lambda c: (-c[0], c[1])):
+        if saving > 0 and cost <= budget:
+            budget -= cost
+            rec = _S.decided[key]
+            rec["path"], rec["rule"] = rec["gpu_path"], "gpu"
+            switched.append(key)
+    _S.memo.clear()
+    _S.memo_key.clear()
+    return switched
+
+
+def step_balance(run: Callable[[], object], device: torch.device, timer=None) -> tuple[float, float, dict]:
+    """(host ms, GPU ms, calls per signature) of one ``run()`` of a step forward (``timing.host_and_span_ms``;
+    tests pass ``timer("step", run)`` → {"host": …, "gpu": …})."""
+    _S.counts = {}
+    try:
+        if timer is not None:
+            t = timer("step", run)
+            host, gpu = float(t["host"]), float(t["gpu"])
+        else:
+            host, gpu = host_and_span_ms(run, device)
+        return host, gpu, dict(_S.counts)
+    finally:
+        _S.counts = None
 
 
 @torch._dynamo.assume_constant_result
@@ -347,11 +416,21 @@ def traced_choice(key: str) -> str:
 
 
 class CalibratedStep:
-    """``compile_step``'s callable: before the first compiled call, one eager forward of the module (RNG
-    state preserved, output dropped) lets every fused op measure on its real inputs."""
+    """``compile_step``'s (and ``calibrate_step``'s) callable. Before the first call of the step:
 
-    def __init__(self, module: torch.nn.Module, compiled: Callable, active: Callable[[], bool]):
-        self.module, self.compiled, self.active, self.calibrated = module, compiled, active, False
+    1. one eager forward of the module lets every fused op measure on its real inputs;
+    2. a second one times the step forward's host work against its GPU work (``step_balance``);
+    3. ``rebalance`` then moves ops to their faster path on GPU time where the host's slack hides their
+       host work.
+
+    Both forwards keep the RNG state and drop their output. Then the wrapped callable (``torch.compile``'d
+    or the module itself) runs, and reads the final decisions."""
+
+    def __init__(self, module: torch.nn.Module, compiled: Callable, active: Callable[[], bool],
+                 timer: Callable[[], Callable | None] = lambda: None):
+        self.module, self.compiled, self.active, self.timer = module, compiled, active, timer
+        self.calibrated = False
+        self.balance: dict | None = None  # {host_ms, gpu_ms, slack_ms, switched}: what step 2 found
 
     def __call__(self, *args, **kwargs):
         if not self.calibrated:
@@ -361,6 +440,14 @@ class CalibratedStep:
                 devs = [torch.cuda.current_device()] if torch.cuda.is_available() else []
                 with torch.random.fork_rng(devices=devs):
                     inner(*args, **kwargs)
+                timer = self.timer()
+                if timer is not None or devs:
+                    device = torch.device("cuda", devs[0]) if devs else torch.device("cpu")
+                    with torch.random.fork_rng(devices=devs):
+                        host, gpu, calls = step_balance(lambda: inner(*args, **kwargs), device, timer)
+                    switched = rebalance(gpu - host, calls)
+                    self.balance = {"host_ms": round(host, 3), "gpu_ms": round(gpu, 3),
+                                    "slack_ms": round(gpu - host, 3), "switched": switched}
         return self.compiled(*args, **kwargs)
 
     def __getattr__(self, name):

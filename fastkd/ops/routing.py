@@ -131,19 +131,24 @@ def describe(device: torch.device | str | None = None) -> str:
             return (f"measured dispatch on {dev} (triton {triton.__version__}): each fused op times Triton "
                     f"vs "
                     f"the compiled reference at its first call; choices cached in {cache_path()}")
-        parts = [
-            f"{op} {r['path']}"
-            + (f" ({_ms(r.get('triton_ms'))} triton / {_ms(r.get('compiled_ms'))} compiled ms)"
-               if r.get("triton_ms") is not None or r.get("compiled_ms") is not None else "")
-            for op, r in ops.items()
-        ]
-        return f"measured dispatch on {dev}: " + "; ".join(parts)
+        parts = [f"{op} {r['path']}" + _timings(r) for op, r in ops.items()]
+        slack = "" if M._S.slack_ms is None else f" (step slack {M._S.slack_ms:.3g} ms)"
+        return f"measured dispatch on {dev}{slack}: " + "; ".join(parts)
     why = "Triton kernels need CUDA" if dev.type != "cuda" else "Triton is not installed"
     return f"compiled reference losses (torch.compile on {dev.type}; {why})"
 
 
 def _ms(x) -> str:
     return "—" if x is None else f"{x:.3g}"
+
+
+def _timings(r: dict) -> str:
+    """ " (1.2 triton / 1.9 compiled ms)": the times the decision's rule compared (wall, or GPU time)."""
+    sfx = "_gpu_ms" if r.get("rule") == "gpu" else "_ms"
+    t, c = r.get("triton" + sfx), r.get("compiled" + sfx)
+    if t is None and c is None:
+        return ""
+    return f" ({_ms(t)} triton / {_ms(c)} compiled ms{', GPU time' if sfx == '_gpu_ms' else ''})"
 
 
 def _base_path(xs: Sequence[Tensor]) -> str:
@@ -237,6 +242,7 @@ def dispatch_record(device: torch.device | str | None = None) -> dict:
         "cache": cache_path() if _S.fused and _S.mode == "auto" else None,
         "ops": ops,
         "pending": sorted(M._S.pending),
+        "step_slack_ms": M._S.slack_ms,
     }
 
 
@@ -249,8 +255,19 @@ def _choose(name: str, xs: Sequence[Tensor], runners: dict[str, Callable], args,
     return M.decide(name, xs, runners, args, kwargs, _S.timer)
 
 
+def _calibration_active() -> bool:
+    return _S.fused and _S.mode == "auto" and (_cuda_triton_ok() or _S.timer is not None)
+
+
 def compile_step(module: torch.nn.Module, **compile_kwargs) -> Callable:
     """``torch.compile(module)`` whose first call runs the module eagerly first (RNG state kept), so that
-    the fused ops measure on real tensors before the trace (nothing can be timed on fake tensors)."""
-    active = lambda: _S.fused and _S.mode == "auto" and (_cuda_triton_ok() or _S.timer is not None)  # noqa: E731
-    return M.CalibratedStep(module, torch.compile(module, **compile_kwargs), active)
+    the fused ops measure on real tensors before the trace (nothing can be timed on fake tensors), and the
+    step's host/GPU balance picks each op's rule (``measure.rebalance``)."""
+    compiled = torch.compile(module, **compile_kwargs)
+    return M.CalibratedStep(module, compiled, _calibration_active, lambda: _S.timer)
+
+
+def calibrate_step(module: torch.nn.Module) -> Callable:
+    """The eager step's counterpart of ``compile_step``: the module itself, calibrated before its first
+    call (a pass-through when measured dispatch is off)."""
+    return M.CalibratedStep(module, module, _calibration_active, lambda: _S.timer)

@@ -153,7 +153,7 @@ class Trainer:
             # first step and remembered; find_unused_parameters alone would all-reduce a used-parameter map
             # and read it back on the host every step (a sync beyond the gradient all-reduce)
             self.step_module = DDP(self.step_module, device_ids=ids, static_graph=True)
-        self._fwd = KF.compile_step(self.step_module) if cfg.run.compile else self.step_module
+        self._fwd = (KF.compile_step if cfg.run.compile else KF.calibrate_step)(self.step_module)
         if cfg.run.compile and teacher is not None:
             teacher.compile()  # the online teacher's tap forward (no grad, eval) compiled too
         # the training position as a 0-d device tensor, refilled each step (a fill kernel: no host→device

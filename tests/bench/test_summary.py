@@ -44,9 +44,21 @@ def _step():
                         "path": "compiled",
                         "triton_ms": 3.1,
                         "compiled_ms": 1.6,
-                    }
+                    },
+                    {
+                        "signature": "vitkd_mimic_loss|amp|...b",
+                        "path": "triton",
+                        "rule": "gpu",
+                        "triton_ms": 3.1,
+                        "compiled_ms": 1.6,
+                        "triton_gpu_ms": 0.8,
+                        "compiled_gpu_ms": 1.36,
+                        "triton_host_ms": 2.0,
+                        "compiled_host_ms": 1.1,
+                    },
                 ]
-            }
+            },
+            "step_slack_ms": 20.5,
         },
     }
 
@@ -59,7 +71,8 @@ def test_issue12_table():
     assert "FAIL (2); vitkd_nkd_cached_fused_compiled 2" in text  # host syncs: worst, and where
     assert "PASS (1.00) %" in text  # cache wait share
     assert "Not measured: kd_cached_fused_compiled: skipped: budget" in text
-    assert "| vitkd_mimic_loss | vitkd_mimic_loss|amp|... | compiled | 3.1 | 1.6 |" in text
+    assert "| vitkd_mimic_loss|amp|... | compiled | wall | 3.1 | 1.6 | — | — | — | — |" in text
+    assert "| triton | gpu | 3.1 | 1.6 | 0.8 | 1.36 | 2 | 1.1 |" in text and "slack (GPU − host ms" in text
 
 
 def _row(loss, provider, ms, shape="deit_s", peak=None, nbytes=None):

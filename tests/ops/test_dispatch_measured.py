@@ -19,10 +19,13 @@ def measured(tmp_path, monkeypatch):
     """Measured mode on CPU: cache in tmp, timer = table of ms per path (counts its calls)."""
     monkeypatch.setenv("FASTKD_CACHE_DIR", str(tmp_path))
     monkeypatch.delenv("FASTKD_KERNELS", raising=False)
-    ms = {"triton": 1.0, "compiled": 2.0}
+    ms = {"triton": 1.0, "compiled": 2.0, "step": {"host": 5.0, "gpu": 5.0}}  # step: host-bound
     calls = []
 
     def timer(path, run):
+        if path == "step":  # step_balance: the calibrated step's forward, run (its calls are counted)
+            run()
+            return ms["step"]
         calls.append(path)
         return ms[path]
 
@@ -259,3 +262,103 @@ def test_a_module_arguments_weight_gradients_are_timed():
     rec = M._measure("gen_like", {"triton": path, "compiled": path}, (x, gen), {}, torch.device("cpu"), timer)
     assert rec["path"] == "triton" and hits and all(h == (4, 4) for h in hits)
     assert gen.weight.grad is None and x.grad is None
+
+
+# ----------------------------------------------------------------- the rule of a GPU-bound step
+def _times(wall, gpu, host):
+    return {"wall": wall, "gpu": gpu, "host": host}
+
+
+def test_a_record_keeps_the_wall_and_the_gpu_answer(measured):
+    """Each path is timed on wall (host in the loop) and on GPU time (host hidden); the wall answer is the
+    default, and both are recorded and written."""
+    measured["ms"].update(triton=_times(3.0, 1.0, 2.5), compiled=_times(2.0, 1.8, 0.4))
+    fake = _fake_kd()
+    s, t = _logits()
+    torch.testing.assert_close(fake(s, t), R.kd_loss(s, t), rtol=1e-5, atol=1e-7)  # compiled: wall rule
+    (rec,) = KF.decisions().values()
+    assert (rec["path"], rec["rule"], rec["wall_path"], rec["gpu_path"]) == ("compiled", "wall", "compiled",
+                                                                             "triton")
+    assert (rec["triton_ms"], rec["triton_gpu_ms"], rec["triton_host_ms"]) == (3.0, 1.0, 2.5)
+    (entries,) = json.loads(measured["file"].read_text())["entries"].values()
+    assert next(iter(entries.values()))["gpu_path"] == "triton"
+
+
+@pytest.mark.parametrize("slack, path", [(10.0, "triton"), (6.0, "compiled"), (0.0, "compiled")])
+def test_rebalance_takes_the_gpu_answer_where_the_slack_hides_its_host_work(measured, slack, path):
+    """Switching costs the new path's whole host time plus the GPU time it saves (both come out of the
+    slack), within half the slack: 2.5 + 0.8 = 3.3 ms fits 10 / 2, not 6 / 2."""
+    measured["ms"].update(triton=_times(3.0, 1.0, 2.5), compiled=_times(2.0, 1.8, 0.4))
+    fake = _fake_kd()
+    s, t = _logits()
+    fake(s, t)
+    switched = M.rebalance(slack)
+    (key, rec), = KF.decisions().items()
+    assert rec["path"] == path and switched == ([key] if path == "triton" else [])
+    assert (float(fake(s, t).detach()) == 123.0) == (path == "triton")  # the memo follows
+    assert KF.dispatch_record()["step_slack_ms"] == slack
+    assert rec["rule"] == ("gpu" if path == "triton" else "wall")
+    from fastkd.ops.routing import _timings
+
+    assert _timings(rec) == (" (1 triton / 1.8 compiled ms, GPU time)" if path == "triton"
+                             else " (3 triton / 2 compiled ms)")
+    M.rebalance(0.0)  # a later host-bound verdict restores the wall answer
+    assert KF.decisions()[key]["path"] == "compiled"
+
+
+def test_rebalance_spends_the_slack_on_the_largest_saving_first():
+    """Two ops, slack for one: the one saving more GPU time per step (calls × saving) is switched."""
+    M.clear_decisions()
+    try:
+        for key, gpu_t in (("a", 1.5), ("b", 1.8)):
+            M._S.decided[key] = {"op": key, "path": "compiled", "wall_path": "compiled", "gpu_path": "triton",
+                                 "triton_gpu_ms": gpu_t, "compiled_gpu_ms": 2.0, "triton_host_ms": 1.0}
+        # a: saving 0.5, cost 1.5; b: saving 4 × 0.2 = 0.8, cost 4 + 0.8 = 4.8. Budget 5: b only (4.8), then
+        # 0.2 is left, too little for a
+        assert M.rebalance(10.0, {"a": 1, "b": 4}) == ["b"]
+        assert M.rebalance(20.0, {"a": 1, "b": 4}) == ["b", "a"]
+        assert M.rebalance(3.0, {"a": 1, "b": 4}) == ["a"]
+    finally:
+        M.clear_decisions()
+
+
+def test_a_cached_decision_is_rebalanced_too(measured):
+    """dispatch.json keeps both answers; a decision read from it takes the step's rule like a measured one
+    (the cached ``path`` is the wall answer)."""
+    measured["ms"].update(triton=_times(3.0, 1.0, 0.5), compiled=_times(2.0, 1.8, 0.4))
+    s, t = _logits()
+    _fake_kd()(s, t)
+    KF.clear_decisions()
+    n = len(measured["calls"])
+    fake = _fake_kd()
+    fake(s, t)
+    (rec,) = KF.decisions().values()
+    assert len(measured["calls"]) == n and rec["source"] == "cache" and rec["path"] == "compiled"
+    M.rebalance(10.0)
+    assert float(fake(s, t).detach()) == 123.0
+
+
+@pytest.mark.parametrize("compile_", [True, False])
+@pytest.mark.parametrize("step, path", [({"host": 2.0, "gpu": 30.0}, "triton"),
+                                        ({"host": 2.0, "gpu": 10.0}, "compiled"),
+                                        ({"host": 9.0, "gpu": 10.0}, "compiled")])
+def test_the_calibrated_step_picks_the_rule_from_its_balance(measured, compile_, step, path):
+    """compile_step and calibrate_step time one more eager forward (host vs GPU) after the ops measured, and
+    rebalance with the calls each signature made in it (here 3 per step) before the first real call, which
+    then takes the rebalanced path. Switching costs 3 × 1.0 ms host + 3 × 0.8 ms saved = 5.4 ms of slack:
+    it fits half of 28 (triton), not half of 8 (one call's 1.8 would), nor a host-bound step's 1."""
+    measured["ms"].update(triton=_times(3.0, 1.0, 1.0), compiled=_times(2.0, 1.8, 0.4), step=step)
+    torch._dynamo.reset()  # the same forward code in each case: no trace of an earlier case reused
+    fake = _fake_kd()
+
+    class Step(torch.nn.Module):
+        def forward(self, s, t):
+            return fake(s, t) + fake(s, t) + fake(s, t)
+
+    wrap = KF.compile_step(Step(), fullgraph=True) if compile_ else KF.calibrate_step(Step())
+    s, t = _logits()
+    out = float(wrap(s, t).detach())
+    assert (out == 369.0) == (path == "triton"), out
+    assert wrap.balance["slack_ms"] == step["gpu"] - step["host"]
+    assert wrap.balance["switched"] == (list(KF.decisions()) if path == "triton" else [])
+    assert M._S.slack_ms == wrap.balance["slack_ms"]
