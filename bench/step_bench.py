@@ -194,6 +194,9 @@ def main(argv=None) -> int:
                 rec["peak_mem_gib"] = round((torch.cuda.max_memory_allocated() - before) / 2**30, 2)
             rec["status"] = "warm"
             rec["fused_path"] = KF.describe(dev) if "--fused" in flags else "reference"
+            # the calibration's host vs GPU ms of the step forward and the ops it moved to their GPU-time
+            # path (decisions are process-wide: an eager variant timed later follows the last calibration)
+            rec["step_balance"] = getattr(tr._fwd, "balance", None)
             trainers[name] = tr
         except Exception as e:
             rec.update(
