@@ -301,3 +301,43 @@ def test_mimic_layers_glue_is_o1_and_half_of_two_ops():
     two = counts[((3, 16, 24, 40), False)]
     assert small.names()["bmm"] == 3 and two.names()["mm"] == 6
     assert len(small.ops) < 0.5 * len(two.ops) and small.allocs() < 0.5 * two.allocs()
+
+
+def test_the_autotuner_is_consulted_once_per_key(monkeypatch):
+    """``_utils.launch`` remembers the autotuner's choice per key (the key's argument values and every tensor
+    argument's dtype, as ``triton.autotune`` keys its own cache): a repeated call launches that config
+    directly, skipping ``Autotuner.run`` and its ≈ 14 µs cache hit; another shape or dtype consults the
+    autotuner again. The values are the same either way."""
+    from triton.runtime import autotuner
+
+    from fastkd.kernels import _utils
+
+    monkeypatch.setattr(_utils, "_TUNED", {})
+    runs = []
+    orig = autotuner.Autotuner.run
+
+    def run(self, *a, **k):
+        runs.append(self.fn.__name__)
+        return orig(self, *a, **k)
+
+    monkeypatch.setattr(autotuner.Autotuner, "run", run)
+    x = _inputs(3, 16, 24, 40)
+
+    def fwd_bwd(case, amp):
+        out = case(x, amp)
+        grads = torch.autograd.grad(out, [x["s"], x["W"]], allow_unused=True)
+        return [out.detach(), *(g for g in grads if g is not None)]
+
+    first = fwd_bwd(_mimic, False)
+    n = len(runs)
+    assert n >= 1 and set(runs) <= {"_token_kd_fwd_kernel", "_token_kd_bwd_kernel"}, runs
+    again = fwd_bwd(_mimic, False)
+    assert len(runs) == n, f"the autotuner was consulted again on a known key: {runs[n:]}"
+    for a, b in zip(first, again, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    fwd_bwd(_mimic, True)  # under autocast the DOT_BF16 key changes: the autotuner decides anew
+    assert len(runs) > n
+    m = len(runs)
+    x = _inputs(5, 64, 24, 40)  # another M
+    fwd_bwd(_mimic, False)
+    assert len(runs) > m
