@@ -171,6 +171,43 @@ def _planted(name: str, body: str):
     return ns[name]
 
 
+def test_the_eager_fused_step_calibrates_once_then_makes_no_sync(env, data, monkeypatch, tmp_path):
+    """The eager ``--fused`` step is calibrated (``calibrate_step``) at its first call: every fused op
+    measures (here an injected timer: the compiled reference faster on wall and GPU time, so no Triton
+    kernel runs on this CPU) and one more forward is timed for the step's balance, with each signature's
+    calls counted. Later steps time nothing and make no host sync."""
+    monkeypatch.setenv("FASTKD_CACHE_DIR", str(tmp_path))
+    monkeypatch.delenv("FASTKD_KERNELS", raising=False)
+    timed = []
+
+    def timer(path, run):
+        timed.append(path)
+        if path == "step":
+            run()
+            return {"host": 1.0, "gpu": 30.0}
+        return {"wall": {"triton": 2.0, "compiled": 1.0}[path], "gpu": {"triton": 1.5, "compiled": 1.0}[path],
+                "host": 0.5}
+
+    monkeypatch.setattr(KF._S, "timer", timer)
+    monkeypatch.setattr(KF._S, "measure_devices", ("cuda", "cpu"))
+    KF.clear_decisions()
+    try:
+        tr = _trainer(env, data, "vitkd+nkd", extra=("--fused",))
+        _steps(tr, warm=1, guarded=0)
+        bal = tr._fwd.balance
+        assert bal == {"host_ms": 1.0, "gpu_ms": 30.0, "slack_ms": 29.0, "switched": []}
+        assert timed.count("step") == 1
+        ops = {r["op"]: r for r in KF.decisions().values()}
+        assert {"vitkd_mimic_loss", "vitkd_gen_loss", "nkd_loss"} <= set(ops), sorted(ops)
+        assert all(r["path"] == "compiled" and r["gpu_path"] == "compiled" for r in ops.values())
+        n = len(timed)
+        guard = SyncGuard()
+        _steps(tr, warm=1, guarded=2, guard=guard, start_step=1)
+        assert guard.hits == [] and len(timed) == n
+    finally:
+        KF.clear_decisions()
+
+
 @pytest.mark.parametrize(
     "body",
     [
