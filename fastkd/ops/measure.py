@@ -443,11 +443,15 @@ class CalibratedStep:
                 timer = self.timer()
                 if timer is not None or devs:
                     device = torch.device("cuda", devs[0]) if devs else torch.device("cpu")
-                    with torch.random.fork_rng(devices=devs):
-                        host, gpu, calls = step_balance(lambda: inner(*args, **kwargs), device, timer)
-                    switched = rebalance(gpu - host, calls)
-                    self.balance = {"host_ms": round(host, 3), "gpu_ms": round(gpu, 3),
-                                    "slack_ms": round(gpu - host, 3), "switched": switched}
+                    try:
+                        with torch.random.fork_rng(devices=devs):
+                            host, gpu, calls = step_balance(lambda: inner(*args, **kwargs), device, timer)
+                    except Exception as e:  # the balance is an optimisation: without it the wall rule stands
+                        self.balance = {"error": f"{type(e).__name__}: {e}"[:300]}
+                    else:
+                        switched = rebalance(gpu - host, calls)
+                        self.balance = {"host_ms": round(host, 3), "gpu_ms": round(gpu, 3),
+                                        "slack_ms": round(gpu - host, 3), "switched": switched}
         return self.compiled(*args, **kwargs)
 
     def __getattr__(self, name):

@@ -362,3 +362,27 @@ def test_the_calibrated_step_picks_the_rule_from_its_balance(measured, compile_,
     assert wrap.balance["slack_ms"] == step["gpu"] - step["host"]
     assert wrap.balance["switched"] == (list(KF.decisions()) if path == "triton" else [])
     assert M._S.slack_ms == wrap.balance["slack_ms"]
+
+
+def test_a_failed_balance_keeps_the_wall_rule(measured):
+    """Timing the step's balance is an optimisation: if it fails, the step runs with the wall answers and
+    the error is recorded (never a failed first step)."""
+
+    def broken(path, run):
+        if path == "step":
+            raise RuntimeError("no events here")
+        return {"triton": _times(3.0, 1.0, 0.1), "compiled": _times(2.0, 1.8, 0.1)}[path]
+
+    M._S.slack_ms = None
+    KF._S.timer = broken
+    fake = _fake_kd()
+
+    class Step(torch.nn.Module):
+        def forward(self, s, t):
+            return fake(s, t)
+
+    wrap = KF.calibrate_step(Step())
+    s, t = _logits()
+    torch.testing.assert_close(wrap(s, t), R.kd_loss(s, t), rtol=1e-5, atol=1e-7)  # compiled (wall)
+    assert wrap.balance == {"error": "RuntimeError: no events here"} and M._S.slack_ms is None
+    assert next(iter(KF.decisions().values()))["rule"] == "wall"
