@@ -29,10 +29,11 @@ decisions go to a fresh FASTKD_CACHE_DIR in the work folder (so the check measur
                  + the dispatch record)                                                         cap  45 s
 
 OUT_DIR gets at most 8 files: gpu_check.json (every step's status, rc, seconds, log tail; versions;
-nvidia-smi fields; test counts and failures; the training summary), bench_summary.md (PASS/FAIL of every
-issue-12 and issue-13 target with the measured value, the step variants, the loss table, the dispatch
-decisions), step.json, bench.json (merged pytest-benchmark JSON of the loss benches), peer.json, sync.json
-(+ the report text), dispatch.json (the decisions the measured dispatch made), log.txt (all step logs).
+tree_digest, the code's digest, matched locally by ``python bench/gpu_check.py --digest``; nvidia-smi
+fields; test counts and failures; the training summary), bench_summary.md (PASS/FAIL of every issue-12
+and issue-13 target with the measured value, the step variants, the loss table, the dispatch decisions),
+step.json, bench.json (merged pytest-benchmark JSON of the loss benches), peer.json, sync.json (+ the
+report text), dispatch.json (the decisions the measured dispatch made), log.txt (all step logs).
 Exit status 0 when every step that ran passed, else 1. ``--bench-device cpu`` dry-runs the whole
 pipeline on a machine without a GPU (tiny CPU shapes, small budgets).
 """
@@ -40,6 +41,7 @@ pipeline on a machine without a GPU (tiny CPU shapes, small budgets).
 from __future__ import annotations
 
 import argparse
+import hashlib
 import importlib.util
 import json
 import os
@@ -263,7 +265,32 @@ def _sync_tests() -> list[str]:
     return found
 
 
+_DIGEST_ROOTS = ("fastkd", "kernels", "bench", "tests")
+_DIGEST_SUFFIXES = (".py", ".sh", ".toml")
+
+
+def tree_digest(root: Path = REPO) -> str:
+    """sha256 (first 16 hex digits) over the code files of the tree (``.py``, ``.sh``, ``.toml`` below
+    fastkd/, kernels/, bench/ but its results, tests/, and pyproject.toml): their relative paths and
+    bytes, in sorted order. Identifies the code that ran where the checkout's git history is stale."""
+    files = [root / "pyproject.toml"] if (root / "pyproject.toml").is_file() else []
+    for top in _DIGEST_ROOTS:
+        files += [p for p in (root / top).rglob("*") if p.suffix in _DIGEST_SUFFIXES and p.is_file()]
+    h = hashlib.sha256()
+    for p in sorted(files, key=lambda q: q.relative_to(root).as_posix()):
+        rel = p.relative_to(root).as_posix()
+        if rel.startswith("bench/results/") or "__pycache__" in rel:
+            continue
+        h.update(rel.encode() + b"\0" + p.read_bytes() + b"\0")
+    return h.hexdigest()[:16]
+
+
 def main(argv: list[str] | None = None) -> int:
+    if argv is None:
+        argv = sys.argv[1:]
+    if argv == ["--digest"]:  # the code digest of this checkout (to match a results folder's tree_digest)
+        print(tree_digest())
+        return 0
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("out", help="output folder (created)")
     ap.add_argument(
@@ -342,6 +369,10 @@ def main(argv: list[str] | None = None) -> int:
         )
     except (OSError, subprocess.SubprocessError):
         report["git_commit"] = None
+    # a device machine's .git may be older than the tree it was sent (the tree travels, its history may
+    # not): the digest of the code itself identifies it; ``python bench/gpu_check.py --digest`` on a
+    # checkout prints the same value for the same code
+    report["tree_digest"] = tree_digest()
     save_report()
 
     # the step users run (priority 1) ----------------------------------------------------------------
