@@ -1303,9 +1303,10 @@ class _MimicLayers(torch.autograd.Function):
     """Σ_l Σ_{m,d} (W_l s_l,m + b_l − t_l,m)² of L layers with one shape, under bf16 autocast, with the
     stored-residual design of the one-layer op, batched over the layers: S_l and W_l are rounded to bf16
     into [L, M, D_s] / [L, D_t, D_s] stacks, Y = S Wᵀ, dS = r W and dW = rᵀ S are one ``torch.bmm`` each
-    (L cuBLAS calls in the one-layer op), one autograd node, one sum over all layers' partials. The
-    streaming epilogue (r = Y + b − t, Σ r², r in bf16, Σ_m r) and the dS scale pass stay one launch per
-    layer (each layer's teacher and dS are their own tensors). Same rounding as the one-layer op."""
+    (L cuBLAS calls in the one-layer op), one autograd node, one sum over all layers' partials, and one
+    dS scale pass writing every layer's dX (slices of one buffer). The streaming epilogue (r = Y + b − t,
+    Σ r², r in bf16, Σ_m r) stays one launch per layer (each layer's teacher is its own tensor). Same
+    rounding as the one-layer op."""
 
     @staticmethod
     def forward(ctx, P, n, has_b, *flat):
@@ -1345,9 +1346,11 @@ class _MimicLayers(torch.autograd.Function):
         dxs = [None] * n
         if need_x:
             ds16 = torch.bmm(r, w16)  # [L, M, D_s] bf16, unscaled
-            for i, ds_i in enumerate(ds16.unbind(0)):
-                if need[i]:
-                    dxs[i] = _scaled_ds(ds_i, g, shape, x_dtype, P)
+            # one scale pass for every layer: the stack is L·B samples of N rows, and dX of L·B samples
+            # of P+N rows; each layer's dX is its [B, P+N, D_s] slice of that buffer (a contiguous view)
+            B, T, D_s = shape
+            dx = _scaled_ds(ds16.view(n * B * (T - P), D_s), g, (n * B, T, D_s), x_dtype, P)
+            dxs = [d if need[i] else None for i, d in enumerate(dx.view(n, B, T, D_s).unbind(0))]
         g2 = g * 2.0
         dws = [None] * n
         if need_w:

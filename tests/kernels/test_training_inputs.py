@@ -188,6 +188,28 @@ def test_mimic_layers_on_training_inputs(taps, bias):
         assert_bf16(a, b, res[2][1][names.index(n)], f"stack vs per layer: d{n}")
 
 
+def test_mimic_layers_with_a_frozen_layer(taps):
+    """A layer whose block output needs no gradient (a frozen block) gets none; the others' gradients are
+    those of the all-trainable op, bit for bit (one scale pass writes every layer's dX)."""
+    P_s, P_t = taps["P_s"], taps["P_t"]
+    D_t, D_s = taps["t0"].shape[2], taps["s0"].shape[2]
+    g = torch.Generator().manual_seed(11)
+    Ws = [randn(D_t, D_s, gen=g, scale=D_s**-0.5).requires_grad_() for _ in range(2)]
+    ts = [taps["t0"][:, P_t:], taps["t_last"][:, P_t:]]
+    grads = []
+    for frozen in (False, True):
+        s0 = taps["s0"].detach().clone().requires_grad_(not frozen)
+        s1 = taps["s_last"].detach().clone().requires_grad_()
+        loss = tk.mimic_layers_op([s0, s1], ts, Ws, [None, None], P_s)
+        loss.backward()
+        assert (s0.grad is None) == frozen
+        grads.append((s1.grad, *(w.grad.clone() for w in Ws)))
+        for w in Ws:
+            w.grad = None
+    for a, b in zip(*grads, strict=True):
+        assert torch.equal(a, b)
+
+
 def test_mimic_layers_declines_what_it_does_not_take(taps):
     """Layers of different shapes, a missing projection, mixed biases, autocast off or one layer: the
     dispatch keeps one op per layer."""
