@@ -359,12 +359,12 @@ def rebalance(slack_ms: float, calls: dict[str, int] | None = None) -> list[str]
     In a GPU-bound step the host runs ahead, so an op's cost there is its GPU time as long as the host
     stays ahead. Ops whose GPU-time path differs are switched to it, largest GPU saving first (times its
     calls per step, ``calls``: signature key → count), while the switched paths' host time, whole (their
-    other path may cost no host time at all when it is inlined in a compiled step) and counted with the GPU
-    time they save, fits in half the slack (margin for the step's backward, whose slack is not measured, and
-    for noise). Returns the keys switched. The memo is cleared, so eager calls read the new paths; a
-    ``torch.compile`` trace after this reads them too."""
+    other path may cost no host time at all when it is inlined in a compiled step) and counted with the
+    GPU time they save, fits in half the slack (margin for the step's backward, whose slack is not
+    measured, and for noise). With ``calls`` given, a signature it does not count (such as an online
+    teacher's op, outside the timed forward) keeps its wall answer. Returns the keys switched. The memo is
+    cleared, so eager calls read the new paths; a ``torch.compile`` trace after this reads them too."""
     _S.slack_ms = float(slack_ms)
-    calls = calls or {}
     budget = 0.5 * max(float(slack_ms), 0.0)
     cands = []
     for key, rec in _S.decided.items():
@@ -373,7 +373,9 @@ def rebalance(slack_ms: float, calls: dict[str, int] | None = None) -> list[str]
         gp = rec.get("gpu_path")
         if gp is None or gp == wp or rec.get(f"{gp}_gpu_ms") is None or rec.get(f"{wp}_gpu_ms") is None:
             continue
-        n = max(calls.get(key, 1), 1)
+        if calls is not None and not calls.get(key):
+            continue  # not run by the timed forward (e.g. the online teacher's ops): its count is unknown
+        n = calls.get(key, 1) if calls is not None else 1
         saving = n * (rec[f"{wp}_gpu_ms"] - rec[f"{gp}_gpu_ms"])
         cost = n * (rec.get(f"{gp}_host_ms") or 0.0) + saving
         cands.append((saving, key, cost))

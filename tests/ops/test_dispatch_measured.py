@@ -318,6 +318,8 @@ def test_rebalance_spends_the_slack_on_the_largest_saving_first():
         assert M.rebalance(10.0, {"a": 1, "b": 4}) == ["b"]
         assert M.rebalance(20.0, {"a": 1, "b": 4}) == ["b", "a"]
         assert M.rebalance(3.0, {"a": 1, "b": 4}) == ["a"]
+        # a signature the timed forward did not run (count unknown) keeps its wall answer
+        assert M.rebalance(20.0, {"b": 4}) == ["b"] and M._S.decided["a"]["path"] == "compiled"
     finally:
         M.clear_decisions()
 
