@@ -1,7 +1,8 @@
 """CPU time of the Python/torch glue around the fused token ops, Triton launches stubbed out (a tool, not
 a test: tests never time anything).
 
-Run WITHOUT ``TRITON_INTERPRET`` (``OMP_NUM_THREADS=1 python tests/kernels/glue_timing.py [--profile]``):
+Run WITHOUT ``TRITON_INTERPRET`` (``OMP_NUM_THREADS=1 python tests/kernels/glue_timing.py [--profile NAME |
+--launch]``; ``--launch``: µs per launch through the autotuner's cache hit, ``_utils.launch`` and direct):
 the kernels' ``JITFunction.run`` is replaced by a no-op and the autotuner's benchmark by a tie (config 0),
 and the CUDA-device check is bypassed, so one fwd+bwd on tiny CPU tensors measures what the host does per
 call around the launches (custom-op dispatch, autograd glue, argument checks, allocations, torch ops).
@@ -115,9 +116,42 @@ def time_case(fn, x, iters=200, rounds=7):
     return min(best), statistics.median(best)
 
 
+def launch_paths(iters=20000):
+    """µs per launch of the mimic epilogue kernel (JIT launch stubbed): through ``triton.autotune``'s cache
+    hit, through ``_utils.launch`` (its memo), and straight to the remembered config."""
+    k = tk._token_kd_bwd_kernel
+    M, D_t = 1024, 64
+    y = torch.randn(M, D_t, dtype=torch.bfloat16)
+    t = torch.randn(4, 257, D_t)
+    part, r = torch.empty(64, M), torch.empty(M, D_t, dtype=torch.bfloat16)
+    args = (y, t, y, y, part, part, part, part, r, M, 256, D_t, D_t, 0, 1, 256 * D_t, D_t, t.stride(0),
+            t.stride(1), 0)
+    consts = dict(HAS_W=False, HAS_BIAS=False, WRITE_SB=False, SUMSQ=True, STORE_R=True, DOT_BF16=True,
+                  UPCAST=False)
+    grid = lambda meta: (1,)  # noqa: E731
+    _utils.launch(k, grid, args, consts)  # the key's first call: the autotuner decides
+    best = k.best_config.all_kwargs()
+    paths = {
+        "autotuner cache hit": lambda: k[grid](*args, **consts),
+        "launch() (memo)": lambda: _utils.launch(k, grid, args, consts),
+        "direct (remembered config)": lambda: k.fn[grid](*args, **consts, **best),
+    }
+    for name, fn in paths.items():
+        times = []
+        for _ in range(5):
+            t0 = time.perf_counter()
+            for _ in range(iters):
+                fn()
+            times.append((time.perf_counter() - t0) / iters * 1e6)
+        print(f"{name:30s} median {statistics.median(times):6.2f} µs per launch")
+
+
 def main():
     torch.set_num_threads(1)
     x = inputs()
+    if "--launch" in sys.argv:
+        launch_paths()
+        return
     if "--profile" in sys.argv:
         import cProfile
         import pstats
