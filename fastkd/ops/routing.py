@@ -126,16 +126,21 @@ def describe(device: torch.device | str | None = None) -> str:
             return f"fused Triton kernels (triton {triton.__version__}) on {dev} (FASTKD_KERNELS=triton)"
         if _S.mode == "compiled":
             return f"compiled reference losses on {dev} (FASTKD_KERNELS=compiled)"
-        ops = M.op_summary()
-        if not ops:
+        if not M.op_summary():
             return (f"measured dispatch on {dev} (triton {triton.__version__}): each fused op times Triton "
-                    f"vs "
-                    f"the compiled reference at its first call; choices cached in {cache_path()}")
-        parts = [f"{op} {r['path']}" + _timings(r) for op, r in ops.items()]
-        slack = "" if M._S.slack_ms is None else f" (step slack {M._S.slack_ms:.3g} ms)"
-        return f"measured dispatch on {dev}{slack}: " + "; ".join(parts)
+                    f"vs the compiled reference at its first call; choices cached in {cache_path()}")
+        return _measured_line(dev)
+    if _S.mode == "auto" and _S.timer is not None and M.op_summary():
+        return _measured_line(dev)  # tests: measured dispatch on CPU with an injected timer
     why = "Triton kernels need CUDA" if dev.type != "cuda" else "Triton is not installed"
     return f"compiled reference losses (torch.compile on {dev.type}; {why})"
+
+
+def _measured_line(dev: torch.device) -> str:
+    """Each measured op's path and the times its rule compared, and the calibrated step's slack."""
+    parts = [f"{op} {r['path']}" + _timings(r) for op, r in M.op_summary().items()]
+    slack = "" if M._S.slack_ms is None else f" (step slack {M._S.slack_ms:.3g} ms)"
+    return f"measured dispatch on {dev}{slack}: " + "; ".join(parts)
 
 
 def _ms(x) -> str:

@@ -261,6 +261,12 @@ class Trainer:
         return evaluate(model, self.data, self.device, self.amp, dense_heads=dense, batch_size=batch_size,
                         dist=self.dist, workers=self.cfg.data.workers)
 
+    def _calibrated(self) -> bool:
+        """Whether the first step calibrated the measured dispatch (CUDA, --fused, auto): its choices and the
+        step's slack are then worth one line."""
+        bal = getattr(self._fwd, "balance", None)
+        return bal is not None and "slack_ms" in bal
+
     # -- run ---------------------------------------------------------------------------------
     def fit(self, out_dir: str | Path) -> dict:
         cfg, main = self.cfg, self.dist.main
@@ -320,6 +326,8 @@ class Trainer:
                             mf.write(json.dumps(rec) + "\n")
                             mf.flush()
                         bar.set_postfix(loss=f"{rec['loss']:.4f}")
+                        if self.step_idx == 1 and main and not cfg.run.quiet and self._calibrated():
+                            bar.write(f"fastkd: --fused, calibrated at step 1 → {KF.describe(self.device)}")
                     if (
                         cfg.run.ckpt_every
                         and self.step_idx % cfg.run.ckpt_every == 0

@@ -204,6 +204,44 @@ def test_the_eager_fused_step_calibrates_once_then_makes_no_sync(env, data, monk
         guard = SyncGuard()
         _steps(tr, warm=1, guarded=2, guard=guard, start_step=1)
         assert guard.hits == [] and len(timed) == n
+        assert tr._calibrated()
+    finally:
+        KF.clear_decisions()
+
+
+def test_fit_reports_the_calibration_once(env, data, monkeypatch, tmp_path, capsys):
+    """A calibrated run says once, after its first step, which path each fused op took and the step's
+    slack (``describe``); an uncalibrated one (CPU without a timer) says nothing more."""
+    monkeypatch.setenv("FASTKD_CACHE_DIR", str(tmp_path))
+    monkeypatch.delenv("FASTKD_KERNELS", raising=False)
+
+    def timer(path, run):
+        if path == "step":
+            run()
+            return {"host": 1.0, "gpu": 9.0}
+        return {"wall": {"triton": 2.0, "compiled": 1.0}[path], "host": 0.5}
+
+    argv = [a for a in _argv(env, "kd", extra=("--fused", "--epochs", "1")) if a != "--quiet"]
+    KF.clear_decisions()
+    try:
+        for calibrated in (True, False):
+            if calibrated:
+                monkeypatch.setattr(KF._S, "timer", timer)
+                monkeypatch.setattr(KF._S, "measure_devices", ("cuda", "cpu"))
+            else:
+                monkeypatch.setattr(KF._S, "timer", None)
+            torch.manual_seed(0)
+            arch = (VIT, dict(S_OV))
+            tr = build_trainer(parse_args(argv), data=data, student_arch=arch, log=lambda *a: None)
+            tr.fit(tmp_path / f"run-{calibrated}")
+            out = capsys.readouterr().out  # the bar's messages (tqdm.write) go to stdout
+            lines = [ln for ln in out.splitlines() if "calibrated at step 1" in ln]
+            if calibrated:
+                assert len(lines) == 1, out
+                assert "step slack 8 ms" in lines[0] and "kd_loss compiled" in lines[0], lines[0]
+            else:
+                assert lines == []
+            KF.clear_decisions()
     finally:
         KF.clear_decisions()
 
