@@ -391,6 +391,20 @@ def rebalance(slack_ms: float, calls: dict[str, int] | None = None) -> list[str]
     return switched
 
 
+def apply_switched(keys) -> list[str]:
+    """Restore a ``rebalance`` outcome (a resumed run, so that it takes the paths the original took): the
+    signatures in ``keys`` take their GPU-time answer, every other its wall answer. Returns those applied."""
+    wanted, applied = set(keys), []
+    for key, rec in _S.decided.items():
+        rec["path"], rec["rule"] = rec.get("wall_path", rec["path"]), "wall"
+        if key in wanted and rec.get("gpu_path"):
+            rec["path"], rec["rule"] = rec["gpu_path"], "gpu"
+            applied.append(key)
+    _S.memo.clear()
+    _S.memo_key.clear()
+    return applied
+
+
 def step_balance(run: Callable[[], object], device: torch.device, timer=None) -> tuple[float, float, dict]:
     """(host ms, GPU ms, calls per signature) of one ``run()`` of a step forward (``timing.host_and_span_ms``;
     tests pass ``timer("step", run)`` → {"host": …, "gpu": …})."""
@@ -426,13 +440,16 @@ class CalibratedStep:
        host work.
 
     Both forwards keep the RNG state and drop their output. Then the wrapped callable (``torch.compile``'d
-    or the module itself) runs, and reads the final decisions."""
+    or the module itself) runs, and reads the final decisions. A resumed run sets ``restore`` (the
+    original's switched signatures, from its checkpoint) and takes those paths instead of steps 2–3, so a
+    resume stays exact."""
 
     def __init__(self, module: torch.nn.Module, compiled: Callable, active: Callable[[], bool],
                  timer: Callable[[], Callable | None] = lambda: None):
         self.module, self.compiled, self.active, self.timer = module, compiled, active, timer
         self.calibrated = False
         self.balance: dict | None = None  # {host_ms, gpu_ms, slack_ms, switched}: what step 2 found
+        self.restore: list[str] | None = None  # a resumed run: the switched signatures of the original
 
     def __call__(self, *args, **kwargs):
         if not self.calibrated:
@@ -443,7 +460,9 @@ class CalibratedStep:
                 with torch.random.fork_rng(devices=devs):
                     inner(*args, **kwargs)
                 timer = self.timer()
-                if timer is not None or devs:
+                if self.restore is not None:  # resumed: the original run's paths, not a new measurement
+                    self.balance = {"switched": apply_switched(self.restore), "restored": True}
+                elif timer is not None or devs:
                     device = torch.device("cuda", devs[0]) if devs else torch.device("cpu")
                     try:
                         with torch.random.fork_rng(devices=devs):

@@ -265,7 +265,7 @@ class Trainer:
         """Whether the first step calibrated the measured dispatch (CUDA, --fused, auto): its choices and the
         step's slack are then worth one line."""
         bal = getattr(self._fwd, "balance", None)
-        return bal is not None and "slack_ms" in bal
+        return bal is not None and "switched" in bal
 
     # -- run ---------------------------------------------------------------------------------
     def fit(self, out_dir: str | Path) -> dict:
@@ -438,11 +438,11 @@ class Trainer:
                 f"non-finite values in the training state at step {self.step_idx} (checkpoint not written); "
                 f"stopped, {self._last_good_words()} — lower --lr, then rerun with --resume"
             )
-        save_state(
-            ckpt_dir,
-            state,
-            {"epoch": epoch, "step_in_epoch": step_in_epoch, "step": self.step_idx, "world": self.dist.world},
-        )
+        meta = {"epoch": epoch, "step_in_epoch": step_in_epoch, "step": self.step_idx,
+                "world": self.dist.world}
+        if self._calibrated():  # the ops the first step moved to their GPU-time path: a resume takes them too
+            meta["dispatch_switched"] = list(self._fwd.balance["switched"])
+        save_state(ckpt_dir, state, meta)
         self._last_ckpt_step = self.step_idx
         (ckpt_dir / NON_FINITE).unlink(missing_ok=True)  # a finite state again: the stop is behind us
 
@@ -456,6 +456,8 @@ class Trainer:
         if "rng_cuda" in state and self.device.type == "cuda":
             torch.cuda.set_rng_state(state["rng_cuda"].cpu(), self.device)
         self.step_idx = self._last_ckpt_step = meta["step"]
+        if meta.get("dispatch_switched") is not None and hasattr(self._fwd, "restore"):
+            self._fwd.restore = list(meta["dispatch_switched"])
         # the lr of the resumed step from this run's schedule (the same value when nothing changed; a new
         # --lr after a non-finite stop, or new --epochs, take effect here)
         f = lr_lambda(self.cfg, self.steps_per_epoch)

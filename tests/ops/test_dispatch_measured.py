@@ -23,10 +23,9 @@ def measured(tmp_path, monkeypatch):
     calls = []
 
     def timer(path, run):
+        calls.append(path)
         if path == "step":  # step_balance: the calibrated step's forward, run (its calls are counted)
             run()
-            return ms["step"]
-        calls.append(path)
         return ms[path]
 
     monkeypatch.setattr(KF._S, "timer", timer)
@@ -388,3 +387,30 @@ def test_a_failed_balance_keeps_the_wall_rule(measured):
     torch.testing.assert_close(wrap(s, t), R.kd_loss(s, t), rtol=1e-5, atol=1e-7)  # compiled (wall)
     assert wrap.balance == {"error": "RuntimeError: no events here"} and M._S.slack_ms is None
     assert next(iter(KF.decisions().values()))["rule"] == "wall"
+
+
+def test_a_resumed_step_takes_the_original_paths(measured):
+    """A resumed run restores the original run's switched signatures (from its checkpoint) instead of timing
+    its own balance, so a resume stays exact whatever its slack would say now."""
+    measured["ms"].update(triton=_times(3.0, 1.0, 1.0), compiled=_times(2.0, 1.8, 0.4),
+                          step={"host": 2.0, "gpu": 30.0})
+    fake = _fake_kd()
+
+    class Step(torch.nn.Module):
+        def forward(self, s, t):
+            return fake(s, t)
+
+    s, t = _logits()
+    first = KF.calibrate_step(Step())
+    assert float(first(s, t).detach()) == 123.0 and first.balance["switched"]  # GPU-bound: triton
+    switched = first.balance["switched"]
+    measured["ms"].update(step={"host": 9.0, "gpu": 10.0})  # the resumed run's host would say compiled
+    for restore, marker in ((switched, True), ([], False)):
+        M.rebalance(0.0)  # the process forgets the switch; a new run reads the cache
+        n = len(measured["calls"])
+        resumed = KF.calibrate_step(Step())
+        resumed.restore = restore
+        out = float(resumed(s, t).detach())
+        assert (out == 123.0) == marker and resumed.balance == {"switched": restore, "restored": True}
+        assert measured["calls"][n:] == []  # nothing timed: neither the ops (decided) nor the step
+    assert measured["calls"].count("step") == 1  # the first run's balance only

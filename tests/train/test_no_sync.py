@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import json
 
 import numpy as np
 import pytest
@@ -205,6 +206,40 @@ def test_the_eager_fused_step_calibrates_once_then_makes_no_sync(env, data, monk
         _steps(tr, warm=1, guarded=2, guard=guard, start_step=1)
         assert guard.hits == [] and len(timed) == n
         assert tr._calibrated()
+    finally:
+        KF.clear_decisions()
+
+
+def test_a_resume_takes_the_original_runs_dispatch(env, data, monkeypatch, tmp_path):
+    """The checkpoint records which ops the calibration moved to their GPU-time path (here none: the
+    compiled reference wins both ways); a resumed run restores that instead of timing its own balance."""
+    monkeypatch.setenv("FASTKD_CACHE_DIR", str(tmp_path))
+    monkeypatch.delenv("FASTKD_KERNELS", raising=False)
+    timed = []
+
+    def timer(path, run):
+        timed.append(path)
+        if path == "step":
+            run()
+            return {"host": 1.0, "gpu": 9.0}
+        return {"wall": {"triton": 2.0, "compiled": 1.0}[path], "host": 0.5}
+
+    monkeypatch.setattr(KF._S, "timer", timer)
+    monkeypatch.setattr(KF._S, "measure_devices", ("cuda", "cpu"))
+    KF.clear_decisions()
+    try:
+        for epochs, resume in (("1", ()), ("2", ("--resume",))):
+            argv = _argv(env, "kd", extra=("--fused", "--epochs", epochs, *resume))
+            torch.manual_seed(0)
+            arch = (VIT, dict(S_OV))
+            tr = build_trainer(parse_args(argv), data=data, student_arch=arch, log=lambda *a: None)
+            tr.fit(tmp_path / "run")
+            state = json.loads((tmp_path / "run" / "checkpoint" / "state.json").read_text())
+            assert state["meta"]["dispatch_switched"] == []
+            if resume:
+                assert tr._fwd.restore == [] and tr._fwd.balance == {"switched": [], "restored": True}
+            KF.clear_decisions()  # a new process: decisions come from dispatch.json
+        assert timed.count("step") == 1  # only the first run timed its balance
     finally:
         KF.clear_decisions()
 
