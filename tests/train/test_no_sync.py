@@ -172,113 +172,79 @@ def _planted(name: str, body: str):
     return ns[name]
 
 
-def test_the_eager_fused_step_calibrates_once_then_makes_no_sync(env, data, monkeypatch, tmp_path):
-    """The eager ``--fused`` step is calibrated (``calibrate_step``) at its first call: every fused op
-    measures (here an injected timer: the compiled reference faster on wall and GPU time, so no Triton
-    kernel runs on this CPU) and one more forward is timed for the step's balance, with each signature's
-    calls counted. Later steps time nothing and make no host sync."""
-    monkeypatch.setenv("FASTKD_CACHE_DIR", str(tmp_path))
+@pytest.fixture
+def measured_cpu(monkeypatch, tmp_path):
+    """Measured dispatch on CPU with an injected timer: the compiled reference is faster on wall and GPU
+    time (so no Triton kernel runs on this CPU), and the calibrated step's balance is ``state["step"]``.
+    ``state["timed"]`` lists every timing asked for."""
+    monkeypatch.setenv("FASTKD_CACHE_DIR", str(tmp_path / "dispatch"))
     monkeypatch.delenv("FASTKD_KERNELS", raising=False)
-    timed = []
+    state = {"timed": [], "step": {"host": 1.0, "gpu": 30.0}}
 
     def timer(path, run):
-        timed.append(path)
+        state["timed"].append(path)
         if path == "step":
             run()
-            return {"host": 1.0, "gpu": 30.0}
+            return state["step"]
         return {"wall": {"triton": 2.0, "compiled": 1.0}[path], "gpu": {"triton": 1.5, "compiled": 1.0}[path],
                 "host": 0.5}
 
     monkeypatch.setattr(KF._S, "timer", timer)
     monkeypatch.setattr(KF._S, "measure_devices", ("cuda", "cpu"))
     KF.clear_decisions()
-    try:
-        tr = _trainer(env, data, "vitkd+nkd", extra=("--fused",))
-        _steps(tr, warm=1, guarded=0)
-        bal = tr._fwd.balance
-        assert bal == {"host_ms": 1.0, "gpu_ms": 30.0, "slack_ms": 29.0, "switched": []}
-        assert timed.count("step") == 1
-        ops = {r["op"]: r for r in KF.decisions().values()}
-        assert {"vitkd_mimic_loss", "vitkd_gen_loss", "nkd_loss"} <= set(ops), sorted(ops)
-        assert all(r["path"] == "compiled" and r["gpu_path"] == "compiled" for r in ops.values())
-        n = len(timed)
-        guard = SyncGuard()
-        _steps(tr, warm=1, guarded=2, guard=guard, start_step=1)
-        assert guard.hits == [] and len(timed) == n
-        assert tr._calibrated()
-    finally:
-        KF.clear_decisions()
+    yield state
+    KF.clear_decisions()
 
 
-def test_a_resume_takes_the_original_runs_dispatch(env, data, monkeypatch, tmp_path):
+def _fit(env, data, out, *extra, quiet=True):
+    argv = [a for a in _argv(env, "kd", extra=("--fused", *extra)) if quiet or a != "--quiet"]
+    torch.manual_seed(0)
+    tr = build_trainer(parse_args(argv), data=data, student_arch=(VIT, dict(S_OV)), log=lambda *a: None)
+    tr.fit(out)
+    KF.clear_decisions()  # as a new process would: its decisions come from dispatch.json
+    return tr
+
+
+def test_the_eager_fused_step_calibrates_once_then_makes_no_sync(env, data, measured_cpu):
+    """The eager ``--fused`` step is calibrated (``calibrate_step``) at its first call: every fused op
+    measures and one more forward is timed for the step's balance, with each signature's calls counted.
+    Later steps time nothing and make no host sync."""
+    tr = _trainer(env, data, "vitkd+nkd", extra=("--fused",))
+    _steps(tr, warm=1, guarded=0)
+    assert tr._fwd.balance == {"host_ms": 1.0, "gpu_ms": 30.0, "slack_ms": 29.0, "switched": []}
+    assert measured_cpu["timed"].count("step") == 1 and tr._calibrated()
+    ops = {r["op"]: r for r in KF.decisions().values()}
+    assert {"vitkd_mimic_loss", "vitkd_gen_loss", "nkd_loss"} <= set(ops), sorted(ops)
+    assert all(r["path"] == "compiled" and r["gpu_path"] == "compiled" for r in ops.values())
+    n = len(measured_cpu["timed"])
+    guard = SyncGuard()
+    _steps(tr, warm=1, guarded=2, guard=guard, start_step=1)
+    assert guard.hits == [] and len(measured_cpu["timed"]) == n
+
+
+def test_a_resume_takes_the_original_runs_dispatch(env, data, measured_cpu, tmp_path):
     """The checkpoint records which ops the calibration moved to their GPU-time path (here none: the
     compiled reference wins both ways); a resumed run restores that instead of timing its own balance."""
-    monkeypatch.setenv("FASTKD_CACHE_DIR", str(tmp_path))
-    monkeypatch.delenv("FASTKD_KERNELS", raising=False)
-    timed = []
-
-    def timer(path, run):
-        timed.append(path)
-        if path == "step":
-            run()
-            return {"host": 1.0, "gpu": 9.0}
-        return {"wall": {"triton": 2.0, "compiled": 1.0}[path], "host": 0.5}
-
-    monkeypatch.setattr(KF._S, "timer", timer)
-    monkeypatch.setattr(KF._S, "measure_devices", ("cuda", "cpu"))
-    KF.clear_decisions()
-    try:
-        for epochs, resume in (("1", ()), ("2", ("--resume",))):
-            argv = _argv(env, "kd", extra=("--fused", "--epochs", epochs, *resume))
-            torch.manual_seed(0)
-            arch = (VIT, dict(S_OV))
-            tr = build_trainer(parse_args(argv), data=data, student_arch=arch, log=lambda *a: None)
-            tr.fit(tmp_path / "run")
-            state = json.loads((tmp_path / "run" / "checkpoint" / "state.json").read_text())
-            assert state["meta"]["dispatch_switched"] == []
-            if resume:
-                assert tr._fwd.restore == [] and tr._fwd.balance == {"switched": [], "restored": True}
-            KF.clear_decisions()  # a new process: decisions come from dispatch.json
-        assert timed.count("step") == 1  # only the first run timed its balance
-    finally:
-        KF.clear_decisions()
+    _fit(env, data, tmp_path / "run", "--epochs", "1")
+    tr = _fit(env, data, tmp_path / "run", "--epochs", "2", "--resume")
+    state = json.loads((tmp_path / "run" / "checkpoint" / "state.json").read_text())
+    assert state["meta"]["dispatch_switched"] == [] and tr._fwd.restore == []
+    assert tr._fwd.balance == {"switched": [], "restored": True}
+    assert measured_cpu["timed"].count("step") == 1  # only the first run timed its balance
 
 
-def test_fit_reports_the_calibration_once(env, data, monkeypatch, tmp_path, capsys):
+def test_fit_reports_the_calibration_once(env, data, measured_cpu, monkeypatch, tmp_path, capsys):
     """A calibrated run says once, after its first step, which path each fused op took and the step's
     slack (``describe``); an uncalibrated one (CPU without a timer) says nothing more."""
-    monkeypatch.setenv("FASTKD_CACHE_DIR", str(tmp_path))
-    monkeypatch.delenv("FASTKD_KERNELS", raising=False)
-
-    def timer(path, run):
-        if path == "step":
-            run()
-            return {"host": 1.0, "gpu": 9.0}
-        return {"wall": {"triton": 2.0, "compiled": 1.0}[path], "host": 0.5}
-
-    argv = [a for a in _argv(env, "kd", extra=("--fused", "--epochs", "1")) if a != "--quiet"]
-    KF.clear_decisions()
-    try:
-        for calibrated in (True, False):
-            if calibrated:
-                monkeypatch.setattr(KF._S, "timer", timer)
-                monkeypatch.setattr(KF._S, "measure_devices", ("cuda", "cpu"))
-            else:
-                monkeypatch.setattr(KF._S, "timer", None)
-            torch.manual_seed(0)
-            arch = (VIT, dict(S_OV))
-            tr = build_trainer(parse_args(argv), data=data, student_arch=arch, log=lambda *a: None)
-            tr.fit(tmp_path / f"run-{calibrated}")
-            out = capsys.readouterr().out  # the bar's messages (tqdm.write) go to stdout
-            lines = [ln for ln in out.splitlines() if "calibrated at step 1" in ln]
-            if calibrated:
-                assert len(lines) == 1, out
-                assert "step slack 8 ms" in lines[0] and "kd_loss compiled" in lines[0], lines[0]
-            else:
-                assert lines == []
-            KF.clear_decisions()
-    finally:
-        KF.clear_decisions()
+    measured_cpu["step"] = {"host": 1.0, "gpu": 9.0}
+    _fit(env, data, tmp_path / "a", "--epochs", "1", quiet=False)
+    out = capsys.readouterr().out  # the bar's messages (tqdm.write) go to stdout
+    lines = [ln for ln in out.splitlines() if "calibrated at step 1" in ln]
+    assert len(lines) == 1, out
+    assert "step slack 8 ms" in lines[0] and "kd_loss compiled" in lines[0], lines[0]
+    monkeypatch.setattr(KF._S, "timer", None)
+    _fit(env, data, tmp_path / "b", "--epochs", "1", quiet=False)
+    assert "calibrated at step 1" not in capsys.readouterr().out
 
 
 @pytest.mark.parametrize(
