@@ -164,23 +164,23 @@ def cfg_of(config) -> Cfg:
 
 # launch's memo of the autotuner's choices: (kernel id, its key's values, the tensor args' dtypes) → config
 _TUNED: dict[tuple, tuple[dict, Cfg]] = {}
-_KEY_SLOTS: dict[int, tuple[tuple[int, ...], tuple[str, ...]]] = {}
+_KEY_SLOTS: dict[tuple[int, int], tuple[tuple[int, ...], tuple[str, ...]]] = {}
 
 
 def _tuned_key(kernel, args: tuple, consts: dict) -> tuple:
     """At least as fine as ``triton.autotune``'s own cache key (the values of its ``key`` args, and the dtype
     of every tensor argument), computed from positions found once per kernel."""
-    slots = _KEY_SLOTS.get(id(kernel))
+    slots = _KEY_SLOTS.get((id(kernel), len(args)))
     if slots is None:
         names = kernel.arg_names
         pos = tuple(names.index(k) for k in kernel.keys if k in names and names.index(k) < len(args))
-        by_name = tuple(k for k in kernel.keys if k in consts)
-        slots = _KEY_SLOTS[id(kernel)] = (pos, by_name)
+        by_name = tuple(k for k in kernel.keys if k not in names or names.index(k) >= len(args))
+        slots = _KEY_SLOTS[(id(kernel), len(args))] = (pos, by_name)
     pos, by_name = slots
     return (
         id(kernel),
         *(args[i] for i in pos),
-        *(consts[k] for k in by_name),
+        *(consts.get(k) for k in by_name),
         *(a.dtype for a in args if isinstance(a, torch.Tensor)),
     )
 
@@ -191,7 +191,8 @@ def launch(kernel, grid, args: tuple, consts: dict, config: Cfg | None = None) -
 
     The autotuner runs at a key's first call (it benchmarks there); later calls with the same key launch
     its choice directly: ``Autotuner.run``'s own cache hit rebuilds two argument dicts and formats every
-    dtype, ≈ 14 µs of host time per launch on this CPU (a direct launch: ≈ 3 µs; bench/NOTES.md)."""
+    dtype, ≈ 17 µs of host time per launch on this CPU against ≈ 7 µs through this memo
+    (``tests/kernels/glue_timing.py --launch``, bench/NOTES.md)."""
     if config is None:
         key = _tuned_key(kernel, args, consts)
         hit = _TUNED.get(key)
