@@ -348,3 +348,21 @@ def test_the_autotuner_is_consulted_once_per_key(monkeypatch):
     x = _inputs(5, 64, 24, 40)  # another M
     fwd_bwd(_mimic, False)
     assert len(runs) > m
+
+
+def test_the_launch_memo_key_covers_every_autotune_key():
+    """``_utils._tuned_key`` differs whenever ``triton.autotune``'s own key would: a key argument's value,
+    given by position or as a constexpr (whichever way the call site passes it), or a tensor's dtype."""
+    from types import SimpleNamespace
+
+    from fastkd.kernels._utils import _tuned_key
+
+    k = SimpleNamespace(arg_names=["x_ptr", "M", "D", "FLAG", "BLOCK"], keys=["M", "D", "FLAG"])
+    x = torch.empty(4)
+    base = _tuned_key(k, (x, 8, 16), {"FLAG": True, "BLOCK": 32})
+    assert base == _tuned_key(k, (x, 8, 16), {"FLAG": True, "BLOCK": 64})  # not a key: same entry
+    assert base != _tuned_key(k, (x, 9, 16), {"FLAG": True, "BLOCK": 32})  # positional key value
+    assert base != _tuned_key(k, (x, 8, 16), {"FLAG": False, "BLOCK": 32})  # constexpr key value
+    assert base != _tuned_key(k, (x.bfloat16(), 8, 16), {"FLAG": True, "BLOCK": 32})  # a tensor's dtype
+    assert base == _tuned_key(k, (x, 8), {"D": 16, "FLAG": True})  # D by name: the same values, same entry
+    assert _tuned_key(k, (x, 8), {"D": 16, "FLAG": True}) != _tuned_key(k, (x, 8), {"D": 17, "FLAG": True})
