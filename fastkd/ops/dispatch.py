@@ -279,8 +279,9 @@ def _whole_tokens(s: Tensor) -> tuple[Tensor, int]:
     """(x, P) when ``s`` is exactly the patch view ``x[:, P:]`` of a [B, P+N, D] tensor x
     (``measure.patch_view``), else (s, 0). Given x whole with ``num_prefix_s = P`` the op writes dx in
     one pass (prefix rows 0) and the gradient reaches x directly: autograd runs no SliceBackward, a
-    zeros + copy of all of x per layer (90 µs per DeiT-S layer on the H100, bench/NOTES.md)."""
-    pv = M.patch_view(s)
+    zeros + copy of all of x per layer (90 µs per DeiT-S layer on the H100, bench/NOTES.md). Eager form
+    only: a trace (and a compiled step's calibration, ``measure.traced_form``) takes the view as it is."""
+    pv = None if M.traced_form() else M.patch_view(s)
     return pv if pv is not None else (s, 0)
 
 
@@ -293,7 +294,9 @@ def vitkd_mimic_loss(
     alpha: float = 3e-5,
 ) -> Tensor:
     """Under autocast, with a backward to follow and layers of one shape (ViTKD's two), one op for all
-    layers (``mimic_layers_op``: one batched GEMM per product, one autograd node); else one op per layer."""
+    layers (``mimic_layers_op``: one batched GEMM per product, one autograd node); else, and in the traced
+    form (``measure.traced_form``: under torch.compile, and while a compiled step calibrates, so that it
+    measures what its trace runs), one op per layer."""
     n = len(s_feats)
     ws = [None] * n if weights is None else list(weights)
     bs = [None] * n if biases is None else list(biases)
@@ -315,7 +318,8 @@ def vitkd_mimic_loss(
     xs = [_unit_stride(x) for x, _ in whole]
     ts = [_unit_stride(t.detach()) for t in t_feats]
     P0 = whole[0][1]
-    if all(saves) and all(P == P0 for _, P in whole) and k.mimic_layers_ok(xs, ts, ws, bs, P0, amp):
+    stacked = not M.traced_form() and all(saves) and all(P == P0 for _, P in whole)  # eager form only
+    if stacked and k.mimic_layers_ok(xs, ts, ws, bs, P0, amp):
         total = k.mimic_layers_op(xs, ts, ws, bs, P0)
     else:
         total = None

@@ -47,6 +47,7 @@ class _Decisions:
         self.memo_key: dict[tuple, str] = {}  # exact call key → its signature key
         self.counts: dict[str, int] | None = None  # calls per signature, while ``step_balance`` counts
         self.slack_ms: float | None = None  # the calibrated step's GPU − host ms (``rebalance``), if any
+        self.traced_form = False  # a compiled step is calibrating: ops run (and key) as the trace runs them
         self.decided: dict[str, dict] = {}  # signature key → decision record (this process)
         self.pending: set[str] = set()  # signatures a trace met with no decision (took "compiled")
         self.file: dict | None = None  # dispatch.json, loaded lazily
@@ -105,15 +106,24 @@ def _amp_tag(xs: Sequence[Tensor]) -> str:
     return "amp" if dev == "cuda" and torch.is_autocast_enabled("cuda") else "noamp"
 
 
+def traced_form() -> bool:
+    """Whether ops run in the form a ``torch.compile`` trace gives them: inside a trace, and while a compiled
+    step calibrates (``CalibratedStep``), so that each op is measured as the trace will run it. Some eager
+    paths have no traced counterpart (ViTKD's stacked mimic op and its whole-token input)."""
+    return _S.traced_form or torch.compiler.is_compiling()
+
+
 def sig_key(name: str, xs: Sequence[Tensor]) -> str:
-    """op | autocast | per tensor dtype:stride pattern:rows bucket x width[g]: the decision's key."""
-    return "|".join([name, _amp_tag(xs), *(_tensor_sig(x) for x in xs)])
+    """op | autocast | per tensor dtype:stride pattern:rows bucket x width[g] [| traced]: the decision's
+    key. The traced form is its own decision (measured in that form)."""
+    parts = [name, _amp_tag(xs), *(_tensor_sig(x) for x in xs)]
+    return "|".join([*parts, "traced"] if traced_form() else parts)
 
 
 def _fast_key(name: str, xs: Sequence[Tensor]) -> tuple:
-    """Exact per-call key (eager only): (name, amp, grad mode, per tensor dtype/size/stride/requires_grad)."""
+    """Exact per-call key (eager only): (name, form, amp, grad mode, per tensor dtype/size/stride/grad)."""
     amp = xs[0].device.type == "cuda" and torch.is_autocast_enabled("cuda") if xs else False
-    return (name, amp, torch.is_grad_enabled(),
+    return (name, _S.traced_form, amp, torch.is_grad_enabled(),
             *((x.dtype, tuple(x.shape), x.stride(), x.requires_grad) for x in xs))
 
 
@@ -445,8 +455,9 @@ class CalibratedStep:
     resume stays exact."""
 
     def __init__(self, module: torch.nn.Module, compiled: Callable, active: Callable[[], bool],
-                 timer: Callable[[], Callable | None] = lambda: None):
+                 timer: Callable[[], Callable | None] = lambda: None, traced: bool = False):
         self.module, self.compiled, self.active, self.timer = module, compiled, active, timer
+        self.traced = traced  # ``compiled`` is a torch.compile'd module: calibrate in the traced form
         self.calibrated = False
         self.balance: dict | None = None  # {host_ms, gpu_ms, slack_ms, switched}: what step 2 found
         self.restore: list[str] | None = None  # a resumed run: the switched signatures of the original
@@ -455,25 +466,33 @@ class CalibratedStep:
         if not self.calibrated:
             self.calibrated = True
             if self.active():
-                inner = getattr(self.module, "module", self.module)  # DDP: no reducer bookkeeping
-                devs = [torch.cuda.current_device()] if torch.cuda.is_available() else []
-                with torch.random.fork_rng(devices=devs):
-                    inner(*args, **kwargs)
-                timer = self.timer()
-                if self.restore is not None:  # resumed: the original run's paths, not a new measurement
-                    self.balance = {"switched": apply_switched(self.restore), "restored": True}
-                elif timer is not None or devs:
-                    device = torch.device("cuda", devs[0]) if devs else torch.device("cpu")
-                    try:
-                        with torch.random.fork_rng(devices=devs):
-                            host, gpu, calls = step_balance(lambda: inner(*args, **kwargs), device, timer)
-                    except Exception as e:  # the balance is an optimisation: without it the wall rule stands
-                        self.balance = {"error": f"{type(e).__name__}: {e}"[:300]}
-                    else:
-                        switched = rebalance(gpu - host, calls)
-                        self.balance = {"host_ms": round(host, 3), "gpu_ms": round(gpu, 3),
-                                        "slack_ms": round(gpu - host, 3), "switched": switched}
+                _S.traced_form = self.traced
+                try:
+                    self._calibrate(args, kwargs)
+                finally:
+                    _S.traced_form = False
         return self.compiled(*args, **kwargs)
+
+    def _calibrate(self, args, kwargs):
+        """Steps 1–3 (or the restore of a resumed run), in the form the wrapped step runs its ops."""
+        inner = getattr(self.module, "module", self.module)  # DDP: no reducer bookkeeping
+        devs = [torch.cuda.current_device()] if torch.cuda.is_available() else []
+        with torch.random.fork_rng(devices=devs):
+            inner(*args, **kwargs)
+        timer = self.timer()
+        if self.restore is not None:  # resumed: the original run's paths, not a new measurement
+            self.balance = {"switched": apply_switched(self.restore), "restored": True}
+        elif timer is not None or devs:
+            device = torch.device("cuda", devs[0]) if devs else torch.device("cpu")
+            try:
+                with torch.random.fork_rng(devices=devs):
+                    host, gpu, calls = step_balance(lambda: inner(*args, **kwargs), device, timer)
+            except Exception as e:  # the balance is an optimisation: without it the wall rule stands
+                self.balance = {"error": f"{type(e).__name__}: {e}"[:300]}
+            else:
+                switched = rebalance(gpu - host, calls)
+                self.balance = {"host_ms": round(host, 3), "gpu_ms": round(gpu, 3),
+                                "slack_ms": round(gpu - host, 3), "switched": switched}
 
     def __getattr__(self, name):
         return getattr(self.__dict__["compiled"], name)

@@ -266,10 +266,11 @@ def _calibration_active() -> bool:
 
 def compile_step(module: torch.nn.Module, **compile_kwargs) -> Callable:
     """``torch.compile(module)`` whose first call runs the module eagerly first (RNG state kept), so that
-    the fused ops measure on real tensors before the trace (nothing can be timed on fake tensors), and the
-    step's host/GPU balance picks each op's rule (``measure.rebalance``)."""
+    the fused ops measure on real tensors before the trace (nothing can be timed on fake tensors), in the
+    form the trace will run them (``measure.traced_form``), and the step's host/GPU balance picks each
+    op's rule (``measure.rebalance``)."""
     compiled = torch.compile(module, **compile_kwargs)
-    return M.CalibratedStep(module, compiled, _calibration_active, lambda: _S.timer)
+    return M.CalibratedStep(module, compiled, _calibration_active, lambda: _S.timer, traced=True)
 
 
 def calibrate_step(module: torch.nn.Module) -> Callable:

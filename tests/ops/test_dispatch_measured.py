@@ -414,3 +414,29 @@ def test_a_resumed_step_takes_the_original_paths(measured):
         assert (out == 123.0) == marker and resumed.balance == {"switched": restore, "restored": True}
         assert measured["calls"][n:] == []  # nothing timed: neither the ops (decided) nor the step
     assert measured["calls"].count("step") == 1  # the first run's balance only
+
+
+@pytest.mark.parametrize("compile_", [True, False])
+def test_a_compiled_step_calibrates_in_the_traced_form(measured, compile_):
+    """compile_step calibrates its ops in the form its trace runs them (``measure.traced_form``; some eager
+    paths have no traced counterpart), under keys of their own; calibrate_step in the eager form. The flag
+    is off again after the calibration."""
+    torch._dynamo.reset()
+    seen = []
+
+    def kd_loss(s_logits, t_logits, T=4.0):
+        seen.append(M.traced_form())
+        return (s_logits * 0).sum() + 123.0
+
+    fake = KF.fused(lambda s, t, *a, **k: (s, t))(kd_loss)
+
+    class Step(torch.nn.Module):
+        def forward(self, s, t):
+            return fake(s, t)
+
+    wrap = KF.compile_step(Step(), fullgraph=True) if compile_ else KF.calibrate_step(Step())
+    s, t = _logits()
+    assert float(wrap(s, t).detach()) == 123.0
+    (key,) = KF.decisions()
+    assert key.endswith("|traced") == compile_ and not M._S.traced_form
+    assert seen and all(x == compile_ for x in seen), seen  # calibration, and the trace: one form
