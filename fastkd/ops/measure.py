@@ -346,7 +346,8 @@ def decide(name: str, xs: Sequence[Tensor], runners: dict[str, Callable], args, 
     device = xs[0].device
     if rec is None:
         cached = _cache_entries(device).get(key)
-        if isinstance(cached, dict) and cached.get("path") in runners:
+        # a record without both answers (written before the GPU-time rule) is measured again
+        if isinstance(cached, dict) and cached.get("path") in runners and "gpu_path" in cached:
             rec = {**cached, "op": name, "source": "cache"}
             rec["path"] = rec["wall_path"] = rec.get("wall_path", cached["path"])  # the step's rule: later
             rec["rule"] = "wall"

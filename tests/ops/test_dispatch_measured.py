@@ -440,3 +440,22 @@ def test_a_compiled_step_calibrates_in_the_traced_form(measured, compile_):
     (key,) = KF.decisions()
     assert key.endswith("|traced") == compile_ and not M._S.traced_form
     assert seen and all(x == compile_ for x in seen), seen  # calibration, and the trace: one form
+
+
+def test_a_cached_record_without_both_answers_is_measured_again(measured):
+    """dispatch.json records written before the GPU-time rule have one answer only: they are measured again
+    (and rewritten with both), not reused without a GPU-time answer."""
+    fake = _fake_kd()
+    s, t = _logits()
+    fake(s, t)
+    doc = json.loads(measured["file"].read_text())
+    (entries,) = doc["entries"].values()
+    for rec in entries.values():  # make it an old-style record
+        for k in ("wall_path", "gpu_path", "triton_gpu_ms", "compiled_gpu_ms"):
+            rec.pop(k)
+    measured["file"].write_text(json.dumps(doc))
+    KF.clear_decisions()
+    n = len(measured["calls"])
+    fake(s, t)
+    (rec,) = KF.decisions().values()
+    assert rec["source"] == "measured" and len(measured["calls"]) == n + 2 * M._REPS and "gpu_path" in rec
