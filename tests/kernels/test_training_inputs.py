@@ -188,14 +188,20 @@ def test_mimic_layers_on_training_inputs(taps, bias):
         assert_bf16(a, b, res[2][1][names.index(n)], f"stack vs per layer: d{n}")
 
 
+def _two_layer_inputs(taps, seed):
+    """(P_s, [W0, W1], [t0, t_last] patch views): two mimic layers' projections (grad-requiring) and
+    teacher tokens on the captured taps."""
+    P_s, P_t = taps["P_s"], taps["P_t"]
+    D_t, D_s = taps["t0"].shape[2], taps["s0"].shape[2]
+    g = torch.Generator().manual_seed(seed)
+    Ws = [randn(D_t, D_s, gen=g, scale=D_s**-0.5).requires_grad_() for _ in range(2)]
+    return P_s, Ws, [taps["t0"][:, P_t:], taps["t_last"][:, P_t:]]
+
+
 def test_mimic_layers_with_a_frozen_layer(taps):
     """A layer whose block output needs no gradient (a frozen block) gets none; the others' gradients are
     those of the all-trainable op, bit for bit (one scale pass writes every layer's dX)."""
-    P_s, P_t = taps["P_s"], taps["P_t"]
-    D_t, D_s = taps["t0"].shape[2], taps["s0"].shape[2]
-    g = torch.Generator().manual_seed(11)
-    Ws = [randn(D_t, D_s, gen=g, scale=D_s**-0.5).requires_grad_() for _ in range(2)]
-    ts = [taps["t0"][:, P_t:], taps["t_last"][:, P_t:]]
+    P_s, Ws, ts = _two_layer_inputs(taps, 11)
     grads = []
     for frozen in (False, True):
         s0 = taps["s0"].detach().clone().requires_grad_(not frozen)
@@ -218,11 +224,7 @@ def test_the_dispatch_mimic_takes_the_traced_form_when_a_compiled_step_calibrate
     from fastkd.ops import dispatch as KF
     from fastkd.ops import measure as M
 
-    P_s, P_t = taps["P_s"], taps["P_t"]
-    D_t, D_s = taps["t0"].shape[2], taps["s0"].shape[2]
-    g = torch.Generator().manual_seed(5)
-    Ws = [randn(D_t, D_s, gen=g, scale=D_s**-0.5).requires_grad_() for _ in range(2)]
-    ts = [taps["t0"][:, P_t:], taps["t_last"][:, P_t:]]
+    P_s, Ws, ts = _two_layer_inputs(taps, 5)
     calls = []
     stacked, one = tk.mimic_layers_op, tk.token_kd_op
     monkeypatch.setattr(tk, "mimic_layers_op", lambda xs, *a, **k: calls.append(("stack", a[-1])) or
