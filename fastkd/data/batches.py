@@ -36,7 +36,7 @@ from fastkd.data.augment import AugmentConfig, augment_batch, check_labels
 from fastkd.data.augparams import sample_params
 from fastkd.data.datasets import Dataset
 from fastkd.data.loader import StreamBatch, StreamLoader, default_workers, eval_id_batches
-from fastkd.data.pinned import Ring, offer
+from fastkd.data.pinned import END, Ring, offer, produce
 
 
 def _workers(workers: int | None) -> int:
@@ -45,7 +45,6 @@ def _workers(workers: int | None) -> int:
 
 __all__ = ["Prepared", "TrainBatches", "val_batches"]
 
-_END = object()
 
 
 class Prepared:
@@ -136,34 +135,30 @@ class _MemoryLoader:
             return x, want, ev
 
         def work():
-            try:
-                if self.cuda:
-                    torch.cuda.set_device(self.device)
-                for b in id_batches:
-                    if stop.is_set():
-                        return
-                    rows, n = _rows(b, extra_ids)
-                    slot = ring.acquire(lambda k=rows.shape[0]: make(k), rows.shape[0])
-                    if slot is None:
-                        return
-                    k, bufs = slot
-                    torch.index_select(self.x, 0, rows, out=bufs["x"])
-                    bufs["ids"].copy_(rows)
-                    x, want, ev = upload(bufs)
-                    ring.release(k, ev)  # reusable once this copy has read it
-                    if not offer(q, (x, want, n, rows, ev), stop):
-                        return
-            except BaseException as e:  # handed to the training thread, raised there
-                offer(q, ("error", e), stop)
-                return
-            offer(q, _END, stop)
+            if self.cuda:
+                torch.cuda.set_device(self.device)
+            for b in id_batches:
+                if stop.is_set():
+                    return
+                rows, n = _rows(b, extra_ids)
+                slot = ring.acquire(lambda k=rows.shape[0]: make(k), rows.shape[0])
+                if slot is None:
+                    return
+                k, bufs = slot
+                torch.index_select(self.x, 0, rows, out=bufs["x"])
+                bufs["ids"].copy_(rows)
+                x, want, ev = upload(bufs)
+                ring.release(k, ev)  # reusable once this copy has read it
+                if not offer(q, (x, want, n, rows, ev), stop):
+                    return
 
-        th = threading.Thread(target=work, name="fastkd-batch-prefetch", daemon=True)
+        th = threading.Thread(target=produce, args=(q, stop, work), name="fastkd-batch-prefetch",
+                              daemon=True)
         th.start()
         try:
             while True:
                 item = q.get()
-                if item is _END:
+                if item is END:
                     return
                 if len(item) == 2:
                     raise item[1]

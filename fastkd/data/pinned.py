@@ -61,3 +61,18 @@ def offer(q: queue.Queue, item, stop: threading.Event) -> bool:
         except queue.Full:
             continue
     return False
+
+
+END = object()  # what a producer thread offers after its last item
+
+
+def produce(q: queue.Queue, stop: threading.Event, body) -> None:
+    """A prefetch thread's target: run ``body()`` (which offers the items), then offer ``END``; an
+    exception is handed to the consumer as ``("error", e)`` instead, to be raised in the training thread.
+    Both are offered until ``stop`` (a body that returns early because ``stop`` is set offers nothing)."""
+    try:
+        body()
+    except BaseException as e:  # handed to the training thread, raised there
+        offer(q, ("error", e), stop)
+        return
+    offer(q, END, stop)

@@ -21,12 +21,11 @@ from fastkd.cache.format import (
     part_signatures,
     read_manifest,
 )
+from fastkd.data.pinned import END, offer, produce
 from fastkd.data.pinned import Ring as _Ring
-from fastkd.data.pinned import offer
 from fastkd.models.zoo import ModelInfo
 
 # -------------------------------------------------------------------------------------------------- read
-_END = object()
 
 
 def _indexed(device) -> torch.device:
@@ -287,36 +286,32 @@ class CachedTeacher:
             side.wait_stream(torch.cuda.current_stream(self.device))
 
         def work():
-            try:
+            if cuda:
+                torch.cuda.set_device(self.device)
+            for ids in host:
+                if stop.is_set():
+                    return
+                ids_cpu = _read_ids(ids, side)
+                slot = ring.acquire(lambda b=ids_cpu.shape[0]: self._empty(b), ids_cpu.shape[0])
+                if slot is None:
+                    return
+                k, bufs = slot
+                self.load(ids_cpu, view, out=bufs)
                 if cuda:
-                    torch.cuda.set_device(self.device)
-                for ids in host:
-                    if stop.is_set():
-                        return
-                    ids_cpu = _read_ids(ids, side)
-                    slot = ring.acquire(lambda b=ids_cpu.shape[0]: self._empty(b), ids_cpu.shape[0])
-                    if slot is None:
-                        return
-                    k, bufs = slot
-                    self.load(ids_cpu, view, out=bufs)
-                    if cuda:
-                        with torch.cuda.stream(side):
-                            dev = {f: t.to(self.device, non_blocking=True) for f, t in bufs.items()}
-                            ids_dev = ids_cpu.pin_memory().to(self.device, non_blocking=True)
-                            ev = torch.cuda.Event()
-                            ev.record(side)
-                        ring.release(k, ev)  # reusable once this copy has read it
-                        item = (ids_cpu, ids_dev, dev, ev, None)
-                    else:
-                        item = (ids_cpu, ids_cpu, bufs, None, k)  # the consumer frees slot k
-                    if not offer(q, item, stop):
-                        return
-            except BaseException as e:  # handed to the training thread, raised there
-                offer(q, ("error", e), stop)
-                return
-            offer(q, _END, stop)
+                    with torch.cuda.stream(side):
+                        dev = {f: t.to(self.device, non_blocking=True) for f, t in bufs.items()}
+                        ids_dev = ids_cpu.pin_memory().to(self.device, non_blocking=True)
+                        ev = torch.cuda.Event()
+                        ev.record(side)
+                    ring.release(k, ev)  # reusable once this copy has read it
+                    item = (ids_cpu, ids_dev, dev, ev, None)
+                else:
+                    item = (ids_cpu, ids_cpu, bufs, None, k)  # the consumer frees slot k
+                if not offer(q, item, stop):
+                    return
 
-        th = threading.Thread(target=work, name="fastkd-cache-prefetch", daemon=True)
+        th = threading.Thread(target=produce, args=(q, stop, work), name="fastkd-cache-prefetch",
+                              daemon=True)
         self._pf = {"queue": q, "stop": stop, "thread": th, "view": int(view), "ring": ring}
         th.start()
 
@@ -347,10 +342,10 @@ class CachedTeacher:
             return None
         if "iter" in pf:  # inline mode (host ids on a CPU device)
             nxt = next(pf["iter"], None)
-            item = _END if nxt is None else (nxt, nxt, None, None, None)
+            item = END if nxt is None else (nxt, nxt, None, None, None)
         else:
             item = pf["queue"].get()
-        if item is _END:
+        if item is END:
             self._pf = None
             return None
         if isinstance(item, tuple) and len(item) == 2 and isinstance(item[0], str):
