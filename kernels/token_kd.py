@@ -722,40 +722,11 @@ def _mimic_forward(s, t, weight, bias, P_s, P_t, amp, config, residual=None, w16
         y = torch.mm(_bf16_rows(s, P_s, N, sb if store_r else None), w.t())  # [M, D_t] bf16
         cfg = _sumsq_on_y(y, t, bias if has_b else None, P_t, part, db_part, r, store_r, config)
     else:
-        cfg = launch(
-            _token_kd_bwd_kernel,
-            lambda meta: (cdiv(M, meta["BLOCK_M"]) * cdiv(D_t, meta["BLOCK_N"]),),
-            (
-                s,
-                t,
-                w,
-                bb,
-                part,
-                part,
-                sb,
-                db_part,
-                r,
-                M,
-                N,
-                D_s,
-                D_t,
-                P_s,
-                P_t,
-                s.stride(0),
-                s.stride(1),
-                t.stride(0),
-                t.stride(1),
-                w.stride(0) if has_w else 0,
-            ),
-            dict(
-                HAS_W=has_w,
-                HAS_BIAS=has_b,
-                WRITE_SB=store_r and has_w,
-                SUMSQ=True,
-                STORE_R=store_r,
-                DOT_BF16=bf16,
-                UPCAST=INTERPRET,
-            ),
+        cfg = _launch_2d(
+            (s, t, w, bb, part, part, sb, db_part, r),
+            M, N, D_s, D_t, P_s, P_t, (s.stride(0), s.stride(1)), t, w.stride(0) if has_w else 0,
+            dict(HAS_W=has_w, HAS_BIAS=has_b, WRITE_SB=store_r and has_w, SUMSQ=True, STORE_R=store_r,
+                 DOT_BF16=bf16),
             config,
         )
     if store_r and has_b:
@@ -771,16 +742,23 @@ def _sumsq_on_y(y, t, bias, P_t, part, db_part, r, store_r: bool, config=None) -
     M, D_t = y.shape
     N = t.shape[1] - P_t
     has_b = bias is not None
+    bb = (bias if bias.dim() == 1 else bias.reshape(-1)) if has_b else y
+    return _launch_2d(
+        (y, t, y, bb, part, part, part, db_part, r), M, N, D_t, D_t, 0, P_t, (N * D_t, D_t), t, 0,
+        dict(HAS_W=False, HAS_BIAS=has_b, WRITE_SB=False, SUMSQ=True, STORE_R=store_r, DOT_BF16=True),
+        config,
+    )
+
+
+def _launch_2d(ptrs, M, N, D_in, D_t, P_in, P_t, s_strides, t, stride_w, flags: dict, config=None) -> Cfg:
+    """One launch of ``_token_kd_bwd_kernel`` on its grouped (row tile × D_t tile) grid: ``ptrs`` are its
+    9 tensor arguments in order (s, t, w, b, g, gr, sb, db_part, r), ``s_strides`` s's (sample, row)
+    strides, ``flags`` its constexprs but UPCAST. Returns the config it ran with."""
     return launch(
         _token_kd_bwd_kernel,
         lambda meta: (cdiv(M, meta["BLOCK_M"]) * cdiv(D_t, meta["BLOCK_N"]),),
-        (
-            y, t, y, ((bias if bias.dim() == 1 else bias.reshape(-1)) if has_b else y), part, part, part,
-            db_part, r,
-            M, N, D_t, D_t, 0, P_t, N * D_t, D_t, t.stride(0), t.stride(1), 0,
-        ),
-        dict(HAS_W=False, HAS_BIAS=has_b, WRITE_SB=False, SUMSQ=True, STORE_R=store_r, DOT_BF16=True,
-             UPCAST=INTERPRET),
+        (*ptrs, M, N, D_in, D_t, P_in, P_t, *s_strides, t.stride(0), t.stride(1), stride_w),
+        dict(flags, UPCAST=INTERPRET),
         config,
     )
 
@@ -922,40 +900,12 @@ def token_kd_backward(
             s_in, w_in, P_in, D_in, s_strides = y, y, 0, D_t, (N * D_t, D_t)
         else:
             s_in, w_in, P_in, D_in, s_strides = s, w, num_prefix_s, D_s, (s.stride(0), s.stride(1))
-        cfg = launch(
-            _token_kd_bwd_kernel,
-            lambda meta: (cdiv(M, meta["BLOCK_M"]) * cdiv(D_t, meta["BLOCK_N"]),),
-            (
-                s_in,
-                t,
-                w_in,
-                bb,
-                g,
-                gr,
-                sb,
-                db_part,
-                gr,
-                M,
-                N,
-                D_in,
-                D_t,
-                P_in,
-                num_prefix_t,
-                s_strides[0],
-                s_strides[1],
-                t.stride(0),
-                t.stride(1),
-                w_in.stride(0) if (has_w and not via_cublas) else 0,
-            ),
-            dict(
-                HAS_W=has_w and not via_cublas,
-                HAS_BIAS=has_b,
-                WRITE_SB=write_sb,
-                SUMSQ=False,
-                STORE_R=False,
-                DOT_BF16=bf16,
-                UPCAST=INTERPRET,
-            ),
+        has_gemm = has_w and not via_cublas
+        cfg = _launch_2d(
+            (s_in, t, w_in, bb, g, gr, sb, db_part, gr),
+            M, N, D_in, D_t, P_in, num_prefix_t, s_strides, t, w_in.stride(0) if has_gemm else 0,
+            dict(HAS_W=has_gemm, HAS_BIAS=has_b, WRITE_SB=write_sb, SUMSQ=False, STORE_R=False,
+                 DOT_BF16=bf16),
             config,
         )
         if has_w:
