@@ -43,8 +43,7 @@ Tensor = torch.Tensor
 
 class _Decisions:
     def __init__(self):
-        self.memo: dict[tuple, str] = {}  # exact call key → path (the per-call fast lookup)
-        self.memo_key: dict[tuple, str] = {}  # exact call key → its signature key
+        self.memo: dict[tuple, tuple[str, dict]] = {}  # exact call key → (signature key, its record)
         self.counts: dict[str, int] | None = None  # calls per signature, while ``step_balance`` counts
         self.slack_ms: float | None = None  # the calibrated step's GPU − host ms (``rebalance``), if any
         self.traced_form = False  # a compiled step is calibrating: ops run (and key) as the trace runs them
@@ -203,7 +202,6 @@ def _write_cache(device: torch.device, key: str, rec: dict) -> None:
 def clear_decisions() -> None:
     """Forget this process's decisions (the file stays; tests and benches)."""
     _S.memo.clear()
-    _S.memo_key.clear()
     _S.decided.clear()
     _S.pending.clear()
     _S.slack_ms = None
@@ -335,29 +333,24 @@ def _measure(name: str, runners: dict[str, Callable], args, kwargs, device: torc
 def decide(name: str, xs: Sequence[Tensor], runners: dict[str, Callable], args, kwargs, timer=None) -> str:
     """The path of an eager call in measured mode: memo → this process → dispatch.json → measure."""
     fk = _fast_key(name, xs)
-    path = _S.memo.get(fk)
-    if path is not None:
-        if _S.counts is not None:  # the balance pass counts each signature's calls per step
-            key = _S.memo_key[fk]
-            _S.counts[key] = _S.counts.get(key, 0) + 1
-        return path
-    key = sig_key(name, xs)
-    rec = _S.decided.get(key)
-    device = xs[0].device
-    if rec is None:
-        cached = _cache_entries(device).get(key)
-        # a record without both answers (written before the GPU-time rule) is measured again
-        if isinstance(cached, dict) and cached.get("path") in runners and "gpu_path" in cached:
-            rec = {**cached, "op": name, "source": "cache"}
-            rec["path"] = rec["wall_path"] = rec.get("wall_path", cached["path"])  # the step's rule: later
-            rec["rule"] = "wall"
-        else:
-            rec = _measure(name, runners, args, kwargs, device, timer)
-            _write_cache(device, key, {k: v for k, v in rec.items() if k not in ("source", "rule")})
-        _S.decided[key] = rec
-        _S.pending.discard(key)
-    _S.memo[fk], _S.memo_key[fk] = rec["path"], key
-    if _S.counts is not None:
+    hit = _S.memo.get(fk)
+    if hit is None:
+        key = sig_key(name, xs)
+        rec = _S.decided.get(key)
+        if rec is None:
+            device = xs[0].device
+            cached = _cache_entries(device).get(key)
+            # a record without both answers (written before the GPU-time rule) is measured again
+            if isinstance(cached, dict) and cached.get("path") in runners and "gpu_path" in cached:
+                rec = {**cached, "op": name, "source": "cache", "path": cached["wall_path"], "rule": "wall"}
+            else:
+                rec = _measure(name, runners, args, kwargs, device, timer)
+                _write_cache(device, key, {k: v for k, v in rec.items() if k not in ("source", "rule")})
+            _S.decided[key] = rec
+            _S.pending.discard(key)
+        hit = _S.memo[fk] = (key, rec)  # the record itself: a rebalance updates it in place
+    key, rec = hit
+    if _S.counts is not None:  # the balance pass counts each signature's calls per step
         _S.counts[key] = _S.counts.get(key, 0) + 1
     return rec["path"]
 
@@ -373,20 +366,20 @@ def rebalance(slack_ms: float, calls: dict[str, int] | None = None) -> list[str]
     other path may cost no host time at all when it is inlined in a compiled step) and counted with the
     GPU time they save, fits in half the slack (margin for the step's backward, whose slack is not
     measured, and for noise). With ``calls`` given, a signature it does not count (such as an online
-    teacher's op, outside the timed forward) keeps its wall answer. Returns the keys switched. The memo is
-    cleared, so eager calls read the new paths; a ``torch.compile`` trace after this reads them too."""
+    teacher's op, outside the timed forward) keeps its wall answer. Returns the keys switched. The records
+    change in place, so eager calls read the new paths; a ``torch.compile`` trace after this reads them
+    too."""
     _S.slack_ms = float(slack_ms)
     budget = 0.5 * max(float(slack_ms), 0.0)
     cands = []
     for key, rec in _S.decided.items():
-        wp = rec["path"] = rec.get("wall_path", rec["path"])
-        rec["rule"] = "wall"
-        gp = rec.get("gpu_path")
-        if gp is None or gp == wp or rec.get(f"{gp}_gpu_ms") is None or rec.get(f"{wp}_gpu_ms") is None:
+        wp, gp = rec["wall_path"], rec["gpu_path"]
+        rec["path"], rec["rule"] = wp, "wall"
+        if gp == wp or rec.get(f"{gp}_gpu_ms") is None or rec.get(f"{wp}_gpu_ms") is None:
             continue
-        if calls is not None and not calls.get(key):
+        n = 1 if calls is None else calls.get(key, 0)
+        if n == 0:
             continue  # not run by the timed forward (e.g. the online teacher's ops): its count is unknown
-        n = calls.get(key, 1) if calls is not None else 1
         saving = n * (rec[f"{wp}_gpu_ms"] - rec[f"{gp}_gpu_ms"])
         cost = n * (rec.get(f"{gp}_host_ms") or 0.0) + saving
         cands.append((saving, key, cost))
@@ -397,8 +390,6 @@ def rebalance(slack_ms: float, calls: dict[str, int] | None = None) -> list[str]
             rec = _S.decided[key]
             rec["path"], rec["rule"] = rec["gpu_path"], "gpu"
             switched.append(key)
-    _S.memo.clear()
-    _S.memo_key.clear()
     return switched
 
 
@@ -407,12 +398,10 @@ def apply_switched(keys) -> list[str]:
     signatures in ``keys`` take their GPU-time answer, every other its wall answer. Returns those applied."""
     wanted, applied = set(keys), []
     for key, rec in _S.decided.items():
-        rec["path"], rec["rule"] = rec.get("wall_path", rec["path"]), "wall"
-        if key in wanted and rec.get("gpu_path"):
+        rec["path"], rec["rule"] = rec["wall_path"], "wall"
+        if key in wanted:
             rec["path"], rec["rule"] = rec["gpu_path"], "gpu"
             applied.append(key)
-    _S.memo.clear()
-    _S.memo_key.clear()
     return applied
 
 
