@@ -43,13 +43,7 @@ def gpu_and_host_ms(fn: Callable[[], object], device: torch.device, wall_ms: flo
 def cuda_times(run: Callable[[], None], device: torch.device) -> dict[str, float]:
     """One timed call: wall ms with the host in the loop (CUDA events around an idle-GPU call), and GPU
     and host ms with the host's work hidden (``gpu_and_host_ms``)."""
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    torch.cuda.synchronize(device)
-    start.record()
-    run()
-    end.record()
-    end.synchronize()
-    wall = start.elapsed_time(end)
+    _, wall = host_and_span_ms(run, device)
     try:
         gpu, host = gpu_and_host_ms(run, device, wall)
     except Exception:  # no usable sleep kernel: the wall time stands for both (no GPU-time answer then)
