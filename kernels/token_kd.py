@@ -315,7 +315,7 @@ def _token_kd_bwd_kernel(
     #          BLOCK_N), M] fp32 out, Σ_j r² per (column tile, row)
     sb_ptr,  # [M, D_S] out, compact: S in the GEMM dtype; written by column-tile 0 if WRITE_SB
     db_part_ptr,  # [≥ cdiv(M, BLOCK_M), D_T] fp32 out, if HAS_BIAS: Σ_rows gR (SUMSQ: r) of this row tile
-    r_ptr,  # [M, D_T] bf16 out, compact: the residual r = W s + b − t (SUMSQ and STORE_R only)
+    r_ptr,  # [B, P_R+N, D_T] bf16 out: the residual r = W s + b − t (SUMSQ and STORE_R only); prefix rows 0
     M,
     N,
     D_S,
@@ -327,6 +327,7 @@ def _token_kd_bwd_kernel(
     stride_tb,
     stride_tn,
     stride_w,
+    P_R,  # prefix rows of r's layout (0: r is the compact [M, D_T])
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -377,11 +378,18 @@ def _token_kd_bwd_kernel(
         r = tl.where(mj, acc - y, 0.0)
         tl.store(gr_ptr + pid_n * M + rows, tl.sum(r * r, 1), mask=row_ok)
         if STORE_R:  # the bf16 residual for the backward (no recompute), and its column sums for db
+            r_row = bidx * (N + P_R) + P_R + n  # = rows when P_R = 0
             tl.store(
-                r_ptr + rows.to(tl.int64)[:, None] * D_T + j[None, :],
+                r_ptr + r_row[:, None] * D_T + j[None, :],
                 cast_rtne(r, r_ptr.dtype.element_ty),
                 mask=mj,
             )
+            for p in range(0, P_R):  # the prefix rows of r: 0, written by the programs holding patch 0
+                tl.store(
+                    r_ptr + (bidx * (N + P_R) + p)[:, None] * D_T + j[None, :],
+                    tl.zeros((BLOCK_M, BLOCK_N), r_ptr.dtype.element_ty),
+                    mask=mj & (n == 0)[:, None],
+                )
             if HAS_BIAS:
                 tl.store(db_part_ptr + pid_m * D_T + j, tl.sum(r, 0), mask=j_ok)
     else:
@@ -734,30 +742,35 @@ def _mimic_forward(s, t, weight, bias, P_s, P_t, amp, config, residual=None, w16
     return part[: cdiv(D_t, cfg.BLOCK_N)].sum(), s.new_zeros((), dtype=torch.float32)
 
 
-def _sumsq_on_y(y, t, bias, P_t, part, db_part, r, store_r: bool, config=None) -> Cfg:
-    """The mimic forward's streaming epilogue on cuBLAS's Y = S Wᵀ [M, D_t] (bf16): ``_token_kd_bwd_kernel``
-    without a GEMM (``HAS_W`` False) computes r = Y + b − t (t [B, P_t+N, D_t], any row stride), writes
-    Σ_j r² per (column tile, row) into ``part`` and, with ``store_r``, r in bf16 into ``r`` and Σ_rows r
+def _sumsq_on_y(y, t, bias, P_t, part, db_part, r, store_r: bool, config=None, P: int = 0) -> Cfg:
+    """The mimic forward's streaming epilogue on cuBLAS's Y = S Wᵀ (bf16, [B·(P+N), D_t]: P prefix rows per
+    sample, skipped; P = 0: the compact [M, D_t]): ``_token_kd_bwd_kernel`` without a GEMM (``HAS_W`` False)
+    computes r = Y + b − t (t [B, P_t+N, D_t], any row stride), writes Σ_j r² per (column tile, patch
+    row) into ``part`` and, with ``store_r``, r in bf16 into ``r`` (Y's layout, prefix rows 0) and Σ_rows r
     per row tile into ``db_part`` (with a bias). Returns the config it ran with."""
-    M, D_t = y.shape
-    N = t.shape[1] - P_t
+    B, T, D_t = t.shape[0], t.shape[1] - P_t + P, y.shape[1]
+    N = T - P
     has_b = bias is not None
     bb = (bias if bias.dim() == 1 else bias.reshape(-1)) if has_b else y
     return _launch_2d(
-        (y, t, y, bb, part, part, part, db_part, r), M, N, D_t, D_t, 0, P_t, (N * D_t, D_t), t, 0,
+        (y, t, y, bb, part, part, part, db_part, r), B * N, N, D_t, D_t, P, P_t, (T * D_t, D_t), t, 0,
         dict(HAS_W=False, HAS_BIAS=has_b, WRITE_SB=False, SUMSQ=True, STORE_R=store_r, DOT_BF16=True),
         config,
+        P_r=P if store_r else 0,
     )
 
 
-def _launch_2d(ptrs, M, N, D_in, D_t, P_in, P_t, s_strides, t, stride_w, flags: dict, config=None) -> Cfg:
+def _launch_2d(
+    ptrs, M, N, D_in, D_t, P_in, P_t, s_strides, t, stride_w, flags: dict, config=None, P_r: int = 0
+) -> Cfg:
     """One launch of ``_token_kd_bwd_kernel`` on its grouped (row tile × D_t tile) grid: ``ptrs`` are its
     9 tensor arguments in order (s, t, w, b, g, gr, sb, db_part, r), ``s_strides`` s's (sample, row)
-    strides, ``flags`` its constexprs but UPCAST. Returns the config it ran with."""
+    strides, ``flags`` its constexprs but UPCAST, ``P_r`` the prefix rows of r's layout. Returns the
+    config it ran with."""
     return launch(
         _token_kd_bwd_kernel,
         lambda meta: (cdiv(M, meta["BLOCK_M"]) * cdiv(D_t, meta["BLOCK_N"]),),
-        (*ptrs, M, N, D_in, D_t, P_in, P_t, *s_strides, t.stride(0), t.stride(1), stride_w),
+        (*ptrs, M, N, D_in, D_t, P_in, P_t, *s_strides, t.stride(0), t.stride(1), stride_w, P_r),
         dict(flags, UPCAST=INTERPRET),
         config,
     )
@@ -779,16 +792,20 @@ def _bf16_rows(s, P, N, out=None):
 
 def _residual_backward(g_mim, s, t, weight, bias, stats, P, need_dw, need_db, placeholders=True, w16=None):
     """(dS, dW, db) of the mimic term alone from the residual the forward stored (``residual_on``):
-    dS = 2g·(r W) (cuBLAS bf16, then one scale-and-cast pass), dW = 2g·(rᵀ S), db = 2g·Σ_m r."""
+    dS = 2g·(r W) (patch views, P = 0: r·bf16(2g·W) by cuBLAS, written in s's dtype; whole tokens: r W in
+    bf16, then one scale-and-cast pass that zeroes the prefix rows), dW = 2g·(rᵀ S), db = 2g·Σ_m r."""
     B, T, D_s = s.shape
     N, D_t = T - P, t.shape[2]
     M = B * N
     has_w, has_b = weight is not None, bias is not None
     r, sb, db_sum = _residual_views(stats, M, D_s, D_t, has_w, has_b)
     g = g_mim if g_mim.dtype == torch.float32 else g_mim.float()
-    mim_ds = torch.mm(r, _gemm_weight(weight, True, w16)) if has_w else r  # [M, D_s] bf16, unscaled
-    ds = _scaled_ds(mim_ds, g, s.shape, s.dtype, P)
     g2 = g * 2.0
+    if has_w and P == 0:  # dS [B, N, D_s] is the compact product itself: 2g rides on W, no scale pass
+        ds = _gemm_to(r, _scaled_weight(weight, g2, r.new_empty((D_t, D_s))), s.dtype).view(B, N, D_s)
+    else:  # prefix rows to zero around the compact product (or no W): one scale-and-cast pass
+        mim_ds = torch.mm(r, _gemm_weight(weight, True, w16)) if has_w else r  # [M, D_s] bf16, unscaled
+        ds = _scaled_ds(mim_ds, g, s.shape, s.dtype, P)
     if has_w and need_dw:
         dw = torch.mm(r.t(), sb).to(weight.dtype).mul_(g2)
     else:
@@ -1249,14 +1266,48 @@ def mimic_layers_ok(xs, ts, ws, bs, P: int, amp: bool) -> bool:
     )
 
 
+# bf16 × bf16 → fp32-out cuBLAS GEMMs (``aten::mm.dtype`` / ``aten::bmm.dtype``: CUDA only, torch ≥ 2.8)
+_OUT_DTYPE = "dtype" in torch.ops.aten.mm.overloads() and "dtype" in torch.ops.aten.bmm.overloads()
+
+
+def _gemm_to(a, b, dtype, native: bool | None = None):
+    """a @ b of bf16 matrices (2-D: ``torch.mm``) or stacks (3-D: ``torch.bmm``) with fp32 accumulation,
+    written in ``dtype``: for fp32, cuBLAS writes fp32 itself (one pass; no bf16 product and cast). On
+    CPU (the interpreter tests) and without ``out_dtype``: the same products of the bf16 values, summed in
+    fp32. ``native`` (tests): force the ``out_dtype`` call (default: on CUDA when torch has it)."""
+    gemm = torch.bmm if a.dim() == 3 else torch.mm
+    if dtype == a.dtype:
+        return gemm(a, b)
+    if native if native is not None else (a.is_cuda and _OUT_DTYPE):
+        return gemm(a, b, out_dtype=dtype)
+    return gemm(a.to(dtype), b.to(dtype))
+
+
+def _scaled_weight(w, g2, out):
+    """bf16(2g·W) into ``out`` [D_t, D_s] (computed in fp32: one rounding; 2g stays an fp32 device
+    scalar), so that dS = r (2g·W) needs no scale pass over dS."""
+    return torch.mul(w if w.dtype == torch.float32 else w.float(), g2, out=out)
+
+
 class _MimicLayers(torch.autograd.Function):
     """Σ_l Σ_{m,d} (W_l s_l,m + b_l − t_l,m)² of L layers with one shape, under bf16 autocast, with the
-    stored-residual design of the one-layer op, batched over the layers: S_l and W_l are rounded to bf16
-    into [L, M, D_s] / [L, D_t, D_s] stacks, Y = S Wᵀ, dS = r W and dW = rᵀ S are one ``torch.bmm`` each
-    (L cuBLAS calls in the one-layer op), one autograd node, one sum over all layers' partials, and one
-    dS scale pass writing every layer's dX (slices of one buffer). The streaming epilogue (r = Y + b − t,
-    Σ r², r in bf16, Σ_m r) stays one launch per layer (each layer's teacher is its own tensor). Same
-    rounding as the one-layer op."""
+    stored-residual design of the one-layer op, batched over the layers, on whole token rows:
+
+    * S_l [B, P+N, D_s] (prefix rows included) and W_l are rounded to bf16 into [L, B·(P+N), D_s] /
+      [L, D_t, D_s] stacks; Y = S Wᵀ is one ``torch.bmm`` (the P prefix rows of a sample: 1 in 197 rows
+      of extra GEMM work at DeiT-S);
+    * the streaming epilogue (r = Y + b − t on the patch rows, Σ r², r in bf16, Σ_m r) is one launch per
+      layer (each layer's teacher is its own tensor) and writes r in the same whole-row layout with its
+      prefix rows 0;
+    * backward: dX = r (2g·W) is one ``torch.bmm`` written in X's dtype by cuBLAS (fp32 out for fp32
+      tokens): the prefix rows come out 0 (their r is 0), so every layer's dX is its slice of that one
+      buffer and there is no scale-and-cast pass (the one-layer op's ``_scaled_ds``: a read of the bf16
+      product and a write of dX, 115.6 MB per DeiT-S layer); dW = 2g·(rᵀ S) is one ``torch.bmm``;
+    * one autograd node, one sum over all layers' partials.
+
+    Rounding: as autocast's reference (Y, r and S in bf16, fp32 accumulation), except that 2g·W is rounded
+    to bf16 instead of the upstream gradient 2g·r, and dX is not rounded to bf16 before its fp32 cast.
+    Memory from forward to backward: r and S in bf16, as the one-layer op (the prefix rows add 1/N)."""
 
     @staticmethod
     def forward(ctx, P, n, has_b, *flat):
@@ -1266,42 +1317,42 @@ class _MimicLayers(torch.autograd.Function):
         N, D_t = T - P, ts[0].shape[2]
         M = B * N
         x0 = xs[0]
-        s16 = x0.new_empty((n, M, D_s), dtype=torch.bfloat16)
+        s16 = x0.new_empty((n, B * T, D_s), dtype=torch.bfloat16)
         w16 = x0.new_empty((n, D_t, D_s), dtype=torch.bfloat16)
         for x, s_i, w, w_i in zip(xs, s16.unbind(0), ws, w16.unbind(0), strict=True):
-            _bf16_rows(x, P, N, s_i)
+            s_i.view(B, T, D_s).copy_(x.detach())
             w_i.copy_(w.detach())
-        y = torch.bmm(s16, w16.transpose(1, 2))  # [L, M, D_t] bf16, as autocast's linear rounds it
+        y = torch.bmm(s16, w16.transpose(1, 2))  # [L, B·(P+N), D_t] bf16, as autocast's linear rounds it
         r = torch.empty_like(y)
         part = x0.new_empty((n, cdiv(D_t, 32), M), dtype=torch.float32)  # rows for any BLOCK_N
         db_part = x0.new_empty((n, cdiv(M, 32), D_t), dtype=torch.float32) if has_b else part
         cfg = None
         per_layer = zip(ts, bs, y.unbind(0), r.unbind(0), part.unbind(0), db_part.unbind(0), strict=True)
         for t, b, y_i, r_i, part_i, db_i in per_layer:
-            cfg = _sumsq_on_y(y_i, t, b, 0, part_i, db_i, r_i, True)
+            cfg = _sumsq_on_y(y_i, t, b, 0, part_i, db_i, r_i, True, P=P)
         total = part[:, : cdiv(D_t, cfg.BLOCK_N)].sum()  # one shape, so one config for every layer
         db_sum = db_part[:, : cdiv(M, cfg.BLOCK_M)].sum(1) if has_b else None  # [L, D_t]
-        ctx.save_for_backward(r, s16, w16, db_sum)
+        ctx.save_for_backward(r, s16, db_sum, *ws)
         b_meta = (bs[0].dtype, bs[0].shape) if has_b else None
         ctx.meta = (P, n, has_b, x0.shape, x0.dtype, ws[0].dtype, b_meta)
         return total
 
     @staticmethod
     def backward(ctx, g):
-        r, s16, w16, db_sum = ctx.saved_tensors
+        r, s16, db_sum, *ws = ctx.saved_tensors
         P, n, has_b, shape, x_dtype, w_dtype, b_meta = ctx.meta
         need = ctx.needs_input_grad[3:]
         need_x, need_w, need_b = any(need[:n]), any(need[2 * n : 3 * n]), has_b and any(need[3 * n :])
-        g = g if g.dtype == torch.float32 else g.float()
+        g2 = 2.0 * (g if g.dtype == torch.float32 else g.float())
         dxs = [None] * n
         if need_x:
-            ds16 = torch.bmm(r, w16)  # [L, M, D_s] bf16, unscaled
-            # one scale pass for every layer: the stack is L·B samples of N rows, and dX of L·B samples
-            # of P+N rows; each layer's dX is its [B, P+N, D_s] slice of that buffer (a contiguous view)
-            B, T, D_s = shape
-            dx = _scaled_ds(ds16.view(n * B * (T - P), D_s), g, (n * B, T, D_s), x_dtype, P)
-            dxs = [d if need[i] else None for i, d in enumerate(dx.view(n, B, T, D_s).unbind(0))]
-        g2 = g * 2.0
+            # the scale 2g rides on W (L·D_t·D_s elements; one rounding of 2g·W to bf16, computed in fp32)
+            # instead of a pass over dX
+            wg = r.new_empty((n, *ws[0].shape))
+            for w, wg_i in zip(ws, wg.unbind(0), strict=True):
+                _scaled_weight(w, g2, wg_i)
+            dx = _gemm_to(r, wg, x_dtype).view(n, *shape)
+            dxs = [d if need[i] else None for i, d in enumerate(dx.unbind(0))]
         dws = [None] * n
         if need_w:
             dw = torch.bmm(r.transpose(1, 2), s16).to(w_dtype).mul_(g2)  # [L, D_t, D_s]
@@ -1425,7 +1476,10 @@ def compile_specs():
                 const = dict(
                     base_const(cfg, has_w, has_b, bf16), WRITE_SB=write_sb, SUMSQ=sumsq, STORE_R=store_r
                 )
-                specs.append((tag, _token_kd_bwd_kernel.fn, ptrs, dict(scalars), const, cfg))
+                specs.append((tag, _token_kd_bwd_kernel.fn, ptrs, dict(scalars, P_R=0), const, cfg))
+                if store_r and not has_w:  # the stacked mimic op: r in whole-row layout, prefix rows 0
+                    whole = dict(scalars, P_R=P)
+                    specs.append((f"{tag}/pr{P}", _token_kd_bwd_kernel.fn, ptrs, whole, const, cfg))
     for cname, cfg in MAP_BWD_CONFIGS.items():
         B, N, P, D_s, _ = shapes["small" if cname == "small" else "deit_s"]
         T = P + N

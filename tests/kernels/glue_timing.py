@@ -39,12 +39,12 @@ autotuner.Autotuner._bench = lambda self, *args, config=None, **kwargs: [1.0, 1.
 _real_mm = torch.mm
 
 
-def _stub_mm(a, b, *args, **kwargs):
-    return torch.empty((a.shape[0], b.shape[1]), dtype=a.dtype, device=a.device)
+def _stub_mm(a, b, *args, out_dtype=None, **kwargs):
+    return torch.empty((a.shape[0], b.shape[1]), dtype=out_dtype or a.dtype, device=a.device)
 
 
-def _stub_bmm(a, b, *args, **kwargs):
-    return torch.empty((a.shape[0], a.shape[1], b.shape[2]), dtype=a.dtype, device=a.device)
+def _stub_bmm(a, b, *args, out_dtype=None, **kwargs):
+    return torch.empty((a.shape[0], a.shape[1], b.shape[2]), dtype=out_dtype or a.dtype, device=a.device)
 
 
 torch.mm = _stub_mm
@@ -62,6 +62,10 @@ def _no_cuda_check(what, ref, **tensors):
 for mod in (tk, mg, _utils):
     if hasattr(mod, "check_device"):
         mod.check_device = _no_cuda_check
+
+# fp32-out GEMMs take the CUDA call (one ``out_dtype`` GEMM, stubbed), not the CPU stand-in's upcasts
+_gemm_to = tk._gemm_to
+tk._gemm_to = lambda a, b, dtype, native=None: _gemm_to(a, b, dtype, native=True)
 
 
 def inputs(B=3, N=16, D_s=24, D_t=40):
@@ -125,7 +129,7 @@ def launch_paths(iters=20000):
     t = torch.randn(4, 257, D_t)
     part, r = torch.empty(64, M), torch.empty(M, D_t, dtype=torch.bfloat16)
     args = (y, t, y, y, part, part, part, part, r, M, 256, D_t, D_t, 0, 1, 256 * D_t, D_t, t.stride(0),
-            t.stride(1), 0)
+            t.stride(1), 0, 0)
     consts = dict(HAS_W=False, HAS_BIAS=False, WRITE_SB=False, SUMSQ=True, STORE_R=True, DOT_BF16=True,
                   UPCAST=False)
     grid = lambda meta: (1,)  # noqa: E731

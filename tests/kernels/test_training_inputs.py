@@ -200,7 +200,7 @@ def _two_layer_inputs(taps, seed):
 
 def test_mimic_layers_with_a_frozen_layer(taps):
     """A layer whose block output needs no gradient (a frozen block) gets none; the others' gradients are
-    those of the all-trainable op, bit for bit (one scale pass writes every layer's dX)."""
+    those of the all-trainable op, bit for bit (one GEMM writes every layer's dX)."""
     P_s, Ws, ts = _two_layer_inputs(taps, 11)
     grads = []
     for frozen in (False, True):
@@ -214,6 +214,32 @@ def test_mimic_layers_with_a_frozen_layer(taps):
             w.grad = None
     for a, b in zip(*grads, strict=True):
         assert torch.equal(a, b)
+
+
+def test_mimic_layers_writes_every_element_it_reads(taps, monkeypatch):
+    """The stacked op allocates its buffers uninitialised (r and the stacks in whole-row layout, the
+    partial sums): with every allocation poisoned with NaN the loss and gradients are unchanged, so the
+    epilogue writes each prefix row of r (0) and dX's prefix rows come out of the GEMM as exact zeros."""
+    P_s, Ws, ts = _two_layer_inputs(taps, 13)
+    xs = [taps["s0"], taps["s_last"]]
+
+    def run():
+        leaves = [leaf_like(x) for x in xs]
+        with torch.autocast(DEVICE.type, dtype=torch.bfloat16):
+            loss = tk.mimic_layers_op(leaves, ts, Ws, [None, None], P_s)
+        return loss.detach(), torch.autograd.grad(loss, [*leaves, *Ws], torch.tensor(0.37, device=DEVICE))
+
+    clean = run()
+    empty_like, new_empty, nan = torch.empty_like, torch.Tensor.new_empty, float("nan")
+    monkeypatch.setattr(torch, "empty_like", lambda *a, **k: empty_like(*a, **k).fill_(nan))
+    monkeypatch.setattr(torch.Tensor, "new_empty", lambda self, *a, **k: new_empty(self, *a, **k).fill_(nan))
+    poisoned = run()
+    monkeypatch.undo()
+    assert torch.equal(clean[0], poisoned[0])
+    for a, b in zip(clean[1], poisoned[1], strict=True):
+        assert torch.equal(a, b)
+    for dx in poisoned[1][:2]:
+        assert torch.count_nonzero(dx[:, :P_s]) == 0 and torch.count_nonzero(dx[:, P_s:]) > 0
 
 
 def test_the_dispatch_mimic_takes_the_traced_form_when_a_compiled_step_calibrates(taps, monkeypatch):
@@ -341,9 +367,14 @@ def test_kernels_never_copy_the_strided_tokens(taps):
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
             out = func(*args, **(kwargs or {}))
             name = func.overloadpacket.__name__
+            src = args[0] if args and isinstance(args[0], torch.Tensor) else None
+            # an upcast of a bf16 tensor is no copy of the fp32 tokens: ``_gemm_to``'s CPU stand-in for
+            # cuBLAS's fp32-out GEMM (one ``mm.dtype`` call on CUDA) upcasts its bf16 operands
+            upcast = name == "_to_copy" and src is not None and src.dtype == torch.bfloat16
             for o in out if isinstance(out, (tuple, list)) else (out,):
                 if (
-                    isinstance(o, torch.Tensor)
+                    not upcast
+                    and isinstance(o, torch.Tensor)
                     and o.dtype == torch.float32
                     and o.numel() >= numel_s
                     # dW cast to W's dtype is W-sized, not token-sized (visible since the eager path runs the
@@ -358,3 +389,21 @@ def test_kernels_never_copy_the_strided_tokens(taps):
         mim = tk.token_kd_op(s_leaf[:, P_s:], t_full[:, P_t:], W, None, 0, 0, True, False, True)[0]
         mim.backward()
     assert mode.fp32_token_sized == [], f"fp32 token copies: {mode.fp32_token_sized}"
+
+
+@pytest.mark.parametrize("dim", [2, 3])
+def test_the_fp32_out_gemm_call_is_valid(dim):
+    """``_gemm_to``'s CUDA call (``out_dtype=torch.float32`` on bf16 operands) as the mimic backward makes
+    it, on meta tensors: this torch has the overload and it gives an fp32 [.., M, D_s] product. On CPU the
+    stand-in (upcast, fp32 GEMM) is what the interpreter tests run; bf16 out is a plain GEMM."""
+    L, M, D_t, D_s = 2, 37, 24, 16
+    a = torch.empty((L, M, D_t)[3 - dim :], dtype=torch.bfloat16, device="meta")
+    b = torch.empty((L, D_t, D_s)[3 - dim :], dtype=torch.bfloat16, device="meta")
+    assert tk._OUT_DTYPE
+    out = tk._gemm_to(a, b, torch.float32, native=True)
+    assert out.dtype == torch.float32 and out.shape == (L, M, D_s)[3 - dim :]
+    g = torch.Generator().manual_seed(0)
+    a, b = (randn(*x.shape, gen=g).to(torch.bfloat16) for x in (a, b))
+    want = (a.double() @ b.double()).float()
+    torch.testing.assert_close(tk._gemm_to(a, b, torch.float32), want, rtol=1e-6, atol=1e-6)
+    assert tk._gemm_to(a, b, torch.bfloat16).dtype == torch.bfloat16
