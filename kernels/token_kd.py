@@ -35,9 +35,11 @@ one strided copy, Y bf16 as autocast's linear) and the 2-D kernel runs GEMM-free
 False): the Triton GEMM on fp32 strided tokens was L2-bound on the H200 (178 / 298 µs per call against
 47 µs for cuBLAS; bench/NOTES.md, round 2). Its tl.dot path remains for the ``exact`` variants.
 Stored residual (``save_residual``, mimic alone under autocast; eager: on when a backward follows): the
-forward also writes r and S in bf16 and Σ_m r; the backward then skips the recompute: dS = 2g·(r W)
-(one cuBLAS GEMM + ``_token_kd_scale_kernel``, which also writes zero prefix rows), dW = 2g·(rᵀ S),
-db = 2g·Σ_m r — 115.6 MB held per layer at DeiT-S (bench/NOTES.md).
+forward also writes r and S in bf16 and Σ_m r; the backward then skips the recompute: dS = r·bf16(2g·W)
+(one cuBLAS GEMM that writes s's dtype, fp32 out for fp32 tokens: ``_gemm_to``; with whole tokens the
+one-layer op instead scales a bf16 product in ``_token_kd_scale_kernel``, which also writes zero prefix
+rows, and the stacked op keeps r over whole rows with zero prefix rows), dW = 2g·(rᵀ S), db = 2g·Σ_m r —
+115.6 MB held per layer at DeiT-S (bench/NOTES.md).
 Host path: eager calls run the launchers from an ``autograd.Function`` (``token_kd_op``); the
 ``fastkd::token_kd`` custom op (``token_kd_custom_op``) is what torch.compile traces. ViTKD's mimic
 layers of one shape under autocast take one op for all layers (``mimic_layers_op``: the S and W stacks,
@@ -64,6 +66,7 @@ Flops: forward 2·M·D_s·D_t (the projection GEMM, fp32 accumulation); backward
 dS, dW). bench/NOTES.md has the per-config roofline (bytes, flops, predicted µs on H100 / H200).
 """
 
+import sys
 from typing import Optional
 
 import torch
@@ -1275,11 +1278,18 @@ def _gemm_to(a, b, dtype, native: bool | None = None):
     written in ``dtype``: for fp32, cuBLAS writes fp32 itself (one pass; no bf16 product and cast). On
     CPU (the interpreter tests) and without ``out_dtype``: the same products of the bf16 values, summed in
     fp32. ``native`` (tests): force the ``out_dtype`` call (default: on CUDA when torch has it)."""
+    global _OUT_DTYPE
     gemm = torch.bmm if a.dim() == 3 else torch.mm
     if dtype == a.dtype:
         return gemm(a, b)
     if native if native is not None else (a.is_cuda and _OUT_DTYPE):
-        return gemm(a, b, out_dtype=dtype)
+        try:
+            return gemm(a, b, out_dtype=dtype)
+        except RuntimeError as e:  # a torch / cuBLAS without it: the bf16 product, cast (once per process)
+            _OUT_DTYPE = False
+            print(f"fastkd: fp32-out GEMM unavailable ({str(e).splitlines()[0][:120]}); "
+                  "using a bf16 GEMM + cast", file=sys.stderr)
+            return gemm(a, b).to(dtype)
     return gemm(a.to(dtype), b.to(dtype))
 
 

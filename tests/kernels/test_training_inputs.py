@@ -407,3 +407,25 @@ def test_the_fp32_out_gemm_call_is_valid(dim):
     want = (a.double() @ b.double()).float()
     torch.testing.assert_close(tk._gemm_to(a, b, torch.float32), want, rtol=1e-6, atol=1e-6)
     assert tk._gemm_to(a, b, torch.bfloat16).dtype == torch.bfloat16
+
+
+def test_the_fp32_out_gemm_falls_back_once_when_torch_refuses_it(monkeypatch, capsys):
+    """A torch or cuBLAS that has the overload but refuses the call: one line on stderr, then the bf16
+    product cast to fp32 (the numerics before ``out_dtype``), and no second try in this process."""
+    calls = []
+    real_mm = torch.mm
+
+    def mm(a, b, *args, **kwargs):
+        calls.append("out_dtype" in kwargs)
+        if "out_dtype" in kwargs:
+            raise RuntimeError("bmm/mm out_dtype: not supported here\nmore")
+        return real_mm(a, b)
+
+    monkeypatch.setattr(torch, "mm", mm)
+    monkeypatch.setattr(tk, "_OUT_DTYPE", True)
+    g = torch.Generator().manual_seed(1)
+    a, b = randn(5, 8, gen=g).to(torch.bfloat16), randn(8, 3, gen=g).to(torch.bfloat16)
+    out = tk._gemm_to(a, b, torch.float32, native=True)
+    assert torch.equal(out, real_mm(a, b).float()) and out.dtype == torch.float32
+    assert tk._OUT_DTYPE is False and calls == [True, False]
+    assert capsys.readouterr().err.count("fp32-out GEMM unavailable") == 1
