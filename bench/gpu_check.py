@@ -15,8 +15,8 @@ decisions go to a fresh FASTKD_CACHE_DIR in the work folder (so the check measur
                  interleaved, host syncs per step, ratios vs the issue-12 targets               cap 220 s
   losses_deit_s  bench/test_bench_losses.py training inputs, fwd+bwd, DeiT-S, + copy bandwidth
                  (FASTKD_KERNELS=triton: the fused provider is the kernels, not the dispatch)   cap  75 s
-  profile        bench/profile_losses.py: the mimic and map losses at DeiT-S, fused vs compiled,
-                 torch.profiler tables into gpu_check.json ("profile_txt")                    cap  70 s
+  profile        bench/profile_losses.py: the mimic, map and gen losses at DeiT-S, fused vs compiled,
+                 torch.profiler tables into gpu_check.json ("profile_txt")                    cap  95 s
   losses_deit_b  the loss benches at DeiT-B                                                     cap  60 s
   tests          tests/kernels (minus the CPU-only compile check), tests/data/test_augment_device.py
                  and every tests/ file that uses set_sync_debug_mode, real compilation,
@@ -435,8 +435,9 @@ def main(argv: list[str] | None = None) -> int:
     parts.append(part)
     save_report()
 
-    # profile of the mimic loss at DeiT-S (cuda only): where the fused path's time goes, kernel by kernel
-    # (round 2 predicted 0.71 ms fwd+bwd and measured 2.45 ms on the 2026-11-26 H200; bench/NOTES.md)
+    # profile of the token losses at DeiT-S (cuda only): where the fused path's time goes, kernel by kernel
+    # (round 2 predicted 0.71 ms fwd+bwd and measured 2.45 ms on the 2026-11-26 H200; bench/NOTES.md); gen
+    # last: the H100 measured it 0.89× compiled, its conv kernels per provider should say why
     if cuda:
         prof_dir = work / "prof"
         r.python(
@@ -445,15 +446,15 @@ def main(argv: list[str] | None = None) -> int:
                 "bench/profile_losses.py",
                 str(prof_dir),
                 "--losses",
-                "vitkd_mimic_loss,cls_patch_map_loss",
+                "vitkd_mimic_loss,cls_patch_map_loss,vitkd_gen_loss",
                 "--shapes",
                 "deit_s",
             ],
-            cap_s=70,
+            cap_s=95,
             env=triton_env,
         )
         try:
-            report["profile_txt"] = (prof_dir / "prof.txt").read_text()[-40000:]
+            report["profile_txt"] = (prof_dir / "prof.txt").read_text()[-60000:]
         except OSError:
             pass
         save_report()
