@@ -15,9 +15,11 @@
   ``tl.dot`` only for fp32 operands with autocast off. The caller decides (``amp`` argument of the
   custom ops, read at the op boundary with ``torch.is_autocast_enabled``); the kernels never look.
 * ``grouped_pid``: grouped (super-row) ordering of a 2-D tile grid, for L2 reuse of the shared operand.
+* ``gemm_to``: a bf16 cuBLAS GEMM that writes fp32 itself (``out_dtype``), so a gradient needs no cast pass.
 """
 
 import os
+import sys
 from typing import NamedTuple
 
 import torch
@@ -245,3 +247,27 @@ def grouped_pid(pid, num_m, num_n, GROUP_M: tl.constexpr):
     pid_m = first_m + (pid % width) % size_m
     pid_n = (pid % width) // size_m
     return pid_m, pid_n
+
+
+# bf16 × bf16 → fp32-out cuBLAS GEMMs (``aten::mm.dtype`` / ``aten::bmm.dtype``: CUDA only, torch ≥ 2.8)
+OUT_DTYPE = "dtype" in torch.ops.aten.mm.overloads() and "dtype" in torch.ops.aten.bmm.overloads()
+
+
+def gemm_to(a, b, dtype, native: bool | None = None):
+    """a @ b of bf16 matrices (2-D: ``torch.mm``) or stacks (3-D: ``torch.bmm``) with fp32 accumulation,
+    written in ``dtype``: for fp32, cuBLAS writes fp32 itself (one pass; no bf16 product and cast). On
+    CPU (the interpreter tests) and without ``out_dtype``: the same products of the bf16 values, summed in
+    fp32. ``native`` (tests): force the ``out_dtype`` call (default: on CUDA when torch has it)."""
+    global OUT_DTYPE
+    gemm = torch.bmm if a.dim() == 3 else torch.mm
+    if dtype == a.dtype:
+        return gemm(a, b)
+    if native if native is not None else (a.is_cuda and OUT_DTYPE):
+        try:
+            return gemm(a, b, out_dtype=dtype)
+        except RuntimeError as e:  # a torch / cuBLAS without it: the bf16 product, cast (once per process)
+            OUT_DTYPE = False
+            print(f"fastkd: fp32-out GEMM unavailable ({str(e).splitlines()[0][:120]}); "
+                  "using a bf16 GEMM + cast", file=sys.stderr)
+            return gemm(a, b).to(dtype)
+    return gemm(a.to(dtype), b.to(dtype))

@@ -53,6 +53,7 @@ from ._utils import (
     check_unit_stride,
     dot_bf16,
     fail,
+    gemm_to,
     grouped_pid,
     launch,
     mma,
@@ -481,7 +482,7 @@ def gen_input_backward(
     dw = empty()
     if has_w:
         wg = _gemm_weight(weight, bf16)
-        ds = torch.mm(gx, wg)  # dS = gX W  [M, D_s], cuBLAS in the GEMM dtype
+        ds = gemm_to(gx, wg, s.dtype)  # dS = gX W [M, D_s], cuBLAS, written in s's dtype (no cast pass)
         if need_dw:
             dw = torch.mm(gx.t(), s_mat if s_mat is not None else sb)  # dW = gXᵀ S
             if dw.dtype != weight.dtype:

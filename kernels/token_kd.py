@@ -36,10 +36,10 @@ False): the Triton GEMM on fp32 strided tokens was L2-bound on the H200 (178 / 2
 47 µs for cuBLAS; bench/NOTES.md, round 2). Its tl.dot path remains for the ``exact`` variants.
 Stored residual (``save_residual``, mimic alone under autocast; eager: on when a backward follows): the
 forward also writes r and S in bf16 and Σ_m r; the backward then skips the recompute: dS = r·bf16(2g·W)
-(one cuBLAS GEMM that writes s's dtype, fp32 out for fp32 tokens: ``_gemm_to``; with whole tokens the
-one-layer op instead scales a bf16 product in ``_token_kd_scale_kernel``, which also writes zero prefix
-rows, and the stacked op keeps r over whole rows with zero prefix rows), dW = 2g·(rᵀ S), db = 2g·Σ_m r —
-115.6 MB held per layer at DeiT-S (bench/NOTES.md).
+(one cuBLAS GEMM that writes s's dtype, fp32 out for fp32 tokens: ``_utils.gemm_to``; with whole tokens
+the one-layer op instead scales a bf16 product in ``_token_kd_scale_kernel``, which also writes zero
+prefix rows, and the stacked op keeps r over whole rows with zero prefix rows), dW = 2g·(rᵀ S),
+db = 2g·Σ_m r — 115.6 MB held per layer at DeiT-S (bench/NOTES.md).
 Host path: eager calls run the launchers from an ``autograd.Function`` (``token_kd_op``); the
 ``fastkd::token_kd`` custom op (``token_kd_custom_op``) is what torch.compile traces. ViTKD's mimic
 layers of one shape under autocast take one op for all layers (``mimic_layers_op``: the S and W stacks,
@@ -66,7 +66,6 @@ Flops: forward 2·M·D_s·D_t (the projection GEMM, fp32 accumulation); backward
 dS, dW). bench/NOTES.md has the per-config roofline (bytes, flops, predicted µs on H100 / H200).
 """
 
-import sys
 from typing import Optional
 
 import torch
@@ -86,6 +85,7 @@ from ._utils import (
     custom_op_path,
     dot_bf16,
     fail,
+    gemm_to,
     grouped_pid,
     launch,
     mma,
@@ -805,7 +805,7 @@ def _residual_backward(g_mim, s, t, weight, bias, stats, P, need_dw, need_db, pl
     g = g_mim if g_mim.dtype == torch.float32 else g_mim.float()
     g2 = g * 2.0
     if has_w and P == 0:  # dS [B, N, D_s] is the compact product itself: 2g rides on W, no scale pass
-        ds = _gemm_to(r, _scaled_weight(weight, g2, r.new_empty((D_t, D_s))), s.dtype).view(B, N, D_s)
+        ds = gemm_to(r, _scaled_weight(weight, g2, r.new_empty((D_t, D_s))), s.dtype).view(B, N, D_s)
     else:  # prefix rows to zero around the compact product (or no W): one scale-and-cast pass
         mim_ds = torch.mm(r, _gemm_weight(weight, True, w16)) if has_w else r  # [M, D_s] bf16, unscaled
         ds = _scaled_ds(mim_ds, g, s.shape, s.dtype, P)
@@ -1269,30 +1269,6 @@ def mimic_layers_ok(xs, ts, ws, bs, P: int, amp: bool) -> bool:
     )
 
 
-# bf16 × bf16 → fp32-out cuBLAS GEMMs (``aten::mm.dtype`` / ``aten::bmm.dtype``: CUDA only, torch ≥ 2.8)
-_OUT_DTYPE = "dtype" in torch.ops.aten.mm.overloads() and "dtype" in torch.ops.aten.bmm.overloads()
-
-
-def _gemm_to(a, b, dtype, native: bool | None = None):
-    """a @ b of bf16 matrices (2-D: ``torch.mm``) or stacks (3-D: ``torch.bmm``) with fp32 accumulation,
-    written in ``dtype``: for fp32, cuBLAS writes fp32 itself (one pass; no bf16 product and cast). On
-    CPU (the interpreter tests) and without ``out_dtype``: the same products of the bf16 values, summed in
-    fp32. ``native`` (tests): force the ``out_dtype`` call (default: on CUDA when torch has it)."""
-    global _OUT_DTYPE
-    gemm = torch.bmm if a.dim() == 3 else torch.mm
-    if dtype == a.dtype:
-        return gemm(a, b)
-    if native if native is not None else (a.is_cuda and _OUT_DTYPE):
-        try:
-            return gemm(a, b, out_dtype=dtype)
-        except RuntimeError as e:  # a torch / cuBLAS without it: the bf16 product, cast (once per process)
-            _OUT_DTYPE = False
-            print(f"fastkd: fp32-out GEMM unavailable ({str(e).splitlines()[0][:120]}); "
-                  "using a bf16 GEMM + cast", file=sys.stderr)
-            return gemm(a, b).to(dtype)
-    return gemm(a.to(dtype), b.to(dtype))
-
-
 def _scaled_weight(w, g2, out):
     """bf16(2g·W) into ``out`` [D_t, D_s] (computed in fp32: one rounding; 2g stays an fp32 device
     scalar), so that dS = r (2g·W) needs no scale pass over dS."""
@@ -1361,7 +1337,7 @@ class _MimicLayers(torch.autograd.Function):
             wg = r.new_empty((n, *ws[0].shape))
             for w, wg_i in zip(ws, wg.unbind(0), strict=True):
                 _scaled_weight(w, g2, wg_i)
-            dx = _gemm_to(r, wg, x_dtype).view(n, *shape)
+            dx = gemm_to(r, wg, x_dtype).view(n, *shape)
             dxs = [d if need[i] else None for i, d in enumerate(dx.unbind(0))]
         dws = [None] * n
         if need_w:

@@ -64,8 +64,8 @@ for mod in (tk, mg, _utils):
         mod.check_device = _no_cuda_check
 
 # fp32-out GEMMs take the CUDA call (one ``out_dtype`` GEMM, stubbed), not the CPU stand-in's upcasts
-_gemm_to = tk._gemm_to
-tk._gemm_to = lambda a, b, dtype, native=None: _gemm_to(a, b, dtype, native=True)
+for mod in (tk, mg):
+    mod.gemm_to = lambda a, b, dtype, native=None: _utils.gemm_to(a, b, dtype, native=True)
 
 
 def inputs(B=3, N=16, D_s=24, D_t=40):

@@ -148,12 +148,12 @@ GLUE_BUDGET = {"map": 17, "mimic": 31, "mimic_residual": 31, "fused": 33, "gen":
 # (and takes Y = S Wᵀ from cuBLAS: the copy_ of S to bf16, one more mm)
 # and the bf16 copy of W, made once per fwd+bwd (detach + _to_copy)
 # and, for patch views, dS = r·bf16(2g·W) written in s's dtype by the GEMM (no scale pass: new_empty + mul
-# of W, the view; + the 2 `_to_copy` of ``_gemm_to``'s CPU fallback, one ``mm.dtype`` call on CUDA)
+# of W, the view; + the 2 `_to_copy` of ``_utils.gemm_to``'s CPU fallback, one ``mm.dtype`` call on CUDA)
 GLUE_BUDGET_AMP = {"mimic": 61, "mimic_residual": 61, "fused": 40}
 # allocations per fwd+bwd of the token ops (outputs, dS, gR / residual, partial sums, a 0-d zero for a
 # term that is off, the test's ones_like seed)
 ALLOC_BUDGET = {"map": 7, "mimic": 11, "mimic_residual": 11, "fused": 12}  # fused amp: + W, dW casts
-# amp, patch views: + bf16(2g·W), − the scale pass's dS; + the 2 casts of ``_gemm_to``'s CPU fallback
+# amp, patch views: + bf16(2g·W), − the scale pass's dS; + the 2 casts of ``_utils.gemm_to``'s CPU fallback
 ALLOC_BUDGET_AMP = {"mimic": 13, "mimic_residual": 13}
 
 
@@ -286,7 +286,7 @@ def _two_layers(x, x2, stacked: bool):
 # one op over the layer stack vs two one-layer ops (measured: 113 ops, 21 allocations); the stack makes
 # 3 batched GEMMs instead of 6, one autograd node instead of 2, and no dS scale pass (dX is the fp32-out
 # GEMM's output; the host path of bench/NOTES.md). Counted on CPU: 55 ops and 10 allocations, of which
-# the 2 `_to_copy` of ``_bmm_to``'s CPU fallback are the one ``bmm.dtype`` call on CUDA (53 and 8 there)
+# the 2 `_to_copy` of ``_utils.gemm_to``'s CPU fallback are one ``bmm.dtype`` call on CUDA (53 and 8 there)
 LAYERS_BUDGET = (55, 10)
 
 

@@ -19,6 +19,7 @@ import pytest
 import torch
 from kd_testutil import DEVICE, assert_bf16, bf16_scalar_atol, randn, upstream_scalar  # noqa: F401
 
+from fastkd.kernels import _utils
 from fastkd.kernels import masked_gen as mg
 from fastkd.kernels import token_kd as tk
 from fastkd.losses import reference as R
@@ -368,7 +369,7 @@ def test_kernels_never_copy_the_strided_tokens(taps):
             out = func(*args, **(kwargs or {}))
             name = func.overloadpacket.__name__
             src = args[0] if args and isinstance(args[0], torch.Tensor) else None
-            # an upcast of a bf16 tensor is no copy of the fp32 tokens: ``_gemm_to``'s CPU stand-in for
+            # an upcast of a bf16 tensor is no copy of the fp32 tokens: ``_utils.gemm_to``'s CPU stand-in for
             # cuBLAS's fp32-out GEMM (one ``mm.dtype`` call on CUDA) upcasts its bf16 operands
             upcast = name == "_to_copy" and src is not None and src.dtype == torch.bfloat16
             for o in out if isinstance(out, (tuple, list)) else (out,):
@@ -393,20 +394,20 @@ def test_kernels_never_copy_the_strided_tokens(taps):
 
 @pytest.mark.parametrize("dim", [2, 3])
 def test_the_fp32_out_gemm_call_is_valid(dim):
-    """``_gemm_to``'s CUDA call (``out_dtype=torch.float32`` on bf16 operands) as the mimic backward makes
-    it, on meta tensors: this torch has the overload and it gives an fp32 [.., M, D_s] product. On CPU the
-    stand-in (upcast, fp32 GEMM) is what the interpreter tests run; bf16 out is a plain GEMM."""
+    """``_utils.gemm_to``'s CUDA call (``out_dtype=torch.float32`` on bf16 operands) as the mimic backward
+    makes it, on meta tensors: this torch has the overload and it gives an fp32 [.., M, D_s] product. On
+    CPU the stand-in (upcast, fp32 GEMM) is what the interpreter tests run; bf16 out is a plain GEMM."""
     L, M, D_t, D_s = 2, 37, 24, 16
     a = torch.empty((L, M, D_t)[3 - dim :], dtype=torch.bfloat16, device="meta")
     b = torch.empty((L, D_t, D_s)[3 - dim :], dtype=torch.bfloat16, device="meta")
-    assert tk._OUT_DTYPE
-    out = tk._gemm_to(a, b, torch.float32, native=True)
+    assert _utils.OUT_DTYPE
+    out = _utils.gemm_to(a, b, torch.float32, native=True)
     assert out.dtype == torch.float32 and out.shape == (L, M, D_s)[3 - dim :]
     g = torch.Generator().manual_seed(0)
     a, b = (randn(*x.shape, gen=g).to(torch.bfloat16) for x in (a, b))
     want = (a.double() @ b.double()).float()
-    torch.testing.assert_close(tk._gemm_to(a, b, torch.float32), want, rtol=1e-6, atol=1e-6)
-    assert tk._gemm_to(a, b, torch.bfloat16).dtype == torch.bfloat16
+    torch.testing.assert_close(_utils.gemm_to(a, b, torch.float32), want, rtol=1e-6, atol=1e-6)
+    assert _utils.gemm_to(a, b, torch.bfloat16).dtype == torch.bfloat16
 
 
 def test_the_fp32_out_gemm_falls_back_once_when_torch_refuses_it(monkeypatch, capsys):
@@ -422,10 +423,10 @@ def test_the_fp32_out_gemm_falls_back_once_when_torch_refuses_it(monkeypatch, ca
         return real_mm(a, b)
 
     monkeypatch.setattr(torch, "mm", mm)
-    monkeypatch.setattr(tk, "_OUT_DTYPE", True)
+    monkeypatch.setattr(_utils, "OUT_DTYPE", True)
     g = torch.Generator().manual_seed(1)
     a, b = randn(5, 8, gen=g).to(torch.bfloat16), randn(8, 3, gen=g).to(torch.bfloat16)
-    out = tk._gemm_to(a, b, torch.float32, native=True)
+    out = _utils.gemm_to(a, b, torch.float32, native=True)
     assert torch.equal(out, real_mm(a, b).float()) and out.dtype == torch.float32
-    assert tk._OUT_DTYPE is False and calls == [True, False]
+    assert _utils.OUT_DTYPE is False and calls == [True, False]
     assert capsys.readouterr().err.count("fp32-out GEMM unavailable") == 1
