@@ -484,9 +484,7 @@ def gen_input_backward(
         wg = _gemm_weight(weight, bf16)
         ds = gemm_to(gx, wg, s.dtype)  # dS = gX W [M, D_s], cuBLAS, written in s's dtype (no cast pass)
         if need_dw:
-            dw = torch.mm(gx.t(), s_mat if s_mat is not None else sb)  # dW = gXᵀ S
-            if dw.dtype != weight.dtype:
-                dw = dw.to(weight.dtype)
+            dw = gemm_to(gx.t(), s_mat if s_mat is not None else sb, weight.dtype)  # dW = gXᵀ S
     else:
         ds = gx
     ds = ds.view(B, N, D_s)

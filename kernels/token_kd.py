@@ -810,7 +810,7 @@ def _residual_backward(g_mim, s, t, weight, bias, stats, P, need_dw, need_db, pl
         mim_ds = torch.mm(r, _gemm_weight(weight, True, w16)) if has_w else r  # [M, D_s] bf16, unscaled
         ds = _scaled_ds(mim_ds, g, s.shape, s.dtype, P)
     if has_w and need_dw:
-        dw = torch.mm(r.t(), sb).to(weight.dtype).mul_(g2)
+        dw = gemm_to(r.t(), sb, weight.dtype).mul_(g2)  # written in W's dtype by cuBLAS: no cast launch
     else:
         dw = s.new_empty(0, dtype=torch.float32) if placeholders else None
     if has_b and need_db:
@@ -931,9 +931,7 @@ def token_kd_backward(
         if has_w:
             mim_ds = torch.mm(gr, w)  # dS = gR W  [M, D_s], cuBLAS in the GEMM dtype
             if need_dw:
-                dw = torch.mm(gr.t(), s_mat if s_mat is not None else sb)  # dW = gRᵀ S
-                if dw.dtype != weight.dtype:
-                    dw = dw.to(weight.dtype)
+                dw = gemm_to(gr.t(), s_mat if s_mat is not None else sb, weight.dtype)  # dW = gRᵀ S
         else:
             mim_ds = gr  # identity: dS = gR
         if has_b and need_db:
@@ -1341,7 +1339,7 @@ class _MimicLayers(torch.autograd.Function):
             dxs = [d if need[i] else None for i, d in enumerate(dx.unbind(0))]
         dws = [None] * n
         if need_w:
-            dw = torch.bmm(r.transpose(1, 2), s16).to(w_dtype).mul_(g2)  # [L, D_t, D_s]
+            dw = gemm_to(r.transpose(1, 2), s16, w_dtype).mul_(g2)  # [L, D_t, D_s] in W's dtype
             dws = list(dw.unbind(0))
         dbs = [None] * n
         if need_b:
