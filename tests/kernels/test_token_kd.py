@@ -191,7 +191,7 @@ def test_token_kd_bf16(case):
 
 
 _EVERY = (
-    [("fwd", i, c) for i, c in enumerate(tk.FWD_CONFIGS)]
+    [("fwd", i, c) for i, c in enumerate(tk.FWD_TC_CONFIGS + tk.FWD_EXACT_CONFIGS)]  # streaming: below
     + [("bwd", i, c) for i, c in enumerate(tk.BWD_CONFIGS)]
     + [("map", n, c) for n, c in tk.MAP_BWD_CONFIGS.items()]
 )
@@ -277,6 +277,49 @@ def test_token_kd_every_shipped_config(kind, idx, cfg):
         assert_bf16(v, low[k], ref[k], f"{cfg}: {k}", atol=atol)
     for k, v in gotg.items():
         assert_bf16(v, lgrads[k], rgrads[k], f"{cfg}: d{k}")
+
+
+@pytest.mark.parametrize("with_t", [True, False], ids=["map-loss", "student-map"])
+@pytest.mark.parametrize(
+    "cfg",
+    tk.FWD_STREAM_CONFIGS,
+    ids=[f"{c.BLOCK_M}x{c.BLOCK_N}x{c.BLOCK_K}-w{c.num_warps}" for c in tk.FWD_STREAM_CONFIGS],
+)
+def test_token_kd_every_streaming_config(cfg, with_t):
+    """Each forward config the autotuner may pick without a GEMM (the map terms alone: [CLS]-KD's map loss
+    and its student map), forward + backward through the stats it writes, fp32 against the fp64
+    reference; awkward shapes: 2 teacher prefix tokens, rows per sample not a multiple of the tile."""
+    x = make("ds=dt,linear,2-prefix-teacher", seed=6)
+    s, t, P_s, P_t, up = x["s"], x["t"], x["P_s"], x["P_t"], x["up"]
+    tt = t if with_t else None
+    _, msum, a_s, s_cls, t_cls, stats = tk.token_kd_forward(
+        s.detach(), tt, None, None, P_s, P_t, False, True, amp=False, config=cfg
+    )
+    ds, _, _ = tk.token_kd_backward(
+        torch.tensor(0.0, device=DEVICE),
+        torch.tensor(up["map"] if with_t else 0.0, device=DEVICE),
+        up["a_s"],
+        up["s_cls"],
+        s.detach(),
+        tt,
+        None,
+        None,
+        a_s,
+        stats,
+        s_cls,
+        P_s,
+        P_t,
+        False,
+        True,
+        False,
+        False,
+    )
+    ref, rgrads = reference_outputs(x, mimic=False, cls_map=True, with_t=with_t)
+    got = dict(a_s=a_s, s_cls=s_cls, **(dict(map=msum, t_cls=t_cls) if with_t else {}))
+    assert set(got) == set(ref)
+    for k, v in got.items():
+        assert_fp32(v, ref[k], f"{cfg}: {k}")
+    assert_fp32(ds, rgrads["s"], f"{cfg}: ds")
 
 
 @pytest.mark.parametrize("prefix", [0, 1])
