@@ -189,6 +189,32 @@ def test_mimic_layers_on_training_inputs(taps, bias):
         assert_bf16(a, b, res[2][1][names.index(n)], f"stack vs per layer: d{n}")
 
 
+def test_mimic_layers_on_bf16_tokens(taps):
+    """The stacked op on a bf16 student (a model run in bf16, not under autocast): S needs no rounding, dX
+    comes out of the GEMM in bf16 (no fp32 output), still within the 2x rule of the reference under
+    autocast, with zero prefix rows."""
+    P_s, P_t = taps["P_s"], taps["P_t"]
+    s_fulls = [taps["s0"].to(torch.bfloat16), taps["s_last"].to(torch.bfloat16)]
+    ts = [taps["t0"][:, P_t:], taps["t_last"][:, P_t:]]
+    B, T, D_s = s_fulls[0].shape
+    N, D_t = T - P_s, ts[0].shape[2]
+    g = torch.Generator().manual_seed(17)
+    Ws = [randn(D_t, D_s, gen=g, scale=D_s**-0.5).requires_grad_() for _ in range(2)]
+    assert tk.mimic_layers_ok(s_fulls, ts, Ws, [None, None], P_s, True)
+
+    def fn(mode, s0_, s1_, W0, W1):
+        if mode == "kernel":
+            return [tk.mimic_layers_op([s0_, s1_], ts, [W0, W1], [None, None], P_s)]
+        t = [x.double() if mode == "ref" else x for x in ts]
+        return [R.vitkd_mimic_loss([s0_[:, P_s:], s1_[:, P_s:]], t, [W0, W1], [None, None], alpha=float(B))]
+
+    leaves = [*(x.clone().requires_grad_() for x in s_fulls), *Ws]
+    res = _three(leaves, fn, [upstream_scalar(g)])
+    _check(res, ["mim"], ["s0", "s1", "W0", "W1"], taps["name"], {"mim": 2 * B * N * D_t})
+    for dx in res[0][1][:2]:
+        assert dx.dtype == torch.bfloat16 and torch.count_nonzero(dx[:, :P_s]) == 0
+
+
 def _two_layer_inputs(taps, seed):
     """(P_s, [W0, W1], [t0, t_last] patch views): two mimic layers' projections (grad-requiring) and
     teacher tokens on the captured taps."""
