@@ -351,6 +351,27 @@ def _gen_unsupported(s_last, t_last, *a, **k):
     return s_last.dim() != 3 or t_last.dim() != 3
 
 
+def _call_generator(generator, x):
+    return generator(x)
+
+
+def _compile_generator_here(x: Tensor) -> bool:
+    return x.is_cuda
+
+
+def _run_generator(generator, x: Tensor) -> Tensor:
+    """The generator as the Triton path runs it. An ``nn.Module`` on CUDA, outside a trace: through one
+    ``torch.compile``d call (``_call_generator``, the module an argument, so no module is held), so that
+    inductor fuses its bias adds, ReLU and their gradients around cuDNN's convolutions, as it does inside
+    the compiled reference, which the dispatch times it against (eager, each is a pass of its own over
+    [B, D_t, h, w]: the H100 measured the fused gen at 0.89× compiled with the generator eager). Inside an
+    outer ``torch.compile`` it is inlined there; on CPU and for a plain callable it runs as it is."""
+    module = isinstance(generator, torch.nn.Module)
+    if module and _compile_generator_here(x) and not torch.compiler.is_compiling():
+        return _compiled("_generator", _call_generator)(generator, x)
+    return generator(x)
+
+
 @fused(_gen_tensors, _gen_unsupported)
 def vitkd_gen_loss(
     s_last: Tensor,
@@ -366,8 +387,9 @@ def vitkd_gen_loss(
     grid: tuple[int, int] | None = None,
 ) -> Tensor:
     """Triton path: one kernel builds the generator input (projection + mask-token substitution, laid out
-    channels_last [B, D_t, h, w]); the generator runs in torch (cuDNN); one kernel computes the masked
-    squared error and its gradient. Under autocast the generator input is made in the autocast dtype."""
+    channels_last [B, D_t, h, w]); the generator runs in torch (cuDNN; compiled on CUDA: ``_run_generator``);
+    one kernel computes the masked squared error and its gradient. Under autocast the generator input is
+    made in the autocast dtype."""
     B, _, d_t, h, w = R.gen_loss_shapes(s_last, t_last, mask, mask_token, mask_ratio, grid)
     amp = _amp(s_last)
     if amp:
@@ -376,7 +398,7 @@ def vitkd_gen_loss(
         x_dtype = R._work_dtype(s_last, t_last, weight, bias, mask_token)
     k = _kern().masked_gen
     x = k.gen_input_op(_unit_stride(s_last), mask, weight, bias, mask_token, h, w, x_dtype, amp)
-    g = R.check_generator_output(generator(x), B, d_t, h, w)
+    g = R.check_generator_output(_run_generator(generator, x), B, d_t, h, w)
     if g.dtype not in _FLOAT:
         g = g.float()
     loss, _ = k.gen_loss_op(g, _unit_stride(t_last.detach()), mask, beta / (mask_ratio * B), _needs_grad(g))
