@@ -31,6 +31,13 @@ def run(cfg: TrainConfig, log=print) -> dict:
         torch.set_num_threads(cfg.run.threads)
     out = Path(cfg.run.out) if cfg.run.out else default_out(cfg)
     dist = init_distributed(cfg.run.device)
+    try:
+        return _run(cfg, out, dist, log)
+    finally:
+        dist.close()
+
+
+def _run(cfg: TrainConfig, out: Path, dist, log) -> dict:
     if not dist.main:
         log = lambda *a, **k: None  # noqa: E731  (only rank 0 talks and writes)
     if dist.world > 1:

@@ -29,6 +29,13 @@ class Dist:
         if self.world > 1:
             torch.distributed.barrier()
 
+    def close(self) -> None:
+        """Destroy the process group this run joined (torchrun ranks), before the interpreter exits: left to
+        exit-time destruction, a gloo rank was seen to abort ("terminate called without an active
+        exception", SIGABRT) in CI under load."""
+        if self.world > 1 and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+
     def mean(self, vals: dict[str, torch.Tensor]) -> dict[str, float]:
         """Mean of each logged scalar over ranks (log steps only: this syncs)."""
         keys = sorted(vals)

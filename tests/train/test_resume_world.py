@@ -122,3 +122,26 @@ def test_resume_1_to_2(tmp_path, reference, monkeypatch):
     assert p.stdout.count("resumed under 2 process(es) (checkpoint written by 1)") == 1, p.stdout
     assert "exact only up to the resume point (step 2)" in p.stdout
     _same_run(run, reference)
+
+
+def test_a_run_destroys_its_process_group_even_when_it_fails(monkeypatch):
+    """``run`` destroys the process group a torchrun rank joined, also when training raises: left to
+    exit-time destruction, a gloo rank aborted in CI under load ("terminate called without an active
+    exception"). One process: nothing to destroy."""
+    from fastkd.train import distributed
+
+    destroyed = []
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.distributed, "destroy_process_group", lambda *a: destroyed.append(1))
+    distributed.Dist().close()
+    assert destroyed == []
+    monkeypatch.setattr(train, "init_distributed", lambda spec: distributed.Dist(rank=1, world=2))
+
+    def fail(*a):
+        raise ValueError("boom")
+
+    monkeypatch.setattr(train, "_run", fail)
+    cfg = train.parse_args([*FLAGS, "--out", "unused"])
+    with pytest.raises(ValueError, match="boom"):
+        train.run(cfg)
+    assert destroyed == [1]
