@@ -398,3 +398,30 @@ def test_the_triton_path_runs_a_module_generator_compiled(triton_path, monkeypat
     plain = lambda v: calls.append(1) or gen(v)  # noqa: E731
     KF.vitkd_gen_loss(x["s"], x["t"], x["mask"], x["W"], x["b"], x["tok"], plain, grid=(x["h"], x["w"]))
     assert calls == [1] and len(graphs) == 1
+
+
+def test_a_generator_that_does_not_compile_runs_eagerly(triton_path, monkeypatch, capsys):
+    """A compile failure of the generator (a dynamo/inductor error at its first call) is one stderr line,
+    then the eager generator from then on: the same loss as the eager path, no second attempt."""
+    import torch._dynamo.exc as dyn_exc
+
+    from fastkd.ops import dispatch as D
+    from fastkd.ops import routing
+
+    x = make("ds!=dt,3x5", seed=4)
+    gen = _generator(x["t"].shape[-1], 1)
+    args = (x["s"], x["t"], x["mask"], x["W"], x["b"], x["tok"], gen)
+    eager = KF.vitkd_gen_loss(*args, grid=(x["h"], x["w"])).detach()
+    tries = []
+
+    def broken(*a):
+        tries.append(1)
+        raise dyn_exc.TorchDynamoException("no compiler here")
+
+    monkeypatch.setattr(D, "_compile_generator_here", lambda t: True)
+    monkeypatch.setattr(D, "_GEN_COMPILE", [True])
+    monkeypatch.setitem(routing._S.compiled, "_generator", broken)
+    for _ in range(2):
+        assert torch.equal(KF.vitkd_gen_loss(*args, grid=(x["h"], x["w"])).detach(), eager)
+    assert tries == [1]
+    assert capsys.readouterr().err.count("generator runs eagerly") == 1
