@@ -262,6 +262,8 @@ def gemm_to(a, b, dtype, native: bool | None = None):
     gemm = torch.bmm if a.dim() == 3 else torch.mm
     if dtype == a.dtype:
         return gemm(a, b)
+    if not (dtype == torch.float32 and a.dtype in (torch.bfloat16, torch.float16)):
+        return gemm(a, b).to(dtype)  # not a widening: the product in the operands' dtype, then cast
     if native if native is not None else (a.is_cuda and OUT_DTYPE):
         try:
             return gemm(a, b, out_dtype=dtype)

@@ -456,3 +456,11 @@ def test_the_fp32_out_gemm_falls_back_once_when_torch_refuses_it(monkeypatch, ca
     assert torch.equal(out, real_mm(a, b).float()) and out.dtype == torch.float32
     assert _utils.OUT_DTYPE is False and calls == [True, False]
     assert capsys.readouterr().err.count("fp32-out GEMM unavailable") == 1
+
+
+def test_the_fp32_out_gemm_only_widens():
+    """``gemm_to`` to a narrower dtype (fp32 operands, a bf16 result) computes in the operands' dtype and
+    casts the product, as before it: it never rounds the operands first."""
+    g = torch.Generator().manual_seed(2)
+    a, b = randn(6, 9, gen=g), randn(9, 4, gen=g)
+    assert torch.equal(_utils.gemm_to(a, b, torch.bfloat16), torch.mm(a, b).to(torch.bfloat16))
