@@ -326,8 +326,8 @@ def _token_kd_bwd_kernel(
     w_ptr,  # [D_T, D_S] projection weight; read only if HAS_W
     b_ptr,  # [D_T] projection bias; read only if HAS_BIAS
     g_ptr,  # [] fp32 upstream gradient of the mimic sum (unused if SUMSQ)
-    gr_ptr,  # [M, D_T] out, compact: gR = 2·g·r (bf16 for a bf16 dot, else fp32); SUMSQ: [≥ cdiv(D_T,
-    #          BLOCK_N), M] fp32 out, Σ_j r² per (column tile, row)
+    gr_ptr,  # [M, D_T] out, compact: gR = 2·g·r (bf16 for a bf16 dot, else fp32); SUMSQ: [≥ cdiv(M, BLOCK_M)
+    #          · cdiv(D_T, BLOCK_N)] fp32 out, Σ r² of each (row tile, column tile), in tile order
     sb_ptr,  # [M, D_S] out, compact: S in the GEMM dtype; written by column-tile 0 if WRITE_SB
     db_part_ptr,  # [≥ cdiv(M, BLOCK_M), D_T] fp32 out, if HAS_BIAS: Σ_rows gR (SUMSQ: r) of this row tile
     r_ptr,  # [B, P_R+N, D_T] bf16 out: the residual r = W s + b − t (SUMSQ and STORE_R only); prefix rows 0
@@ -391,7 +391,7 @@ def _token_kd_bwd_kernel(
     y = tl.load(t_row[:, None] + j[None, :], mask=mj, other=0.0).to(tl.float32)
     if SUMSQ:  # the forward of the mimic term alone: Σ_j r² of this column tile, per row
         r = tl.where(mj, acc - y, 0.0)
-        tl.store(gr_ptr + pid_n * M + rows, tl.sum(r * r, 1), mask=row_ok)
+        tl.store(gr_ptr + pid_m * num_n + pid_n, tl.sum(tl.sum(r * r, 1), 0))  # one partial per tile
         if STORE_R:  # the bf16 residual for the backward (no recompute), and its column sums for db
             r_row = bidx * (N + P_R) + P_R + n  # = rows when P_R = 0
             tl.store(
@@ -727,7 +727,7 @@ def _mimic_forward(s, t, weight, bias, P_s, P_t, amp, config, residual=None, w16
     bf16 = dot_bf16(amp, s, t, weight)
     w = _gemm_weight(weight, bf16, w16) if has_w else s
     bb = (bias if bias.dim() == 1 else bias.reshape(-1)) if has_b else s
-    part = s.new_empty((cdiv(D_t, 32), M), dtype=torch.float32)  # enough rows for any BLOCK_N
+    part = s.new_empty(_tiles(M, D_t), dtype=torch.float32)  # Σ r² per tile
     store_r = residual is not None  # ``residual``: the packed buffer to fill (``_residual_views``)
     r = sb = db_sum = db_part = part
     if store_r:
@@ -754,14 +754,22 @@ def _mimic_forward(s, t, weight, bias, P_s, P_t, amp, config, residual=None, w16
         )
     if store_r and has_b:
         torch.sum(db_part[: cdiv(M, cfg.BLOCK_M)], 0, out=db_sum)  # Σ_m r, for db = 2g·Σ_m r
-    return part[: cdiv(D_t, cfg.BLOCK_N)].sum(), s.new_zeros((), dtype=torch.float32)
+    return part[: _tiles(M, D_t, cfg)].sum(), s.new_zeros((), dtype=torch.float32)
+
+
+def _tiles(M: int, D_t: int, cfg: Cfg | None = None) -> int:
+    """Tiles of the 2-D kernel's grid: with ``cfg``, that config's; without, enough for any of its configs
+    (the smallest tiles): the size of the SUMSQ partials buffer, one Σ r² per tile."""
+    if cfg is None:
+        return max(cdiv(M, c.BLOCK_M) * cdiv(D_t, c.BLOCK_N) for c in BWD_CONFIGS)
+    return cdiv(M, cfg.BLOCK_M) * cdiv(D_t, cfg.BLOCK_N)
 
 
 def _sumsq_on_y(y, t, bias, P_t, part, db_part, r, store_r: bool, config=None, P: int = 0) -> Cfg:
     """The mimic forward's streaming epilogue on cuBLAS's Y = S Wᵀ (bf16, [B·(P+N), D_t]: P prefix rows per
     sample, skipped; P = 0: the compact [M, D_t]): ``_token_kd_bwd_kernel`` without a GEMM (``HAS_W`` False)
-    computes r = Y + b − t (t [B, P_t+N, D_t], any row stride), writes Σ_j r² per (column tile, patch
-    row) into ``part`` and, with ``store_r``, r in bf16 into ``r`` (Y's layout, prefix rows 0) and Σ_rows r
+    computes r = Y + b − t (t [B, P_t+N, D_t], any row stride), writes Σ r² per tile into ``part`` and,
+    with ``store_r``, r in bf16 into ``r`` (Y's layout, prefix rows 0) and Σ_rows r
     per row tile into ``db_part`` (with a bias). Returns the config it ran with."""
     B, T, D_t = t.shape[0], t.shape[1] - P_t + P, y.shape[1]
     N = T - P
@@ -1320,13 +1328,13 @@ class _MimicLayers(torch.autograd.Function):
             w_i.copy_(w.detach())
         y = torch.bmm(s16, w16.transpose(1, 2))  # [L, B·(P+N), D_t] bf16, as autocast's linear rounds it
         r = torch.empty_like(y)
-        part = x0.new_empty((n, cdiv(D_t, 32), M), dtype=torch.float32)  # rows for any BLOCK_N
+        part = x0.new_empty((n, _tiles(M, D_t)), dtype=torch.float32)  # Σ r² per tile
         db_part = x0.new_empty((n, cdiv(M, 32), D_t), dtype=torch.float32) if has_b else part
         cfg = None
         per_layer = zip(ts, bs, y.unbind(0), r.unbind(0), part.unbind(0), db_part.unbind(0), strict=True)
         for t, b, y_i, r_i, part_i, db_i in per_layer:
             cfg = _sumsq_on_y(y_i, t, b, 0, part_i, db_i, r_i, True, P=P)
-        total = part[:, : cdiv(D_t, cfg.BLOCK_N)].sum()  # one shape, so one config for every layer
+        total = part[:, : _tiles(M, D_t, cfg)].sum()  # one shape, so one config for every layer
         db_sum = db_part[:, : cdiv(M, cfg.BLOCK_M)].sum(1) if has_b else None  # [L, D_t]
         ctx.save_for_backward(r, s16, db_sum, *ws)
         b_meta = (bs[0].dtype, bs[0].shape) if has_b else None
