@@ -196,7 +196,7 @@ def main(argv=None) -> int:
             rec["fused_path"] = KF.describe(dev) if "--fused" in flags else "reference"
             # the calibration's host vs GPU ms of the step forward and the ops it moved to their GPU-time
             # path (decisions are process-wide: an eager variant timed later follows the last calibration)
-            rec["step_balance"] = getattr(tr._fwd, "balance", None)
+            rec["step_balance"] = getattr(getattr(tr, "_fwd", None), "balance", None)  # (none: hand-written)
             trainers[name] = tr
         except Exception as e:
             rec.update(
