@@ -368,18 +368,15 @@ def _run_generator(generator, x: Tensor) -> Tensor:
     [B, D_t, h, w]: the H100 measured the fused gen at 0.89× compiled with the generator eager). Inside an
     outer ``torch.compile`` it is inlined there; on CPU and for a plain callable it runs as it is."""
     module = isinstance(generator, torch.nn.Module)
-    if module and _GEN_COMPILE[0] and _compile_generator_here(x) and not torch.compiler.is_compiling():
+    if module and _compile_generator_here(x) and not torch.compiler.is_compiling():
         try:
             return _compiled("_generator", _call_generator)(generator, x)
         except torch._dynamo.exc.TorchDynamoException as e:  # a compile failure: eager from now on
-            _GEN_COMPILE[0] = False
+            _S.compiled["_generator"] = _call_generator
             first = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
             print(f"fastkd: the ViTKD generator runs eagerly (torch.compile failed: {first})",
                   file=sys.stderr)
     return generator(x)
-
-
-_GEN_COMPILE = [True]  # False once compiling the generator failed in this process
 
 
 @fused(_gen_tensors, _gen_unsupported)

@@ -419,7 +419,6 @@ def test_a_generator_that_does_not_compile_runs_eagerly(triton_path, monkeypatch
         raise dyn_exc.TorchDynamoException("no compiler here")
 
     monkeypatch.setattr(D, "_compile_generator_here", lambda t: True)
-    monkeypatch.setattr(D, "_GEN_COMPILE", [True])
     monkeypatch.setitem(routing._S.compiled, "_generator", broken)
     for _ in range(2):
         assert torch.equal(KF.vitkd_gen_loss(*args, grid=(x["h"], x["w"])).detach(), eager)
