@@ -326,7 +326,12 @@ def _measure(name: str, runners: dict[str, Callable], args, kwargs, device: torc
     # ties go to the compiled reference (the path --compile alone runs)
     for m in ("wall", "gpu"):
         rec[f"{m}_path"] = min(med, key=lambda p: (med[p][m], p != "compiled")) if med else "reference"
-    rec["path"], rec["rule"] = rec["wall_path"], "wall"
+    return _use(rec, "wall")
+
+
+def _use(rec: dict, rule: str) -> dict:
+    """Make ``rec`` take its answer under ``rule`` ("wall" or "gpu"): its ``path`` is then that answer."""
+    rec["path"], rec["rule"] = rec[f"{rule}_path"], rule
     return rec
 
 
@@ -342,7 +347,7 @@ def decide(name: str, xs: Sequence[Tensor], runners: dict[str, Callable], args, 
             cached = _cache_entries(device).get(key)
             # a record without both answers (written before the GPU-time rule) is measured again
             if isinstance(cached, dict) and cached.get("path") in runners and "gpu_path" in cached:
-                rec = {**cached, "op": name, "source": "cache", "path": cached["wall_path"], "rule": "wall"}
+                rec = _use({**cached, "op": name, "source": "cache"}, "wall")
             else:
                 rec = _measure(name, runners, args, kwargs, device, timer)
                 _write_cache(device, key, {k: v for k, v in rec.items() if k not in ("source", "rule")})
@@ -373,8 +378,8 @@ def rebalance(slack_ms: float, calls: dict[str, int] | None = None) -> list[str]
     budget = 0.5 * max(float(slack_ms), 0.0)
     cands = []
     for key, rec in _S.decided.items():
+        _use(rec, "wall")
         wp, gp = rec["wall_path"], rec["gpu_path"]
-        rec["path"], rec["rule"] = wp, "wall"
         if gp == wp or rec.get(f"{gp}_gpu_ms") is None or rec.get(f"{wp}_gpu_ms") is None:
             continue
         n = 1 if calls is None else calls.get(key, 0)
@@ -387,8 +392,7 @@ def rebalance(slack_ms: float, calls: dict[str, int] | None = None) -> list[str]
     for saving, key, cost in sorted(cands, key=lambda c: (-c[0], c[1])):
         if saving > 0 and cost <= budget:
             budget -= cost
-            rec = _S.decided[key]
-            rec["path"], rec["rule"] = rec["gpu_path"], "gpu"
+            _use(_S.decided[key], "gpu")
             switched.append(key)
     return switched
 
@@ -398,9 +402,8 @@ def apply_switched(keys) -> list[str]:
     signatures in ``keys`` take their GPU-time answer, every other its wall answer. Returns those applied."""
     wanted, applied = set(keys), []
     for key, rec in _S.decided.items():
-        rec["path"], rec["rule"] = rec["wall_path"], "wall"
+        _use(rec, "gpu" if key in wanted else "wall")
         if key in wanted:
-            rec["path"], rec["rule"] = rec["gpu_path"], "gpu"
             applied.append(key)
     return applied
 
