@@ -243,7 +243,7 @@ def targets_section(results: list[dict], rows: list[dict]) -> str:
     return (
         "## Issue 13 targets (fused token-KD losses, training inputs)\n\n"
         "Judged on wall time per call with a sync after each (host work included); the last column is "
-        "the GPU time with the host's work hidden (``gpu_time_ms``), what a GPU-bound step pays.\n\n"
+        "the GPU time with the host's work hidden (``gpu_ms``), what a GPU-bound step pays.\n\n"
         + _table(header, lines)
     )
 

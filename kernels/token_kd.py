@@ -389,7 +389,7 @@ def _token_kd_bwd_kernel(
     if HAS_BIAS:
         acc += tl.load(b_ptr + j, mask=j_ok, other=0.0).to(tl.float32)[None, :]
     y = tl.load(t_row[:, None] + j[None, :], mask=mj, other=0.0).to(tl.float32)
-    if SUMSQ:  # the forward of the mimic term alone: Σ_j r² of this column tile, per row
+    if SUMSQ:  # the forward of the mimic term alone: Σ r² of this tile
         r = tl.where(mj, acc - y, 0.0)
         tl.store(gr_ptr + pid_m * num_n + pid_n, tl.sum(tl.sum(r * r, 1), 0))  # one partial per tile
         if STORE_R:  # the bf16 residual for the backward (no recompute), and its column sums for db
@@ -769,8 +769,8 @@ def _sumsq_on_y(y, t, bias, P_t, part, db_part, r, store_r: bool, config=None, P
     """The mimic forward's streaming epilogue on cuBLAS's Y = S Wᵀ (bf16, [B·(P+N), D_t]: P prefix rows per
     sample, skipped; P = 0: the compact [M, D_t]): ``_token_kd_bwd_kernel`` without a GEMM (``HAS_W`` False)
     computes r = Y + b − t (t [B, P_t+N, D_t], any row stride), writes Σ r² per tile into ``part`` and,
-    with ``store_r``, r in bf16 into ``r`` (Y's layout, prefix rows 0) and Σ_rows r
-    per row tile into ``db_part`` (with a bias). Returns the config it ran with."""
+    with ``store_r``, r in bf16 into ``r`` (Y's layout, prefix rows 0) and Σ_rows r per row tile into
+    ``db_part`` (with a bias). Returns the config it ran with."""
     B, T, D_t = t.shape[0], t.shape[1] - P_t + P, y.shape[1]
     N = T - P
     has_b = bias is not None

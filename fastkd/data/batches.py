@@ -46,7 +46,6 @@ def _workers(workers: int | None) -> int:
 __all__ = ["Prepared", "TrainBatches", "val_batches"]
 
 
-
 class Prepared:
     """One step's rows, prepared ahead. ``x``: uint8 [K, C, H, W] on the device; ``want``: int64 on the
     device, the ids augment will ask for, in order (the step's ``n_main`` ids, then their partners when
