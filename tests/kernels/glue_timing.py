@@ -98,7 +98,34 @@ def _two_layers(x, stacked):  # ViTKD's two mimic layers under amp: one stacked 
     )
 
 
+def _bench_call(loss):  # what bench/test_bench_losses.py times: the loss under autocast + autograd.grad
+    from fastkd import functional as F
+
+    def call(x):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            if loss == "map":
+                out = F.cls_patch_map_loss(x["s"], x["t"], 1, 1)
+                leaves = (x["s"],)
+            else:
+                sv = [x["s"][:, 1:], x["s2"][:, 1:]]
+                out = F.vitkd_mimic_loss(sv, [x["t"][:, 1:]] * 2, [x["W"]] * 2, [x["b"]] * 2)
+                leaves = (x["s"], x["s2"], x["W"], x["b"])
+        return _Grad(out, leaves)
+
+    return call
+
+
+class _Grad:  # ``time_case`` calls ``fn(x).backward()``: here that is the bench's autograd.grad
+    def __init__(self, out, leaves):
+        self.out, self.leaves = out, leaves
+
+    def backward(self):
+        torch.autograd.grad(self.out, self.leaves)
+
+
 CASES = {
+    "bench: cls_patch_map_loss": lambda x: _BENCH["map"](x),
+    "bench: vitkd_mimic_loss (2)": lambda x: _BENCH["mimic"](x),
     "map (amp)": lambda x: _map(x, True),
     "mimic (amp, recompute)": lambda x: _mimic(x, True, False),
     "mimic (amp, save_residual)": lambda x: _mimic(x, True, True),
@@ -150,7 +177,14 @@ def launch_paths(iters=20000):
         print(f"{name:30s} median {statistics.median(times):6.2f} µs per launch")
 
 
+_BENCH = {}
+
+
 def main():
+    from fastkd.ops import routing
+
+    routing.set_fused(True, interpreter=True)  # CPU tensors to the (stubbed) kernels: the Triton path
+    _BENCH.update(map=_bench_call("map"), mimic=_bench_call("mimic"))
     torch.set_num_threads(1)
     x = inputs()
     if "--launch" in sys.argv:
