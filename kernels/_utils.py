@@ -18,6 +18,7 @@
 * ``gemm_to``: a bf16 cuBLAS GEMM that writes fp32 itself (``out_dtype``), so a gradient needs no cast pass.
 """
 
+import operator
 import os
 import sys
 from typing import NamedTuple
@@ -166,25 +167,36 @@ def cfg_of(config) -> Cfg:
 
 # launch's memo of the autotuner's choices: (kernel id, its key's values, the tensor args' dtypes) → config
 _TUNED: dict[tuple, tuple[dict, Cfg]] = {}
-_KEY_SLOTS: dict[tuple[int, int], tuple[tuple[int, ...], tuple[str, ...]]] = {}
+# per (kernel id, arg count): getters of the key args by position, the key names passed by keyword, and
+# the positions of the tensor arguments (the pointer parameters: every launcher passes a tensor there)
+_KEY_SLOTS: dict[tuple[int, int], tuple] = {}
 
 
 def _tuned_key(kernel, args: tuple, consts: dict) -> tuple:
     """At least as fine as ``triton.autotune``'s own cache key (the values of its ``key`` args, and the dtype
-    of every tensor argument), computed from positions found once per kernel."""
+    of every tensor argument), from positions found at a kernel's first call with that many args: the
+    tensor positions are its pointer parameters, where every launcher passes a tensor (a non-tensor there
+    fails loudly, and a kernel called with fewer args gets its own slots)."""
     slots = _KEY_SLOTS.get((id(kernel), len(args)))
     if slots is None:
         names = kernel.arg_names
-        pos = tuple(names.index(k) for k in kernel.keys if k in names and names.index(k) < len(args))
+        pos = [names.index(k) for k in kernel.keys if k in names and names.index(k) < len(args)]
         by_name = tuple(k for k in kernel.keys if k not in names or names.index(k) >= len(args))
-        slots = _KEY_SLOTS[(id(kernel), len(args))] = (pos, by_name)
-    pos, by_name = slots
-    return (
-        id(kernel),
-        *(args[i] for i in pos),
-        *(consts.get(k) for k in by_name),
-        *(a.dtype for a in args if isinstance(a, torch.Tensor)),
-    )
+        tpos = [i for i, a in enumerate(args) if isinstance(a, torch.Tensor)]
+        slots = _KEY_SLOTS[(id(kernel), len(args))] = (_getter(pos), by_name, _getter(tpos))
+    keys, by_name, tensors = slots
+    return (id(kernel), *keys(args), *[consts.get(k) for k in by_name], *[a.dtype for a in tensors(args)])
+
+
+def _getter(positions: list[int]):
+    """args → the tuple of args at ``positions`` (``operator.itemgetter``, which returns a bare item for one
+    position and needs at least one)."""
+    if not positions:
+        return lambda args: ()
+    if len(positions) == 1:
+        i = positions[0]
+        return lambda args: (args[i],)
+    return operator.itemgetter(*positions)
 
 
 def launch(kernel, grid, args: tuple, consts: dict, config: Cfg | None = None) -> Cfg:

@@ -11,6 +11,11 @@ norm(x) = x / max(‖x‖₂, 1e-12) over channels, rows m = b·N + n over the M
     a_s [B, N] fp32                                   (also an output: the student map alone, t = None)
     s_cls    = norm(c_s) [B, D_s] fp32,  t_cls = norm(c_t) [B, D_t] fp32   (cls_embed_loss inputs)
 
+The op returns the two sums times host factors ``mim_scale`` and ``map_scale`` (default 1; the dispatch
+passes α/B and 1/(B·N)), applied by the kernels to what they store and to the upstream gradients they
+read, so no scaling op (and no autograd node for it) is launched. Below, g_mim and g_map stand for the
+upstream gradients times those factors.
+
 Backward, upstream g_mim, g_map (scalars, read on device: no host sync), g_as [B, N], g_cls [B, D_s]:
 
     gR      = 2·g_mim·r                 recomputed tile by tile, written once (compact [M, D_t])
@@ -185,7 +190,8 @@ def _token_kd_fwd_kernel(
     w_ptr,  # [D_T, D_S] projection weight (channel stride 1); read only if HAS_W
     b_ptr,  # [D_T] projection bias; read only if HAS_BIAS
     as_ptr,  # [M] fp32 out: a_s, the student CLS–patch map ([B, N] row-major); written if CLS_MAP
-    stats_ptr,  # [5, M] fp32 out, per row: a_t, 1/‖s_m‖, 1/‖c_s‖, Σ_d r², (a_t − a_s)² (0 where off)
+    stats_ptr,  # [5, M] fp32 out, per row: a_t, 1/‖s_m‖, 1/‖c_s‖, mim_scale·Σ_d r², map_scale·(a_t − a_s)²
+    #             (0 where off)
     scls_ptr,  # [B, D_S] fp32 out: norm(student CLS) (if CLS_MAP)
     tcls_ptr,  # [B, D_T] fp32 out: norm(teacher CLS) (if CLS_MAP and HAS_T)
     M,
@@ -199,6 +205,8 @@ def _token_kd_fwd_kernel(
     stride_tb,
     stride_tn,
     stride_w,
+    mim_scale,  # the mimic term's factor (the loss's α/B): Σ_d r² is stored times it
+    map_scale,  # the map term's factor (1/(B·N) for the mean): (a_t − a_s)² is stored times it
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -277,7 +285,7 @@ def _token_kd_fwd_kernel(
 
     # every row of stats is written (zeros where a term is off): the op's outputs are deterministic
     zero = tl.zeros((BLOCK_M,), tl.float32)
-    tl.store(stats_ptr + 3 * M + rows, sq, mask=row_ok)
+    tl.store(stats_ptr + 3 * M + rows, sq * mim_scale, mask=row_ok)
     if CLS_MAP:
         inv_s = 1.0 / tl.maximum(tl.sqrt(ss), EPS)
         inv_cs = 1.0 / tl.maximum(tl.sqrt(cc), EPS)
@@ -287,7 +295,7 @@ def _token_kd_fwd_kernel(
             inv_ct = 1.0 / tl.maximum(tl.sqrt(ct), EPS)
             a_t = tc * inv_t * inv_ct
             d = a_t - a_s
-            tl.store(stats_ptr + 4 * M + rows, d * d, mask=row_ok)
+            tl.store(stats_ptr + 4 * M + rows, d * d * map_scale, mask=row_ok)
         else:
             a_t = zero
             tl.store(stats_ptr + 4 * M + rows, zero, mask=row_ok)
@@ -325,9 +333,10 @@ def _token_kd_bwd_kernel(
     t_ptr,  # [B, P_T+N, D_T] teacher tokens (channel stride 1)
     w_ptr,  # [D_T, D_S] projection weight; read only if HAS_W
     b_ptr,  # [D_T] projection bias; read only if HAS_BIAS
-    g_ptr,  # [] fp32 upstream gradient of the mimic sum (unused if SUMSQ)
-    gr_ptr,  # [M, D_T] out, compact: gR = 2·g·r (bf16 for a bf16 dot, else fp32); SUMSQ: [≥ cdiv(M, BLOCK_M)
-    #          · cdiv(D_T, BLOCK_N)] fp32 out, Σ r² of each (row tile, column tile), in tile order
+    g_ptr,  # [] fp32 upstream gradient of the (scaled) mimic sum (unused if SUMSQ)
+    gr_ptr,  # [M, D_T] out, compact: gR = 2·scale·g·r (bf16 for a bf16 dot, else fp32); SUMSQ: [≥ cdiv(M,
+    #          BLOCK_M) · cdiv(D_T, BLOCK_N)] fp32 out, scale · Σ r² of each (row tile, column tile), tile
+    #          order
     sb_ptr,  # [M, D_S] out, compact: S in the GEMM dtype; written by column-tile 0 if WRITE_SB
     db_part_ptr,  # [≥ cdiv(M, BLOCK_M), D_T] fp32 out, if HAS_BIAS: Σ_rows gR (SUMSQ: r) of this row tile
     r_ptr,  # [B, P_R+N, D_T] bf16 out: the residual r = W s + b − t (SUMSQ and STORE_R only); prefix rows 0
@@ -343,6 +352,7 @@ def _token_kd_bwd_kernel(
     stride_tn,
     stride_w,
     P_R,  # prefix rows of r's layout (0: r is the compact [M, D_T])
+    scale,  # the mimic term's factor (the loss's α/B), in the stored partials and in gR
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -391,7 +401,7 @@ def _token_kd_bwd_kernel(
     y = tl.load(t_row[:, None] + j[None, :], mask=mj, other=0.0).to(tl.float32)
     if SUMSQ:  # the forward of the mimic term alone: Σ r² of this tile
         r = tl.where(mj, acc - y, 0.0)
-        tl.store(gr_ptr + pid_m * num_n + pid_n, tl.sum(tl.sum(r * r, 1), 0))  # one partial per tile
+        tl.store(gr_ptr + pid_m * num_n + pid_n, tl.sum(tl.sum(r * r, 1), 0) * scale)  # one per tile
         if STORE_R:  # the bf16 residual for the backward (no recompute), and its column sums for db
             r_row = bidx * (N + P_R) + P_R + n  # = rows when P_R = 0
             tl.store(
@@ -408,7 +418,7 @@ def _token_kd_bwd_kernel(
             if HAS_BIAS:
                 tl.store(db_part_ptr + pid_m * D_T + j, tl.sum(r, 0), mask=j_ok)
     else:
-        g = 2.0 * tl.load(g_ptr).to(tl.float32)
+        g = (2.0 * scale) * tl.load(g_ptr).to(tl.float32)
         gr = tl.where(mj, acc - y, 0.0) * g
         tl.store(
             gr_ptr + rows.to(tl.int64)[:, None] * D_T + j[None, :],
@@ -425,7 +435,7 @@ def _token_kd_map_bwd_kernel(
     as_ptr,  # [M] fp32: a_s (from the forward)
     stats_ptr,  # [5, M] fp32: a_t, 1/‖s_m‖, 1/‖c_s‖, … (from the forward)
     scls_ptr,  # [B, D_S] fp32: norm(student CLS) (from the forward)
-    g_ptr,  # [] fp32 upstream gradient of the map sum; read only if HAS_T
+    g_ptr,  # [] fp32 upstream gradient of the (scaled) map sum; read only if HAS_T
     gas_ptr,  # [M] fp32 upstream gradient of a_s; read only if HAS_GAS
     gcls_ptr,  # [B, D_S] upstream gradient of s_cls (row stride stride_gc); read only if HAS_GCLS
     mim_ptr,  # [M, D_S] compact dS of the mimic term (any float dtype); added if HAS_MIM
@@ -439,6 +449,7 @@ def _token_kd_map_bwd_kernel(
     stride_db,
     stride_dn,
     stride_gc,
+    map_scale,  # the map term's factor (the forward's)
     BLOCK_M: tl.constexpr,
     BLOCK_K: tl.constexpr,
     HAS_T: tl.constexpr,
@@ -450,7 +461,7 @@ def _token_kd_map_bwd_kernel(
     k = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
     k_ok = k < D_S
     if HAS_T:
-        g2 = -2.0 * tl.load(g_ptr).to(tl.float32)
+        g2 = (-2.0 * map_scale) * tl.load(g_ptr).to(tl.float32)
     inv_c = tl.load(stats_ptr + 2 * M + b * N)
     c = tl.load(s_ptr + b * stride_sb + k, mask=k_ok, other=0.0).to(tl.float32)  # [BLOCK_K] CLS chunk
     out_dtype = ds_ptr.dtype.element_ty
@@ -500,8 +511,8 @@ def _token_kd_map_bwd_kernel(
 @triton.jit
 def _token_kd_scale_kernel(
     x_ptr,  # [B·N, D] dS of the mimic term from the stored residual (bf16, unscaled), compact
-    g_ptr,  # [] fp32 upstream gradient of the mimic sum
-    out_ptr,  # [B, P+N, D] out, contiguous: dS = 2·g·x in s's dtype; prefix tokens (t < P) get 0
+    g_ptr,  # [] fp32 factor: 2·scale·g (g the upstream gradient of the scaled mimic sum)
+    out_ptr,  # [B, P+N, D] out, contiguous: dS = factor·x in s's dtype; prefix tokens (t < P) get 0
     R,  # B·(P+N) output rows
     T,  # P+N tokens per sample
     P,
@@ -516,7 +527,7 @@ def _token_kd_scale_kernel(
     tok = rows % T
     src = (rows // T) * (T - P) + tok - P  # the compact row of a patch token
     keep = row_ok & (tok >= P)
-    g = 2.0 * tl.load(g_ptr).to(tl.float32)
+    g = tl.load(g_ptr).to(tl.float32)
     x = tl.load(
         x_ptr + src.to(tl.int64)[:, None] * D + cols[None, :], mask=keep[:, None] & col_ok[None, :], other=0.0
     ).to(tl.float32)
@@ -649,6 +660,8 @@ def token_kd_forward(
     config: Cfg | None = None,
     save_residual: bool = False,
     w16: torch.Tensor | None = None,
+    mim_scale: float = 1.0,
+    map_scale: float = 1.0,
 ):
     """Launch the forward kernel. Returns (mimic_sum [], map_sum [], a_s [B, N], s_cls, t_cls, stats).
 
@@ -656,6 +669,9 @@ def token_kd_forward(
     mimic=False; map_sum is then 0). Unused outputs are empty tensors. ``amp``: bf16 autocast is on
     (bf16 tensor-core GEMM; else exact fp32 for fp32 tokens). ``config`` forces one shipped config
     (tests); by default the kernel is autotuned. Allocations: 4 buffers + the 2 sums, whatever the shape.
+    ``mim_scale`` / ``map_scale``: each sum comes out times its factor (the loss's α/B, 1/(B·N) for a
+    mean), applied by the kernels to what they store, so the caller launches no scaling op (nor, in the
+    backward, its gradient).
     """
     B, N, D_s, D_t = _check(s, t, weight, bias, num_prefix_s, num_prefix_t, mimic, cls_map)
     M = B * N
@@ -663,7 +679,8 @@ def token_kd_forward(
     a_s, s_cls, t_cls, stats = _fwd_outputs(s, t, N, cls_map, weight, bias, residual)
     if not cls_map:  # the mimic term alone (ViTKD): the 2-D tiled GEMM kernel, row sums per column tile
         sums = _mimic_forward(
-            s, t, weight, bias, num_prefix_s, num_prefix_t, amp, config, stats if residual else None, w16
+            s, t, weight, bias, num_prefix_s, num_prefix_t, amp, config, stats if residual else None, w16,
+            mim_scale,
         )
         return sums + (a_s, s_cls, t_cls, stats)
     has_t = t is not None
@@ -696,6 +713,8 @@ def token_kd_forward(
             tt.stride(0),
             tt.stride(1),
             w.stride(0) if has_w else 0,
+            float(mim_scale),
+            float(map_scale),
         ),
         dict(
             HAS_W=has_w,
@@ -715,7 +734,7 @@ def token_kd_forward(
     return mim, msum, a_s, s_cls, t_cls, stats
 
 
-def _mimic_forward(s, t, weight, bias, P_s, P_t, amp, config, residual=None, w16=None):
+def _mimic_forward(s, t, weight, bias, P_s, P_t, amp, config, residual=None, w16=None, scale=1.0):
     """(mimic_sum, 0) of the mimic term alone, by ``_token_kd_bwd_kernel`` in its SUMSQ mode: a 2-D
     (row tile × D_t tile) grid in grouped order, so each program holds one [BLOCK_M, BLOCK_N] tile of
     r and W is streamed per column tile (less L2 traffic and bigger MMA tiles than the row-resident
@@ -743,7 +762,7 @@ def _mimic_forward(s, t, weight, bias, P_s, P_t, amp, config, residual=None, w16
         # 298 µs per call on the H200 (L2-bound: s and W re-read per tile) vs 47 µs for cuBLAS at this
         # shape; bytes: 115.6 MB copy + 116 MB GEMM + 231 (309 stored) MB epilogue (bench/NOTES.md)
         y = torch.mm(_bf16_rows(s, P_s, N, sb if store_r else None), w.t())  # [M, D_t] bf16
-        cfg = _sumsq_on_y(y, t, bias if has_b else None, P_t, part, db_part, r, store_r, config)
+        cfg = _sumsq_on_y(y, t, bias if has_b else None, P_t, part, db_part, r, store_r, config, scale=scale)
     else:
         cfg = _launch_2d(
             (s, t, w, bb, part, part, sb, db_part, r),
@@ -751,6 +770,7 @@ def _mimic_forward(s, t, weight, bias, P_s, P_t, amp, config, residual=None, w16
             dict(HAS_W=has_w, HAS_BIAS=has_b, WRITE_SB=store_r and has_w, SUMSQ=True, STORE_R=store_r,
                  DOT_BF16=bf16),
             config,
+            scale=scale,
         )
     if store_r and has_b:
         torch.sum(db_part[: cdiv(M, cfg.BLOCK_M)], 0, out=db_sum)  # Σ_m r, for db = 2g·Σ_m r
@@ -765,11 +785,11 @@ def _tiles(M: int, D_t: int, cfg: Cfg | None = None) -> int:
     return cdiv(M, cfg.BLOCK_M) * cdiv(D_t, cfg.BLOCK_N)
 
 
-def _sumsq_on_y(y, t, bias, P_t, part, db_part, r, store_r: bool, config=None, P: int = 0) -> Cfg:
+def _sumsq_on_y(y, t, bias, P_t, part, db_part, r, store_r: bool, config=None, P: int = 0, scale=1.0) -> Cfg:
     """The mimic forward's streaming epilogue on cuBLAS's Y = S Wᵀ (bf16, [B·(P+N), D_t]: P prefix rows per
     sample, skipped; P = 0: the compact [M, D_t]): ``_token_kd_bwd_kernel`` without a GEMM (``HAS_W`` False)
-    computes r = Y + b − t (t [B, P_t+N, D_t], any row stride), writes Σ r² per tile into ``part`` and,
-    with ``store_r``, r in bf16 into ``r`` (Y's layout, prefix rows 0) and Σ_rows r per row tile into
+    computes r = Y + b − t (t [B, P_t+N, D_t], any row stride), writes scale · Σ r² per tile into ``part``
+    and, with ``store_r``, r in bf16 into ``r`` (Y's layout, prefix rows 0) and Σ_rows r per row tile into
     ``db_part`` (with a bias). Returns the config it ran with."""
     B, T, D_t = t.shape[0], t.shape[1] - P_t + P, y.shape[1]
     N = T - P
@@ -780,20 +800,23 @@ def _sumsq_on_y(y, t, bias, P_t, part, db_part, r, store_r: bool, config=None, P
         dict(HAS_W=False, HAS_BIAS=has_b, WRITE_SB=False, SUMSQ=True, STORE_R=store_r, DOT_BF16=True),
         config,
         P_r=P if store_r else 0,
+        scale=scale,
     )
 
 
 def _launch_2d(
-    ptrs, M, N, D_in, D_t, P_in, P_t, s_strides, t, stride_w, flags: dict, config=None, P_r: int = 0
+    ptrs, M, N, D_in, D_t, P_in, P_t, s_strides, t, stride_w, flags: dict, config=None, P_r: int = 0,
+    scale=1.0,
 ) -> Cfg:
     """One launch of ``_token_kd_bwd_kernel`` on its grouped (row tile × D_t tile) grid: ``ptrs`` are its
     9 tensor arguments in order (s, t, w, b, g, gr, sb, db_part, r), ``s_strides`` s's (sample, row)
-    strides, ``flags`` its constexprs but UPCAST, ``P_r`` the prefix rows of r's layout. Returns the
-    config it ran with."""
+    strides, ``flags`` its constexprs but UPCAST, ``P_r`` the prefix rows of r's layout, ``scale`` the mimic
+    term's factor. Returns the config it ran with."""
     return launch(
         _token_kd_bwd_kernel,
         lambda meta: (cdiv(M, meta["BLOCK_M"]) * cdiv(D_t, meta["BLOCK_N"]),),
-        (*ptrs, M, N, D_in, D_t, P_in, P_t, *s_strides, t.stride(0), t.stride(1), stride_w, P_r),
+        (*ptrs, M, N, D_in, D_t, P_in, P_t, *s_strides, t.stride(0), t.stride(1), stride_w, P_r,
+         float(scale)),
         dict(flags, UPCAST=INTERPRET),
         config,
     )
@@ -813,22 +836,25 @@ def _bf16_rows(s, P, N, out=None):
     return out
 
 
-def _residual_backward(g_mim, s, t, weight, bias, stats, P, need_dw, need_db, placeholders=True, w16=None):
-    """(dS, dW, db) of the mimic term alone from the residual the forward stored (``residual_on``):
-    dS = 2g·(r W) (patch views, P = 0: r·bf16(2g·W) by cuBLAS, written in s's dtype; whole tokens: r W in
-    bf16, then one scale-and-cast pass that zeroes the prefix rows), dW = 2g·(rᵀ S), db = 2g·Σ_m r."""
+def _residual_backward(
+    g_mim, s, t, weight, bias, stats, P, need_dw, need_db, placeholders=True, w16=None, scale=1.0
+):
+    """(dS, dW, db) of the mimic term alone from the residual the forward stored (``residual_on``), with
+    g2 = 2·scale·g: dS = g2·(r W) (patch views, P = 0: r·bf16(g2·W) by cuBLAS, written in s's dtype; whole
+    tokens: r W in bf16, then one scale-and-cast pass that zeroes the prefix rows), dW = g2·(rᵀ S),
+    db = g2·Σ_m r."""
     B, T, D_s = s.shape
     N, D_t = T - P, t.shape[2]
     M = B * N
     has_w, has_b = weight is not None, bias is not None
     r, sb, db_sum = _residual_views(stats, M, D_s, D_t, has_w, has_b)
     g = g_mim if g_mim.dtype == torch.float32 else g_mim.float()
-    g2 = g * 2.0
-    if has_w and P == 0:  # dS [B, N, D_s] is the compact product itself: 2g rides on W, no scale pass
+    g2 = g * (2.0 * scale)
+    if has_w and P == 0:  # dS [B, N, D_s] is the compact product itself: g2 rides on W, no scale pass
         ds = gemm_to(r, _scaled_weight(weight, g2, r.new_empty((D_t, D_s))), s.dtype).view(B, N, D_s)
     else:  # prefix rows to zero around the compact product (or no W): one scale-and-cast pass
         mim_ds = torch.mm(r, _gemm_weight(weight, True, w16)) if has_w else r  # [M, D_s] bf16, unscaled
-        ds = _scaled_ds(mim_ds, g, s.shape, s.dtype, P)
+        ds = _scaled_ds(mim_ds, g2, s.shape, s.dtype, P)
     if has_w and need_dw:
         dw = gemm_to(r.t(), sb, weight.dtype).mul_(g2)  # written in W's dtype by cuBLAS: no cast launch
     else:
@@ -840,15 +866,15 @@ def _residual_backward(g_mim, s, t, weight, bias, stats, P, need_dw, need_db, pl
     return ds, dw, db
 
 
-def _scaled_ds(mim_ds, g, shape, dtype, P):
-    """dS [B, P+N, D_s] (``shape``) in ``dtype``, written in one pass: the patch rows 2g·mim_ds (the compact
+def _scaled_ds(mim_ds, g2, shape, dtype, P):
+    """dS [B, P+N, D_s] (``shape``) in ``dtype``, written in one pass: the patch rows g2·mim_ds (the compact
     [B·N, D_s] product r W), the prefix rows 0 — so a caller passing whole token tensors with num_prefix_s
     (not a patch view) needs no SliceBackward (zeros + copy of [B, 1+N, D_s], 76 µs per layer, H200)."""
     B, T, D_s = shape
     ds = torch.empty(shape, dtype=dtype, device=mim_ds.device)
     c = SCALE_CFG
     _token_kd_scale_kernel[(cdiv(B * T, c.BLOCK_M), cdiv(D_s, c.BLOCK_K))](
-        mim_ds, g, ds, B * T, T, P, D_s, BLOCK_R=c.BLOCK_M, BLOCK_D=c.BLOCK_K, num_warps=c.num_warps
+        mim_ds, g2, ds, B * T, T, P, D_s, BLOCK_R=c.BLOCK_M, BLOCK_D=c.BLOCK_K, num_warps=c.num_warps
     )
     return ds
 
@@ -894,9 +920,12 @@ def token_kd_backward(
     residual: bool = False,
     placeholders: bool = True,
     w16: torch.Tensor | None = None,
+    mim_scale: float = 1.0,
+    map_scale: float = 1.0,
 ):
     """Gradients (dS, dW, db) of ``token_kd_forward``; dW / db are empty when not needed (None with
-    ``placeholders=False``: the eager autograd path, which does not need tensors there).
+    ``placeholders=False``: the eager autograd path, which does not need tensors there). ``mim_scale`` /
+    ``map_scale``: the forward's factors (g_mim / g_map are the gradients of the scaled sums).
 
     g_mim, g_map: 0-d upstream gradients (stay on device); g_as [B, N] / g_cls [B, D_s]: upstream
     gradients of a_s / s_cls, or None. dS is a fresh contiguous tensor of s's shape and dtype. ``amp``
@@ -911,7 +940,9 @@ def token_kd_backward(
     dw = db = None  # empty placeholders made at the end when not computed (distinct: no aliasing)
     mim_ds = None  # compact [M, D_s] dS of the mimic term
     if residual:  # the forward stored r (bf16), S (bf16) and Σ_m r: no recompute, GEMMs on r, scale by 2g
-        return _residual_backward(g_mim, s, t, weight, bias, stats, P, need_dw, need_db, placeholders, w16)
+        return _residual_backward(
+            g_mim, s, t, weight, bias, stats, P, need_dw, need_db, placeholders, w16, mim_scale
+        )
     if mimic:
         has_w = weight is not None
         has_b = bias is not None
@@ -947,6 +978,7 @@ def token_kd_backward(
             dict(HAS_W=has_gemm, HAS_BIAS=has_b, WRITE_SB=write_sb, SUMSQ=False, STORE_R=False,
                  DOT_BF16=bf16),
             config,
+            scale=mim_scale,
         )
         if has_w:
             mim_ds = torch.mm(gr, w)  # dS = gR W  [M, D_s], cuBLAS in the GEMM dtype
@@ -996,6 +1028,7 @@ def token_kd_backward(
         ds.stride(0),
         ds.stride(1),
         gc.stride(0),
+        float(map_scale),
         BLOCK_M=mcfg.BLOCK_M,
         BLOCK_K=mcfg.BLOCK_K,
         HAS_T=t is not None,
@@ -1021,6 +1054,8 @@ def token_kd_custom_op(
     cls_map: bool,
     amp: Optional[bool] = None,  # noqa: UP045
     save_residual: Optional[bool] = None,  # noqa: UP045
+    mim_scale: float = 1.0,
+    map_scale: float = 1.0,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(mimic_sum, map_sum, a_s, s_cls, t_cls, stats); see ``token_kd_forward``.
 
@@ -1028,7 +1063,8 @@ def token_kd_custom_op(
     passes it; required under torch.compile). None = read it now (eager callers only).
     ``save_residual``: a backward follows (the caller knows: grad mode and requires_grad); with ``amp``
     True and the mimic term alone, the forward then stores the bf16 residual and the backward does not
-    recompute (``residual_on``; bench/NOTES.md has the byte arithmetic). None / False: recompute."""
+    recompute (``residual_on``; bench/NOTES.md has the byte arithmetic). None / False: recompute.
+    ``mim_scale`` / ``map_scale``: factors of the two sums (``token_kd_forward``)."""
     store = residual_on(amp, save_residual, mimic, cls_map, t, s.shape[2], weight)
     return token_kd_forward(
         s,
@@ -1041,11 +1077,16 @@ def token_kd_custom_op(
         cls_map,
         resolve_amp(amp, s.device),
         save_residual=store,
+        mim_scale=mim_scale,
+        map_scale=map_scale,
     )
 
 
 @token_kd_custom_op.register_fake
-def _(s, t, weight, bias, num_prefix_s, num_prefix_t, mimic, cls_map, amp=None, save_residual=None):
+def _(
+    s, t, weight, bias, num_prefix_s, num_prefix_t, mimic, cls_map, amp=None, save_residual=None,
+    mim_scale=1.0, map_scale=1.0,
+):
     _, N, _, _ = _check(s, t, weight, bias, num_prefix_s, num_prefix_t, mimic, cls_map)
     new = lambda: s.new_empty((), dtype=torch.float32)
     store = residual_on(amp, save_residual, mimic, cls_map, t, s.shape[2], weight)
@@ -1073,6 +1114,8 @@ def token_kd_backward_op(
     need_db: bool,
     amp: bool = False,
     residual: bool = False,
+    mim_scale: float = 1.0,
+    map_scale: float = 1.0,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dS, dW, db); see ``token_kd_backward``."""
     return token_kd_backward(
@@ -1095,6 +1138,8 @@ def token_kd_backward_op(
         need_db,
         amp,
         residual=residual,
+        mim_scale=mim_scale,
+        map_scale=map_scale,
     )
 
 
@@ -1119,6 +1164,8 @@ def _(
     need_db,
     amp=False,
     residual=False,
+    mim_scale=1.0,
+    map_scale=1.0,
 ):
     ds = torch.empty(s.shape, dtype=s.dtype, device=s.device)  # contiguous, as every real path returns
     empty = s.new_empty(0, dtype=torch.float32)
@@ -1127,29 +1174,30 @@ def _(
     return ds, dw, db
 
 
-def _save(ctx, s, t, weight, bias, num_prefix_s, num_prefix_t, mimic, cls_map, amp, residual, output):
+def _save(ctx, s, t, weight, bias, num_prefix_s, num_prefix_t, mimic, cls_map, amp, residual, scales, output):
     # unused outputs (stats, t_cls, often a_s / s_cls) get None, not materialised zeros: those zeros
     # were most of the ~9 zeros/fill_ per call measured on the H200 (issue 12, item 6)
     ctx.set_materialize_grads(False)
     _, _, a_s, s_cls, _, stats = output
     ctx.save_for_backward(s, t, weight, bias, a_s, stats, s_cls)
-    ctx.args = (num_prefix_s, num_prefix_t, mimic, cls_map, amp, residual)
+    ctx.args = (num_prefix_s, num_prefix_t, mimic, cls_map, amp, residual, *scales)
 
 
 def _setup_context(ctx, inputs, output):
     s, t, weight, bias, num_prefix_s, num_prefix_t, mimic, cls_map = inputs[:8]
     amp = inputs[8] if len(inputs) > 8 else None
     save_residual = inputs[9] if len(inputs) > 9 else None
+    scales = (inputs[10] if len(inputs) > 10 else 1.0, inputs[11] if len(inputs) > 11 else 1.0)
     residual = residual_on(amp, save_residual, mimic, cls_map, t, s.shape[2], weight)
     amp = resolve_amp(amp, s.device)
-    _save(ctx, s, t, weight, bias, num_prefix_s, num_prefix_t, mimic, cls_map, amp, residual, output)
+    _save(ctx, s, t, weight, bias, num_prefix_s, num_prefix_t, mimic, cls_map, amp, residual, scales, output)
 
 
 def _grads(ctx, g_mim, g_map, g_as, g_scls, backward_fn):
     """(dS, None, dW, db) for the op's autograd formula; ``backward_fn`` is the backward custom op (under
     torch.compile) or ``token_kd_backward`` itself (eager: no custom-op dispatch on the host)."""
     s, t, weight, bias, a_s, stats, s_cls = ctx.saved_tensors
-    num_prefix_s, num_prefix_t, mimic, cls_map, amp, residual = ctx.args
+    num_prefix_s, num_prefix_t, mimic, cls_map, amp, residual, mim_scale, map_scale = ctx.args
     need_s, _, need_w, need_b = ctx.needs_input_grad[:4]
     need_w = bool(need_w and mimic and weight is not None)
     need_b = bool(need_b and mimic and bias is not None)
@@ -1183,12 +1231,14 @@ def _grads(ctx, g_mim, g_map, g_as, g_scls, backward_fn):
         need_b,
         amp,
         residual,
+        mim_scale,
+        map_scale,
     )
     return (ds if need_s else None), None, (dw if need_w else None), (db if need_b else None)
 
 
 def _backward(ctx, g_mim, g_map, g_as, g_scls, g_tcls, g_stats):
-    return (*_grads(ctx, g_mim, g_map, g_as, g_scls, token_kd_backward_op), *(None,) * 6)
+    return (*_grads(ctx, g_mim, g_map, g_as, g_scls, token_kd_backward_op), *(None,) * 8)
 
 
 class _TokenKD(torch.autograd.Function):
@@ -1197,7 +1247,7 @@ class _TokenKD(torch.autograd.Function):
     profile's ~0.8 ms of CPU per ``fastkd::token_kd`` call; ``tests/kernels/glue_timing.py``)."""
 
     @staticmethod
-    def forward(ctx, s, t, weight, bias, num_prefix_s, num_prefix_t, mimic, cls_map, amp, residual):
+    def forward(ctx, s, t, weight, bias, num_prefix_s, num_prefix_t, mimic, cls_map, amp, residual, scales):
         # W rounded to bf16 once per fwd + bwd (kept on ctx for the backward, like autocast's per-forward
         # weight cache; never across steps: an optimizer step or a .data write changes W)
         w16 = None
@@ -1216,8 +1266,10 @@ class _TokenKD(torch.autograd.Function):
             amp,
             save_residual=residual,
             w16=w16,
+            mim_scale=scales[0],
+            map_scale=scales[1],
         )
-        _save(ctx, s, t, weight, bias, num_prefix_s, num_prefix_t, mimic, cls_map, amp, residual, out)
+        _save(ctx, s, t, weight, bias, num_prefix_s, num_prefix_t, mimic, cls_map, amp, residual, scales, out)
         return out
 
     @staticmethod
@@ -1225,13 +1277,20 @@ class _TokenKD(torch.autograd.Function):
         w16 = ctx.w16
 
         def backward_fn(*args):  # token_kd_backward_op's positional arguments
-            return token_kd_backward(*args[:17], amp=args[17], residual=args[18], placeholders=False, w16=w16)
+            return token_kd_backward(
+                *args[:17], amp=args[17], residual=args[18], placeholders=False, w16=w16, mim_scale=args[19],
+                map_scale=args[20],
+            )
 
-        return (*_grads(ctx, g_mim, g_map, g_as, g_scls, backward_fn), *(None,) * 6)
+        return (*_grads(ctx, g_mim, g_map, g_as, g_scls, backward_fn), *(None,) * 7)
 
 
-def token_kd_op(s, t, weight, bias, num_prefix_s, num_prefix_t, mimic, cls_map, amp=None, save_residual=None):
-    """(mimic_sum, map_sum, a_s, s_cls, t_cls, stats): the fused token op (semantics: ``token_kd_forward``).
+def token_kd_op(
+    s, t, weight, bias, num_prefix_s, num_prefix_t, mimic, cls_map, amp=None, save_residual=None,
+    mim_scale: float = 1.0, map_scale: float = 1.0,
+):
+    """(mim_scale·mimic_sum, map_scale·map_sum, a_s, s_cls, t_cls, stats): the fused token op (semantics:
+    ``token_kd_forward``; the factors are applied inside the kernels: no scaling launch, no autograd node).
 
     Under torch.compile this is the custom op ``fastkd::token_kd`` (``token_kd_custom_op``; pass ``amp``
     and ``save_residual`` explicitly there). Eager, it runs the same launchers through a plain
@@ -1240,7 +1299,8 @@ def token_kd_op(s, t, weight, bias, num_prefix_s, num_prefix_t, mimic, cls_map, 
     bf16 residual and the backward does not recompute (``residual_on``; bench/NOTES.md)."""
     if custom_op_path(s):
         return token_kd_custom_op(
-            s, t, weight, bias, num_prefix_s, num_prefix_t, mimic, cls_map, amp, save_residual
+            s, t, weight, bias, num_prefix_s, num_prefix_t, mimic, cls_map, amp, save_residual,
+            float(mim_scale), float(map_scale),
         )
     amp = resolve_amp(amp, s.device)
     if save_residual is None:
@@ -1250,7 +1310,10 @@ def token_kd_op(s, t, weight, bias, num_prefix_s, num_prefix_t, mimic, cls_map, 
             or (bias is not None and bias.requires_grad)
         )
     residual = residual_on(amp, save_residual, mimic, cls_map, t, s.shape[2], weight)
-    return _TokenKD.apply(s, t, weight, bias, num_prefix_s, num_prefix_t, mimic, cls_map, amp, residual)
+    scales = (float(mim_scale), float(map_scale))
+    return _TokenKD.apply(
+        s, t, weight, bias, num_prefix_s, num_prefix_t, mimic, cls_map, amp, residual, scales
+    )
 
 
 token_kd_custom_op.register_autograd(_backward, setup_context=_setup_context)
@@ -1261,29 +1324,31 @@ def mimic_layers_ok(xs, ts, ws, bs, P: int, amp: bool) -> bool:
     """Whether ``mimic_layers_op`` takes these layers: eager, bf16 autocast, ≥ 2 layers of one shape each
     (student ``[B, P+N, D_s]`` tensors of one dtype and strides, teacher ``[B, N, D_t]`` likewise), a
     projection W on every layer and a bias on all or none, all on one device."""
-    if not amp or len(xs) < 2 or torch.compiler.is_compiling() or any(w is None for w in ws):
+    if not amp or len(xs) < 2 or torch.compiler.is_compiling():
         return False
-    if len({b is None for b in bs}) != 1:
+    x0, t0, w0, b0 = xs[0], ts[0], ws[0], bs[0]
+    if w0 is None or x0.dim() != 3 or t0.dim() != 3:
         return False
-
-    def one(group, attrs):
-        return len({tuple(getattr(x, a) if a != "stride" else x.stride() for a in attrs) for x in group}) == 1
-
-    same = ("shape", "dtype", "stride", "device")
+    xsig = (x0.shape, x0.dtype, x0.stride(), x0.device)
+    tsig = (t0.shape, t0.dtype, t0.stride(), x0.device)
+    wsig = (w0.shape, w0.dtype, x0.device)
+    bsig = None if b0 is None else (b0.shape, b0.dtype, x0.device)
+    for x, t, w, b in zip(xs, ts, ws, bs, strict=True):
+        if (x.shape, x.dtype, x.stride(), x.device) != xsig:
+            return False
+        if (t.shape, t.dtype, t.stride(), t.device) != tsig:
+            return False
+        if w is None or (w.shape, w.dtype, w.device) != wsig:
+            return False
+        if (b is None) != (bsig is None) or (b is not None and (b.shape, b.dtype, b.device) != bsig):
+            return False
     return (
-        one(xs, same)
-        and one(ts, same)
-        and one(ws, ("shape", "dtype", "device"))
-        and (bs[0] is None or one(bs, ("shape", "dtype", "device")))
-        and xs[0].dim() == 3
-        and ts[0].dim() == 3
-        and xs[0].dtype in FLOAT_DTYPES
-        and ts[0].dtype in FLOAT_DTYPES
-        and xs[0].stride(2) == 1
-        and ts[0].stride(2) == 1
-        and xs[0].device == ts[0].device
-        and tuple(ws[0].shape) == (ts[0].shape[2], xs[0].shape[2])
-        and ts[0].shape[:2] == (xs[0].shape[0], xs[0].shape[1] - P)
+        x0.dtype in FLOAT_DTYPES
+        and t0.dtype in FLOAT_DTYPES
+        and x0.stride(2) == 1
+        and t0.stride(2) == 1
+        and tuple(w0.shape) == (t0.shape[2], x0.shape[2])
+        and t0.shape[:2] == (x0.shape[0], x0.shape[1] - P)
     )
 
 
@@ -1294,7 +1359,8 @@ def _scaled_weight(w, g2, out):
 
 
 class _MimicLayers(torch.autograd.Function):
-    """Σ_l Σ_{m,d} (W_l s_l,m + b_l − t_l,m)² of L layers with one shape, under bf16 autocast, with the
+    """scale · Σ_l Σ_{m,d} (W_l s_l,m + b_l − t_l,m)² of L layers with one shape, under bf16 autocast (g2
+    below is 2·scale·g: the factor is in the stored partials and rides on g, so it costs no launch), with the
     stored-residual design of the one-layer op, batched over the layers, on whole token rows:
 
     * S_l [B, P+N, D_s] (prefix rows included) and W_l are rounded to bf16 into [L, B·(P+N), D_s] /
@@ -1303,18 +1369,18 @@ class _MimicLayers(torch.autograd.Function):
     * the streaming epilogue (r = Y + b − t on the patch rows, Σ r², r in bf16, Σ_m r) is one launch per
       layer (each layer's teacher is its own tensor) and writes r in the same whole-row layout with its
       prefix rows 0;
-    * backward: dX = r (2g·W) is one ``torch.bmm`` written in X's dtype by cuBLAS (fp32 out for fp32
+    * backward: dX = r (g2·W) is one ``torch.bmm`` written in X's dtype by cuBLAS (fp32 out for fp32
       tokens): the prefix rows come out 0 (their r is 0), so every layer's dX is its slice of that one
       buffer and there is no scale-and-cast pass (the one-layer op's ``_scaled_ds``: a read of the bf16
-      product and a write of dX, 115.6 MB per DeiT-S layer); dW = 2g·(rᵀ S) is one ``torch.bmm``;
+      product and a write of dX, 115.6 MB per DeiT-S layer); dW = g2·(rᵀ S) is one ``torch.bmm``;
     * one autograd node, one sum over all layers' partials.
 
-    Rounding: as autocast's reference (Y, r and S in bf16, fp32 accumulation), except that 2g·W is rounded
-    to bf16 instead of the upstream gradient 2g·r, and dX is not rounded to bf16 before its fp32 cast.
+    Rounding: as autocast's reference (Y, r and S in bf16, fp32 accumulation), except that g2·W is rounded
+    to bf16 instead of the upstream gradient g2·r, and dX is not rounded to bf16 before its fp32 cast.
     Memory from forward to backward: r and S in bf16, as the one-layer op (the prefix rows add 1/N)."""
 
     @staticmethod
-    def forward(ctx, P, n, has_b, *flat):
+    def forward(ctx, P, n, has_b, scale, *flat):
         xs, ts, ws = flat[:n], flat[n : 2 * n], flat[2 * n : 3 * n]
         bs = flat[3 * n : 4 * n] if has_b else (None,) * n
         B, T, D_s = xs[0].shape
@@ -1333,21 +1399,21 @@ class _MimicLayers(torch.autograd.Function):
         cfg = None
         per_layer = zip(ts, bs, y.unbind(0), r.unbind(0), part.unbind(0), db_part.unbind(0), strict=True)
         for t, b, y_i, r_i, part_i, db_i in per_layer:
-            cfg = _sumsq_on_y(y_i, t, b, 0, part_i, db_i, r_i, True, P=P)
+            cfg = _sumsq_on_y(y_i, t, b, 0, part_i, db_i, r_i, True, P=P, scale=scale)
         total = part[:, : _tiles(M, D_t, cfg)].sum()  # one shape, so one config for every layer
         db_sum = db_part[:, : cdiv(M, cfg.BLOCK_M)].sum(1) if has_b else None  # [L, D_t]
         ctx.save_for_backward(r, s16, db_sum, *ws)
         b_meta = (bs[0].dtype, bs[0].shape) if has_b else None
-        ctx.meta = (P, n, has_b, x0.shape, x0.dtype, ws[0].dtype, b_meta)
+        ctx.meta = (P, n, has_b, scale, x0.shape, x0.dtype, ws[0].dtype, b_meta)
         return total
 
     @staticmethod
     def backward(ctx, g):
         r, s16, db_sum, *ws = ctx.saved_tensors
-        P, n, has_b, shape, x_dtype, w_dtype, b_meta = ctx.meta
-        need = ctx.needs_input_grad[3:]
+        P, n, has_b, scale, shape, x_dtype, w_dtype, b_meta = ctx.meta
+        need = ctx.needs_input_grad[4:]
         need_x, need_w, need_b = any(need[:n]), any(need[2 * n : 3 * n]), has_b and any(need[3 * n :])
-        g2 = 2.0 * (g if g.dtype == torch.float32 else g.float())
+        g2 = (2.0 * scale) * (g if g.dtype == torch.float32 else g.float())
         dxs = [None] * n
         if need_x:
             # the scale 2g rides on W (L·D_t·D_s elements; one rounding of 2g·W to bf16, computed in fp32)
@@ -1367,16 +1433,17 @@ class _MimicLayers(torch.autograd.Function):
                 db if db.shape == b_meta[1] else db.reshape(b_meta[1])
                 for db in (db_sum * g2).to(b_meta[0]).unbind(0)
             ]
-        return (None, None, None, *dxs, *([None] * n), *dws, *(dbs if has_b else ()))
+        return (None, None, None, None, *dxs, *([None] * n), *dws, *(dbs if has_b else ()))
 
 
-def mimic_layers_op(xs, ts, ws, bs, P: int):
-    """Σ over the layers of the mimic sum Σ_{m,d} (W s + b − t)² (0-d fp32), for layers that
+def mimic_layers_op(xs, ts, ws, bs, P: int, scale: float = 1.0):
+    """``scale`` · Σ over the layers of the mimic sum Σ_{m,d} (W s + b − t)² (0-d fp32; the factor, the loss's
+    α/B, applied by the kernels: no scaling launch, no autograd node), for layers that
     ``mimic_layers_ok`` accepts: xs [B, P+N, D_s] (P prefix tokens skipped), ts [B, N, D_t], ws [D_t, D_s],
     bs [D_t] or all None. Eager only (torch.compile traces the one-layer custom op)."""
     has_b = bs[0] is not None
     flat = (*xs, *(t.detach() for t in ts), *ws, *(bs if has_b else ()))
-    return _MimicLayers.apply(P, len(xs), has_b, *flat)
+    return _MimicLayers.apply(P, len(xs), has_b, float(scale), *flat)
 
 
 # ------------------------------------------------------------------------------ compile-check specs
@@ -1452,7 +1519,8 @@ def compile_specs():
                     "tcls_ptr": "fp32",
                 }
                 const = dict(base_const(cfg, has_w, has_b, bf16), MIMIC=mimic, CLS_MAP=cls_map, HAS_T=has_t)
-                specs.append((tag, _token_kd_fwd_kernel.fn, ptrs, dict(scalars), const, cfg))
+                fscal = dict(scalars, mim_scale=1.5, map_scale=0.5)  # runtime fp32 factors
+                specs.append((tag, _token_kd_fwd_kernel.fn, ptrs, fscal, const, cfg))
         for dt, bf16, has_w, has_b, write_sb, sumsq, store_r in bwd_variants:
             for cfg in valid_configs("bwd", D_s, D_t, bf16, has_w):
                 kname = "mimic_fwd" if sumsq else "bwd"
@@ -1480,9 +1548,10 @@ def compile_specs():
                 const = dict(
                     base_const(cfg, has_w, has_b, bf16), WRITE_SB=write_sb, SUMSQ=sumsq, STORE_R=store_r
                 )
-                specs.append((tag, _token_kd_bwd_kernel.fn, ptrs, dict(scalars, P_R=0), const, cfg))
+                bscal = dict(scalars, P_R=0, scale=1.5)  # the mimic factor: a runtime fp32
+                specs.append((tag, _token_kd_bwd_kernel.fn, ptrs, bscal, const, cfg))
                 if store_r and not has_w:  # the stacked mimic op: r in whole-row layout, prefix rows 0
-                    whole = dict(scalars, P_R=P)
+                    whole = dict(scalars, P_R=P, scale=1.5)
                     specs.append((f"{tag}/pr{P}", _token_kd_bwd_kernel.fn, ptrs, whole, const, cfg))
     for cname, cfg in MAP_BWD_CONFIGS.items():
         B, N, P, D_s, _ = shapes["small" if cname == "small" else "deit_s"]
@@ -1510,6 +1579,7 @@ def compile_specs():
                     stride_db=T * D_s,
                     stride_dn=D_s,
                     stride_gc=D_s,
+                    map_scale=0.5,
                 )
                 const = dict(
                     BLOCK_M=cfg.BLOCK_M,

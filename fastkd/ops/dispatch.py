@@ -240,7 +240,9 @@ def _token_kd_compiled(*args) -> TokenKD:
 
 def _token_kd_triton(s_tokens, t_tokens, weight, bias, num_prefix_s, num_prefix_t, mimic, cls_map) -> TokenKD:
     k = _kern().token_kd
-    mim, msum, _, s_cls, t_cls, _ = k.token_kd_op(
+    B, N = s_tokens.shape[0], s_tokens.shape[1] - num_prefix_s
+    # the map's mean over B·N is the op's map_scale: applied in its kernels, no division launched
+    mim, cmap, _, s_cls, t_cls, _ = k.token_kd_op(
         _unit_stride(s_tokens),
         _unit_stride(t_tokens.detach()),
         weight if mimic else None,
@@ -250,11 +252,13 @@ def _token_kd_triton(s_tokens, t_tokens, weight, bias, num_prefix_s, num_prefix_
         mimic,
         cls_map,
         _amp(s_tokens),
+        map_scale=1.0 / (B * N) if B * N else 1.0,
     )
     if not cls_map:
         return TokenKD(mim, None, None, None)
-    B, N = s_tokens.shape[0], s_tokens.shape[1] - num_prefix_s
-    return TokenKD(mim if mimic else None, msum / (B * N), s_cls, t_cls)
+    if B * N == 0:  # an empty batch: the mean of nothing is nan, as in the reference
+        cmap = cmap / 0.0
+    return TokenKD(mim if mimic else None, cmap, s_cls, t_cls)
 
 
 _TOKEN_KD_RUNNERS = {"triton": _token_kd_triton, "compiled": _token_kd_compiled}
@@ -276,13 +280,14 @@ def _mimic_unsupported(s_feats, t_feats, weights=None, biases=None, *a, **k):
     )
 
 
-def _whole_tokens(s: Tensor) -> tuple[Tensor, int]:
+def _whole_tokens(s: Tensor, traced: bool | None = None) -> tuple[Tensor, int]:
     """(x, P) when ``s`` is exactly the patch view ``x[:, P:]`` of a [B, P+N, D] tensor x
     (``measure.patch_view``), else (s, 0). Given x whole with ``num_prefix_s = P`` the op writes dx in
     one pass (prefix rows 0) and the gradient reaches x directly: autograd runs no SliceBackward, a
     zeros + copy of all of x per layer (90 µs per DeiT-S layer on the H100, bench/NOTES.md). Eager form
-    only: a trace (and a compiled step's calibration, ``measure.traced_form``) takes the view as it is."""
-    pv = None if M.traced_form() else M.patch_view(s)
+    only: in the ``traced`` form (a trace, and a compiled step's calibration: ``measure.traced_form``) the
+    view is taken as it is; None: read it now."""
+    pv = None if (M.traced_form() if traced is None else traced) else M.patch_view(s)
     return pv if pv is not None else (s, 0)
 
 
@@ -304,30 +309,31 @@ def vitkd_mimic_loss(
     k = _kern().token_kd
     B = s_feats[0].shape[0]
     amp = _amp(s_feats[0])
-    for i, (s, t) in enumerate(zip(s_feats, t_feats, strict=True)):
+    grad = torch.is_grad_enabled()
+    traced = M.traced_form()
+    xs, ts, Ps, saves = [], [], [], []
+    for i, (s, t, w, b) in enumerate(zip(s_feats, t_feats, ws, bs, strict=True)):
         if s.dim() != 3 or t.dim() != 3 or s.shape[:2] != t.shape[:2] or s.shape[0] != B:
             raise ValueError(
                 f"vitkd_mimic_loss layer {i}: student {tuple(s.shape)} and teacher {tuple(t.shape)} "
                 f"need the same [B, N] (B={B})"
             )
-    # a backward follows: under autocast the kernels then store the bf16 residual instead of recomputing
-    saves = [
-        torch.is_grad_enabled() and any(v is not None and v.requires_grad for v in (s, w, b))
-        for s, w, b in zip(s_feats, ws, bs, strict=True)
-    ]
-    whole = [_whole_tokens(s) for s in s_feats]
-    xs = [_unit_stride(x) for x, _ in whole]
-    ts = [_unit_stride(t.detach()) for t in t_feats]
-    P0 = whole[0][1]
-    stacked = not M.traced_form() and all(saves) and all(P == P0 for _, P in whole)  # eager form only
+        # a backward follows: under autocast the kernels then store the bf16 residual instead of recomputing
+        saves.append(grad and any(v is not None and v.requires_grad for v in (s, w, b)))
+        x, P = _whole_tokens(s, traced)
+        xs.append(_unit_stride(x))
+        Ps.append(P)
+        ts.append(_unit_stride(t.detach()))
+    P0 = Ps[0]
+    scale = alpha / B  # applied in the kernels (the ops' scale): no multiplication launched
+    stacked = not traced and all(saves) and all(P == P0 for P in Ps)  # eager form only
     if stacked and k.mimic_layers_ok(xs, ts, ws, bs, P0, amp):
-        total = k.mimic_layers_op(xs, ts, ws, bs, P0)
-    else:
-        total = None
-        for x, (_, P), t, w, b, save in zip(xs, whole, ts, ws, bs, saves, strict=True):
-            term = k.token_kd_op(x, t, w, b, P, 0, True, False, amp, save)[0]
-            total = term if total is None else total + term
-    return total * (alpha / B)
+        return k.mimic_layers_op(xs, ts, ws, bs, P0, scale)
+    total = None
+    for x, P, t, w, b, save in zip(xs, Ps, ts, ws, bs, saves, strict=True):
+        term = k.token_kd_op(x, t, w, b, P, 0, True, False, amp, save, mim_scale=scale)[0]
+        total = term if total is None else total + term
+    return total
 
 
 @fused(lambda tokens, *a, **k: (tokens,), lambda tokens, *a, **k: tokens.dim() != 3)

@@ -79,10 +79,10 @@ def inputs(B=3, N=16, D_s=24, D_t=40):
     return dict(s=s, s2=s2, t=t, W=W, b=b, N=N)
 
 
-def _map(x, amp):  # what cls_patch_map_loss does on the triton path: the op + the mean
-    out = tk.token_kd_op(x["s"], x["t"][..., : x["s"].shape[-1]], None, None, 1, 1, False, True, amp)
+def _map(x, amp):  # what cls_patch_map_loss does on the triton path: the op, its map_scale the mean's 1/(B·N)
     B, N = x["s"].shape[0], x["N"]
-    return out[1] / (B * N)
+    t = x["t"][..., : x["s"].shape[-1]]
+    return tk.token_kd_op(x["s"], t, None, None, 1, 1, False, True, amp, map_scale=1.0 / (B * N))[1]
 
 
 def _mimic(x, amp, save=None):  # one ViTKD mimic layer as the dispatch calls it (patch views)

@@ -123,13 +123,16 @@ def _inputs(B, N, D_s, D_t, seed=0):
     return dict(s=s, t=t, W=W, b=b, tok=tok, mask=mask, logits=logits, t_logits=r(B, 10), N=N)
 
 
-def _map(x, amp):
-    out = tk.token_kd_op(x["s"], x["t"][..., : x["s"].shape[-1]], None, None, 1, 1, False, True, amp)
-    return out[1]
+def _map(x, amp):  # as the dispatch calls it: the mean's 1/(B·N) is the op's map_scale
+    B, N = x["s"].shape[0], x["N"]
+    t = x["t"][..., : x["s"].shape[-1]]
+    return tk.token_kd_op(x["s"], t, None, None, 1, 1, False, True, amp, map_scale=1.0 / (B * N))[1]
 
 
-def _mimic(x, amp):
-    return tk.token_kd_op(x["s"][:, 1:], x["t"][:, 1:], x["W"], x["b"], 0, 0, True, False, amp)[0]
+def _mimic(x, amp):  # ViTKD's α/B as the op's mim_scale, as the dispatch passes it
+    B = x["s"].shape[0]
+    return tk.token_kd_op(x["s"][:, 1:], x["t"][:, 1:], x["W"], x["b"], 0, 0, True, False, amp,
+                          mim_scale=3e-5 / B)[0]
 
 
 def _mimic_residual(
@@ -286,9 +289,9 @@ def test_eager_path_equals_custom_op(name, amp, monkeypatch):
     save = name == "mimic_residual" or (name == "mimic" and amp)  # eager default: store when grads follow
     real = tk.token_kd_custom_op
 
-    def custom(s, t, w, b, ps, pt, mim, cmap, amp_=None, save_residual=None):
+    def custom(s, t, w, b, ps, pt, mim, cmap, amp_=None, save_residual=None, mim_scale=1.0, map_scale=1.0):
         sr = save if save_residual is None else save_residual
-        return real(s, t, w, b, ps, pt, mim, cmap, amp_, sr)
+        return real(s, t, w, b, ps, pt, mim, cmap, amp_, sr, mim_scale, map_scale)
 
     monkeypatch.setattr(tk, "token_kd_op", custom)
     ref = run()
@@ -397,3 +400,54 @@ def test_the_launch_memo_key_covers_every_autotune_key():
     assert base != _tuned_key(k, (x.bfloat16(), 8, 16), {"FLAG": True, "BLOCK": 32})  # a tensor's dtype
     assert base == _tuned_key(k, (x, 8), {"D": 16, "FLAG": True})  # D by name: the same values, same entry
     assert _tuned_key(k, (x, 8), {"D": 16, "FLAG": True}) != _tuned_key(k, (x, 8), {"D": 17, "FLAG": True})
+
+
+@pytest.mark.parametrize("loss", ["cls_patch_map_loss", "vitkd_mimic_loss"])
+def test_the_dispatch_launches_nothing_around_the_token_ops(loss, monkeypatch):
+    """The public map and mimic losses on the Triton path dispatch, fwd+bwd, exactly the aten ops of their
+    op: the map's mean (1/(B·N)) and ViTKD's α/B are the ops' factors, applied in the kernels, not a
+    division / multiplication launched around them with its own autograd node (each a launch and a node
+    of host work per call: bench/NOTES.md). The values are the reference's (test_functional_triton)."""
+    from fastkd import functional as KF
+
+    x, x2 = _inputs(3, 16, 24, 40), _inputs(3, 16, 24, 40, seed=5)
+    seen = []
+    if loss == "cls_patch_map_loss":
+        real = tk.token_kd_op
+        monkeypatch.setattr(tk, "token_kd_op", lambda *a, **k: seen.append(k) or real(*a, **k))
+
+        def public():
+            return KF.cls_patch_map_loss(x["s"], x["t"][..., :24], 1, 1)
+
+        def bare():
+            return real(x["s"], x["t"][..., :24], None, None, 1, 1, False, True, False, **seen[0])[1]
+    else:
+        real = tk.mimic_layers_op
+        monkeypatch.setattr(tk, "mimic_layers_op", lambda *a: seen.append(a[5:]) or real(*a))
+        sv, ts = [x["s"][:, 1:], x2["s"][:, 1:]], [x["t"][:, 1:], x2["t"][:, 1:]]
+
+        def public():
+            with torch.autocast(DEVICE.type, dtype=torch.bfloat16):
+                return KF.vitkd_mimic_loss(sv, ts, [x["W"], x2["W"]], [x["b"], x2["b"]], alpha=3e-5)
+
+        def bare():
+            return real([x["s"], x2["s"]], [t.detach() for t in ts], [x["W"], x2["W"]], [x["b"], x2["b"]], 1,
+                        *seen[0])
+
+    KF.set_fused(True, interpreter=DEVICE.type == "cpu")
+    try:
+        counts = {}
+        for name, fn in (("public", public), ("bare", bare)):
+            fn().backward()  # warm-up (and, for the public call, records the op's arguments)
+            with Count() as c:
+                fn().backward()
+            counts[name] = c.names()
+    finally:
+        KF.set_fused(False)
+    if loss == "cls_patch_map_loss":
+        assert seen[0] == {"map_scale": 1.0 / (3 * 16)}, seen[0]
+    else:
+        assert seen[0] == (3e-5 / 3,), seen[0]
+    extra = counts["public"] - counts["bare"]
+    views = {"detach", "alias", "slice", "view", "as_strided", "_unsafe_view", "select", "t", "transpose"}
+    assert set(extra) <= views, f"{loss}: aten ops around the op: {dict(extra)}"

@@ -40,6 +40,14 @@ CASES = {
         tk.token_kd_op,
         (x["s"], x["t"], x["W"], x["b"], 1, 1, True, True, True),
     ),
+    "token_kd: mimic + map, the dispatch's factors": lambda x: (
+        tk.token_kd_op,
+        (x["s"], x["t"], x["W"], x["b"], 1, 1, True, True, False, False, 3e-5 / 3, 1.0 / 48),
+    ),
+    "token_kd: mimic on patch views, amp, stored residual, ViTKD's α/B": lambda x: (
+        tk.token_kd_op,
+        (x["s"][:, 1:], x["t"][:, 1:], x["W"], x["b"], 0, 0, True, False, True, True, 1e-5),
+    ),
     "gen_input: amp": lambda x: (
         mg.gen_input_op,
         (x["s"][:, 1:], x["mask"], x["W"], x["b"], x["tok"], 4, 4, torch.bfloat16, True),

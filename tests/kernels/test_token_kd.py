@@ -39,8 +39,11 @@ def make(case, dtype=torch.float32, seed=0):
     return dict(s=s, t=t, w=w, b=b, P_s=P_s, P_t=P_t, up=up)
 
 
-def reference_outputs(x, mimic=True, cls_map=True, with_t=True, dtype=torch.float64, autocast=False):
-    """The reference composite (mim_sum, map_sum, a_s, s_cls, t_cls) and its grads wrt (s, w, b)."""
+def reference_outputs(
+    x, mimic=True, cls_map=True, with_t=True, dtype=torch.float64, autocast=False, scales=(1.0, 1.0)
+):
+    """The reference composite (mim_sum, map_sum, a_s, s_cls, t_cls) and its grads wrt (s, w, b); the two
+    sums times ``scales`` (the op's mim_scale, map_scale)."""
     conv = (
         (lambda v: v.detach().to(dtype).requires_grad_())
         if dtype == torch.float64
@@ -55,7 +58,7 @@ def reference_outputs(x, mimic=True, cls_map=True, with_t=True, dtype=torch.floa
     with autocast_bf16() if autocast else torch.autocast(DEVICE.type, enabled=False):
         out, total = {}, 0.0
         if mimic:
-            out["mim"] = R.vitkd_mimic_loss([s[:, P_s:]], [t[:, P_t:]], [w], [b], alpha=float(B))
+            out["mim"] = R.vitkd_mimic_loss([s[:, P_s:]], [t[:, P_t:]], [w], [b], alpha=float(B) * scales[0])
             total = total + up["mim"] * out["mim"]
         if cls_map:
             out["a_s"] = R.cls_patch_map(s, P_s)
@@ -63,7 +66,7 @@ def reference_outputs(x, mimic=True, cls_map=True, with_t=True, dtype=torch.floa
             total = total + (up["a_s"].to(out["a_s"].dtype) * out["a_s"]).sum()
             total = total + (up["s_cls"].to(out["s_cls"].dtype) * out["s_cls"]).sum()
             if with_t:
-                out["map"] = R.cls_patch_map_loss(s, t, P_s, P_t) * (B * N)
+                out["map"] = R.cls_patch_map_loss(s, t, P_s, P_t) * (B * N * scales[1])
                 out["t_cls"] = F.normalize(t[:, 0].to(out["a_s"].dtype), dim=-1)
                 total = total + up["map"] * out["map"]
     total.backward()
@@ -71,9 +74,9 @@ def reference_outputs(x, mimic=True, cls_map=True, with_t=True, dtype=torch.floa
     return out, grads
 
 
-def kernel_outputs(x, mimic=True, cls_map=True, with_t=True):
+def kernel_outputs(x, mimic=True, cls_map=True, with_t=True, scales=(1.0, 1.0)):
     """The op's outputs and the grads of the same composite wrt (leaf of s, w, b); x["leaf"] is the tensor
-    s is a view of, when it is one."""
+    s is a view of, when it is one. ``scales``: the op's (mim_scale, map_scale)."""
     s, w, b, up = x["s"], x["w"], x["b"], x["up"]
     leaf = x.get("leaf", s)
     for v in (leaf, w, b):
@@ -88,6 +91,8 @@ def kernel_outputs(x, mimic=True, cls_map=True, with_t=True):
         x["P_t"],
         mimic,
         cls_map,
+        mim_scale=scales[0],
+        map_scale=scales[1],
     )
     out, total = {}, 0.0
     if mimic:
@@ -124,6 +129,28 @@ def check_fp32(x, **mode):
 @pytest.mark.parametrize("case", list(CASES))
 def test_token_kd_fp32(case):
     check_fp32(make(case))
+
+
+@pytest.mark.parametrize(
+    "mode",
+    [dict(), dict(mimic=True, cls_map=False), dict(mimic=False, cls_map=True)],
+    ids=["mimic+map", "mimic", "map"],
+)
+def test_token_kd_scales(mode):
+    """The sums come out times the op's factors (ViTKD's α/B, the map mean's 1/(B·N), as the dispatch
+    passes them), applied inside the kernels to the stored partials and the upstream gradients: equal to
+    the scaled reference, values and every gradient, under the fp32 rule."""
+    x = make("ds!=dt", seed=21)
+    B, N = x["s"].shape[0], x["s"].shape[1] - x["P_s"]
+    scales = (3e-5 / B, 1.0 / (B * N))
+    out, grads = kernel_outputs(x, scales=scales, **mode)
+    ref, rgrads = reference_outputs(x, scales=scales, **mode)
+    assert set(out) == set(ref)
+    for k in ref:
+        assert_fp32(out[k], ref[k], k)
+    for k, r in rgrads.items():
+        if r is not None:
+            assert_fp32(grads[k], r, f"d{k}")
 
 
 @pytest.mark.parametrize(
@@ -322,14 +349,17 @@ def test_token_kd_every_streaming_config(cfg, with_t):
     assert_fp32(ds, rgrads["s"], f"{cfg}: ds")
 
 
+@pytest.mark.parametrize("alpha", ["B", "vitkd"])  # the op's mim_scale α/B: 1, or ViTKD's 3e-5/B
 @pytest.mark.parametrize("prefix", [0, 1])
 @pytest.mark.parametrize("case", ["ds!=dt", "deit-dist-student,ds=dt,identity"])
-def test_token_kd_stored_residual_matches_recompute(case, prefix):
+def test_token_kd_stored_residual_matches_recompute(case, prefix, alpha):
     """Under autocast the mimic term alone can store its bf16 residual in the forward (save_residual=True)
     instead of recomputing it: same loss (the same kernel computes it) and gradients within the bf16 rule
-    of the reference under autocast, as the recompute's are; fp32 strided tokens."""
+    of the reference under autocast, as the recompute's are; fp32 strided tokens; the loss's α/B as the
+    op's factor (ViTKD's, through the dispatch) or 1."""
     x = make(case, seed=11)
     P = x["P_s"]
+    a = float(x["s"].shape[0]) if alpha == "B" else 3e-5
     full, t_full, w, b, up = x["s"], x["t"], x["w"], x["b"], x["up"]
     if prefix == 0:
         x.update(s=full[:, P:], t=t_full[:, x["P_t"] :], P_s=0, P_t=0, leaf=full)
@@ -340,7 +370,9 @@ def test_token_kd_stored_residual_matches_recompute(case, prefix):
         for v in (full, w, b):
             if v is not None:
                 v.grad = None
-        mim = tk.token_kd_op(x["s"], x["t"], w, b, x["P_s"], x["P_t"], True, False, True, save)[0]
+        mim = tk.token_kd_op(
+            x["s"], x["t"], w, b, x["P_s"], x["P_t"], True, False, True, save, mim_scale=a / full.shape[0]
+        )[0]
         (up["mim"] * mim).backward()
         outs[save] = (mim.detach(), full.grad.clone(), None if w is None else w.grad.clone(), b.grad.clone())
     # the loss: the stored residual under autocast takes Y = S Wᵀ from cuBLAS in bf16 (as autocast's linear
@@ -352,16 +384,12 @@ def test_token_kd_stored_residual_matches_recompute(case, prefix):
     conv = lambda v: None if v is None else v.detach().clone().requires_grad_()
     wl, bl = conv(w), conv(b)
     with autocast_bf16():
-        low = R.vitkd_mimic_loss(
-            [s_view[:, x["P_s"] :]], [x["t"][:, x["P_t"] :]], [wl], [bl], alpha=float(full.shape[0])
-        )
+        low = R.vitkd_mimic_loss([s_view[:, x["P_s"] :]], [x["t"][:, x["P_t"] :]], [wl], [bl], alpha=a)
     (up["mim"] * low).backward()
     s64 = full.detach().double().requires_grad_()
     w64, b64 = conv(None if w is None else w.double()), conv(b.double())
     s64v = s64[:, P:] if prefix == 0 else s64
-    ref = R.vitkd_mimic_loss(
-        [s64v[:, x["P_s"] :]], [x["t"][:, x["P_t"] :].double()], [w64], [b64], alpha=float(full.shape[0])
-    )
+    ref = R.vitkd_mimic_loss([s64v[:, x["P_s"] :]], [x["t"][:, x["P_t"] :].double()], [w64], [b64], alpha=a)
     (up["mim"] * ref).backward()
     n_terms = x["s"].shape[0] * (x["s"].shape[1] - x["P_s"]) * x["t"].shape[2]
     for save in (False, True):

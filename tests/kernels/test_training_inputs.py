@@ -144,18 +144,21 @@ def test_mimic_on_training_inputs(taps, save_residual):
     _check(_three([s_leaf, W, b], fn, up), ["mim"], ["s", "W", "b"], taps["name"], n_terms)
 
 
+@pytest.mark.parametrize("alpha", ["B", "vitkd"])  # the op's scale α/B: 1, or ViTKD's default 3e-5/B
 @pytest.mark.parametrize("bias", [True, False], ids=["bias", "no-bias"])
-def test_mimic_layers_on_training_inputs(taps, bias):
+def test_mimic_layers_on_training_inputs(taps, bias, alpha):
     """ViTKD's two mimic layers in one op (``mimic_layers_op``: batched GEMMs over the layer stack) on the
     fp32 block outputs taken whole (P prefix tokens skipped) and the teacher's patch views, under the
     2x rule against the reference under autocast; its loss and gradients also agree with two one-layer
-    ops (the same rounding; only the GEMMs' summation order differs)."""
+    ops (the same rounding; only the GEMMs' summation order differs). The loss's α/B is the ops' factor,
+    as the dispatch passes it."""
     P_s, P_t = taps["P_s"], taps["P_t"]
     s_fulls = [taps["s0"], taps["s_last"]]
     t_fulls = [taps["t0"], taps["t_last"]]
     B, T, D_s = s_fulls[0].shape
     N, D_t = T - P_s, t_fulls[0].shape[2]
     g = torch.Generator().manual_seed(7)
+    a = float(B) if alpha == "B" else 3e-5
     Ws = [randn(D_t, D_s, gen=g, scale=D_s**-0.5).requires_grad_() for _ in range(2)]
     bs = [randn(D_t, gen=g, scale=0.1).requires_grad_() for _ in range(2)] if bias else [None, None]
     up = [upstream_scalar(g)]
@@ -165,9 +168,9 @@ def test_mimic_layers_on_training_inputs(taps, bias):
     def fn(mode, s0_, s1_, W0, W1, *b_):
         b_ = list(b_) if bias else [None, None]
         if mode == "kernel":
-            return [tk.mimic_layers_op([s0_, s1_], ts, [W0, W1], b_, P_s)]
+            return [tk.mimic_layers_op([s0_, s1_], ts, [W0, W1], b_, P_s, a / B)]
         t = [x.double() if mode == "ref" else x for x in ts]
-        return [R.vitkd_mimic_loss([s0_[:, P_s:], s1_[:, P_s:]], t, [W0, W1], b_, alpha=float(B))]
+        return [R.vitkd_mimic_loss([s0_[:, P_s:], s1_[:, P_s:]], t, [W0, W1], b_, alpha=a)]
 
     leaves = [*(x.clone().requires_grad_() for x in s_fulls), *Ws, *(bs if bias else [])]
     names = ["s0", "s1", "W0", "W1", *(["b0", "b1"] if bias else [])]
@@ -177,7 +180,7 @@ def test_mimic_layers_on_training_inputs(taps, bias):
     # two one-layer ops (stored residual) on copies of the same leaves
     pl = [leaf_like(v) for v in leaves]
     b_ = pl[4:] if bias else [None, None]
-    terms = [tk.token_kd_op(x, t, w, bb, P_s, 0, True, False, True, True)[0]
+    terms = [tk.token_kd_op(x, t, w, bb, P_s, 0, True, False, True, True, mim_scale=a / B)[0]
              for x, t, w, bb in zip(pl[:2], ts, pl[2:4], b_, strict=True)]
     p_out = [terms[0] + terms[1]]
     (up[0] * p_out[0].double()).backward()
@@ -280,10 +283,10 @@ def test_the_dispatch_mimic_takes_the_traced_form_when_a_compiled_step_calibrate
     P_s, Ws, ts = _two_layer_inputs(taps, 5)
     calls = []
     stacked, one = tk.mimic_layers_op, tk.token_kd_op
-    monkeypatch.setattr(tk, "mimic_layers_op", lambda xs, *a, **k: calls.append(("stack", a[-1])) or
-                        stacked(xs, *a, **k))
-    monkeypatch.setattr(tk, "token_kd_op", lambda x, t, w, b, P, *a: calls.append(("layer", P)) or
-                        one(x, t, w, b, P, *a))
+    monkeypatch.setattr(tk, "mimic_layers_op", lambda xs, ts, ws, bs, P, *a: calls.append(("stack", P)) or
+                        stacked(xs, ts, ws, bs, P, *a))
+    monkeypatch.setattr(tk, "token_kd_op", lambda x, t, w, b, P, *a, **k: calls.append(("layer", P)) or
+                        one(x, t, w, b, P, *a, **k))
     out = {}
     for form in (False, True):
         xs = [leaf_like(taps["s0"]), leaf_like(taps["s_last"])]
