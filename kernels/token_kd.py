@@ -71,6 +71,7 @@ Flops: forward 2·M·D_s·D_t (the projection GEMM, fp32 accumulation); backward
 dS, dW). bench/NOTES.md has the per-config roofline (bytes, flops, predicted µs on H100 / H200).
 """
 
+import os
 from typing import Optional
 
 import torch
@@ -1389,17 +1390,35 @@ class _MimicLayers(torch.autograd.Function):
         x0 = xs[0]
         s16 = x0.new_empty((n, B * T, D_s), dtype=torch.bfloat16)
         w16 = x0.new_empty((n, D_t, D_s), dtype=torch.bfloat16)
-        for x, s_i, w, w_i in zip(xs, s16.unbind(0), ws, w16.unbind(0), strict=True):
+        s_l, w_l = s16.unbind(0), w16.unbind(0)
+        for x, s_i, w, w_i in zip(xs, s_l, ws, w_l, strict=True):
             s_i.view(B, T, D_s).copy_(x.detach())
             w_i.copy_(w.detach())
-        y = torch.bmm(s16, w16.transpose(1, 2))  # [L, B·(P+N), D_t] bf16, as autocast's linear rounds it
-        r = torch.empty_like(y)
-        part = x0.new_empty((n, _tiles(M, D_t)), dtype=torch.float32)  # Σ r² per tile
+        r = x0.new_empty((n, B * T, D_t), dtype=torch.bfloat16)  # whole rows, prefix rows 0
+        part = x0.new_empty((n, _tiles(M, D_t)), dtype=torch.float32)  # scale · Σ r² per tile
         db_part = x0.new_empty((n, cdiv(M, 32), D_t), dtype=torch.float32) if has_b else part
-        cfg = None
-        per_layer = zip(ts, bs, y.unbind(0), r.unbind(0), part.unbind(0), db_part.unbind(0), strict=True)
-        for t, b, y_i, r_i, part_i, db_i in per_layer:
-            cfg = _sumsq_on_y(y_i, t, b, 0, part_i, db_i, r_i, True, P=P, scale=scale)
+        per_layer = list(zip(ts, bs, r.unbind(0), part.unbind(0), db_part.unbind(0), strict=True))
+
+        def via_cublas():  # Y = S Wᵀ by cuBLAS (bf16, as autocast's linear rounds it), then the epilogue
+            y = torch.bmm(s16, w16.transpose(1, 2))  # [L, B·(P+N), D_t]
+            for (t, b, r_i, part_i, db_i), y_i in zip(per_layer, y.unbind(0), strict=True):
+                cfg = _sumsq_on_y(y_i, t, b, 0, part_i, db_i, r_i, True, P=P, scale=scale)
+            return cfg
+
+        def via_triton():  # the GEMM and the epilogue in one kernel: Y never goes to memory
+            flags = dict(HAS_W=True, HAS_BIAS=has_b, WRITE_SB=False, SUMSQ=True, STORE_R=True, DOT_BF16=True)
+            layers = zip(per_layer, s_l, w_l, strict=True)
+            for (t, b, r_i, part_i, db_i), s_i, w_i in layers:
+                bb = s_i if b is None else (b if b.dim() == 1 else b.reshape(-1))
+                cfg = _launch_2d(
+                    (s_i, t, w_i, bb, part_i, part_i, part_i, db_i, r_i),
+                    M, N, D_s, D_t, P, 0, (T * D_s, D_s), t, D_s, flags, P_r=P, scale=scale,
+                )
+            return cfg
+
+        routes = {"cublas": via_cublas, "triton": via_triton}
+        key = (n, B, T, D_s, D_t, has_b, x0.device, ts[0].dtype)
+        cfg = routes[mimic_route(key, routes, x0.device)]()
         total = part[:, : _tiles(M, D_t, cfg)].sum()  # one shape, so one config for every layer
         db_sum = db_part[:, : cdiv(M, cfg.BLOCK_M)].sum(1) if has_b else None  # [L, D_t]
         ctx.save_for_backward(r, s16, db_sum, *ws)
@@ -1434,6 +1453,57 @@ class _MimicLayers(torch.autograd.Function):
                 for db in (db_sum * g2).to(b_meta[0]).unbind(0)
             ]
         return (None, None, None, None, *dxs, *([None] * n), *dws, *(dbs if has_b else ()))
+
+
+# The stacked mimic's forward GEMM: cuBLAS's Y = S Wᵀ then the streaming epilogue (two passes over Y), or
+# the GEMM inside the epilogue kernel (``_token_kd_bwd_kernel`` with ``HAS_W`` on the bf16 S stack: Y stays
+# in registers, 155 MB less traffic per DeiT-S layer, but a Triton GEMM against cuBLAS's). Which is faster
+# is the GPU's to say: the first call of each shape times both (``MIMIC_ROUTE_TIMES``) and keeps the faster,
+# as ``triton.autotune`` does for configs. ``FASTKD_MIMIC_GEMM=cublas|triton`` forces one (benches,
+# tests); off CUDA, and while a CUDA graph is captured, an undecided shape takes cuBLAS.
+MIMIC_ROUTES: dict[tuple, str] = {}
+MIMIC_ROUTE_TIMES: dict[tuple, dict[str, float]] = {}
+
+
+def _cuda_ms(fn, reps: int = 10) -> float:
+    """Mean GPU ms of ``fn()`` over ``reps`` runs after two warm-up runs (the first one autotunes)."""
+    fn()
+    fn()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(reps):
+        fn()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) / reps
+
+
+def _route_timer(device: torch.device):
+    """How a route is timed on ``device``: CUDA events; None (not timed: cuBLAS) off CUDA and while a CUDA
+    graph is captured (tests replace it)."""
+    if device.type != "cuda" or torch.cuda.is_current_stream_capturing():
+        return None
+    return _cuda_ms
+
+
+def mimic_route(key: tuple, routes: dict, device: torch.device) -> str:
+    """"cublas" or "triton" for the stacked mimic forward of shape ``key`` (see ``MIMIC_ROUTES``): each
+    route is a callable that runs the whole forward GEMM + epilogue, timed at the key's first call."""
+    forced = os.environ.get("FASTKD_MIMIC_GEMM", "auto")
+    if forced in routes:
+        return forced
+    if forced != "auto":
+        raise ValueError(f"FASTKD_MIMIC_GEMM={forced!r}: use auto, cublas or triton")
+    hit = MIMIC_ROUTES.get(key)
+    if hit is not None:
+        return hit
+    timer = _route_timer(device)
+    if timer is None:
+        return "cublas"
+    times = {name: timer(run) for name, run in routes.items()}
+    MIMIC_ROUTE_TIMES[key] = times
+    MIMIC_ROUTES[key] = best = min(times, key=times.get)
+    return best
 
 
 def mimic_layers_op(xs, ts, ws, bs, P: int, scale: float = 1.0):
@@ -1486,6 +1556,8 @@ def compile_specs():
         ("bf16", True, False, False, False, True, True),  # the same, projection without bias
         ("bf16", True, False, True, False, True, False),  # autocast forward: Σ r² on cuBLAS's Y
         ("bf16", True, False, True, False, False, False),  # autocast recompute: gR from cuBLAS's Y
+        ("bf16", True, True, True, False, True, True),  # the stacked op's Triton GEMM route, on its S stack
+        ("bf16", True, True, False, False, True, True),  # the same, projection without bias
     ]
 
     def base_const(cfg, has_w, has_b, bf16):  # the constexprs both GEMM kernels share
@@ -1543,14 +1615,17 @@ def compile_specs():
                     "db_part_ptr": "fp32",
                     "r_ptr": "bf16",
                 }
-                if bf16 and not has_w:  # the epilogue on cuBLAS's Y (bf16); teacher tokens stay fp32
+                # bf16 operands the op made (cuBLAS's Y, or the stacked op's S stack for its Triton GEMM
+                # route) while the teacher tokens stay fp32
+                made = dt == "bf16" and bf16 and (not has_w or (sumsq and store_r))
+                if made:
                     ptrs["t_ptr"] = "fp32"
                 const = dict(
                     base_const(cfg, has_w, has_b, bf16), WRITE_SB=write_sb, SUMSQ=sumsq, STORE_R=store_r
                 )
                 bscal = dict(scalars, P_R=0, scale=1.5)  # the mimic factor: a runtime fp32
                 specs.append((tag, _token_kd_bwd_kernel.fn, ptrs, bscal, const, cfg))
-                if store_r and not has_w:  # the stacked mimic op: r in whole-row layout, prefix rows 0
+                if store_r and made:  # the stacked mimic op: r in whole-row layout, prefix rows 0
                     whole = dict(scalars, P_R=P, scale=1.5)
                     specs.append((f"{tag}/pr{P}", _token_kd_bwd_kernel.fn, ptrs, whole, const, cfg))
     for cname, cfg in MAP_BWD_CONFIGS.items():

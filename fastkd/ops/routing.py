@@ -248,7 +248,21 @@ def dispatch_record(device: torch.device | str | None = None) -> dict:
         "ops": ops,
         "pending": sorted(M._S.pending),
         "step_slack_ms": M._S.slack_ms,
+        "mimic_gemm": _mimic_gemm_record(),
     }
+
+
+def _mimic_gemm_record() -> list[dict]:
+    """The stacked ViTKD mimic's forward-GEMM choice per shape (``token_kd.mimic_route``): route and the
+    GPU ms each took at the shape's first call."""
+    if _S.kernels is None:
+        return []
+    tk = _S.kernels.token_kd
+    return [
+        {"layers": k[0], "B": k[1], "tokens": k[2], "D_s": k[3], "D_t": k[4], "route": tk.MIMIC_ROUTES[k],
+         "ms": {name: round(ms, 4) for name, ms in tk.MIMIC_ROUTE_TIMES.get(k, {}).items()}}
+        for k in tk.MIMIC_ROUTES
+    ]
 
 
 def _choose(name: str, xs: Sequence[Tensor], runners: dict[str, Callable], args, kwargs) -> str:

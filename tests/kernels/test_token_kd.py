@@ -478,3 +478,65 @@ def test_token_kd_launcher_errors(bad, match):
         tk.token_kd_forward(
             mv(args["s"]), mv(args["t"]), mv(args["w"]), mv(args["b"]), args["P_s"], 1, True, True
         )
+
+
+def _stacked_inputs(seed=0, B=3, N=15, D_s=24, D_t=40):
+    g = torch.Generator().manual_seed(seed)
+    xs = [randn(B, 1 + N, D_s, gen=g).requires_grad_() for _ in range(2)]
+    ts = [randn(B, N, D_t, gen=g) for _ in range(2)]
+    ws = [randn(D_t, D_s, gen=g, scale=D_s**-0.5).requires_grad_() for _ in range(2)]
+    bs = [randn(D_t, gen=g).requires_grad_() for _ in range(2)]
+    return xs, ts, ws, bs
+
+
+def _stacked_run(inputs):
+    xs, ts, ws, bs = inputs
+    loss = tk.mimic_layers_op(xs, ts, ws, bs, 1, 0.25)
+    return [loss.detach(), *torch.autograd.grad(loss, [*xs, *ws, *bs])]
+
+
+@pytest.mark.parametrize("faster", ["cublas", "triton"])
+def test_the_stacked_mimic_keeps_the_faster_forward_gemm(faster, monkeypatch):
+    """At a shape's first call the stacked mimic times both forward routes (cuBLAS + epilogue, or the GEMM
+    inside the epilogue kernel), keeps the faster for that shape, and its outputs are the kept route's, bit
+    for bit (the timed runs overwrite the same buffers); later calls time nothing; another shape decides
+    anew; ``FASTKD_MIMIC_GEMM`` forces a route, and a bad value is one clear error."""
+    monkeypatch.delenv("FASTKD_MIMIC_GEMM", raising=False)
+    monkeypatch.setattr(tk, "MIMIC_ROUTES", {})
+    monkeypatch.setattr(tk, "MIMIC_ROUTE_TIMES", {})
+    timed = []
+
+    def timer(run):  # runs the route as the CUDA timer does, and says ``faster`` is faster
+        run()
+        name = "triton" if run.__name__ == "via_triton" else "cublas"
+        timed.append(name)
+        return 1.0 if name == faster else 2.0
+
+    monkeypatch.setattr(tk, "_route_timer", lambda device: timer)
+    x = _stacked_inputs()
+    auto = _stacked_run(x)
+    assert sorted(timed) == ["cublas", "triton"]
+    assert list(tk.MIMIC_ROUTES.values()) == [faster]
+    assert list(tk.MIMIC_ROUTE_TIMES.values())[0][faster] == 1.0
+    again = _stacked_run(x)
+    assert len(timed) == 2, "a decided shape was timed again"
+    monkeypatch.setenv("FASTKD_MIMIC_GEMM", faster)
+    forced = _stacked_run(x)
+    for a, b, c in zip(auto, again, forced, strict=True):
+        assert torch.equal(a, b) and torch.equal(a, c)
+    monkeypatch.delenv("FASTKD_MIMIC_GEMM")
+    _stacked_run(_stacked_inputs(B=5))
+    assert len(timed) == 4 and len(tk.MIMIC_ROUTES) == 2
+    monkeypatch.setenv("FASTKD_MIMIC_GEMM", "cutlass")
+    with pytest.raises(ValueError, match="FASTKD_MIMIC_GEMM='cutlass': use auto, cublas or triton"):
+        _stacked_run(_stacked_inputs(B=7))
+
+
+def test_the_stacked_mimic_times_nothing_off_cuda(monkeypatch):
+    """Off CUDA (and while a CUDA graph is captured) an undecided shape takes cuBLAS without timing."""
+    monkeypatch.delenv("FASTKD_MIMIC_GEMM", raising=False)
+    monkeypatch.setattr(tk, "MIMIC_ROUTES", {})
+    assert tk._route_timer(torch.device("cpu")) is None
+    routes = {"cublas": lambda: None, "triton": lambda: None}
+    assert tk.mimic_route(("k",), routes, torch.device("cpu")) == "cublas"
+    assert tk.MIMIC_ROUTES == {}
