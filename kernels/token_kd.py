@@ -762,8 +762,30 @@ def _mimic_forward(s, t, weight, bias, P_s, P_t, amp, config, residual=None, w16
         # (+ r in bf16 and Σ_m r when stored). The 2-D Triton GEMM on fp32 strided tokens measured 178 /
         # 298 µs per call on the H200 (L2-bound: s and W re-read per tile) vs 47 µs for cuBLAS at this
         # shape; bytes: 115.6 MB copy + 116 MB GEMM + 231 (309 stored) MB epilogue (bench/NOTES.md)
-        y = torch.mm(_bf16_rows(s, P_s, N, sb if store_r else None), w.t())  # [M, D_t] bf16
-        cfg = _sumsq_on_y(y, t, bias if has_b else None, P_t, part, db_part, r, store_r, config, scale=scale)
+        # With the residual stored, the GEMM can instead run inside the epilogue kernel on that bf16 S (Y
+        # never written), timed against this at the shape's first call (``mimic_route``)
+        s_mat = _bf16_rows(s, P_s, N, sb if store_r else None)  # [M, D_s] bf16
+
+        def via_cublas():
+            y = torch.mm(s_mat, w.t())  # [M, D_t] bf16
+            b_ = bias if has_b else None
+            return _sumsq_on_y(y, t, b_, P_t, part, db_part, r, store_r, config, scale=scale)
+
+        def via_triton():
+            rs = s_mat.stride(0)
+            return _launch_2d(
+                (s_mat, t, w, bb, part, part, part, db_part, r), M, N, D_s, D_t, 0, P_t, (N * rs, rs), t,
+                w.stride(0),
+                dict(HAS_W=True, HAS_BIAS=has_b, WRITE_SB=False, SUMSQ=True, STORE_R=True, DOT_BF16=True),
+                config,
+                scale=scale,
+            )
+
+        if store_r:
+            routes = {"cublas": via_cublas, "triton": via_triton}
+            cfg = routes[mimic_route((1, B, N, D_s, D_t, has_b, s.device, t.dtype), routes, s.device)]()
+        else:
+            cfg = via_cublas()
     else:
         cfg = _launch_2d(
             (s, t, w, bb, part, part, sb, db_part, r),

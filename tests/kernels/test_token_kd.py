@@ -349,14 +349,17 @@ def test_token_kd_every_streaming_config(cfg, with_t):
     assert_fp32(ds, rgrads["s"], f"{cfg}: ds")
 
 
+@pytest.mark.parametrize("route", ["cublas", "triton"])  # the stored residual's forward GEMM (mimic_route)
 @pytest.mark.parametrize("alpha", ["B", "vitkd"])  # the op's mim_scale α/B: 1, or ViTKD's 3e-5/B
 @pytest.mark.parametrize("prefix", [0, 1])
 @pytest.mark.parametrize("case", ["ds!=dt", "deit-dist-student,ds=dt,identity"])
-def test_token_kd_stored_residual_matches_recompute(case, prefix, alpha):
+def test_token_kd_stored_residual_matches_recompute(case, prefix, alpha, route, monkeypatch):
     """Under autocast the mimic term alone can store its bf16 residual in the forward (save_residual=True)
     instead of recomputing it: same loss (the same kernel computes it) and gradients within the bf16 rule
     of the reference under autocast, as the recompute's are; fp32 strided tokens; the loss's α/B as the
-    op's factor (ViTKD's, through the dispatch) or 1."""
+    op's factor (ViTKD's, through the dispatch) or 1; the stored path's forward GEMM by cuBLAS or inside
+    the epilogue kernel."""
+    monkeypatch.setenv("FASTKD_MIMIC_GEMM", route)
     x = make(case, seed=11)
     P = x["P_s"]
     a = float(x["s"].shape[0]) if alpha == "B" else 3e-5
