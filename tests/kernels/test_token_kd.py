@@ -543,3 +543,28 @@ def test_the_stacked_mimic_times_nothing_off_cuda(monkeypatch):
     routes = {"cublas": lambda: None, "triton": lambda: None}
     assert tk.mimic_route(("k",), routes, torch.device("cpu")) == "cublas"
     assert tk.MIMIC_ROUTES == {}
+
+
+def test_a_failing_fused_gemm_route_falls_back_to_cublas(monkeypatch, capsys):
+    """A Triton failure while the fused-GEMM route is timed (a build or launch error on the user's GPU) drops
+    that route for the shape with one stderr line; the forward runs on cuBLAS and is correct."""
+    monkeypatch.delenv("FASTKD_MIMIC_GEMM", raising=False)
+    monkeypatch.setattr(tk, "MIMIC_ROUTES", {})
+    monkeypatch.setattr(tk, "MIMIC_ROUTE_TIMES", {})
+
+    def timer(run):
+        if run.__name__ == "via_triton":
+            raise RuntimeError("out of resource: shared memory, Required: 232448, Hardware limit: 101376")
+        run()
+        return 1.0
+
+    monkeypatch.setattr(tk, "_route_timer", lambda device: timer)
+    x = _stacked_inputs(seed=3)
+    got = _stacked_run(x)
+    assert list(tk.MIMIC_ROUTES.values()) == ["cublas"]
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "fused-GEMM route failed on this GPU, using cuBLAS" in err
+    assert "out of resource: shared memory" in err
+    monkeypatch.setenv("FASTKD_MIMIC_GEMM", "cublas")
+    for a, b in zip(got, _stacked_run(x), strict=True):
+        assert torch.equal(a, b)
