@@ -325,15 +325,18 @@ def vitkd_mimic_loss(
         Ps.append(P)
         ts.append(_unit_stride(t.detach()))
     P0 = Ps[0]
-    scale = alpha / B  # applied in the kernels (the ops' scale): no multiplication launched
+    # a number α: α/B is the ops' factor, applied in the kernels (no multiplication launched); a tensor α
+    # (a schedule on the device) multiplies the sum, as in the reference, without a host read
+    scale, outer = (1.0, alpha / B) if isinstance(alpha, Tensor) else (alpha / B, None)
     stacked = not traced and all(saves) and all(P == P0 for P in Ps)  # eager form only
     if stacked and k.mimic_layers_ok(xs, ts, ws, bs, P0, amp):
-        return k.mimic_layers_op(xs, ts, ws, bs, P0, scale)
-    total = None
-    for x, P, t, w, b, save in zip(xs, Ps, ts, ws, bs, saves, strict=True):
-        term = k.token_kd_op(x, t, w, b, P, 0, True, False, amp, save, mim_scale=scale)[0]
-        total = term if total is None else total + term
-    return total
+        total = k.mimic_layers_op(xs, ts, ws, bs, P0, scale)
+    else:
+        total = None
+        for x, P, t, w, b, save in zip(xs, Ps, ts, ws, bs, saves, strict=True):
+            term = k.token_kd_op(x, t, w, b, P, 0, True, False, amp, save, mim_scale=scale)[0]
+            total = term if total is None else total + term
+    return total if outer is None else total * outer
 
 
 @fused(lambda tokens, *a, **k: (tokens,), lambda tokens, *a, **k: tokens.dim() != 3)

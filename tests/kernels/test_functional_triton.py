@@ -81,6 +81,32 @@ def test_vitkd_mimic_multi_layer_patch_views():
     _check(loss(KF), loss(R), [s0, s1, t0, t1, w0, w1, b0])
 
 
+def test_vitkd_mimic_with_a_tensor_alpha():
+    """α given as a device tensor (a schedule): it multiplies the op's sum, as in the reference, and is never
+    read on the host (the op's factor is a number: a tensor there would be a ``float()`` sync)."""
+    g = torch.Generator().manual_seed(12)
+    s0, s1 = (randn(3, 16, 24, gen=g).requires_grad_() for _ in range(2))
+    t0, t1 = (randn(3, 16, 40, gen=g) for _ in range(2))
+    w0, w1 = (randn(40, 24, gen=g, scale=0.2).requires_grad_() for _ in range(2))
+    alpha = torch.tensor(0.7, device=DEVICE)
+
+    def loss(mod, a_=alpha):
+        return lambda a, b, c, d, e, f: mod.vitkd_mimic_loss(
+            [a[:, 1:], b[:, 1:]], [c[:, 1:], d[:, 1:]], [e, f], None, alpha=a_
+        )
+
+    _check(loss(KF), loss(R, alpha.double()), [s0, s1, t0, t1, w0, w1])
+    reads = []
+    orig_float, orig_item = torch.Tensor.__float__, torch.Tensor.item
+    torch.Tensor.__float__ = lambda self: reads.append("float") or orig_float(self)
+    torch.Tensor.item = lambda self: reads.append("item") or orig_item(self)
+    try:
+        KF.vitkd_mimic_loss([s0[:, 1:]], [t0[:, 1:]], [w0], None, alpha=alpha)
+    finally:
+        torch.Tensor.__float__, torch.Tensor.item = orig_float, orig_item
+    assert reads == [], f"a tensor was read on the host: {reads}"
+
+
 def test_cls_map_functions():
     g = torch.Generator().manual_seed(3)
     s, t = randn(3, 17, 24, gen=g).requires_grad_(), randn(3, 16, 40, gen=g)
