@@ -18,6 +18,7 @@
 * ``gemm_to``: a bf16 cuBLAS GEMM that writes fp32 itself (``out_dtype``), so a gradient needs no cast pass.
 """
 
+import inspect
 import operator
 import os
 import sys
@@ -156,7 +157,14 @@ def autotune(configs: list[Cfg], key: list[str], prune=None):
     kw = {"prune_configs_by": {"early_config_prune": prune}} if prune is not None else {}
     if INTERPRET:
         kw["do_bench"] = interp_bench
+    # the timings kept on disk (Triton's cache, keyed by GPU, versions, kernel source and tuning key): a
+    # resumed run on the same machine takes the same configs, so the same summation order and bits
+    if _AUTOTUNE_CACHE:
+        kw["cache_results"] = True
     return triton.autotune(tcfgs, key=key, **kw)
+
+
+_AUTOTUNE_CACHE = "cache_results" in inspect.signature(triton.autotune).parameters  # triton ≥ 3.2
 
 
 def cfg_of(config) -> Cfg:

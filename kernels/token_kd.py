@@ -1486,6 +1486,10 @@ class _MimicLayers(torch.autograd.Function):
 # tests); off CUDA, and while a CUDA graph is captured, an undecided shape takes cuBLAS.
 MIMIC_ROUTES: dict[tuple, str] = {}
 MIMIC_ROUTE_TIMES: dict[tuple, dict[str, float]] = {}
+# (get(device, key) -> route | None, put(device, key, route, ms)): where a timed choice is remembered across
+# processes (``fastkd.ops.routing`` points it at dispatch.json, keyed by GPU and versions, so a resumed run
+# takes the same route, hence the same numerics); None: this process only
+ROUTE_STORE = None
 
 
 def _cuda_ms(fn, reps: int = 10) -> float:
@@ -1523,6 +1527,11 @@ def mimic_route(key: tuple, routes: dict, device: torch.device) -> str:
     timer = _route_timer(device)
     if timer is None:
         return "cublas"
+    skey = "token_kd.mimic_gemm|L{}|B{}|T{}|Ds{}|Dt{}|b{:d}|".format(*key[:6]) + str(key[7]).split(".")[-1]
+    stored = ROUTE_STORE[0](device, skey) if ROUTE_STORE is not None else None
+    if stored in routes:
+        MIMIC_ROUTES[key] = stored
+        return stored
     times = {"cublas": timer(routes["cublas"])}
     try:
         times["triton"] = timer(routes["triton"])
@@ -1534,6 +1543,8 @@ def mimic_route(key: tuple, routes: dict, device: torch.device) -> str:
         times["triton"] = float("inf")
     MIMIC_ROUTE_TIMES[key] = times
     MIMIC_ROUTES[key] = best = min(times, key=times.get)
+    if ROUTE_STORE is not None:
+        ROUTE_STORE[1](device, skey, best, times)
     return best
 
 

@@ -99,6 +99,7 @@ def _load_kernels():
 
         k = _K()
         k.logit_kd, k.masked_gen, k.token_kd = logit_kd, masked_gen, token_kd
+        token_kd.ROUTE_STORE = (M.stored_choice, M.store_choice)  # its timed choices, in dispatch.json
         _S.kernels = k
     return _S.kernels
 

@@ -455,3 +455,19 @@ def test_the_dispatch_launches_nothing_around_the_token_ops(loss, monkeypatch):
     extra = counts["public"] - counts["bare"]
     views = {"detach", "alias", "slice", "view", "as_strided", "_unsafe_view", "select", "t", "transpose"}
     assert set(extra) <= views, f"{loss}: aten ops around the op: {dict(extra)}"
+
+
+def test_autotune_choices_are_kept_on_disk(monkeypatch):
+    """The shipped kernels' ``triton.autotune`` keeps its timings in Triton's disk cache (``cache_results``,
+    keyed by GPU, versions, kernel source and tuning key): a resumed run on the same machine takes the same
+    configs, so the same summation order and bits, without tuning again. (Triton turns it off itself under
+    the interpreter, where nothing is timed.)"""
+    import triton
+
+    from fastkd.kernels import _utils
+
+    assert _utils._AUTOTUNE_CACHE, f"triton {triton.__version__}'s autotune has no cache_results (≥ 3.2 does)"
+    seen = {}
+    monkeypatch.setattr(triton, "autotune", lambda configs, key, **kw: seen.update(kw) or (lambda fn: fn))
+    _utils.autotune([_utils.Cfg(16, 16, 16, 4, 2)], key=["M"])
+    assert seen.get("cache_results") is True

@@ -498,15 +498,29 @@ def _stacked_run(inputs):
     return [loss.detach(), *torch.autograd.grad(loss, [*xs, *ws, *bs])]
 
 
-@pytest.mark.parametrize("faster", ["cublas", "triton"])
-def test_the_stacked_mimic_keeps_the_faster_forward_gemm(faster, monkeypatch):
-    """At a shape's first call the stacked mimic times both forward routes (cuBLAS + epilogue, or the GEMM
-    inside the epilogue kernel), keeps the faster for that shape, and its outputs are the kept route's, bit
-    for bit (the timed runs overwrite the same buffers); later calls time nothing; another shape decides
-    anew; ``FASTKD_MIMIC_GEMM`` forces a route, and a bad value is one clear error."""
+@pytest.fixture
+def route_store(tmp_path, monkeypatch):
+    """The route choices' store (dispatch.json) in a temporary cache dir, this process's memory empty."""
+    from fastkd.ops import measure as M
+
+    monkeypatch.setenv("FASTKD_CACHE_DIR", str(tmp_path))
     monkeypatch.delenv("FASTKD_MIMIC_GEMM", raising=False)
     monkeypatch.setattr(tk, "MIMIC_ROUTES", {})
     monkeypatch.setattr(tk, "MIMIC_ROUTE_TIMES", {})
+    monkeypatch.setattr(tk, "ROUTE_STORE", (M.stored_choice, M.store_choice))
+    M.clear_decisions()
+    yield M
+    M.clear_decisions()
+
+
+@pytest.mark.parametrize("faster", ["cublas", "triton"])
+def test_the_stacked_mimic_keeps_the_faster_forward_gemm(faster, monkeypatch, route_store):
+    """At a shape's first call the stacked mimic times both forward routes (cuBLAS + epilogue, or the GEMM
+    inside the epilogue kernel), keeps the faster for that shape, and its outputs are the kept route's, bit
+    for bit (the timed runs overwrite the same buffers); later calls time nothing; another shape decides
+    anew; ``FASTKD_MIMIC_GEMM`` forces a route, and a bad value is one clear error. The choice is kept in
+    dispatch.json: a new process (this one's memory cleared) takes it without timing, so a resumed run
+    computes with the same route."""
     timed = []
 
     def timer(run):  # runs the route as the CUDA timer does, and says ``faster`` is faster
@@ -533,24 +547,38 @@ def test_the_stacked_mimic_keeps_the_faster_forward_gemm(faster, monkeypatch):
     monkeypatch.setenv("FASTKD_MIMIC_GEMM", "cutlass")
     with pytest.raises(ValueError, match="FASTKD_MIMIC_GEMM='cutlass': use auto, cublas or triton"):
         _stacked_run(_stacked_inputs(B=7))
+    monkeypatch.delenv("FASTKD_MIMIC_GEMM")
+    # "a new process": no memory of the choice, the file keeps it
+    tk.MIMIC_ROUTES.clear()
+    route_store.clear_decisions()
+    resumed = _stacked_run(x)
+    assert len(timed) == 4, "a choice kept in dispatch.json was timed again"
+    assert list(tk.MIMIC_ROUTES.values())[0] == faster
+    for a, b in zip(auto, resumed, strict=True):
+        assert torch.equal(a, b)
+    import json
+
+    doc = json.load(open(route_store.cache_path()))
+    recs = [r for entries in doc["entries"].values() for k, r in entries.items() if "mimic_gemm" in k]
+    assert len(recs) == 2 and recs[0]["path"] == faster and set(recs[0]["ms"]) == {"cublas", "triton"}
 
 
-def test_the_stacked_mimic_times_nothing_off_cuda(monkeypatch):
-    """Off CUDA (and while a CUDA graph is captured) an undecided shape takes cuBLAS without timing."""
-    monkeypatch.delenv("FASTKD_MIMIC_GEMM", raising=False)
-    monkeypatch.setattr(tk, "MIMIC_ROUTES", {})
+def test_the_stacked_mimic_times_nothing_off_cuda(route_store):
+    """Off CUDA (and while a CUDA graph is captured) an undecided shape takes cuBLAS without timing, and
+    nothing is written."""
     assert tk._route_timer(torch.device("cpu")) is None
     routes = {"cublas": lambda: None, "triton": lambda: None}
-    assert tk.mimic_route(("k",), routes, torch.device("cpu")) == "cublas"
+    key = (2, 3, 16, 24, 40, True, torch.device("cpu"), torch.float32)
+    assert tk.mimic_route(key, routes, torch.device("cpu")) == "cublas"
     assert tk.MIMIC_ROUTES == {}
+    import os
+
+    assert not os.path.exists(route_store.cache_path())
 
 
-def test_a_failing_fused_gemm_route_falls_back_to_cublas(monkeypatch, capsys):
+def test_a_failing_fused_gemm_route_falls_back_to_cublas(monkeypatch, capsys, route_store):
     """A Triton failure while the fused-GEMM route is timed (a build or launch error on the user's GPU) drops
     that route for the shape with one stderr line; the forward runs on cuBLAS and is correct."""
-    monkeypatch.delenv("FASTKD_MIMIC_GEMM", raising=False)
-    monkeypatch.setattr(tk, "MIMIC_ROUTES", {})
-    monkeypatch.setattr(tk, "MIMIC_ROUTE_TIMES", {})
 
     def timer(run):
         if run.__name__ == "via_triton":
