@@ -199,19 +199,6 @@ def _write_cache(device: torch.device, key: str, rec: dict) -> None:
     _S.file = doc
 
 
-def stored_choice(device: torch.device, key: str) -> str | None:
-    """A kernel-internal choice remembered in dispatch.json for this GPU and versions (``store_choice``), or
-    None: the stacked ViTKD mimic's forward-GEMM route (``token_kd.mimic_route``)."""
-    rec = _cache_entries(device).get(key)
-    return rec.get("path") if isinstance(rec, dict) else None
-
-
-def store_choice(device: torch.device, key: str, path: str, ms: dict[str, float]) -> None:
-    """Remember a kernel-internal choice and its timings in dispatch.json (atomic, merged)."""
-    finite = {k: (None if v == float("inf") else v) for k, v in ms.items()}  # a failed candidate: null
-    _write_cache(device, key, {"path": path, "ms": finite})
-
-
 def clear_decisions() -> None:
     """Forget this process's decisions (the file stays; tests and benches)."""
     _S.memo.clear()

@@ -99,9 +99,21 @@ def _load_kernels():
 
         k = _K()
         k.logit_kd, k.masked_gen, k.token_kd = logit_kd, masked_gen, token_kd
-        token_kd.ROUTE_STORE = (M.stored_choice, M.store_choice)  # its timed choices, in dispatch.json
+        token_kd.ROUTE_STORE = (_stored_choice, _store_choice)  # its timed choices, in dispatch.json
         _S.kernels = k
     return _S.kernels
+
+
+def _stored_choice(device: torch.device, key: str) -> str | None:
+    """A kernel's timed choice kept in dispatch.json for this GPU and versions (``token_kd.mimic_route``)."""
+    rec = M._cache_entries(device).get(key)
+    return rec.get("path") if isinstance(rec, dict) else None
+
+
+def _store_choice(device: torch.device, key: str, path: str, ms: dict[str, float]) -> None:
+    """Keep a kernel's timed choice and its ms (a failed candidate's: null) in dispatch.json."""
+    finite = {k: (v if v < float("inf") else None) for k, v in ms.items()}
+    M._write_cache(device, key, {"path": path, "ms": finite})
 
 
 def _kern():

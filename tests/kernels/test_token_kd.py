@@ -502,12 +502,13 @@ def _stacked_run(inputs):
 def route_store(tmp_path, monkeypatch):
     """The route choices' store (dispatch.json) in a temporary cache dir, this process's memory empty."""
     from fastkd.ops import measure as M
+    from fastkd.ops import routing
 
     monkeypatch.setenv("FASTKD_CACHE_DIR", str(tmp_path))
     monkeypatch.delenv("FASTKD_MIMIC_GEMM", raising=False)
     monkeypatch.setattr(tk, "MIMIC_ROUTES", {})
     monkeypatch.setattr(tk, "MIMIC_ROUTE_TIMES", {})
-    monkeypatch.setattr(tk, "ROUTE_STORE", (M.stored_choice, M.store_choice))
+    assert routing._load_kernels().token_kd.ROUTE_STORE == (routing._stored_choice, routing._store_choice)
     M.clear_decisions()
     yield M
     M.clear_decisions()
