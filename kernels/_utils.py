@@ -61,6 +61,11 @@ def next_pow2(n: int) -> int:
     return 1 << max(0, int(n) - 1).bit_length()
 
 
+def first_line(e: BaseException, limit: int = 160) -> str:
+    """An exception's first message line (its type's name when the message is empty), for one-line notes."""
+    return (str(e).strip().splitlines() or [type(e).__name__])[0][:limit]
+
+
 def fail(what: str, msg: str) -> None:
     raise ValueError(f"{what}: {msg}")
 
@@ -143,6 +148,9 @@ def interp_bench(kernel_call, quantiles=None, **_):
     return [1.0, 1.0, 1.0] if quantiles else 1.0
 
 
+_AUTOTUNE_CACHE = "cache_results" in inspect.signature(triton.autotune).parameters  # triton ≥ 3.2
+
+
 def autotune(configs: list[Cfg], key: list[str], prune=None):
     """``triton.autotune`` over ``configs`` (the shipped list), keyed on ``key`` + tensor dtypes; ``prune``
     keeps the configs valid for the call's precision / widths (``early_config_prune``)."""
@@ -162,9 +170,6 @@ def autotune(configs: list[Cfg], key: list[str], prune=None):
     if _AUTOTUNE_CACHE:
         kw["cache_results"] = True
     return triton.autotune(tcfgs, key=key, **kw)
-
-
-_AUTOTUNE_CACHE = "cache_results" in inspect.signature(triton.autotune).parameters  # triton ≥ 3.2
 
 
 def cfg_of(config) -> Cfg:
@@ -289,7 +294,7 @@ def gemm_to(a, b, dtype, native: bool | None = None):
             return gemm(a, b, out_dtype=dtype)
         except RuntimeError as e:  # a torch / cuBLAS without it: the bf16 product, cast (once per process)
             OUT_DTYPE = False
-            print(f"fastkd: fp32-out GEMM unavailable ({str(e).splitlines()[0][:120]}); "
+            print(f"fastkd: fp32-out GEMM unavailable ({first_line(e, 120)}); "
                   "using a bf16 GEMM + cast", file=sys.stderr)
             return gemm(a, b).to(dtype)
     return gemm(a.to(dtype), b.to(dtype))

@@ -73,7 +73,8 @@ dS, dW). bench/NOTES.md has the per-config roofline (bytes, flops, predicted µs
 
 import os
 import sys
-from typing import Optional
+from collections.abc import Callable
+from typing import NamedTuple, Optional
 
 import torch
 import triton
@@ -92,6 +93,7 @@ from ._utils import (
     custom_op_path,
     dot_bf16,
     fail,
+    first_line,
     gemm_to,
     grouped_pid,
     launch,
@@ -691,7 +693,7 @@ def token_kd_forward(
     tt = t if has_t else s
     bf16 = dot_bf16(amp, s, t, weight if mimic else None)
     w = _gemm_weight(weight, bf16, w16) if has_w else s
-    bb = (bias if bias.dim() == 1 else bias.reshape(-1)) if has_b else s
+    bb = _bias_arg(bias if has_b else None, s)
     launch(
         _token_kd_fwd_kernel,
         lambda meta: (cdiv(M, meta["BLOCK_M"]),),
@@ -747,7 +749,7 @@ def _mimic_forward(s, t, weight, bias, P_s, P_t, amp, config, residual=None, w16
     has_w, has_b = weight is not None, bias is not None
     bf16 = dot_bf16(amp, s, t, weight)
     w = _gemm_weight(weight, bf16, w16) if has_w else s
-    bb = (bias if bias.dim() == 1 else bias.reshape(-1)) if has_b else s
+    bb = _bias_arg(bias, s)
     part = s.new_empty(_tiles(M, D_t), dtype=torch.float32)  # Σ r² per tile
     store_r = residual is not None  # ``residual``: the packed buffer to fill (``_residual_views``)
     r = sb = db_sum = db_part = part
@@ -769,18 +771,10 @@ def _mimic_forward(s, t, weight, bias, P_s, P_t, amp, config, residual=None, w16
 
         def via_cublas():
             y = torch.mm(s_mat, w.t())  # [M, D_t] bf16
-            b_ = bias if has_b else None
-            return _sumsq_on_y(y, t, b_, P_t, part, db_part, r, store_r, config, scale=scale)
+            return _sumsq_on_y(y, t, bias, P_t, part, db_part, r, store_r, config, scale=scale)
 
         def via_triton():
-            rs = s_mat.stride(0)
-            return _launch_2d(
-                (s_mat, t, w, bb, part, part, part, db_part, r), M, N, D_s, D_t, 0, P_t, (N * rs, rs), t,
-                w.stride(0),
-                dict(HAS_W=True, HAS_BIAS=has_b, WRITE_SB=False, SUMSQ=True, STORE_R=True, DOT_BF16=True),
-                config,
-                scale=scale,
-            )
+            return _sumsq_with_gemm(s_mat, w, t, bias, P_t, part, db_part, r, config, scale=scale)
 
         if store_r:
             routes = {"cublas": via_cublas, "triton": via_triton}
@@ -809,6 +803,29 @@ def _tiles(M: int, D_t: int, cfg: Cfg | None = None) -> int:
     return cdiv(M, cfg.BLOCK_M) * cdiv(D_t, cfg.BLOCK_N)
 
 
+def _bias_arg(bias, placeholder):
+    """``bias`` as the kernels' flat [D_t] pointer argument, or ``placeholder`` (never read) without one."""
+    if bias is None:
+        return placeholder
+    return bias if bias.dim() == 1 else bias.reshape(-1)
+
+
+def _sumsq_with_gemm(s16, w16, t, bias, P_t, part, db_part, r, config=None, P: int = 0, scale=1.0) -> Cfg:
+    """The fused-GEMM route of the mimic forward with a stored residual (``mimic_route``): what
+    ``_sumsq_on_y`` does on cuBLAS's Y, with Y = S Wᵀ computed inside ``_token_kd_bwd_kernel`` (``HAS_W``)
+    from S in bf16 (``s16``: [B·(P+N), D_s] rows, any row stride; P prefix rows per sample, skipped) and
+    W in bf16 (``w16``), so Y never reaches memory. r is written in s16's row layout, prefix rows 0."""
+    N, D_t, rs = t.shape[1] - P_t, t.shape[2], s16.stride(0)
+    return _launch_2d(
+        (s16, t, w16, _bias_arg(bias, s16), part, part, part, db_part, r), t.shape[0] * N, N, s16.shape[1],
+        D_t, P, P_t, ((P + N) * rs, rs), t, w16.stride(0),
+        dict(HAS_W=True, HAS_BIAS=bias is not None, WRITE_SB=False, SUMSQ=True, STORE_R=True, DOT_BF16=True),
+        config,
+        P_r=P,
+        scale=scale,
+    )
+
+
 def _sumsq_on_y(y, t, bias, P_t, part, db_part, r, store_r: bool, config=None, P: int = 0, scale=1.0) -> Cfg:
     """The mimic forward's streaming epilogue on cuBLAS's Y = S Wᵀ (bf16, [B·(P+N), D_t]: P prefix rows per
     sample, skipped; P = 0: the compact [M, D_t]): ``_token_kd_bwd_kernel`` without a GEMM (``HAS_W`` False)
@@ -818,9 +835,9 @@ def _sumsq_on_y(y, t, bias, P_t, part, db_part, r, store_r: bool, config=None, P
     B, T, D_t = t.shape[0], t.shape[1] - P_t + P, y.shape[1]
     N = T - P
     has_b = bias is not None
-    bb = (bias if bias.dim() == 1 else bias.reshape(-1)) if has_b else y
     return _launch_2d(
-        (y, t, y, bb, part, part, part, db_part, r), B * N, N, D_t, D_t, P, P_t, (T * D_t, D_t), t, 0,
+        (y, t, y, _bias_arg(bias, y), part, part, part, db_part, r),
+        B * N, N, D_t, D_t, P, P_t, (T * D_t, D_t), t, 0,
         dict(HAS_W=False, HAS_BIAS=has_b, WRITE_SB=False, SUMSQ=True, STORE_R=store_r, DOT_BF16=True),
         config,
         P_r=P if store_r else 0,
@@ -989,7 +1006,7 @@ def token_kd_backward(
         sb = s.new_empty((M, D_s), dtype=gdt) if write_sb else gr
         n_tiles = cdiv(M, 32)  # the smallest BLOCK_M shipped: enough partial rows for any config
         db_part = s.new_empty((n_tiles if has_b else 0, D_t), dtype=torch.float32)
-        bb = (bias if bias.dim() == 1 else bias.reshape(-1)) if has_b else s
+        bb = _bias_arg(bias, s)
         g = g_mim if g_mim.dtype == torch.float32 else g_mim.float()
         if via_cublas:
             s_in, w_in, P_in, D_in, s_strides = y, y, 0, D_t, (N * D_t, D_t)
@@ -1429,14 +1446,8 @@ class _MimicLayers(torch.autograd.Function):
             return cfg
 
         def via_triton():  # the GEMM and the epilogue in one kernel: Y never goes to memory
-            flags = dict(HAS_W=True, HAS_BIAS=has_b, WRITE_SB=False, SUMSQ=True, STORE_R=True, DOT_BF16=True)
-            layers = zip(per_layer, s_l, w_l, strict=True)
-            for (t, b, r_i, part_i, db_i), s_i, w_i in layers:
-                bb = s_i if b is None else (b if b.dim() == 1 else b.reshape(-1))
-                cfg = _launch_2d(
-                    (s_i, t, w_i, bb, part_i, part_i, part_i, db_i, r_i),
-                    M, N, D_s, D_t, P, 0, (T * D_s, D_s), t, D_s, flags, P_r=P, scale=scale,
-                )
+            for (t, b, r_i, part_i, db_i), s_i, w_i in zip(per_layer, s_l, w_l, strict=True):
+                cfg = _sumsq_with_gemm(s_i, w_i, t, b, 0, part_i, db_i, r_i, P=P, scale=scale)
             return cfg
 
         routes = {"cublas": via_cublas, "triton": via_triton}
@@ -1486,31 +1497,28 @@ class _MimicLayers(torch.autograd.Function):
 # tests); off CUDA, and while a CUDA graph is captured, an undecided shape takes cuBLAS.
 MIMIC_ROUTES: dict[tuple, str] = {}
 MIMIC_ROUTE_TIMES: dict[tuple, dict[str, float]] = {}
-# (get(device, key) -> route | None, put(device, key, route, ms)): where a timed choice is remembered across
-# processes (``fastkd.ops.routing`` points it at dispatch.json, keyed by GPU and versions, so a resumed run
-# takes the same route, hence the same numerics); None: this process only
-ROUTE_STORE = None
 
 
-def _cuda_ms(fn, reps: int = 10) -> float:
-    """Mean GPU ms of ``fn()`` over ``reps`` runs after two warm-up runs (the first one autotunes)."""
-    fn()
-    fn()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(reps):
-        fn()
-    end.record()
-    end.synchronize()
-    return start.elapsed_time(end) / reps
+class RouteHooks(NamedTuple):
+    """What ``fastkd.ops.routing`` lends the route choice (the kernels import nothing from fastkd): how a
+    route is timed, the measured dispatch's way, and where the choice is kept across processes
+    (dispatch.json, keyed by GPU and versions, so a resumed run takes the same route: the same bits)."""
+
+    time: Callable  # (run, device) → GPU ms of run()
+    stored: Callable  # (device, key) → the kept route or None
+    store: Callable  # (device, key, route, {route: ms}) → None
+
+
+ROUTE_HOOKS: RouteHooks | None = None  # None: routes are not timed (cuBLAS)
 
 
 def _route_timer(device: torch.device):
-    """How a route is timed on ``device``: CUDA events; None (not timed: cuBLAS) off CUDA and while a CUDA
-    graph is captured (tests replace it)."""
-    if device.type != "cuda" or torch.cuda.is_current_stream_capturing():
+    """run → ms on ``device``; None (not timed: cuBLAS) without hooks, off CUDA and while a CUDA graph is
+    captured (tests replace it)."""
+    hooks = ROUTE_HOOKS
+    if hooks is None or device.type != "cuda" or torch.cuda.is_current_stream_capturing():
         return None
-    return _cuda_ms
+    return lambda run: hooks.time(run, device)
 
 
 def mimic_route(key: tuple, routes: dict, device: torch.device) -> str:
@@ -1527,8 +1535,9 @@ def mimic_route(key: tuple, routes: dict, device: torch.device) -> str:
     timer = _route_timer(device)
     if timer is None:
         return "cublas"
+    hooks = ROUTE_HOOKS
     skey = "token_kd.mimic_gemm|L{}|B{}|T{}|Ds{}|Dt{}|b{:d}|".format(*key[:6]) + str(key[7]).split(".")[-1]
-    stored = ROUTE_STORE[0](device, skey) if ROUTE_STORE is not None else None
+    stored = hooks.stored(device, skey) if hooks is not None else None
     if stored in routes:
         MIMIC_ROUTES[key] = stored
         return stored
@@ -1537,14 +1546,13 @@ def mimic_route(key: tuple, routes: dict, device: torch.device) -> str:
         times["triton"] = timer(routes["triton"])
     except Exception as e:  # a Triton build or launch failure on this GPU (e.g. out of shared memory): the
         # candidate is dropped, training goes on with cuBLAS (a forced route raises instead)
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
         print(f"fastkd: the mimic's fused-GEMM route failed on this GPU, using cuBLAS ({type(e).__name__}: "
-              f"{first})", file=sys.stderr)
+              f"{first_line(e)})", file=sys.stderr)
         times["triton"] = float("inf")
     MIMIC_ROUTE_TIMES[key] = times
     MIMIC_ROUTES[key] = best = min(times, key=times.get)
-    if ROUTE_STORE is not None:
-        ROUTE_STORE[1](device, skey, best, times)
+    if hooks is not None:
+        hooks.store(device, skey, best, times)
     return best
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import functools
 import importlib.util
 import os
+import statistics
 import sys
 from collections.abc import Callable, Sequence
 
@@ -15,6 +16,7 @@ import torch
 from fastkd.ops import measure as M
 from fastkd.ops import reference as R
 from fastkd.ops.measure import cache_path
+from fastkd.ops.timing import host_and_span_ms
 
 Tensor = torch.Tensor
 
@@ -99,9 +101,17 @@ def _load_kernels():
 
         k = _K()
         k.logit_kd, k.masked_gen, k.token_kd = logit_kd, masked_gen, token_kd
-        token_kd.ROUTE_STORE = (_stored_choice, _store_choice)  # its timed choices, in dispatch.json
+        token_kd.ROUTE_HOOKS = token_kd.RouteHooks(_time_route, _stored_choice, _store_choice)
         _S.kernels = k
     return _S.kernels
+
+
+def _time_route(run: Callable[[], object], device: torch.device) -> float:
+    """GPU ms of a kernel's candidate ``run()``, as the measured dispatch times its paths: warm-up calls (the
+    first autotunes), then the median of its reps (``timing.host_and_span_ms``: the span from an idle GPU)."""
+    for _ in range(M._WARMUP):
+        run()
+    return statistics.median(host_and_span_ms(run, device)[1] for _ in range(M._REPS))
 
 
 def _stored_choice(device: torch.device, key: str) -> str | None:

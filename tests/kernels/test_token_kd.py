@@ -508,7 +508,8 @@ def route_store(tmp_path, monkeypatch):
     monkeypatch.delenv("FASTKD_MIMIC_GEMM", raising=False)
     monkeypatch.setattr(tk, "MIMIC_ROUTES", {})
     monkeypatch.setattr(tk, "MIMIC_ROUTE_TIMES", {})
-    assert routing._load_kernels().token_kd.ROUTE_STORE == (routing._stored_choice, routing._store_choice)
+    hooks = routing._load_kernels().token_kd.ROUTE_HOOKS
+    assert hooks == (routing._time_route, routing._stored_choice, routing._store_choice)
     M.clear_decisions()
     yield M
     M.clear_decisions()
@@ -597,3 +598,17 @@ def test_a_failing_fused_gemm_route_falls_back_to_cublas(monkeypatch, capsys, ro
     monkeypatch.setenv("FASTKD_MIMIC_GEMM", "cublas")
     for a, b in zip(got, _stacked_run(x), strict=True):
         assert torch.equal(a, b)
+
+
+def test_a_route_is_timed_as_the_measured_dispatch_times_its_paths(monkeypatch):
+    """``routing._time_route``: the measured dispatch's warm-up calls, then the median GPU span of its reps
+    (``timing.host_and_span_ms``), so the route choice and the dispatch measure alike."""
+    from fastkd.ops import measure as M
+    from fastkd.ops import routing
+
+    spans = iter([9.0, 1.0, 3.0, 2.0, 7.0, 5.0, 4.0])
+    runs = []
+    monkeypatch.setattr(routing, "host_and_span_ms", lambda run, device: (run(), (0.0, next(spans)))[1])
+    ms = routing._time_route(lambda: runs.append(1), torch.device("cuda"))
+    assert len(runs) == M._WARMUP + M._REPS
+    assert ms == sorted([9.0, 1.0, 3.0, 2.0, 7.0, 5.0, 4.0][: M._REPS])[M._REPS // 2]
