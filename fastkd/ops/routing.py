@@ -55,7 +55,12 @@ _S = _State()
 
 
 def refresh_env() -> None:
-    """Re-read ``FASTKD_KERNELS`` (auto | triton | compiled | reference; 0 = reference)."""
+    """Re-read ``FASTKD_KERNELS`` (auto | triton | compiled | reference; 0 = reference), and check
+    ``FASTKD_MIMIC_GEMM`` (``token_kd.mimic_route`` reads it at each call: a bad value is one error here, at
+    setup, before any work, rather than at the first training step)."""
+    gemm = os.environ.get("FASTKD_MIMIC_GEMM", "auto")
+    if gemm not in ("auto", "cublas", "triton"):
+        raise ValueError(f"FASTKD_MIMIC_GEMM={gemm!r}: use auto, cublas or triton")
     _S.mode = _env_mode()
     _S.env_off = _S.mode == "reference"
     M._S.memo.clear()
@@ -69,9 +74,9 @@ def kernels_mode() -> str:
 def set_fused(on: bool, *, interpreter: bool = False) -> None:
     """Turn fused mode on or off (process-wide). ``interpreter=True`` (tests only) sends CPU tensors to the
     Triton kernels too, which then run in the Triton interpreter (set ``TRITON_INTERPRET=1`` first)."""
+    refresh_env()  # first: a bad setting raises with the state untouched
     _S.fused = bool(on)
     _S.interpreter = bool(on and interpreter)
-    refresh_env()
     if _S.fused and _S.mode in ("auto", "triton") and (_S.interpreter or _cuda_triton_ok()):
         _load_kernels()
 

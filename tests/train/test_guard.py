@@ -453,3 +453,16 @@ def test_outputs_follow_the_umask(tmp_path, capsys, mask):
     for p in run.rglob("*"):
         if p.is_file():
             assert p.stat().st_mode & 0o777 == 0o666 & ~mask, (p, oct(p.stat().st_mode))
+
+
+def test_a_bad_mimic_gemm_setting_is_one_line_before_any_work(tmp_path, capsys, monkeypatch):
+    """``FASTKD_MIMIC_GEMM`` (the stacked ViTKD mimic's forward route) with a bad value: one error line at
+    setup (``set_fused``), before the data, a teacher or the run directory exist."""
+    monkeypatch.setenv("FASTKD_MIMIC_GEMM", "cutlass")
+    run = tmp_path / "r"
+    rc, err = _main([*TINY, *KD, "--fused", "--workdir", tmp_path / "w", "--out", run], capsys)
+    assert rc == 2 and err == ["fastkd: error: FASTKD_MIMIC_GEMM='cutlass': use auto, cublas or triton"]
+    assert not run.exists() and not (tmp_path / "w").exists()
+    from fastkd.ops import routing
+
+    assert not routing.is_fused()  # the failed setup left the dispatch state as it was
