@@ -33,6 +33,9 @@ def _stub_run(self, *args, **kwargs):
 jit.JITFunction.run = _stub_run
 # the autotuner itself runs (a key's first call, then ``_utils.launch``'s memo); only its benchmark is stubbed
 autotuner.Autotuner._bench = lambda self, *args, config=None, **kwargs: [1.0, 1.0, 1.0]
+# ``cache_results=True`` (``_utils.autotune``) keys its disk cache on the active GPU backend, which this
+# CPU has none of: tune in memory, as a cache miss would
+autotuner.Autotuner.check_disk_cache = lambda self, key, configs, bench_fn: bench_fn() and False
 
 # cuBLAS GEMMs are launches on a GPU host; on this CPU a bf16 mm computes (slowly), which is not glue:
 # stub torch.mm with an allocation of its output (the host part of a launch is excluded as for Triton)
