@@ -336,7 +336,8 @@ def build_parser(description: str = "fastkd training") -> argparse.ArgumentParse
     )
     p.add_argument(
         "--preset", choices=sorted(PRESETS),
-        help="; ".join(f"{k}: {v[0]}" for k, v in PRESETS.items()) + " (default: none)",
+        # argparse %-formats help text: the presets' own "%" must be escaped, or --help crashes
+        help="; ".join(f"{k}: {v[0]}" for k, v in PRESETS.items()).replace("%", "%%") + " (default: none)",
     )
     p.add_argument("--config", help="a config.json from an earlier run to start from (default: none)")
     defaults = TrainConfig()
