@@ -8,12 +8,12 @@ import numpy as np
 import torch
 
 from fastkd.cache.build import run_parts
-from fastkd.cache.format import TOPK_FIELDS, CacheError, check_run, file_sha256, read_manifest, state_sha256
+from fastkd.cache.format import TOPK_FIELDS, CacheError, check_run, read_manifest
 from fastkd.config import TrainConfig
 from fastkd.methods.registry import build_loss
 from fastkd.models import model_info
 from fastkd.teachers.cached import CachedTeacher
-from fastkd.teachers.factory import teacher_model
+from fastkd.teachers.factory import teacher_for_batches, teacher_identity
 from fastkd.teachers.online import OnlineTeacher
 
 
@@ -34,11 +34,13 @@ def verify_cache(path: str | os.PathLike, n: int, *, seed: int = 0, rel_tol: flo
     src = man["teacher"]["source"]
     if not (os.path.isfile(src) or man["teacher"]["default_key"] is None):
         raise CacheError(f"cannot verify {path}: its teacher {src} is gone; restore it to re-run the teacher")
-    # the same resolution as the build (and as fastkd.train): --teacher with its shape flags, else the
-    # default teacher's checkpoint recorded in the manifest
-    t_model = teacher_model(cfg, rp.full, src).to(rp.device)
-    sha = file_sha256(src) if os.path.isfile(src) else state_sha256(t_model)
-    if sha != man["teacher"]["sha256"]:
+    # the same resolution as the build (and as fastkd.train): the default or fine-tuned teacher's checkpoint
+    # recorded in the manifest, else --teacher as the config says (a timm name with its shape flags or
+    # pretrained weights, or a checkpoint), fed the build's batches (renormalised to the teacher's own
+    # input normalisation, as it ran there), and identified as the build identified it
+    ckpt = src if man["teacher"]["default_key"] is not None else None
+    t_model = teacher_for_batches(cfg, rp.full, ckpt, (d.mean, d.std)).to(rp.device)
+    if teacher_identity(cfg, rp.full, t_model)["sha256"] != man["teacher"]["sha256"]:
         raise CacheError(f"cannot verify {path}: the teacher {src} changed since the cache was built")
     loss = build_loss(cfg.method, rp.s_info, model_info(t_model), epochs=cfg.optim.epochs)
     teacher = OnlineTeacher(t_model, loss)

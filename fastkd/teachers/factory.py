@@ -14,7 +14,8 @@
   ``<workdir>/teachers/finetuned-<arch>-<key>`` (key = hash of the weights' sha256 + data fingerprint +
   recipe; ``finetune_spec``); training it is ``fastkd.train.setup.ensure_finetuned_teacher``'s job.
 * ``teacher_identity``: the same answer without loading anything (what a cache manifest records).
-* ``input_norm``: the (mean, std) a teacher expects (pretrained config, or the one it was trained with).
+* ``input_norm``: the (mean, std) a teacher expects (pretrained config, or the one it was trained with);
+  ``teacher_for_batches``: the teacher with its input renormalised from the batches' to that.
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ from fastkd.methods.cskd import default_cnn_arch
 from fastkd.methods.registry import needs_cnn_teacher
 from fastkd.models import default_arch, resolve_model
 from fastkd.models.hub import is_pretrained_spec, resolve_weights
-from fastkd.models.weights import build_pretrained, preprocessing
+from fastkd.models.weights import build_pretrained, input_renorm, preprocessing
 
 _SHA: dict[tuple, str] = {}
 FINETUNE_LR = {"full": 1e-4, "head": 1e-3}
@@ -167,6 +168,18 @@ def teacher_model(cfg: TrainConfig, data: Dataset, path: str | os.PathLike | Non
         ov = {} if os.path.exists(src) else shape_overrides(cfg, "teacher")
         return resolve_model(src, **mk, **ov)
     raise ValueError("no --teacher and no default teacher checkpoint")
+
+
+def teacher_for_batches(
+    cfg: TrainConfig, data: Dataset, path: str | os.PathLike | None, norm: tuple, log=None
+) -> nn.Module:
+    """``teacher_model`` fed batches normalised with ``norm`` = (mean, std): when the teacher expects
+    another normalisation (``input_norm``: a pretrained config, or the one it was trained with) its input
+    is renormalised on the device (``input_renorm``). What train, the cache build and the cache verifier
+    all run: a teacher without it sees other inputs."""
+    model = teacher_model(cfg, data, path)
+    input_renorm(model, norm, input_norm(model, data), log=log)
+    return model
 
 
 def teacher_identity(cfg: TrainConfig, data: Dataset, model: nn.Module | None = None) -> dict:

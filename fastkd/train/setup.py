@@ -27,7 +27,7 @@ from fastkd.data.augment import AugmentConfig
 from fastkd.methods.ce import METHOD as PLAIN  # the teacher-free method the default teacher uses
 from fastkd.methods.registry import DistillLoss, build_loss, check_student, needs_teacher, wants_dist_head
 from fastkd.models import default_arch, model_info, resolve_model
-from fastkd.models.weights import build_pretrained, classifier_names, input_renorm, preprocessing
+from fastkd.models.weights import build_pretrained, classifier_names, preprocessing
 from fastkd.ops import dispatch as KF
 from fastkd.teachers.base import Teacher
 from fastkd.teachers.cached import CachedTeacher
@@ -36,12 +36,11 @@ from fastkd.teachers.factory import (
     default_teacher_spec,
     finetune_lr,
     finetune_spec,
-    input_norm,
     pretrained_teacher,
     shape_overrides,
+    teacher_for_batches,
     teacher_identity,
     teacher_key,
-    teacher_model,
 )
 from fastkd.teachers.online import OnlineTeacher
 from fastkd.telemetry import require_tensorboard
@@ -180,10 +179,9 @@ def resolve_teacher(
                 path = make(cfg, full, log=log)
             if student_data is not None and dist.main and not cfg.model.teacher:
                 report_default_teacher(cfg, path, student_data, log)
-        model = teacher_model(cfg, full, path)
-    # the teacher's own normalisation, derived on the device from the batches' (x_t = (x*s_s+m_s-m_t)/s_t)
-    input_renorm(model, norm or (full.mean, full.std), input_norm(model, full),
-                 log=lambda m: log(f"fastkd: {m}"))
+        # the teacher's own normalisation, derived on the device from the batches' (x_t = (x*s_s+m_s-m_t)/s_t)
+        model = teacher_for_batches(cfg, full, path, norm or (full.mean, full.std),
+                                    log=lambda m: log(f"fastkd: {m}"))
     return model.to(device), str(path if path is not None and cfg.model.teacher_finetune else
                                  cfg.model.teacher or path)
 

@@ -164,6 +164,12 @@ def _cache_then_train(argv_data, tmp_path, capsys, teacher):
     assert [p.stat().st_mtime_ns for p in tuned] == before  # ... and reused by the cache build
     man = json.loads((cache / "manifest.json").read_text())
     assert man["complete"] and man["data"]["n_train"] == CLASSES * N_TRAIN
+    # --verify re-runs the teacher as the build ran it: the same weights (not a random init of the timm
+    # name), fed the same renormalised input; both were missed once, and every field then mismatched
+    rc = cache_main(["--verify", "6", "--out", str(cache)])
+    outs, err = capsys.readouterr()
+    assert rc == 0, outs + err
+    assert "6 records, OK" in outs and "FAIL" not in outs
     out = tmp_path / "from-cache"
     rc, _, err = _train([*argv_data, *teacher, *STUDENT, *COMMON, "--teacher-cache", str(cache),
                          "--out", str(out)], capsys)
