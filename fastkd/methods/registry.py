@@ -134,4 +134,10 @@ def check_student(spec: str, s_info: ModelInfo) -> None:
             )
     if any(m.student_vit for m in methods) and s_info.kind != "vit":
         names = "+".join(m.name for m in methods)
-        raise ValueError(f"--method {names} needs a ViT student; got a {s_info.kind} model")
+        vit_only = "+".join(m.name for m in methods if m.student_vit)
+        logit_only = "+".join(m.name for m in methods if not m.student_vit) or "kd"
+        raise ValueError(
+            f"--method {names}: {vit_only} needs a ViT student with patch tokens, and --student "
+            f"{s_info.name} is a {s_info.kind}; pick a timm ViT/DeiT student (e.g. --student "
+            f"deit_tiny_patch16_224) or a logit-only method (e.g. --method {logit_only})"
+        )

@@ -20,7 +20,7 @@ from fastkd.config import MethodConfig, parse_args
 from fastkd.data import load_data
 from fastkd.methods.clskd import clskd_pairs
 from fastkd.methods.cskd import CSKDLoss, default_cnn_arch
-from fastkd.methods.registry import build_loss
+from fastkd.methods.registry import build_loss, check_student
 from fastkd.models import Taps, create_model, forward_taps, model_info, save_model
 from fastkd.ops import reference as R
 from fastkd.train.setup import build_trainer
@@ -381,3 +381,13 @@ def test_cskd_alpha_schedule_float_and_tensor(schedule, per_iter):
         # a 0-d tensor (what a compiled step should pass: no recompile per value) gives the same α
         assert float(p.alpha(torch.tensor(ef, dtype=torch.float64))) == pytest.approx(want, abs=1e-12)
     assert p.alpha(0.0) == 1.0
+
+
+def test_a_cnn_student_for_a_token_method_is_one_line_naming_both_fixes():
+    cnn = model_info(create_model("resnet18", num_classes=3, img_size=32, in_chans=1))
+    with pytest.raises(ValueError, match=r"--method vitkd\+nkd: vitkd needs a ViT student.*resnet18 is a cnn"
+                                         r".*--student deit_tiny_patch16_224.*--method nkd\)$"):
+        check_student("vitkd+nkd", cnn)
+    with pytest.raises(ValueError, match=r"clskd\+md needs a ViT.*--method kd\)$"):
+        check_student("clskd+md", cnn)
+    check_student("kd+nkd", cnn)  # logit methods take any student
