@@ -16,7 +16,7 @@ from fastkd.config import TrainConfig, parse_args
 from fastkd.models.checkpoints import set_verify
 from fastkd.train.distributed import init_distributed
 from fastkd.train.guard import validate
-from fastkd.train.rundir import default_out, prepare_run_dir
+from fastkd.train.rundir import default_out, finished_summary, prepare_run_dir, run_dir_lock
 from fastkd.train.setup import build_trainer, finetune_summary
 from fastkd.train.trainer import NonFiniteLoss
 from fastkd.utils import atomic_write_json, disk_full
@@ -45,7 +45,20 @@ def _run(cfg: TrainConfig, out: Path, dist, log) -> dict:
             f"fastkd: {dist.world} processes ({torch.distributed.get_backend()}), "
             f"global batch {cfg.optim.batch_size}"
         )
+    with run_dir_lock(out, main=dist.main):  # one process on --out at a time (rank 0 holds it)
+        return _run_locked(cfg, out, dist, log)
+
+
+def _run_locked(cfg: TrainConfig, out: Path, dist, log) -> dict:
     event = prepare_run_dir(cfg, out, main=dist.main, log=log)
+    done = finished_summary(cfg, out)
+    if done is not None:  # --resume of a finished run: nothing to train, its files stay as they are
+        log(
+            f"fastkd: {out} already ran its {cfg.optim.epochs} epochs (student val top-1 "
+            f"{done.get('student_top1', float('nan')):.2f}%); nothing to train — add --epochs N "
+            f"(N > {cfg.optim.epochs}) to --resume to train it further"
+        )
+        return done
     dist.barrier()  # every rank checked --out before rank 0 writes into it
     trainer = build_trainer(cfg, dist=dist, log=log)
     trainer.resume_event = event

@@ -5,22 +5,33 @@
 * default run names carry a short data fingerprint, so two datasets never share a folder;
 * ``--resume`` compares the stored config with the new one: flags that may change (``guard.RESUMABLE``) are
   recorded as a resume event in config.json's ``history``; any other difference is one line naming the fields;
-* after a non-finite stop (``checkpoint/nonfinite.json``) a resume must change the lr or the data.
+* after a non-finite stop (``checkpoint/nonfinite.json``) a resume must change the lr or the data;
+* one process at a time: rank 0 holds an exclusive lock on ``--out`` for the whole run (``run_dir_lock``), so
+  a second ``fastkd.train`` on the same folder (a ``--resume`` while it still runs) is one line, not two
+  processes writing one checkpoint;
+* ``--resume`` of a finished run trains nothing and rewrites nothing (``finished_summary``), and an
+  ``--epochs`` below the epochs a checkpoint already holds is one line.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import json
 import os
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 
 from fastkd.config import TrainConfig
 from fastkd.train.guard import resume_changes
 from fastkd.utils import atomic_write_json
 
-__all__ = ["NON_FINITE", "RUN_FILES", "data_tag", "default_out", "prepare_run_dir", "write_config"]
+__all__ = [
+    "LOCK", "NON_FINITE", "RUN_FILES", "data_tag", "default_out", "finished_summary", "prepare_run_dir",
+    "run_dir_lock", "write_config",
+]
 
 RUN_FILES = (
     "config.json",
@@ -33,6 +44,7 @@ RUN_FILES = (
     "tb",
 )
 NON_FINITE = "nonfinite.json"  # in checkpoint/: written when training stops on a non-finite value
+LOCK = ".fastkd.lock"  # in --out: flock'ed by the process that runs there (holds its pid)
 
 
 def data_tag(spec: str) -> str:
@@ -62,7 +74,7 @@ def prepare_run_dir(cfg: TrainConfig, out: Path, *, main: bool = True, log=print
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {out} is a file, not a folder; pick another --out")
-    entries = sorted(p.name for p in out.iterdir()) if out.is_dir() else []
+    entries = sorted(p.name for p in out.iterdir() if p.name != LOCK) if out.is_dir() else []
     if not entries:
         return None
     if cfg.run.overwrite:
@@ -110,6 +122,12 @@ def prepare_run_dir(cfg: TrainConfig, out: Path, *, main: bool = True, log=print
                 f"and data would repeat it; lower --lr (e.g. --lr {cfg.optim.lr / 10:g}) or fix the data, "
                 "then --resume"
             )
+    done = _checkpoint_epoch(out)
+    if done is not None and done > cfg.optim.epochs:
+        raise ValueError(
+            f"--resume: {out}'s checkpoint is already in epoch {done}, past --epochs {cfg.optim.epochs}; "
+            f"give --epochs {done} or more to continue it, or start a new run with another --out"
+        )
     event = {"event": "resume", "changed": {k: [old[k], new[k]] for k in ok if k not in ("resume",)}}
     if bad_stop is not None:
         event["after_non_finite_step"] = bad_stop.get("step")
@@ -140,3 +158,86 @@ def record_non_finite(ckpt_dir: Path, cfg: TrainConfig, step: int, checkpoint_st
             "data_tag": data_tag(cfg.data.data),
         },
     )
+
+
+def _checkpoint_epoch(out: Path) -> int | None:
+    """The epochs the checkpoint in ``out`` has completed (a mid-epoch one counts its partial epoch)."""
+    meta = (_read(Path(out) / "checkpoint" / "state.json") or {}).get("meta") or {}
+    if "epoch" not in meta:
+        return None
+    return int(meta["epoch"]) + (1 if meta.get("step_in_epoch") else 0)
+
+
+def finished_summary(cfg: TrainConfig, out: Path) -> dict | None:
+    """For ``--resume``: the stored summary when the run in ``out`` already ran its ``--epochs`` to the end
+    (checkpoint at the last epoch's end, summary.json written): nothing to train, nothing to rewrite."""
+    out = Path(out)
+    if not cfg.run.resume:
+        return None
+    meta = (_read(out / "checkpoint" / "state.json") or {}).get("meta") or {}
+    summary = _read(out / "summary.json")
+    if summary is None or meta.get("epoch") != cfg.optim.epochs or meta.get("step_in_epoch"):
+        return None
+    if summary.get("steps") != meta.get("step"):  # a summary of an earlier, shorter leg of the run
+        return None
+    return summary
+
+
+@contextlib.contextmanager
+def run_dir_lock(out: Path, main: bool = True, *, wait_for: str | None = None, log=print) -> Iterator[None]:
+    """Hold an exclusive lock on folder ``out`` while this process uses it (rank 0; other ranks share rank
+    0's): ``flock`` on ``out/.fastkd.lock``, which holds the pid and is removed again at the end. When another
+    process holds it: one line naming the holder (``ValueError``), or, with ``wait_for`` (what the holder is
+    doing there, e.g. training the default teacher that this run will then reuse), one line saying so and a
+    wait until it is done. A folder this call made and that ends up empty (the run stopped on bad input
+    before writing) is removed again."""
+    out = Path(out)
+    if not main or (out.exists() and not out.is_dir()):  # prepare_run_dir names a file --out
+        yield
+        return
+    made = not out.exists()
+    lock = out / LOCK
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        fd = _acquire(lock, out, wait_for, log)
+    except PermissionError:
+        if wait_for is None:
+            raise
+        yield  # a read-only shared folder (a finished teacher to reuse): nothing is written there to guard
+        return
+    try:
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        yield
+    finally:
+        lock.unlink(missing_ok=True)  # while still held: a waiter on this inode re-checks it (_acquire)
+        os.close(fd)
+        if made:
+            with contextlib.suppress(OSError):
+                out.rmdir()  # only if empty
+
+
+def _acquire(lock: Path, out: Path, wait_for: str | None, log) -> int:
+    told = False
+    while True:
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "?"
+            if wait_for is None:
+                os.close(fd)
+                raise ValueError(
+                    f"--out {out} is in use by another fastkd process (pid {holder}); wait for it to end "
+                    "(then --resume it if it stopped early), or pick another --out"
+                ) from None
+            if not told:
+                log(f"fastkd: waiting for fastkd process {holder}, which is {wait_for} in {out}")
+                told = True
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        try:  # the holder removes the file before it lets go: a lock on a removed file guards nothing
+            if os.fstat(fd).st_ino == os.stat(lock).st_ino:
+                return fd
+        except FileNotFoundError:
+            pass
+        os.close(fd)

@@ -45,6 +45,7 @@ from fastkd.teachers.factory import (
 from fastkd.teachers.online import OnlineTeacher
 from fastkd.telemetry import require_tensorboard
 from fastkd.train.distributed import Dist
+from fastkd.train.rundir import run_dir_lock
 from fastkd.train.trainer import Trainer, evaluate
 
 DISTILLED_BASE = "deit_tiny_distilled_patch16_224"
@@ -289,6 +290,12 @@ def _fit_default(
     cfg: TrainConfig, data: Dataset, arch, tdir: Path, what: str, log, cap: int | None = None,
     lr: float | None = None, patience: int | None = None,
 ) -> Path:
+    # one process trains it; another one that needs it meanwhile (a parallel sweep) waits, then reuses it
+    with run_dir_lock(tdir, wait_for=f"training the default {what}", log=log):
+        return _fit_default_locked(cfg, data, arch, tdir, what, log, cap, lr, patience)
+
+
+def _fit_default_locked(cfg, data, arch, tdir: Path, what: str, log, cap, lr, patience) -> Path:
     path = tdir / "student.safetensors"
     if path.exists() and (tdir / "fit.json").exists():
         if not announced(f"reuse:{tdir}"):
@@ -322,6 +329,11 @@ def ensure_finetuned_teacher(cfg: TrainConfig, data: Dataset, log=print) -> Path
     own normalisation and a new head when the classes differ; later runs reuse it (key: weights sha256 +
     data fingerprint + recipe), an interrupted one resumes. Its val top-1 is in its summary.json."""
     arch, tdir = finetune_spec(cfg, data)
+    with run_dir_lock(tdir, wait_for="fine-tuning this teacher", log=log):  # one process; others reuse it
+        return _finetune_locked(cfg, data, arch, tdir, log)
+
+
+def _finetune_locked(cfg: TrainConfig, data: Dataset, arch: str, tdir: Path, log) -> Path:
     path = tdir / "student.safetensors"
     if path.exists():
         log(f"fastkd: reusing the fine-tuned teacher {path}")

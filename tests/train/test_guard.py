@@ -466,3 +466,88 @@ def test_a_bad_mimic_gemm_setting_is_one_line_before_any_work(tmp_path, capsys, 
     from fastkd.ops import routing
 
     assert not routing.is_fused()  # the failed setup left the dispatch state as it was
+
+
+# ---------------------------------------------------------------------------------------------- (8)
+# one process per folder: a run directory, and the default teacher's (a parallel sweep trains it once)
+def test_a_second_process_on_a_running_out_is_one_line_and_touches_nothing(tmp_path, capsys):
+    from fastkd.train.rundir import LOCK, run_dir_lock
+
+    run = _run(tmp_path, capsys, "--epochs", "2")
+    before = _snapshot(run)
+    with run_dir_lock(run):  # the first run, still going (another fd: flock conflicts as across processes)
+        assert (run / LOCK).read_text().strip() == str(os.getpid())
+        rc, err = _main(["--resume", "--out", run, "--epochs", "3"], capsys)
+        assert rc == 2 and len(err) == 1, err
+        assert f"in use by another fastkd process (pid {os.getpid()})" in err[0] and "--resume" in err[0]
+        rc, err = _main([*TINY, *KD, "--out", run, "--overwrite"], capsys)  # nor replaced under it
+        assert rc == 2 and "in use" in err[0], err
+        after = _snapshot(run)
+        assert after.pop(LOCK) and after == before
+    assert _snapshot(run) == before  # the lock file goes with the lock
+    rc, err = _main(["--resume", "--out", run, "--epochs", "3"], capsys)  # free again
+    assert rc == 0, err
+
+
+def test_a_run_stopped_by_bad_input_leaves_no_folder(tmp_path, capsys):
+    out = tmp_path / "new"
+    rc, err = _main([*TINY, "--method", "kd", "--teacher", tmp_path / "missing.safetensors", "--out", out,
+                     "--workdir", tmp_path / "w"], capsys)
+    assert rc == 2 and len(err) == 1, err
+    assert not out.exists()
+
+
+def test_a_second_process_waits_for_the_default_teacher_then_reuses_it(tmp_path, capsys):
+    """The sweep case: two runs with no --teacher start together; the second waits on the teacher folder
+    (one line), then reuses what the first trained, instead of both training into one folder."""
+    import threading
+
+    from fastkd.data import load_data
+    from fastkd.teachers.factory import default_teacher_spec
+    from fastkd.train.rundir import LOCK
+    from fastkd.train.setup import ensure_default_teacher
+
+    argv = [*TINY, "--method", "kd", "--teacher-embed-dim", "16", "--teacher-depth", "1", "--teacher-heads",
+            "1", "--teacher-epochs", "2", "--workdir", tmp_path / "w"]
+    cfg = train.parse_args([str(a) for a in argv])
+    full = load_data(cfg.data.data)
+    tdir = default_teacher_spec(cfg, full)[1]
+    held, asked, lines = threading.Event(), threading.Event(), []
+
+    def first_log(msg):  # the first process, inside the lock, about to train: hold on until the other asked
+        if msg.startswith("fastkd: training the default teacher"):
+            held.set()
+            asked.wait(60)
+
+    t = threading.Thread(target=ensure_default_teacher, args=(cfg, full), kwargs={"log": first_log})
+    t.start()
+    assert held.wait(120)
+
+    def log(msg):
+        lines.append(msg)
+        asked.set()
+
+    path = ensure_default_teacher(cfg, full, log=log)
+    t.join()
+    assert lines[0].startswith("fastkd: waiting for fastkd process"), lines
+    assert "training the default teacher" in lines[0], lines
+    assert lines[1:] == [f"fastkd: reusing teacher {path}"], lines  # not trained a second time
+    assert path.is_file() and not (tdir / LOCK).exists()
+
+
+def test_resume_of_a_finished_run_trains_and_rewrites_nothing(tmp_path, capsys):
+    run = _run(tmp_path, capsys, "--epochs", "2")
+    before = _snapshot(run)
+    rc = train.main([str(a) for a in ["--resume", "--out", run]])
+    out = capsys.readouterr().out
+    assert rc == 0 and "already ran its 2 epochs" in out and "--epochs N (N > 2)" in out, out
+    assert _snapshot(run) == before  # summary (its wall time, throughput) and config history untouched
+
+
+def test_resume_with_epochs_below_the_checkpoint_is_one_line(tmp_path, capsys):
+    run = _run(tmp_path, capsys, "--epochs", "2")
+    before = _snapshot(run)
+    rc, err = _main(["--resume", "--out", run, "--epochs", "1"], capsys)
+    assert rc == 2 and len(err) == 1, err
+    assert "checkpoint is already in epoch 2, past --epochs 1" in err[0] and "--epochs 2 or more" in err[0]
+    assert _snapshot(run) == before
