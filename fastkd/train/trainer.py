@@ -31,6 +31,7 @@ from fastkd.models import forward_taps, save_model
 from fastkd.ops import dispatch as KF
 from fastkd.teachers.base import Teacher
 from fastkd.telemetry import Telemetry
+from fastkd.train import stop
 from fastkd.train.artifacts import (
     dispatch_summary,
     read_metrics,
@@ -303,6 +304,7 @@ class Trainer:
             leave=False,
         )
         mf = open(metrics_path, "a") if main else None
+        disarm = stop.arm(self.dist.world == 1)  # SIGTERM / Ctrl-C: checkpoint at the next step, then stop
         try:
             for epoch in range(start_epoch, cfg.optim.epochs):
                 self.epoch = epoch
@@ -334,6 +336,9 @@ class Trainer:
                         and i + 1 < self.steps_per_epoch
                     ):
                         self._save_checkpoint(ckpt_dir, epoch, i + 1)
+                    if stop.requested() and i + 1 < self.steps_per_epoch:
+                        self._save_checkpoint(ckpt_dir, epoch, i + 1)
+                        raise stop.Stopped(stop.requested(), str(ckpt_dir), self.step_idx)
                 last = epoch + 1 == cfg.optim.epochs
                 if last or (cfg.run.eval_every and (epoch + 1) % cfg.run.eval_every == 0):
                     last_eval = self.evaluate_model(self.student)  # sharded over the ranks, reduced
@@ -351,7 +356,10 @@ class Trainer:
                             )
                     self.dist.barrier()
                 self._save_checkpoint(ckpt_dir, epoch + 1, 0)
+                if stop.requested() and not last:
+                    raise stop.Stopped(stop.requested(), str(ckpt_dir), self.step_idx)
         finally:
+            disarm()
             if mf:
                 mf.close()
             bar.close()

@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import signal
 from pathlib import Path
 
 import numpy as np
@@ -551,3 +552,66 @@ def test_resume_with_epochs_below_the_checkpoint_is_one_line(tmp_path, capsys):
     assert rc == 2 and len(err) == 1, err
     assert "checkpoint is already in epoch 2, past --epochs 1" in err[0] and "--epochs 2 or more" in err[0]
     assert _snapshot(run) == before
+
+
+# ---------------------------------------------------------------------------------------------- (9)
+# SIGTERM / Ctrl-C: a checkpoint at the next step boundary, one line, and the resume is bit-exact
+def _signal_at_step(monkeypatch, at: int, *signals) -> None:
+    from fastkd.train.trainer import Trainer
+
+    orig, sent = Trainer.step, []
+
+    def step(self, *a, **k):
+        out = orig(self, *a, **k)
+        if self.step_idx == at and not sent:
+            sent.append(at)
+            for s in signals:
+                os.kill(os.getpid(), s)  # handled in this (main) thread before the next line runs
+        return out
+
+    monkeypatch.setattr(Trainer, "step", step)
+
+
+def test_sigterm_checkpoints_at_the_next_step_and_the_resume_is_bit_exact(tmp_path, capsys, monkeypatch):
+    from safetensors.torch import load_file
+
+    full = _run(tmp_path, capsys, "--epochs", "2", out="full")  # 4 steps per epoch
+    _signal_at_step(monkeypatch, 6, signal.SIGTERM)
+    before = signal.getsignal(signal.SIGTERM)
+    part = tmp_path / "part"
+    rc, err = _main([*TINY, *KD, "--epochs", "2", "--workdir", tmp_path / "w", "--out", part], capsys)
+    assert rc == 128 + signal.SIGTERM and len(err) == 1, err
+    assert err[0].startswith("fastkd: stopped by SIGTERM at step 6: checkpoint written in"), err
+    assert "--resume" in err[0]
+    meta = json.loads((part / "checkpoint" / "state.json").read_text())["meta"]
+    assert (meta["epoch"], meta["step_in_epoch"], meta["step"]) == (1, 2, 6)
+    assert signal.getsignal(signal.SIGTERM) is before  # the run's handlers are gone with it
+    monkeypatch.undo()
+    rc, err = _main(["--resume", "--out", part], capsys)
+    assert rc == 0, err
+    wa, wb = load_file(str(full / "student.safetensors")), load_file(str(part / "student.safetensors"))
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_a_second_ctrl_c_stops_at_once_keeping_the_last_complete_checkpoint(tmp_path, capsys, monkeypatch):
+    _signal_at_step(monkeypatch, 6, signal.SIGINT, signal.SIGINT)
+    run = tmp_path / "r"
+    rc, err = _main([*TINY, *KD, "--epochs", "2", "--workdir", tmp_path / "w", "--out", run], capsys)
+    assert rc == 128 + signal.SIGINT and len(err) == 1, err
+    assert "stopped by SIGINT; every file written so far is complete" in err[0] and "--resume" in err[0]
+    meta = json.loads((run / "checkpoint" / "state.json").read_text())["meta"]
+    assert (meta["epoch"], meta["step_in_epoch"]) == (1, 0)  # the end of epoch 1, not step 6
+    assert not [p for p in run.rglob("*") if p.name.endswith(".tmp")]
+
+
+def test_a_signal_before_training_stops_at_once_and_leaves_no_folder(tmp_path, capsys, monkeypatch):
+    from fastkd.train import __main__ as m
+
+    def build(*a, **k):
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    monkeypatch.setattr(m, "build_trainer", build)
+    run = tmp_path / "r"
+    rc, err = _main([*TINY, *KD, "--workdir", tmp_path / "w", "--out", run], capsys)
+    assert rc == 128 + signal.SIGTERM and len(err) == 1 and "stopped by SIGTERM;" in err[0], err
+    assert not run.exists()
