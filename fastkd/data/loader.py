@@ -231,6 +231,10 @@ class StreamLoader:
             num_workers=self.workers,
             collate_fn=_collate,
             pin_memory=self.pin_memory,
+            # each epoch's iterator draws the workers' base seed from this generator, not from torch's
+            # global one: streaming a dataset (or decoding it into memory) must not move the run's RNG, or
+            # the student's init and every random draw after it depend on --memory-threshold / --workers
+            generator=torch.Generator().manual_seed(0),
             **kw,
         )
 

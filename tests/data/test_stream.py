@@ -207,6 +207,22 @@ def test_workers_persist_and_match_main_process(folder):
     ld.close()
 
 
+@pytest.mark.parametrize("workers", [0, 1])
+def test_a_loader_epoch_leaves_the_global_rng_alone(folder, workers):
+    """The DataLoader drew its workers' base seed from torch's global RNG at each epoch: streaming (or
+    decoding into memory) then moved the run's random stream, and the student's init, its masks and its
+    augmentation depended on --memory-threshold / --workers."""
+    d = open_stream(str(folder), img_size=32, log=None)
+    ld = StreamLoader(d.train, workers=workers)
+    torch.manual_seed(123)
+    before = torch.get_rng_state()
+    for _epoch in range(2):
+        list(ld.epoch([torch.tensor([3, 1]), torch.tensor([0])]))
+    materialize(d.train, workers=workers)
+    assert torch.equal(torch.get_rng_state(), before)
+    ld.close()
+
+
 def test_grayscale_rgba_and_channel_choice(tmp_path):
     root = tmp_path / "g"
     _write_folder(root, gray=True)

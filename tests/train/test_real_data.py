@@ -378,3 +378,22 @@ def test_memory_and_stream_give_the_same_batches(inputs):
     for a, b in zip(outs[0], outs[1], strict=True):
         for u, v in zip(a, b, strict=True):
             assert torch.equal(u, v)
+
+
+def test_memory_or_streamed_folder_trains_the_same_student_bit_for_bit(inputs, tmp_path, capsys):
+    """Whether a folder is decoded into memory or streamed by workers is a speed choice: the same seed must
+    give the same student (the loaders used to move torch's global RNG, so the init differed)."""
+    from safetensors.torch import load_file
+
+    base = ["--data", inputs["folder"], "--workdir", str(tmp_path / "w"), *STUDENT, *COMMON, "--method", "ce"]
+    runs = {"memory": [], "stream0": ["--memory-threshold", "0", "--workers", "0"],
+            "stream1": ["--memory-threshold", "0", "--workers", "1"]}
+    weights = {}
+    for name, flags in runs.items():
+        rc, _, err = _train([*base, *flags, "--out", str(tmp_path / name)], capsys)
+        assert rc == 0, err
+        assert _summary(tmp_path / name)["loader"] == ("memory" if name == "memory" else "stream")
+        weights[name] = load_file(str(tmp_path / name / "student.safetensors"))
+    ref = weights.pop("memory")
+    for name, w in weights.items():
+        assert all(torch.equal(ref[k], w[k]) for k in ref), name
