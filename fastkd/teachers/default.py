@@ -100,3 +100,18 @@ def check_worth(teacher_top1: float, student_top1: float | None, what: str = "te
         f"student trained alone (≈{student_top1:.2f}%): distillation is unlikely to help — bring a stronger "
         "--teacher, or train the default one longer (--teacher-epochs N, a larger cap)"
     )
+
+
+def check_near_chance(teacher_top1: float, num_classes: int, source: str | None) -> str | None:
+    """One warning line when a teacher scores within 10 points of chance on the val split: it has nothing to
+    teach, and usually something is off (other weights than meant, its head's class order, its input)."""
+    chance = 100.0 / max(1, num_classes)
+    if num_classes < 2 or teacher_top1 >= chance + 10.0:
+        return None
+    name = f"the teacher {source}" if source else "the teacher"
+    return (
+        f"fastkd: warning: {name} scores {teacher_top1:.2f}% val top-1, near chance "
+        f"({chance:.2f}% for {num_classes} classes): distilling from it will not help — check its weights "
+        "and the class order of its head (folders are read in sorted order), or fine-tune it first "
+        "(--teacher-finetune N)"
+    )

@@ -15,6 +15,7 @@ import torch
 
 from fastkd.config import TrainConfig, parse_args
 from fastkd.models.checkpoints import set_verify
+from fastkd.teachers.default import check_near_chance
 from fastkd.train.distributed import init_distributed
 from fastkd.train.guard import validate
 from fastkd.train.rundir import default_out, finished_summary, prepare_run_dir, run_dir_lock
@@ -67,6 +68,12 @@ def _run_locked(cfg: TrainConfig, out: Path, dist, log) -> dict:
     trainer.resume_event = event
     if trainer.teacher_top1 is not None:
         log(f"fastkd: teacher val top-1 {trainer.teacher_top1:.2f}%")
+        # a teacher the user brought (the default one has its own check against the student alone)
+        warn = cfg.model.teacher and check_near_chance(
+            trainer.teacher_top1, trainer.data.num_classes, cfg.model.teacher
+        )
+        if warn:
+            log(warn)
     summary = trainer.fit(out)
     if not dist.main:  # ranks > 0 return {} from fit: nothing to report
         return summary

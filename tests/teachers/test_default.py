@@ -100,3 +100,13 @@ def test_weak_teacher_warns(tmp_path):
     )
     warn = [ln for ln in lines if "warning" in ln]
     assert len(warn) == 1 and "distillation is unlikely to help" in warn[0], lines
+
+
+def test_a_teacher_near_chance_is_one_warning_line():
+    from fastkd.teachers.default import check_near_chance
+
+    warn = check_near_chance(13.0, 10, "deit_tiny_patch16_224")
+    assert warn.startswith("fastkd: warning: the teacher deit_tiny_patch16_224 scores 13.00% val top-1")
+    assert "near chance (10.00% for 10 classes)" in warn and "--teacher-finetune" in warn and "\n" not in warn
+    assert check_near_chance(20.0, 10, None) is None  # 10 points above chance: no warning
+    assert check_near_chance(10.2, 1000, None) is None and check_near_chance(10.0, 1000, None) is not None

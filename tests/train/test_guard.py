@@ -615,3 +615,13 @@ def test_a_signal_before_training_stops_at_once_and_leaves_no_folder(tmp_path, c
     rc, err = _main([*TINY, *KD, "--workdir", tmp_path / "w", "--out", run], capsys)
     assert rc == 128 + signal.SIGTERM and len(err) == 1 and "stopped by SIGTERM;" in err[0], err
     assert not run.exists()
+
+
+def test_a_random_teacher_is_flagged_near_chance(tmp_path, capsys):
+    """KD's teacher here is a random-init tiny ViT: on the 10 digit classes it scores about chance (a random
+    head mostly predicts one class: 8-12 %), and the run says so in one warning line, then trains anyway."""
+    rc = train.main([str(a) for a in [*TINY, *KD, "--workdir", tmp_path / "w", "--out", tmp_path / "r"]])
+    out = capsys.readouterr().out
+    assert rc == 0
+    warn = [ln for ln in out.splitlines() if "near chance" in ln]
+    assert len(warn) == 1 and warn[0].startswith("fastkd: warning: the teacher fastkd_teacher scores"), out
