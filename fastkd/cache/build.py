@@ -278,10 +278,13 @@ def build_cache(
     if (out / MANIFEST).is_file():
         old = read_manifest(out, complete=False)
         for key in SPEC_KEYS:
-            if spec_get(old, key) != spec_get(man, key):
+            a, b = spec_get(old, key), spec_get(man, key)
+            if a != b:
+                if isinstance(a, dict) and isinstance(b, dict):  # the fields: name them, not their specs
+                    a, b = ", ".join(a) or "none", ", ".join(b) or "none"
                 raise CacheError(
-                    f"--out {out} already holds a different cache ({key}: {spec_get(old, key)!r} there, "
-                    f"{spec_get(man, key)!r} now); use another --out or delete that directory"
+                    f"--out {out} already holds a different cache ({key}: {a} there, {b} now); use another "
+                    "--out or delete that directory"
                 )
         if old.get("complete"):
             log(f"fastkd.cache: {out} is already complete ({len(shards)} shards)")

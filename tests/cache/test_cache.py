@@ -372,6 +372,18 @@ def test_max_gb_refusal_writes_nothing(env, tmp_path):
     assert not out.exists() or not any(out.iterdir())
 
 
+def test_another_cache_in_out_is_one_line_naming_the_fields(env, tmp_path):
+    out = tmp_path / "c"
+    shutil.copytree(env.top4, out)  # a kd cache (top-4 logits) is there
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    with pytest.raises(CacheError) as e:
+        build_cache(parse_args(env.args("--method", FEAT)), out, views=1, topk=4, shard_size=40, **env.quiet)
+    msg = _one_line(e)
+    assert "already holds a different cache (fields: topk_vals, topk_ids, topk_lse there, topk_vals, " \
+           "topk_ids, topk_lse, vitkd_0, vitkd_1, vitkd_last now)" in msg and "another --out" in msg, msg
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+
+
 def test_verify_reports_agreement_and_catches_a_wrong_record(env, tmp_path, capsys):
     res = verify_cache(env.topk, 24, log=lambda *a: None)
     assert res["ok"] and res["records"] == 24
