@@ -163,7 +163,8 @@ def create_model(name: str, *, num_classes: int, img_size: int, in_chans: int, *
         if img_size % ph or img_size % pw:
             raise ValueError(
                 f"img_size {img_size} is not a multiple of {name}'s patch size {ph}; "
-                f"pass patch_size={default_patch_size(img_size)} (or resize the images)"
+                f"pass patch_size={default_patch_size(img_size)} (on the command line --student-patch-size "
+                f"or --teacher-patch-size), or an --img-size that is a multiple of {ph}"
             )
     model.fastkd_arch = dict(
         name=name, num_classes=num_classes, img_size=img_size, in_chans=in_chans, overrides=overrides

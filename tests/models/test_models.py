@@ -283,7 +283,8 @@ def test_create_model_names_and_overrides():
         create_model("resnet18", num_classes=3, img_size=32, in_chans=3, embed_dim=16)
     with pytest.raises(ValueError, match="never downloads"):
         create_model("resnet18", num_classes=3, img_size=32, in_chans=3, pretrained=True)
-    with pytest.raises(ValueError, match="not a multiple of .* patch size 16"):
+    with pytest.raises(ValueError, match="not a multiple of .* patch size 16; pass patch_size=8 .*"
+                                         "--student-patch-size .*--img-size that is a multiple of 16"):
         create_model("vit_tiny_patch16_224", num_classes=3, img_size=40, in_chans=3)
     cnn = create_model("resnet18", num_classes=3, img_size=32, in_chans=1)  # img_size dropped for CNNs
     assert cnn.conv1.in_channels == 1 and "img_size" not in cnn.fastkd_arch["overrides"]
