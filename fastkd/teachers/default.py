@@ -20,12 +20,14 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 import time
 from pathlib import Path
 
 import torch
 
 from fastkd.models import save_model
+from fastkd.train import stop
 from fastkd.utils import atomic_write_json
 
 TARGET_STEPS = 2000  # optimizer steps the cap aims at (digits, 1437 images at batch 64: 87 epochs)
@@ -50,26 +52,55 @@ def fit_with_patience(trainer, out_dir: Path, *, patience: int, log=print) -> di
     """Train ``trainer`` (a plain-CE ``Trainer``) epoch by epoch, evaluating after each; keep the best
     weights; stop after ``patience`` epochs without improvement or at the cap. Writes the best weights to
     ``out_dir/student.safetensors`` and ``out_dir/fit.json`` (history, best epoch, top-1, wall time) and
-    returns that record. Deterministic for a seed and thread count (eval does not touch the RNG)."""
+    returns that record. Deterministic for a seed and thread count (eval does not touch the RNG).
+
+    Resumable: a checkpoint (the trainer's state plus the patience state: history, best epoch and weights)
+    is written after every epoch and, on SIGTERM / Ctrl-C (``fastkd.train.stop``), at the next step; the
+    next call continues from it, bit-exactly, and removes it once ``fit.json`` is written."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    ckpt = out / "checkpoint"
     cap = trainer.cfg.optim.epochs
     t0 = time.perf_counter()
-    best, best_epoch, best_state, history = -1.0, 0, None, []
+    best, best_epoch, best_state, history, wall0 = -1.0, 0, None, [], 0.0
+    start_epoch = start_step = 0
+    if (ckpt / "state.json").exists():  # an interrupted fit: continue it
+        start_epoch, start_step = trainer._load_checkpoint(ckpt)
+        p = trainer.resumed_extra["patience"]
+        best, best_epoch, best_state = p["best"], p["best_epoch"], p["best_state"]
+        history, wall0 = list(p["history"]), p["wall_s"]
+        log(f"fastkd: continuing the interrupted training in {out} at epoch {start_epoch + 1}")
+
+    def save(epoch: int, step: int) -> None:
+        wall = wall0 + time.perf_counter() - t0
+        state = dict(best=best, best_epoch=best_epoch, best_state=best_state, history=history, wall_s=wall)
+        trainer._save_checkpoint(ckpt, epoch, step, extra={"patience": state})
+
     trainer.student.train()
     trainer.loss_fn.train()
-    for epoch in range(cap):
-        trainer.epoch = epoch
-        for ids in trainer.sampler.batches(epoch):
-            trainer.step(ids, epoch)
-        trainer.check_finite()
-        top1 = trainer.evaluate_model(trainer.student)["top1"]
-        history.append(top1)
-        if top1 > best:
-            best, best_epoch = top1, epoch + 1
-            best_state = {k: v.detach().clone() for k, v in trainer.student.state_dict().items()}
-        elif epoch + 1 - best_epoch >= patience:
-            break
+    disarm = stop.arm(trainer.dist.world == 1)
+    try:
+        for epoch in range(start_epoch, cap):
+            if history and epoch - best_epoch >= patience:  # the fit had stopped before it was interrupted
+                break
+            trainer.epoch = epoch
+            first = start_step if epoch == start_epoch else 0
+            for i, ids in enumerate(trainer.sampler.batches(epoch, start_step=first), start=first):
+                trainer.step(ids, epoch)
+                if stop.requested() and i + 1 < trainer.steps_per_epoch:
+                    save(epoch, i + 1)
+                    raise stop.Stopped(stop.requested(), str(ckpt), trainer.step_idx)
+            trainer.check_finite()
+            top1 = trainer.evaluate_model(trainer.student)["top1"]
+            history.append(top1)
+            if top1 > best:
+                best, best_epoch = top1, epoch + 1
+                best_state = {k: v.detach().clone() for k, v in trainer.student.state_dict().items()}
+            save(epoch + 1, 0)
+            if stop.requested() and epoch + 1 < cap:
+                raise stop.Stopped(stop.requested(), str(ckpt), trainer.step_idx)
+    finally:
+        disarm()
     trainer.student.load_state_dict(best_state)
     save_model(trainer.student, out / "student.safetensors", trainer.model_meta())
     rec = {
@@ -79,10 +110,11 @@ def fit_with_patience(trainer, out_dir: Path, *, patience: int, log=print) -> di
         "epoch_cap": cap,
         "patience": patience,
         "history": history,
-        "wall_s": time.perf_counter() - t0,
+        "wall_s": wall0 + time.perf_counter() - t0,
         "threads": torch.get_num_threads(),
     }
     atomic_write_json(out / "fit.json", rec)
+    shutil.rmtree(ckpt, ignore_errors=True)  # done: fit.json + the best weights are the result
     return rec
 
 

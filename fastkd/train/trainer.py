@@ -426,8 +426,9 @@ class Trainer:
         }
 
     # -- checkpoints (epoch boundary) --------------------------------------------------------
-    def _save_checkpoint(self, ckpt_dir: Path, epoch: int, step_in_epoch: int) -> None:
-        """Resume point = (epoch, step within it). Only after a finite-loss check; rank 0 writes."""
+    def _save_checkpoint(self, ckpt_dir: Path, epoch: int, step_in_epoch: int, extra=None) -> None:
+        """Resume point = (epoch, step within it). Only after a finite-loss check; rank 0 writes. ``extra``: a
+        caller's own resume state (tensors, numbers, lists), handed back by ``_load_checkpoint``."""
         self.check_finite()
         if not self.dist.main:
             self._last_ckpt_step = self.step_idx
@@ -439,6 +440,7 @@ class Trainer:
             "sched": self.sched.state_dict(),
             "rng_cpu": torch.get_rng_state(),
             **({"rng_cuda": torch.cuda.get_rng_state(self.device)} if self.device.type == "cuda" else {}),
+            **({"extra": extra} if extra is not None else {}),
         }
         if not _all_finite(state):  # never save a poisoned checkpoint (e.g. an inf in the optimizer state)
             self._stop_non_finite(self.step_idx)
@@ -464,6 +466,7 @@ class Trainer:
         if "rng_cuda" in state and self.device.type == "cuda":
             torch.cuda.set_rng_state(state["rng_cuda"].cpu(), self.device)
         self.step_idx = self._last_ckpt_step = meta["step"]
+        self.resumed_extra = state.get("extra")
         if meta.get("dispatch_switched") is not None and hasattr(self._fwd, "restore"):
             self._fwd.restore = list(meta["dispatch_switched"])
         # the lr of the resumed step from this run's schedule (the same value when nothing changed; a new

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+import torch
+
 from fastkd.config import parse_args
 from fastkd.teachers import default as D
 from fastkd.train import __main__ as train
@@ -110,3 +112,55 @@ def test_a_teacher_near_chance_is_one_warning_line():
     assert "near chance (10.00% for 10 classes)" in warn and "--teacher-finetune" in warn and "\n" not in warn
     assert check_near_chance(20.0, 10, None) is None  # 10 points above chance: no warning
     assert check_near_chance(10.2, 1000, None) is None and check_near_chance(10.0, 1000, None) is not None
+
+
+def test_an_interrupted_default_teacher_continues_bit_exactly(tmp_path, capsys, monkeypatch):
+    """SIGTERM in the middle of the teacher's second epoch (of a 4-epoch cap): its fit writes a
+    checkpoint and stops with one line; the same command again continues it, and the teacher, its fit
+    record and the run equal an uninterrupted one's. Without it, a long default-teacher fit on a user's
+    data started over after any interruption."""
+    import os
+    import signal
+
+    from safetensors.torch import load_file
+
+    from fastkd.train.trainer import Trainer
+
+    argv = [*SMALL, "--teacher-epochs", "4", "--train-limit", "0"]
+
+    def teacher_dir(work):
+        (d,) = [p for p in (work / "teachers").iterdir() if p.is_dir()]
+        return d
+
+    ref = tmp_path / "ref"
+    assert train.main([*argv, "--workdir", str(ref), "--out", str(ref / "run")]) == 0
+    orig, sent = Trainer.step, []
+
+    def step(self, *a, **k):
+        out = orig(self, *a, **k)
+        if self.step_idx == 30 and not sent:  # in the teacher's fit (22 steps per epoch): epoch 2, step 8
+            sent.append(1)
+            os.kill(os.getpid(), signal.SIGTERM)
+        return out
+
+    monkeypatch.setattr(Trainer, "step", step)
+    part = tmp_path / "part"
+    rc = train.main([*argv, "--workdir", str(part), "--out", str(part / "run")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 128 + signal.SIGTERM and len(err) == 1 and "stopped by SIGTERM at step 30" in err[0], err
+    tdir = teacher_dir(part)
+    meta = json.loads((tdir / "checkpoint" / "state.json").read_text())["meta"]
+    assert (meta["epoch"], meta["step_in_epoch"]) == (1, 8) and not (tdir / "fit.json").exists()
+    assert not (part / "run").exists()  # the run itself had not started: nothing of it is left
+    monkeypatch.undo()
+    assert train.main([*argv, "--workdir", str(part), "--out", str(part / "run")]) == 0
+    assert "continuing the interrupted training" in capsys.readouterr().out
+    a, b = teacher_dir(ref), tdir
+    wa, wb = load_file(str(a / "student.safetensors")), load_file(str(b / "student.safetensors"))
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    fa, fb = (json.loads((d / "fit.json").read_text()) for d in (a, b))
+    assert {k: fa[k] for k in ("top1", "best_epoch", "history")} == {k: fb[k] for k in ("top1", "best_epoch",
+                                                                                         "history")}
+    assert not (b / "checkpoint").exists()  # removed once fit.json is written
+    sa, sb = (load_file(str(d / "run" / "student.safetensors")) for d in (ref, part))
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)
