@@ -9,6 +9,8 @@ from fastkd.cache.format import DEFAULT_MAX_GB, DEFAULT_TOPK, CacheError
 from fastkd.cache.verify import verify_cache
 from fastkd.config import build_parser, config_from_args
 from fastkd.train.guard import validate
+from fastkd.train.stop import Stopped, graceful_stop
+from fastkd.train.stop import report as stop_report
 
 _CACHE_ARGS = ("views", "logits", "topk", "feat_dtype", "max_gb", "shard_size", "cache_batch_size", "verify",
                "worker", "verify_tol")
@@ -54,24 +56,31 @@ def parse_cache_args(argv: list[str] | None = None):
 
 def main(argv: list[str] | None = None) -> int:
     try:
-        cfg, o = parse_cache_args(argv)
-        if not cfg.run.out:
-            raise CacheError("give the cache directory with --out DIR")
-        log = (lambda *a: None) if cfg.run.quiet else print
-        if not o["verify_only"]:
-            validate(cfg)  # every flag in range before the teacher runs
-            build_cache(
-                cfg, cfg.run.out, views=o["views"], logits=o["logits"], topk=o["topk"],
-                feat_dtype=o["feat_dtype"], max_gb=o["max_gb"], shard_size=o["shard_size"],
-                batch_size=o["cache_batch_size"],
-                worker=o["worker"], log=log, progress=not cfg.run.quiet,
-            )
-        if o["verify"]:
-            res = verify_cache(cfg.run.out, o["verify"], rel_tol=o["verify_tol"], log=print)
-            return 0 if res["ok"] else 1
+        with graceful_stop():  # a default teacher trained first stops at a step with its checkpoint
+            return _main(argv)
     except (ValueError, FileNotFoundError) as e:
         print(f"fastkd.cache: error: {e}", file=sys.stderr)
         return 2
+    except (Stopped, KeyboardInterrupt) as e:
+        return stop_report(e, "fastkd.cache", "run the same command to continue (finished shards are kept)")
+
+
+def _main(argv: list[str] | None) -> int:
+    cfg, o = parse_cache_args(argv)
+    if not cfg.run.out:
+        raise CacheError("give the cache directory with --out DIR")
+    log = (lambda *a: None) if cfg.run.quiet else print
+    if not o["verify_only"]:
+        validate(cfg)  # every flag in range before the teacher runs
+        build_cache(
+            cfg, cfg.run.out, views=o["views"], logits=o["logits"], topk=o["topk"],
+            feat_dtype=o["feat_dtype"], max_gb=o["max_gb"], shard_size=o["shard_size"],
+            batch_size=o["cache_batch_size"],
+            worker=o["worker"], log=log, progress=not cfg.run.quiet,
+        )
+    if o["verify"]:
+        res = verify_cache(cfg.run.out, o["verify"], rel_tol=o["verify_tol"], log=print)
+        return 0 if res["ok"] else 1
     return 0
 
 

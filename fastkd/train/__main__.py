@@ -7,7 +7,6 @@ of data fingerprint + arch + recipe, and reused by later runs (``fastkd.train.se
 
 from __future__ import annotations
 
-import signal
 import sys
 from pathlib import Path
 
@@ -21,6 +20,7 @@ from fastkd.train.guard import validate
 from fastkd.train.rundir import default_out, finished_summary, prepare_run_dir, run_dir_lock
 from fastkd.train.setup import build_trainer, finetune_summary
 from fastkd.train.stop import Stopped, graceful_stop
+from fastkd.train.stop import report as stop_report
 from fastkd.train.trainer import NonFiniteLoss
 from fastkd.utils import atomic_write_json, disk_full
 
@@ -95,15 +95,8 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError, NonFiniteLoss) as e:
         print(f"fastkd: error: {e}", file=sys.stderr)
         return 2
-    except Stopped as e:
-        print(f"fastkd: stopped by {e}; run the same command with --resume to continue from there",
-              file=sys.stderr)
-        return 128 + signal.Signals[e.signame].value
-    except KeyboardInterrupt as e:
-        name = str(e) if str(e) in signal.Signals.__members__ else "SIGINT"
-        print(f"fastkd: stopped by {name}; every file written so far is complete (atomic writes): run the "
-              "same command with --resume to continue from the last checkpoint", file=sys.stderr)
-        return 128 + signal.Signals[name].value
+    except (Stopped, KeyboardInterrupt) as e:
+        return stop_report(e, "fastkd", "run the same command with --resume to continue from its checkpoint")
     except Exception as e:  # safetensors raises its own error type on a full disk
         if not disk_full(e):
             raise

@@ -12,10 +12,11 @@ from __future__ import annotations
 
 import contextlib
 import signal
+import sys
 import threading
 from collections.abc import Iterator
 
-__all__ = ["Stopped", "arm", "graceful_stop", "requested"]
+__all__ = ["Stopped", "arm", "graceful_stop", "report", "requested"]
 
 SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
@@ -72,3 +73,15 @@ def arm(enabled: bool = True):
 def requested() -> str | None:
     """The name of the signal that asked the step loop to stop, or None."""
     return _STATE.requested
+
+
+def report(e: BaseException, prog: str, cont: str) -> int:
+    """The one stderr line for a stop (``Stopped``, or ``KeyboardInterrupt`` from a signal) and its exit code
+    (128 + the signal). ``cont``: how to continue."""
+    if isinstance(e, Stopped):
+        name, what = e.signame, f"stopped by {e}"
+    else:
+        name = str(e) if str(e) in signal.Signals.__members__ else "SIGINT"
+        what = f"stopped by {name}; every file written so far is complete (atomic writes)"
+    print(f"{prog}: {what}; {cont}", file=sys.stderr)
+    return 128 + signal.Signals[name].value

@@ -74,3 +74,20 @@ def test_cache_validates_flags_first(tmp_path, capsys, args, flag, value):
     err = _err(capsys)
     assert len(err) == 1 and flag in err[0], err
     assert not (tmp_path / "c").exists()
+
+
+@pytest.mark.parametrize("signame", ["SIGINT", "SIGTERM"])
+def test_an_interrupted_build_is_one_line_and_keeps_finished_shards(tmp_path, capsys, monkeypatch, signame):
+    """A signal during a cache build stops it at once with one line naming how to continue (the shards
+    written so far are complete: a rerun skips them); it used to end in a traceback (Ctrl-C) or silently."""
+    import signal
+
+    def build(*a, **k):
+        os.kill(os.getpid(), getattr(signal, signame))  # outside any step loop: stops at once
+
+    monkeypatch.setattr(cache_cli, "build_cache", build)
+    rc = cache_cli.main(["--method", "kd", "--teacher", "fastkd_teacher", "--quiet", "--out", str(tmp_path)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 128 + getattr(signal, signame) and len(err) == 1, err
+    assert err[0].startswith(f"fastkd.cache: stopped by {signame}; every file written so far is complete")
+    assert "run the same command to continue (finished shards are kept)" in err[0]
