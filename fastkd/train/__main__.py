@@ -7,6 +7,7 @@ of data fingerprint + arch + recipe, and reused by later runs (``fastkd.train.se
 
 from __future__ import annotations
 
+import contextlib
 import sys
 from pathlib import Path
 
@@ -49,7 +50,14 @@ def _run(cfg: TrainConfig, out: Path, dist, log) -> dict:
             f"fastkd: {dist.world} processes ({torch.distributed.get_backend()}), "
             f"global batch {cfg.optim.batch_size}"
         )
-    with run_dir_lock(out, main=dist.main):  # one process on --out at a time (rank 0 holds it)
+    with contextlib.ExitStack() as held:
+        busy = None
+        try:
+            held.enter_context(run_dir_lock(out, main=dist.main))  # one process on --out (rank 0 holds it)
+        except ValueError as e:
+            busy = e
+        if not dist.agree(busy is None):  # every rank stops when rank 0 could not take --out
+            raise busy or ValueError(f"--out {out} is in use by another fastkd process (see rank 0)")
         return _run_locked(cfg, out, dist, log)
 
 

@@ -36,6 +36,15 @@ class Dist:
         if self.world > 1 and torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
 
+    def agree(self, ok: bool) -> bool:
+        """Whether ``ok`` holds on every rank (a collective: every rank must call it)."""
+        if self.world <= 1:
+            return ok
+        nccl = torch.distributed.get_backend() == "nccl"
+        t = torch.tensor([int(ok)], device=torch.device("cuda", self.local_rank) if nccl else "cpu")
+        torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MIN)
+        return bool(t.item())
+
     def mean(self, vals: dict[str, torch.Tensor]) -> dict[str, float]:
         """Mean of each logged scalar over ranks (log steps only: this syncs)."""
         keys = sorted(vals)

@@ -145,3 +145,19 @@ def test_a_run_destroys_its_process_group_even_when_it_fails(monkeypatch):
     with pytest.raises(ValueError, match="boom"):
         train.run(cfg)
     assert destroyed == [1]
+
+
+def test_a_busy_out_stops_every_rank_with_one_line(tmp_path):
+    """Under torchrun only rank 0 takes the --out lock; the ranks agree on it first, so when another process
+    holds it every rank stops with one line (rank 1 used to die in the next barrier with a traceback)."""
+    from fastkd.train.rundir import run_dir_lock
+
+    run = tmp_path / "r"
+    with run_dir_lock(run):
+        p = _torchrun(["-m", "fastkd.train", *FLAGS, "--workdir", tmp_path / "w", "--out", run], tmp_path)
+    assert p.returncode != 0
+    lines = [ln for ln in p.stderr.splitlines() if ln.startswith("fastkd: error:")]
+    assert len(lines) == 2, p.stderr[-3000:]
+    assert all("is in use by another fastkd process" in ln for ln in lines), lines
+    assert "[rank1]" not in p.stderr and "[rank0]" not in p.stderr, p.stderr[-3000:]  # no rank traceback
+    assert not run.exists()
