@@ -36,6 +36,7 @@ from fastkd.teachers.factory import (
     default_teacher_spec,
     finetune_lr,
     finetune_spec,
+    is_pretrained,
     pretrained_teacher,
     shape_overrides,
     teacher_for_batches,
@@ -183,6 +184,11 @@ def resolve_teacher(
         # the teacher's own normalisation, derived on the device from the batches' (x_t = (x*s_s+m_s-m_t)/s_t)
         model = teacher_for_batches(cfg, full, path, norm or (full.mean, full.std),
                                     log=lambda m: log(f"fastkd: {m}"))
+    t = cfg.model.teacher
+    if t and path is None and not is_pretrained(cfg) and not os.path.exists(str(t)):
+        log(f"fastkd: --teacher {t}: a timm name without weights is randomly initialised (fastkd never "
+            "downloads); for a pretrained teacher pass --teacher-weights FILE, hf-hub:timm/<name> or "
+            "local-dir:<folder>, or a fastkd checkpoint")
     return model.to(device), str(path if path is not None and cfg.model.teacher_finetune else
                                  cfg.model.teacher or path)
 

@@ -625,3 +625,6 @@ def test_a_random_teacher_is_flagged_near_chance(tmp_path, capsys):
     assert rc == 0
     warn = [ln for ln in out.splitlines() if "near chance" in ln]
     assert len(warn) == 1 and warn[0].startswith("fastkd: warning: the teacher fastkd_teacher scores"), out
+    # ... and why: a timm name without weights is a random init (fastkd never downloads), said up front
+    assert "fastkd: --teacher fastkd_teacher: a timm name without weights is randomly initialised" in out
+    assert "--teacher-weights FILE, hf-hub:timm/<name> or local-dir:<folder>" in out
