@@ -53,7 +53,7 @@ def _run(cfg: TrainConfig, out: Path, dist, log) -> dict:
     with contextlib.ExitStack() as held:
         busy = None
         try:
-            held.enter_context(run_dir_lock(out, main=dist.main))  # one process on --out (rank 0 holds it)
+            held.enter_context(run_dir_lock(out, main=dist.main, log=log))  # one process on --out (rank 0)
         except ValueError as e:
             busy = e
         if not dist.agree(busy is None):  # every rank stops when rank 0 could not take --out

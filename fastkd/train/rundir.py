@@ -16,6 +16,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import hashlib
 import json
@@ -235,6 +236,13 @@ def _acquire(lock: Path, out: Path, wait_for: str | None, log) -> int:
                 log(f"fastkd: waiting for fastkd process {holder}, which is {wait_for} in {out}")
                 told = True
             fcntl.flock(fd, fcntl.LOCK_EX)
+        except OSError as e:  # a filesystem without locks (some network mounts): run unguarded, and say so
+            if e.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS):
+                os.close(fd)
+                raise
+            log(f"fastkd: note: {out}'s filesystem has no file locks ({e.strerror}); nothing stops a second "
+                "process from using it at the same time")
+            return fd
         try:  # the holder removes the file before it lets go: a lock on a removed file guards nothing
             if os.fstat(fd).st_ino == os.stat(lock).st_ino:
                 return fd

@@ -628,3 +628,20 @@ def test_a_random_teacher_is_flagged_near_chance(tmp_path, capsys):
     # ... and why: a timm name without weights is a random init (fastkd never downloads), said up front
     assert "fastkd: --teacher fastkd_teacher: a timm name without weights is randomly initialised" in out
     assert "--teacher-weights FILE, hf-hub:timm/<name> or local-dir:<folder>" in out
+
+
+def test_a_filesystem_without_locks_runs_unguarded_with_one_note(tmp_path, capsys, monkeypatch):
+    import errno
+
+    from fastkd.train import rundir
+
+    def no_locks(fd, op):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(rundir.fcntl, "flock", no_locks)
+    run = tmp_path / "r"
+    rc = train.main([str(a) for a in [*TINY, *KD, "--workdir", tmp_path / "w", "--out", run]])
+    out = capsys.readouterr().out
+    assert rc == 0 and (run / "summary.json").is_file()
+    assert f"fastkd: note: {run}'s filesystem has no file locks (No locks available)" in out, out
+    assert not (run / rundir.LOCK).exists()
