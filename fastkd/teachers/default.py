@@ -89,7 +89,7 @@ def fit_with_patience(trainer, out_dir: Path, *, patience: int, log=print) -> di
                 trainer.step(ids, epoch)
                 if stop.requested() and i + 1 < trainer.steps_per_epoch:
                     save(epoch, i + 1)
-                    raise stop.Stopped(stop.requested(), str(ckpt), trainer.step_idx)
+                    stop.halt(ckpt, trainer.step_idx)
             trainer.check_finite()
             top1 = trainer.evaluate_model(trainer.student)["top1"]
             history.append(top1)
@@ -98,7 +98,7 @@ def fit_with_patience(trainer, out_dir: Path, *, patience: int, log=print) -> di
                 best_state = {k: v.detach().clone() for k, v in trainer.student.state_dict().items()}
             save(epoch + 1, 0)
             if stop.requested() and epoch + 1 < cap:
-                raise stop.Stopped(stop.requested(), str(ckpt), trainer.step_idx)
+                stop.halt(ckpt, trainer.step_idx)
     finally:
         disarm()
     trainer.student.load_state_dict(best_state)

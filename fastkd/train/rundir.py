@@ -161,9 +161,14 @@ def record_non_finite(ckpt_dir: Path, cfg: TrainConfig, step: int, checkpoint_st
     )
 
 
+def _checkpoint_meta(out: Path) -> dict:
+    """The meta of the checkpoint in ``out`` ({} without one): epoch, step_in_epoch, step, world."""
+    return (_read(Path(out) / "checkpoint" / "state.json") or {}).get("meta") or {}
+
+
 def _checkpoint_epoch(out: Path) -> int | None:
     """The epochs the checkpoint in ``out`` has completed (a mid-epoch one counts its partial epoch)."""
-    meta = (_read(Path(out) / "checkpoint" / "state.json") or {}).get("meta") or {}
+    meta = _checkpoint_meta(out)
     if "epoch" not in meta:
         return None
     return int(meta["epoch"]) + (1 if meta.get("step_in_epoch") else 0)
@@ -175,7 +180,7 @@ def finished_summary(cfg: TrainConfig, out: Path) -> dict | None:
     out = Path(out)
     if not cfg.run.resume:
         return None
-    meta = (_read(out / "checkpoint" / "state.json") or {}).get("meta") or {}
+    meta = _checkpoint_meta(out)
     summary = _read(out / "summary.json")
     if summary is None or meta.get("epoch") != cfg.optim.epochs or meta.get("step_in_epoch"):
         return None

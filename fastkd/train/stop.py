@@ -16,7 +16,7 @@ import sys
 import threading
 from collections.abc import Iterator
 
-__all__ = ["Stopped", "arm", "graceful_stop", "report", "requested"]
+__all__ = ["Stopped", "arm", "graceful_stop", "halt", "report", "requested"]
 
 SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
@@ -24,7 +24,7 @@ SIGNALS = (signal.SIGTERM, signal.SIGINT)
 class Stopped(BaseException):  # not an Exception: no broad ``except Exception`` on the way may swallow it
     def __init__(self, signame: str, where: str, step: int):
         super().__init__(f"{signame} at step {step}: checkpoint written in {where}")
-        self.signame, self.where, self.step = signame, where, step
+        self.signame = signame
 
 
 class _State:
@@ -73,6 +73,12 @@ def arm(enabled: bool = True):
 def requested() -> str | None:
     """The name of the signal that asked the step loop to stop, or None."""
     return _STATE.requested
+
+
+def halt(where, step: int):
+    """Raise ``Stopped`` for the signal that asked to stop, the checkpoint just written in ``where`` at
+    ``step``."""
+    raise Stopped(_STATE.requested, str(where), step)
 
 
 def report(e: BaseException, prog: str, cont: str) -> int:

@@ -330,15 +330,13 @@ class Trainer:
                         bar.set_postfix(loss=f"{rec['loss']:.4f}")
                         if self.step_idx == 1 and main and not cfg.run.quiet and self._calibrated():
                             bar.write(f"fastkd: --fused, calibrated at step 1 → {KF.describe(self.device)}")
+                    stopping = stop.requested() is not None  # SIGTERM / Ctrl-C: a checkpoint here, then stop
                     if (
-                        cfg.run.ckpt_every
-                        and self.step_idx % cfg.run.ckpt_every == 0
-                        and i + 1 < self.steps_per_epoch
-                    ):
+                        stopping or (cfg.run.ckpt_every and self.step_idx % cfg.run.ckpt_every == 0)
+                    ) and i + 1 < self.steps_per_epoch:
                         self._save_checkpoint(ckpt_dir, epoch, i + 1)
-                    if stop.requested() and i + 1 < self.steps_per_epoch:
-                        self._save_checkpoint(ckpt_dir, epoch, i + 1)
-                        raise stop.Stopped(stop.requested(), str(ckpt_dir), self.step_idx)
+                        if stopping:
+                            stop.halt(ckpt_dir, self.step_idx)
                 last = epoch + 1 == cfg.optim.epochs
                 if last or (cfg.run.eval_every and (epoch + 1) % cfg.run.eval_every == 0):
                     last_eval = self.evaluate_model(self.student)  # sharded over the ranks, reduced
@@ -357,7 +355,7 @@ class Trainer:
                     self.dist.barrier()
                 self._save_checkpoint(ckpt_dir, epoch + 1, 0)
                 if stop.requested() and not last:
-                    raise stop.Stopped(stop.requested(), str(ckpt_dir), self.step_idx)
+                    stop.halt(ckpt_dir, self.step_idx)
         finally:
             disarm()
             if mf:
