@@ -42,6 +42,7 @@ from fastkd.methods.registry import build_loss, needs_teacher
 from fastkd.models import ModelInfo, model_info
 from fastkd.teachers.factory import teacher_identity
 from fastkd.teachers.online import OnlineTeacher
+from fastkd.train.rundir import run_dir_lock
 from fastkd.train.setup import (
     build_aug,
     build_data,
@@ -196,8 +197,21 @@ def build_cache(
     stop_after: raise after writing that many shards (simulates a killed build; tests).
     Returns the manifest (complete, or not yet when other workers are still building) plus
     ``built``/``skipped`` lists of this call's shard names.
+
+    One build per worker slot: a second build on the same ``out`` and worker ``i`` stops with one line
+    (``ValueError``) instead of building the same shards beside it; other slots build alongside.
     """
-    out = Path(out)
+    out, (wi, wn) = Path(out), worker
+    if not (wn >= 1 and 0 <= wi < wn):
+        raise CacheError(f"--worker {wi}/{wn}: use i/n with 0 <= i < n")
+    busy = f"wait for it, or build other shards alongside it with --worker j/{max(wn, 2)}"
+    with run_dir_lock(out, name=f".fastkd.worker{wi}.lock", busy=busy):
+        return _build(cfg, out, views, logits, topk, feat_dtype, max_gb, shard_size, batch_size, worker, log,
+                      progress, stop_after)
+
+
+def _build(cfg, out: Path, views, logits, topk, feat_dtype, max_gb, shard_size, batch_size, worker, log,
+           progress, stop_after) -> dict:
     if views < 1:
         raise CacheError(f"--views {views}: use at least 1 view")
     if logits not in ("topk", "dense"):
@@ -205,8 +219,6 @@ def build_cache(
     if feat_dtype not in ("float16", "float32"):
         raise CacheError(f"--feat-dtype {feat_dtype!r}: use 'float16' or 'float32'")
     wi, wn = worker
-    if not (wn >= 1 and 0 <= wi < wn):
-        raise CacheError(f"--worker {wi}/{wn}: use i/n with 0 <= i < n")
     if not needs_teacher(cfg.method.method):
         raise CacheError(
             f"--method {cfg.method.method} needs no teacher, so there is nothing to cache; "

@@ -89,8 +89,10 @@ REPORT_TERMS = report_terms()
 
 
 def write_report(
-    path: Path, history: list[dict], evals: list[dict], title: str = "", teacher_top1: float | None = None
+    path: Path, history: list[dict], evals: list[dict], title: str = "", teacher_top1: float | None = None,
+    resumed_at: list[int] = (),
 ) -> None:
+    """Loss curves and val top-1; ``resumed_at``: the steps where the run was resumed (dotted lines)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -102,6 +104,8 @@ def write_report(
         keys = [k for k in REPORT_TERMS if k in history[0]]
         for k in keys:
             a1.plot(steps, [r.get(k, float("nan")) for r in history], label=k, lw=2 if k == "loss" else 1)
+        for i, st in enumerate(resumed_at):
+            a1.axvline(st, color="gray", ls=":", lw=1, label="resumed" if i == 0 else None)
         a1.set_yscale("log")
         a1.set_xlabel("step")
         a1.set_title("training loss (named parts)")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 from dataclasses import dataclass
 
 import torch
@@ -40,10 +41,22 @@ class Dist:
         """Whether ``ok`` holds on every rank (a collective: every rank must call it)."""
         if self.world <= 1:
             return ok
+        return bool(self._reduce(int(ok), torch.distributed.ReduceOp.MIN))
+
+    def any_signal(self, name: str | None) -> str | None:
+        """The signal that asked any rank to stop (``name``: this rank's, or None), or None when none did. A
+        collective, called where every rank is at the same step (log steps, epoch ends), so all ranks stop
+        there together: torchrun forwards a SIGTERM to every rank, a ``kill`` may reach one."""
+        if self.world <= 1:
+            return name
+        num = self._reduce(signal.Signals[name].value if name else 0, torch.distributed.ReduceOp.MAX)
+        return signal.Signals(num).name if num else None
+
+    def _reduce(self, value: int, op) -> int:
         nccl = torch.distributed.get_backend() == "nccl"
-        t = torch.tensor([int(ok)], device=torch.device("cuda", self.local_rank) if nccl else "cpu")
-        torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MIN)
-        return bool(t.item())
+        t = torch.tensor([value], device=torch.device("cuda", self.local_rank) if nccl else "cpu")
+        torch.distributed.all_reduce(t, op=op)
+        return int(t.item())  # a host read: only at the points above, never per step
 
     def mean(self, vals: dict[str, torch.Tensor]) -> dict[str, float]:
         """Mean of each logged scalar over ranks (log steps only: this syncs)."""

@@ -31,7 +31,7 @@ from fastkd.utils import atomic_write_json
 
 __all__ = [
     "LOCK", "NON_FINITE", "RUN_FILES", "data_tag", "default_out", "finished_summary", "prepare_run_dir",
-    "run_dir_lock", "write_config",
+    "resume_steps", "run_dir_lock", "write_config",
 ]
 
 RUN_FILES = (
@@ -130,6 +130,8 @@ def prepare_run_dir(cfg: TrainConfig, out: Path, *, main: bool = True, log=print
             f"give --epochs {done} or more to continue it, or start a new run with another --out"
         )
     event = {"event": "resume", "changed": {k: [old[k], new[k]] for k in ok if k not in ("resume",)}}
+    if _checkpoint_meta(out).get("step") is not None:
+        event["step"] = _checkpoint_meta(out)["step"]  # where it continues (report.png marks it)
     if bad_stop is not None:
         event["after_non_finite_step"] = bad_stop.get("step")
     return event
@@ -145,6 +147,12 @@ def write_config(out: Path, cfg: TrainConfig, event: dict | None = None) -> None
     if history:
         doc["history"] = history
     atomic_write_json(Path(out) / "config.json", doc)
+
+
+def resume_steps(out: Path) -> list[int]:
+    """The steps at which the run in ``out`` was resumed (config.json's history), in order."""
+    history = (_read(Path(out) / "config.json") or {}).get("history", [])
+    return [e["step"] for e in history if e.get("event") == "resume" and e.get("step") is not None]
 
 
 def record_non_finite(ckpt_dir: Path, cfg: TrainConfig, step: int, checkpoint_step: int | None) -> None:
@@ -190,22 +198,26 @@ def finished_summary(cfg: TrainConfig, out: Path) -> dict | None:
 
 
 @contextlib.contextmanager
-def run_dir_lock(out: Path, main: bool = True, *, wait_for: str | None = None, log=print) -> Iterator[None]:
+def run_dir_lock(
+    out: Path, main: bool = True, *, wait_for: str | None = None, log=print, name: str = LOCK,
+    busy: str = "wait for it to end (then --resume it if it stopped early), or pick another --out",
+) -> Iterator[None]:
     """Hold an exclusive lock on folder ``out`` while this process uses it (rank 0; other ranks share rank
     0's): ``flock`` on ``out/.fastkd.lock``, which holds the pid and is removed again at the end. When another
     process holds it: one line naming the holder (``ValueError``), or, with ``wait_for`` (what the holder is
     doing there, e.g. training the default teacher that this run will then reuse), one line saying so and a
     wait until it is done. A folder this call made and that ends up empty (the run stopped on bad input
-    before writing) is removed again."""
+    before writing) is removed again. ``name``: the lock file (a cache build locks per worker); ``busy``:
+    what the one line tells the user to do."""
     out = Path(out)
     if not main or (out.exists() and not out.is_dir()):  # prepare_run_dir names a file --out
         yield
         return
     made = not out.exists()
-    lock = out / LOCK
+    lock = out / name
     try:
         out.mkdir(parents=True, exist_ok=True)
-        fd = _acquire(lock, out, wait_for, log)
+        fd = _acquire(lock, out, wait_for, log, busy)
     except PermissionError:
         if wait_for is None:
             raise
@@ -223,7 +235,7 @@ def run_dir_lock(out: Path, main: bool = True, *, wait_for: str | None = None, l
                 out.rmdir()  # only if empty
 
 
-def _acquire(lock: Path, out: Path, wait_for: str | None, log) -> int:
+def _acquire(lock: Path, out: Path, wait_for: str | None, log, busy: str) -> int:
     told = False
     while True:
         fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
@@ -233,10 +245,8 @@ def _acquire(lock: Path, out: Path, wait_for: str | None, log) -> int:
             holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "?"
             if wait_for is None:
                 os.close(fd)
-                raise ValueError(
-                    f"--out {out} is in use by another fastkd process (pid {holder}); wait for it to end "
-                    "(then --resume it if it stopped early), or pick another --out"
-                ) from None
+                msg = f"--out {out} is in use by another fastkd process (pid {holder}); {busy}"
+                raise ValueError(msg) from None
             if not told:
                 log(f"fastkd: waiting for fastkd process {holder}, which is {wait_for} in {out}")
                 told = True

@@ -1,11 +1,13 @@
 """Stopping a run cleanly on SIGTERM (a scheduler's preemption, ``kill``) or Ctrl-C.
 
-The first signal during the training steps of a single-process run asks the step loop to stop: it writes a
-checkpoint at the next step boundary (bit-exact to resume, as ``--ckpt-every``'s) and raises ``Stopped``,
-which ``python -m fastkd.train`` turns into one line and exit code 128 + the signal. A second signal, one
-outside the step loop (data loading, building the teacher), or one under DDP (the ranks could not agree on
-the step) stops at once: ``KeyboardInterrupt``, and the last complete checkpoint is what is kept (every
-write is atomic). The loop only reads a Python flag: no host sync.
+The first signal during the training steps asks the step loop to stop: it writes a checkpoint at a step
+boundary (bit-exact to resume, as ``--ckpt-every``'s) and raises ``Stopped``, which ``python -m
+fastkd.train`` turns into one line and exit code 128 + the signal. A single process stops at the next step:
+the loop only reads a Python flag, no host sync. Under torchrun the ranks must stop at the same step, so they
+agree at the next log step (``--log-every``) or epoch end, where they already meet (``Dist.any_signal``); a
+signal that reached one rank stops them all. A second signal, or one outside the step loop (data loading,
+building the teacher), stops at once: ``KeyboardInterrupt``, and the last complete checkpoint is what is
+kept (every write is atomic).
 """
 
 from __future__ import annotations
@@ -60,7 +62,7 @@ def graceful_stop() -> Iterator[None]:
 
 
 def arm(enabled: bool = True):
-    """Mark a step loop that polls ``requested()`` (``enabled``: single process); returns its disarm."""
+    """Mark a step loop that polls ``requested()`` (``enabled``: it does); returns its disarm."""
     n = int(enabled)
     _STATE.armed += n
 
@@ -75,10 +77,10 @@ def requested() -> str | None:
     return _STATE.requested
 
 
-def halt(where, step: int):
-    """Raise ``Stopped`` for the signal that asked to stop, the checkpoint just written in ``where`` at
-    ``step``."""
-    raise Stopped(_STATE.requested, str(where), step)
+def halt(where, step: int, signame: str | None = None):
+    """Raise ``Stopped`` for the signal that asked to stop (``signame``: the one the ranks agreed on, which
+    may have reached another rank), the checkpoint just written in ``where`` at ``step``."""
+    raise Stopped(signame or _STATE.requested, str(where), step)
 
 
 def report(e: BaseException, prog: str, cont: str) -> int:

@@ -44,7 +44,7 @@ from fastkd.train.distributed import Dist
 from fastkd.train.evaluate import evaluate
 from fastkd.train.finite import all_finite as _all_finite
 from fastkd.train.finite import total_norm as _total_norm
-from fastkd.train.rundir import NON_FINITE, record_non_finite, write_config
+from fastkd.train.rundir import NON_FINITE, record_non_finite, resume_steps, write_config
 from fastkd.utils import atomic_write_json, load_state, save_state
 
 __all__ = ["NonFiniteLoss", "Trainer", "evaluate"]
@@ -304,7 +304,7 @@ class Trainer:
             leave=False,
         )
         mf = open(metrics_path, "a") if main else None
-        disarm = stop.arm(self.dist.world == 1)  # SIGTERM / Ctrl-C: checkpoint at the next step, then stop
+        disarm = stop.arm()  # SIGTERM / Ctrl-C: a checkpoint at a step boundary, then stop (train.stop)
         try:
             for epoch in range(start_epoch, cfg.optim.epochs):
                 self.epoch = epoch
@@ -319,7 +319,8 @@ class Trainer:
                     terms = self.step(ids, epoch, tel)
                     tel.timer.step_done(len(ids) * self.dist.world)
                     bar.update(1)
-                    if self.step_idx % cfg.run.log_every == 0 or self.step_idx == 1:
+                    log_step = self.step_idx % cfg.run.log_every == 0 or self.step_idx == 1
+                    if log_step:
                         self.check_finite()  # log step: host sync allowed
                         rec = self.dist.mean({k: v.detach().float() for k, v in terms.items()})
                         rec.update(step=self.step_idx, epoch=epoch, lr=self.sched.get_last_lr()[0])
@@ -330,13 +331,13 @@ class Trainer:
                         bar.set_postfix(loss=f"{rec['loss']:.4f}")
                         if self.step_idx == 1 and main and not cfg.run.quiet and self._calibrated():
                             bar.write(f"fastkd: --fused, calibrated at step 1 → {KF.describe(self.device)}")
-                    stopping = stop.requested() is not None  # SIGTERM / Ctrl-C: a checkpoint here, then stop
+                    stopping = self._stop_signal(log_step)  # a checkpoint here, then stop
                     if (
                         stopping or (cfg.run.ckpt_every and self.step_idx % cfg.run.ckpt_every == 0)
                     ) and i + 1 < self.steps_per_epoch:
                         self._save_checkpoint(ckpt_dir, epoch, i + 1)
                         if stopping:
-                            stop.halt(ckpt_dir, self.step_idx)
+                            stop.halt(ckpt_dir, self.step_idx, stopping)
                 last = epoch + 1 == cfg.optim.epochs
                 if last or (cfg.run.eval_every and (epoch + 1) % cfg.run.eval_every == 0):
                     last_eval = self.evaluate_model(self.student)  # sharded over the ranks, reduced
@@ -354,8 +355,9 @@ class Trainer:
                             )
                     self.dist.barrier()
                 self._save_checkpoint(ckpt_dir, epoch + 1, 0)
-                if stop.requested() and not last:
-                    stop.halt(ckpt_dir, self.step_idx)
+                stopping = self._stop_signal(not last)
+                if stopping and not last:
+                    stop.halt(ckpt_dir, self.step_idx, stopping)
         finally:
             disarm()
             if mf:
@@ -406,6 +408,7 @@ class Trainer:
             evals,
             title=f"{cfg.method.method} — {self.data.name}",
             teacher_top1=self.teacher_top1,
+            resumed_at=resume_steps(out),
         )
         return summary
 
@@ -424,6 +427,13 @@ class Trainer:
         }
 
     # -- checkpoints (epoch boundary) --------------------------------------------------------
+    def _stop_signal(self, meet: bool) -> str | None:
+        """The signal that asked the run to stop here, or None: one process at any step (a Python flag);
+        torchrun ranks where they ``meet`` (log steps, epoch ends) and agree, so all stop at one step."""
+        if self.dist.world == 1:
+            return stop.requested()
+        return self.dist.any_signal(stop.requested()) if meet else None
+
     def _save_checkpoint(self, ckpt_dir: Path, epoch: int, step_in_epoch: int, extra=None) -> None:
         """Resume point = (epoch, step within it). Only after a finite-loss check; rank 0 writes. ``extra``: a
         caller's own resume state (tensors, numbers, lists), handed back by ``_load_checkpoint``."""

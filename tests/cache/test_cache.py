@@ -420,3 +420,25 @@ def test_train_from_cache_runs_no_teacher_and_prefetches(env, tmp_path, monkeypa
     assert s["teacher_top1"] == json.loads((env.topk / "manifest.json").read_text())["teacher"]["top1"]
     assert tr.teacher.calls == tr.step_idx == 9 and tr.teacher.prefetched == 9  # every batch came prefetched
     assert 0 <= s["teacher_share"] < 1
+
+
+def test_a_second_build_of_the_same_worker_slot_is_one_line_and_other_slots_build(env, tmp_path):
+    """Two `fastkd.cache` builds on one --out and the same --worker slot used to build the same shards side
+    by side (consistent, atomic, but all the work twice). The slot is locked now: the second build stops
+    with one line naming the holder's pid, writes nothing, and another slot builds alongside."""
+    from fastkd.train.rundir import run_dir_lock
+
+    out = tmp_path / "c"
+    cfg = parse_args(env.args("--method", "kd"))
+    with run_dir_lock(out, name=".fastkd.worker0.lock"):  # another build holds slot 0
+        with pytest.raises(ValueError) as e:
+            build_cache(cfg, out, views=1, topk=4, shard_size=40, **env.quiet)
+        msg = _one_line(e)
+        assert f"(pid {os.getpid()})" in msg and "--worker j/2" in msg, msg
+        assert sorted(p.name for p in out.iterdir()) == [".fastkd.worker0.lock"]  # nothing written
+        res = build_cache(cfg, out, views=1, topk=4, shard_size=40, worker=(1, 2), **env.quiet)
+        assert res["built"] == ["v0000-s000001"] and not res["complete"]
+    assert not (out / ".fastkd.worker1.lock").exists()  # each build lets go of its slot
+    res = build_cache(cfg, out, views=1, topk=4, shard_size=40, worker=(0, 2), **env.quiet)
+    assert res["complete"] and res["built"] == ["v0000-s000000", "v0000-s000002"]
+    assert not [p for p in out.iterdir() if p.name.endswith(".lock")]

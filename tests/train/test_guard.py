@@ -587,10 +587,21 @@ def test_sigterm_checkpoints_at_the_next_step_and_the_resume_is_bit_exact(tmp_pa
     assert (meta["epoch"], meta["step_in_epoch"], meta["step"]) == (1, 2, 6)
     assert signal.getsignal(signal.SIGTERM) is before  # the run's handlers are gone with it
     monkeypatch.undo()
+    from fastkd.train import trainer as tr
+
+    drawn, write_report = [], tr.write_report
+
+    def draw(*a, **k):
+        drawn.append(k["resumed_at"])
+        return write_report(*a, **k)
+
+    monkeypatch.setattr(tr, "write_report", draw)
     rc, err = _main(["--resume", "--out", part], capsys)
     assert rc == 0, err
     wa, wb = load_file(str(full / "student.safetensors")), load_file(str(part / "student.safetensors"))
     assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+    history = json.loads((part / "config.json").read_text())["history"]
+    assert [e["step"] for e in history] == [6] and drawn == [[6]]  # report.png marks where it resumed
 
 
 def test_a_second_ctrl_c_stops_at_once_keeping_the_last_complete_checkpoint(tmp_path, capsys, monkeypatch):

@@ -162,3 +162,47 @@ def test_a_busy_out_stops_every_rank_with_one_line(tmp_path):
     assert p.stderr.count("is in use by another fastkd process") == 2, p.stderr[-3000:]
     assert "[rank1]" not in p.stderr and "[rank0]" not in p.stderr, p.stderr[-3000:]  # no rank traceback
     assert not run.exists()
+
+
+SIGTERM_RANK1_AT_5 = """
+import os, signal, sys
+from fastkd.train import __main__ as train
+from fastkd.train.trainer import Trainer
+orig = Trainer.step
+def step(self, *a, **k):
+    out = orig(self, *a, **k)
+    if self.dist.rank == 1 and self.step_idx == 5:
+        os.kill(os.getpid(), signal.SIGTERM)  # one rank only (a kill of one pid), between two log steps
+    return out
+Trainer.step = step
+sys.exit(train.main(sys.argv[1:]))
+"""
+
+
+def test_a_sigterm_to_one_rank_stops_every_rank_at_the_next_log_step_with_a_checkpoint(tmp_path):
+    """Under torchrun a signal used to stop its rank at once, with a traceback, and leave the others stuck in
+    the next collective. Now the ranks agree at the next log step: all of them stop there with a
+    checkpoint, one line each, rc 128 + SIGTERM; the resume under torchrun ends where an uninterrupted
+    2-process run ends, bit for bit."""
+    flags = [*FLAGS, "--epochs", "2", "--log-every", "2", "--ckpt-every", "0"]  # 4 steps per epoch
+    full = tmp_path / "full"
+    p = _torchrun(["-m", "fastkd.train", *flags, "--workdir", tmp_path / "w", "--out", full], tmp_path)
+    assert p.returncode == 0, p.stderr[-3000:]
+    script = tmp_path / "term.py"
+    script.write_text(SIGTERM_RANK1_AT_5)
+    run = tmp_path / "r"
+    p = _torchrun([script, *flags, "--workdir", tmp_path / "w", "--out", run], tmp_path)
+    assert p.returncode != 0
+    # counted, not split by line: the two ranks share stderr
+    line = "fastkd: stopped by SIGTERM at step 6: checkpoint written in"
+    assert p.stderr.count(line) == 2, p.stderr[-3000:]
+    assert "[rank1]" not in p.stderr and "[rank0]" not in p.stderr, p.stderr[-3000:]  # no rank traceback
+    assert p.stderr.count("exitcode  : 143") == 2, p.stderr[-3000:]  # torchrun's report: 128 + SIGTERM each
+    meta = json.loads((run / "checkpoint" / "state.json").read_text())["meta"]
+    assert (meta["epoch"], meta["step_in_epoch"], meta["step"], meta["world"]) == (1, 2, 6, 2)
+    assert _steps(run) == [1, 2, 4, 6]
+    p = _torchrun(["-m", "fastkd.train", "--resume", "--out", run], tmp_path)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert _steps(run) == _steps(full) == [1, 2, 4, 6, 8]
+    wa, wb = _weights(full), _weights(run)
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
