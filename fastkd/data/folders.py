@@ -217,10 +217,18 @@ class FolderSource(_Source):
         if classes is not None and list(classes) != found:
             only_here = sorted(set(found) - set(classes))
             only_there = sorted(set(classes) - set(found))
-            raise ValueError(
-                f"--data {spec}: class folders of {split_dir} differ from train/ (only here: {only_here}; "
-                f"missing here: {only_there}); give both splits the same class subfolders"
-            )
+            if only_here:  # a class the model is never trained on: its labels have no index
+                raise ValueError(
+                    f"--data {spec}: class folders of {split_dir} differ from train/ (only here: "
+                    f"{only_here}; missing here: {only_there}); give both splits the same class subfolders"
+                )
+            # a split without some of train/'s classes (a rare class with no val image): labels by name
+            index = {c: i for i, c in enumerate(classes)}
+            labels = [index[found[lab]] for lab in labels]
+            found = list(classes)
+            listed = ", ".join(only_there[:5]) + (", …" if len(only_there) > 5 else "")
+            _notice(f"note: {split_dir} has no folder for {len(only_there)} of train/'s {len(classes)} "
+                    f"classes ({listed}): they are trained but not evaluated; labels follow train/'s order")
         self.classes = found
         self._keys = _Strings(keys)
         self.labels = torch.tensor(labels, dtype=torch.int64)

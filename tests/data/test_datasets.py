@@ -1,5 +1,7 @@
 """Datasets (digits, .npz, ImageFolder), their validation errors, and the deterministic EpochSampler."""
 
+import shutil
+
 import numpy as np
 import pytest
 import torch
@@ -221,6 +223,22 @@ def test_imagefolder_grayscale_with_resize(tmp_path, capsys):
     assert d.x_train[:, 0, 0, 0].tolist() == [10, 20, 30, 40]
     assert bool((d.x_train[3] == 40).all()) and d.x_val[:, 0, 0, 0].tolist() == [50, 60]
     assert d.fingerprint == load_data(str(tmp_path / "pets")).fingerprint
+
+
+@pytest.mark.parametrize("memory", [True, False], ids=["memory", "streamed"])
+def test_a_val_split_without_some_classes_keeps_train_s_labels(tmp_path, capsys, memory):
+    """A real dataset whose rare class has no val image (val/ lacks its folder) used to be refused. It loads
+    now, with one note, and val labels by class name in train/'s order: a val "eel" image is label 2, not
+    the 1 that a scan of val/ alone would give it (the silent label shift of a per-split ImageFolder)."""
+    root = _folder(tmp_path / "pets")
+    _png(root / "train" / "eel" / "0.png", 70)
+    _png(root / "val" / "eel" / "c.png", 80)
+    shutil.rmtree(root / "val" / "dog")
+    d = load_data(str(root), memory_threshold=None if memory else 0)
+    err = capsys.readouterr().err
+    assert "has no folder for 1 of train/'s 3 classes (dog): they are trained but not evaluated" in err, err
+    assert d.class_names == ["cat", "dog", "eel"] and d.num_classes == 3
+    assert (d.stream is None) == memory and d.y_val.tolist() == [0, 2]
 
 
 def test_imagefolder_rgb_when_any_image_is_colour(tmp_path):
