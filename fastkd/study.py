@@ -56,6 +56,7 @@ from fastkd.study_report import (  # noqa: F401  (re-exported: the study's stati
     write_chart,
 )
 from fastkd.train.artifacts import repro_info
+from fastkd.train.rundir import run_dir_lock
 from fastkd.train.setup import (
     DISTILLED_BASE,
     build_data,
@@ -63,6 +64,8 @@ from fastkd.train.setup import (
     ensure_default_teacher,
     student_arch,
 )
+from fastkd.train.stop import Stopped, graceful_stop
+from fastkd.train.stop import report as stop_report
 from fastkd.utils import atomic_write_json, atomic_write_text
 
 DEFAULT_METHODS = ("plain", "kd", "nkd", "vitkd", "vitkd+nkd", "clskd", "deit", "cskd+deit")
@@ -454,10 +457,15 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads > 0:
         torch.set_num_threads(args.threads)
     try:
-        Study(args).run()
+        # SIGTERM / Ctrl-C: the run in progress checkpoints at its next step; rerunning resumes it
+        with graceful_stop(), run_dir_lock(Path(args.out), busy="wait for it to end, or pick another --out"):
+            Study(args).run()
     except (ValueError, FileNotFoundError) as e:
         print(f"fastkd.study: error: {e}", file=sys.stderr)
         return 2
+    except (Stopped, KeyboardInterrupt) as e:
+        return stop_report(e, "fastkd.study", "run the same command to continue (finished runs are kept, the "
+                           "interrupted one resumes from its checkpoint)")
     finally:
         torch.set_num_threads(threads)
     return 0

@@ -7,7 +7,7 @@ the loop only reads a Python flag, no host sync. Under torchrun the ranks must s
 agree at the next log step (``--log-every``) or epoch end, where they already meet (``Dist.any_signal``); a
 signal that reached one rank stops them all. A second signal, or one outside the step loop (data loading,
 building the teacher), stops at once: ``KeyboardInterrupt``, and the last complete checkpoint is what is
-kept (every write is atomic).
+kept (every write is atomic). ``fastkd.cache`` and ``fastkd.study`` install the same handlers.
 """
 
 from __future__ import annotations
@@ -32,6 +32,7 @@ class Stopped(BaseException):  # not an Exception: no broad ``except Exception``
 class _State:
     requested: str | None = None
     armed: int = 0  # > 0 inside a step loop that checks ``requested()``
+    installed: int = 0  # nesting depth of ``graceful_stop`` (a study's runs inside it)
 
 
 _STATE = _State()
@@ -39,23 +40,28 @@ _STATE = _State()
 
 def _handler(signum, frame) -> None:
     name = signal.Signals(signum).name
-    if _STATE.requested is None and _STATE.armed:
-        _STATE.requested = name  # the step loop saves and stops at the next step boundary
-        return
+    first = _STATE.requested is None
+    _STATE.requested = _STATE.requested or name
+    if first and _STATE.armed:
+        return  # the step loop saves and stops at the next step boundary
+    # at once; recorded above too, because Python drops an exception raised while it runs a weakref
+    # callback or a __del__ ("Exception ignored in …"; seen once in a study): the next step loop then stops
     raise KeyboardInterrupt(name)
 
 
 @contextlib.contextmanager
 def graceful_stop() -> Iterator[None]:
     """Install the handlers for the duration of a run (main thread only; elsewhere a no-op)."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
+    if threading.current_thread() is not threading.main_thread() or _STATE.installed:
+        yield  # another thread, or inside an outer graceful_stop (whose request must survive this one)
         return
     old = {s: signal.signal(s, _handler) for s in SIGNALS}
     _STATE.requested = None
+    _STATE.installed += 1
     try:
         yield
     finally:
+        _STATE.installed -= 1
         for s, h in old.items():
             signal.signal(s, h)
         _STATE.requested = None

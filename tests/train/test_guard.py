@@ -615,6 +615,32 @@ def test_a_second_ctrl_c_stops_at_once_keeping_the_last_complete_checkpoint(tmp_
     assert not [p for p in run.rglob("*") if p.name.endswith(".tmp")]
 
 
+def test_a_dropped_interrupt_is_still_honoured_and_nesting_keeps_the_outer_request():
+    """Outside a step loop a signal raises KeyboardInterrupt at once. Python drops an exception raised while
+    it runs a weakref callback or a ``__del__`` (seen once in a study: the Ctrl-C vanished and it went on), so
+    the request is recorded too, and the next step loop stops at its first step. A ``graceful_stop`` inside
+    another (a study's runs) neither reinstalls the handlers nor forgets the outer request."""
+    from fastkd.train import stop
+
+    before = signal.getsignal(signal.SIGINT)
+    with stop.graceful_stop():
+        handler = signal.getsignal(signal.SIGINT)
+        with pytest.raises(KeyboardInterrupt):
+            handler(signal.SIGINT, None)  # not armed: at once
+        assert stop.requested() == "SIGINT"  # … and kept, should that exception be dropped
+        with stop.graceful_stop():
+            assert signal.getsignal(signal.SIGINT) is handler
+        assert stop.requested() == "SIGINT" and signal.getsignal(signal.SIGINT) is handler
+        disarm = stop.arm()
+        try:
+            with pytest.raises(KeyboardInterrupt):  # a second signal, armed or not: at once
+                handler(signal.SIGTERM, None)
+            assert stop.requested() == "SIGINT"
+        finally:
+            disarm()
+    assert stop.requested() is None and signal.getsignal(signal.SIGINT) is before
+
+
 def test_a_signal_before_training_stops_at_once_and_leaves_no_folder(tmp_path, capsys, monkeypatch):
     from fastkd.train import __main__ as m
 
