@@ -12,7 +12,18 @@ from fastkd.data.batches import val_batches
 from fastkd.models import forward_taps, model_info
 from fastkd.train.distributed import Dist
 
-__all__ = ["evaluate"]
+__all__ = ["evaluate", "head_logits"]
+
+
+def head_logits(taps) -> torch.Tensor:
+    """The eval rule's logits (fp32) from ``forward_taps``: the head's; a distilled model's mean of its cls
+    and dist heads, with the mean dense dist-head logits as a third term when they were asked for."""
+    logits = taps.logits.float()
+    if taps.dist_logits is None:
+        return logits
+    if taps.dense_logits is not None:
+        return (logits + taps.dist_logits.float() + taps.dense_logits.float().mean(dim=(2, 3))) / 3
+    return (logits + taps.dist_logits.float()) / 2
 
 
 @torch.no_grad()
@@ -45,16 +56,10 @@ def evaluate(
         x = eval_batch(xb, data.mean, data.std)
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp):
             taps = forward_taps(model, x, dense=dense)
-        logits = taps.logits.float()
         if taps.dist_logits is not None:
-            dist_l = taps.dist_logits.float()
-            hits[1] += (logits.argmax(-1) == y).sum()
-            hits[2] += (dist_l.argmax(-1) == y).sum()
-            if taps.dense_logits is not None:  # cls, dist and mean dense dist-head logits
-                logits = (logits + dist_l + taps.dense_logits.float().mean(dim=(2, 3))) / 3
-            else:
-                logits = (logits + dist_l) / 2
-        hits[0] += (logits.argmax(-1) == y).sum()
+            hits[1] += (taps.logits.argmax(-1) == y).sum()
+            hits[2] += (taps.dist_logits.argmax(-1) == y).sum()
+        hits[0] += (head_logits(taps).argmax(-1) == y).sum()
     if dist.world > 1:
         torch.distributed.all_reduce(hits)
     model.train(was)

@@ -413,17 +413,14 @@ class Trainer:
         return summary
 
     def model_meta(self) -> dict:
+        """What a saved model needs to be used (``python -m fastkd.predict``) beside its architecture."""
         d = self.data
         return {
-            "arch": self.student_arch[0],
-            "overrides": self.student_arch[1],
-            "num_classes": d.num_classes,
-            "img_size": d.img_size,
-            "in_chans": d.in_chans,
-            "data_fingerprint": d.fingerprint,
+            "arch": self.student_arch[0], "overrides": self.student_arch[1], "num_classes": d.num_classes,
+            "img_size": d.img_size, "in_chans": d.in_chans, "data_fingerprint": d.fingerprint,
             "input_mean": list(d.mean),  # the normalisation it was trained with (a teacher gets its own)
-            "input_std": list(d.std),
-            "method": self.cfg.method.method,
+            "input_std": list(d.std), "method": self.cfg.method.method,
+            "class_names": list(d.class_names or [str(i) for i in range(d.num_classes)]),
         }
 
     # -- checkpoints (epoch boundary) --------------------------------------------------------
