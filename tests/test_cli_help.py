@@ -10,7 +10,8 @@ import importlib
 
 import pytest
 
-ENTRY_POINTS = ["fastkd.train.__main__", "fastkd.cache.__main__", "fastkd.study", "fastkd.data.stream", "fastkd.predict"]
+ENTRY_POINTS = ["fastkd.train.__main__", "fastkd.cache.__main__", "fastkd.study", "fastkd.data.stream",
+                "fastkd.predict"]
 
 
 @pytest.mark.parametrize("module", ENTRY_POINTS)
