@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import datetime
+import os
 import sys
 
+import torch
+
 from fastkd.cache.build import build_cache
-from fastkd.cache.format import DEFAULT_MAX_GB, DEFAULT_TOPK, CacheError
+from fastkd.cache.format import DEFAULT_MAX_GB, DEFAULT_TOPK, CacheError, read_manifest
 from fastkd.cache.verify import verify_cache
 from fastkd.config import build_parser, config_from_args
 from fastkd.train.guard import validate
@@ -65,23 +69,54 @@ def main(argv: list[str] | None = None) -> int:
         return stop_report(e, "fastkd.cache", "run the same command to continue (finished shards are kept)")
 
 
+def _torchrun_worker(o: dict, explicit_worker: bool) -> tuple[int, int]:
+    """Under ``torchrun`` each rank is a worker: rank r of W builds shards r, r + W, … on its own GPU
+    (LOCAL_RANK). The ranks join a gloo group only to meet once at the end (no time limit there: a
+    build can take hours), so that rank 0 reports the whole cache and ``--verify`` runs on it."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return o["worker"]
+    if explicit_worker:
+        raise CacheError("under torchrun each rank is a worker already; leave --worker out")
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    if not torch.distributed.is_initialized():
+        torch.distributed.init_process_group("gloo", timeout=datetime.timedelta(days=7))
+    return int(os.environ["RANK"]), world
+
+
 def _main(argv: list[str] | None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     cfg, o = parse_cache_args(argv)
     if not cfg.run.out:
         raise CacheError("give the cache directory with --out DIR")
-    log = (lambda *a: None) if cfg.run.quiet else print
-    if not o["verify_only"]:
-        validate(cfg)  # every flag in range before the teacher runs
-        build_cache(
-            cfg, cfg.run.out, views=o["views"], logits=o["logits"], topk=o["topk"],
-            feat_dtype=o["feat_dtype"], max_gb=o["max_gb"], shard_size=o["shard_size"],
-            batch_size=o["cache_batch_size"],
-            worker=o["worker"], log=log, progress=not cfg.run.quiet,
-        )
-    if o["verify"]:
-        res = verify_cache(cfg.run.out, o["verify"], rel_tol=o["verify_tol"], log=print)
-        return 0 if res["ok"] else 1
-    return 0
+    o["worker"] = _torchrun_worker(o, any(a.split("=")[0] == "--worker" for a in argv))
+    ranks = torch.distributed.is_initialized()
+    rank0 = not ranks or torch.distributed.get_rank() == 0  # only rank 0 talks under torchrun
+    log = (lambda *a: None) if cfg.run.quiet or not rank0 else print
+    try:
+        if not o["verify_only"]:
+            validate(cfg)  # every flag in range before the teacher runs
+            build_cache(
+                cfg, cfg.run.out, views=o["views"], logits=o["logits"], topk=o["topk"],
+                feat_dtype=o["feat_dtype"], max_gb=o["max_gb"], shard_size=o["shard_size"],
+                batch_size=o["cache_batch_size"],
+                worker=o["worker"], log=log, progress=not cfg.run.quiet and rank0,
+            )
+        if ranks:
+            torch.distributed.barrier()  # every rank's shards are written: the last one wrote the manifest
+            if not rank0:
+                return 0
+            man = read_manifest(cfg.run.out)  # complete, or one line saying what is missing
+            log(f"fastkd.cache: complete: {man['num_shards']} shard(s) by {o['worker'][1]} ranks in "
+                f"{cfg.run.out}")
+        if o["verify"]:
+            res = verify_cache(cfg.run.out, o["verify"], rel_tol=o["verify_tol"], log=print)
+            return 0 if res["ok"] else 1
+        return 0
+    finally:
+        if ranks:
+            torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -271,7 +271,8 @@ def read_manifest(path: str | os.PathLike, *, complete: bool = True) -> dict:
         done = len(list(p.glob("*.done.json")))
         raise CacheError(
             f"teacher cache {p} is incomplete ({done}/{man.get('num_shards')} shards); finish it by "
-            f"re-running the same python -m fastkd.cache command"
+            "re-running the same python -m fastkd.cache command (a build split with --worker i/n: the "
+            "workers that have not finished; one build on its own finishes every missing shard)"
         )
     return man
 

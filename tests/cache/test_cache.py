@@ -442,3 +442,30 @@ def test_a_second_build_of_the_same_worker_slot_is_one_line_and_other_slots_buil
     res = build_cache(cfg, out, views=1, topk=4, shard_size=40, worker=(0, 2), **env.quiet)
     assert res["complete"] and res["built"] == ["v0000-s000000", "v0000-s000002"]
     assert not [p for p in out.iterdir() if p.name.endswith(".lock")]
+
+
+def test_torchrun_ranks_are_workers_and_build_the_same_cache(env, tmp_path):
+    """``torchrun -m fastkd.cache``: rank r of W builds shards r, r + W, … (on its own GPU when there is one),
+    the ranks meet at the end, and rank 0 alone reports the complete cache and verifies it. The bytes are
+    the single-process build's. Before, every rank built every shard into one folder (now: the second
+    would be refused by the worker-slot lock)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = tmp_path / "tr"
+    argv = [a for a in env.args("--method", FEAT) if a != "--quiet"]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr",
+           "127.0.0.1", "--master_port", str(port), "-m", "fastkd.cache", *argv, "--views", "2",
+           "--shard-size", "32", "--out", str(out), "--verify", "8"]
+    env_vars = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    p = subprocess.run(cmd, env=env_vars, capture_output=True, text=True, timeout=400)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert p.stdout.count(f"fastkd.cache: complete: 6 shard(s) by 2 ranks in {out}") == 1, p.stdout
+    assert p.stdout.count("fastkd.cache verify: 8 records, OK") == 1, p.stdout  # rank 0 only
+    mine, theirs = _shard_bytes(out), _shard_bytes(env.topk)
+    assert mine.keys() == theirs.keys() and all(mine[k] == theirs[k] for k in mine)
+    bad = subprocess.run([*cmd[:-6], "--worker", "0/2", "--out", str(tmp_path / "x")], env=env_vars,
+                         capture_output=True, text=True, timeout=400)
+    assert bad.returncode != 0 and bad.stderr.count("leave --worker out") == 2, bad.stderr[-3000:]
