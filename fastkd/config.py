@@ -22,6 +22,7 @@ METHODS = ("ce", "kd", "nkd", "vitkd", "clskd", "md", "cskd", "deit")
 class DataConfig:
     data: str = "digits"  # digits | DIR (train/ + val/) | SHARDS (tar pattern) | FILE.npz | synthetic:N
     val_data: str | None = None  # the val shards' pattern (tar shards only)
+    val_fraction: float | None = None  # hold out this share of each class as val (data with no val split)
     img_size: int | None = None  # default: the dataset's own size
     # the student sees only the first N training images (the teacher, when fastkd trains it, all of them).
     # None: all images — except the bundled digits default job, which uses 360 (the small-labelled
@@ -164,6 +165,9 @@ HELP: dict[str, str] = {
     "(+ --val-data) | FILE.npz | synthetic:N (random images, no disk)",
     "val_data": "the val split of tar shards, a pattern like the --data one (default: none; folders "
     "hold val/)",
+    "val_fraction": "for data without a val split (a folder of class folders, or shards without "
+    "--val-data): hold out this share of each class as val, chosen by a hash of each file's name "
+    "(default: none)",
     "img_size": "square side images are resized to (default: the dataset's own size; folders: the most "
     "common short side up to 224; shards/synthetic: 224)",
     "train_limit": "the student sees only the first N training images; 0 = all (default: all, but 360 "

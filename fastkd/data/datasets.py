@@ -31,8 +31,9 @@ __all__ = ["Dataset", "load_data", "fingerprint"]
 IMG_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".ppm", ".pgm", ".pbm", ".tif", ".tiff", ".webp", ".gif")
 _MAX_DEFAULT_SIZE = 224
 _EXPECTED = (
-    "expected 'digits', a directory with train/ and val/, tar shards ('shards/train-{0000..0099}.tar' "
-    "with --val-data), synthetic:N, or a .npz with x_train, y_train, x_val, y_val"
+    "expected 'digits', a directory with train/ and val/ (or class folders + --val-fraction), tar shards "
+    "('shards/train-{0000..0099}.tar' with --val-data or --val-fraction), synthetic:N, or a .npz with "
+    "x_train, y_train, x_val, y_val"
 )
 
 
@@ -330,13 +331,15 @@ def _load_npz(path: str, img_size: int | None) -> Dataset:
 
 def _default_size(spec: str, log) -> int:
     """--img-size when none is given for a folder: the short side most common among up to 32 image
-    headers of train/ (no decode), capped at 224; for shards and synthetic data, 224."""
+    headers of train/ (of the folder itself when it has no train/: --val-fraction), no decode, capped at
+    224; for shards and synthetic data, 224."""
     from PIL import Image
 
     sizes: Counter = Counter()
     if os.path.isdir(spec):
         seen: set[str] = set()  # symlinks are followed, but never into a directory already visited
-        for dirpath, dirnames, filenames in os.walk(os.path.join(spec, "train"), followlinks=True):
+        top = os.path.join(spec, "train") if os.path.isdir(os.path.join(spec, "train")) else spec
+        for dirpath, dirnames, filenames in os.walk(top, followlinks=True):
             seen.add(os.path.realpath(dirpath))
             real = {d: os.path.realpath(os.path.join(dirpath, d)) for d in dirnames}
             dirnames[:] = sorted(d for d in dirnames if real[d] not in seen)
@@ -361,6 +364,7 @@ def load_data(
     *,
     img_size: int | None = None,
     val_spec: str | None = None,
+    val_fraction: float | None = None,
     on_bad_image: str = "error",
     seed: int = 0,
     memory_threshold: float | None = None,
@@ -385,6 +389,8 @@ def load_data(
         the same loader (same pixels), else streamed by ``workers`` processes; one line says which.
         Default img_size: a folder's most common short side (capped at 224), else 224.
     img_size: resize everything to this square side; None keeps the native size (see above).
+    val_fraction: for a folder or shards without a val split, hold out this share of each class as val
+      (:func:`fastkd.data.folders.hold_out`).
 
     Raises FileNotFoundError for a missing path and ValueError for malformed data, each a single line
     that says how to fix it.
@@ -402,7 +408,8 @@ def load_data(
             raise ValueError(f"--data {spec}: not a .npz file, a .tar shard or a directory; {_EXPECTED}")
         raise FileNotFoundError(f"--data {spec}: no such file or directory; {_EXPECTED}")
     size = img_size if img_size is not None else _default_size(spec, log)
-    sd = S.open_stream(spec, img_size=size, val_spec=val_spec, on_bad_image=on_bad_image, seed=seed,
+    sd = S.open_stream(spec, img_size=size, val_spec=val_spec, val_fraction=val_fraction,
+                       on_bad_image=on_bad_image, seed=seed,
                        index_cache=index_cache, log=log)
     # the label rules of .npz, for folders and shards too (one class: error; empty/unseen classes: a warning)
     _check_labels(spec, np.asarray(sd.y_train), np.asarray(sd.y_val), list(sd.class_names))

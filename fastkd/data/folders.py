@@ -20,8 +20,9 @@ _TAR_IMG_EXT = tuple(e[1:] for e in IMG_EXTENSIONS)
 _GRAY_MODES = {"1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "I;16N", "F"}
 DEFAULT_MEMORY_THRESHOLD = 2 << 30  # 2 GiB of decoded uint8 pixels
 _EXPECTED = (
-    "expected a directory with train/ and val/ (ImageFolder), a tar shard pattern such as "
-    "'shards/train-{0000..0099}.tar' (with a val pattern), or synthetic:N"
+    "expected a directory with train/ and val/ (ImageFolder; class folders alone with --val-fraction F), "
+    "a tar shard pattern such as 'shards/train-{0000..0099}.tar' (with --val-data or --val-fraction), "
+    "or synthetic:N"
 )
 
 
@@ -141,6 +142,10 @@ class _Source:
     def name(self, i: int) -> str:
         return self.key(i)
 
+    def sample_key(self, i: int) -> str:
+        """What names the sample independently of how the data is stored (``hold_out`` hashes it)."""
+        return self.key(i)
+
     def load(self, i: int, size: int, chans: int, crop_pct: float) -> np.ndarray:
         with self.open(i) as f:
             return _decode(f, size, chans, crop_pct)
@@ -248,6 +253,48 @@ class FolderSource(_Source):
     def name(self, i: int) -> str:
         return self.path(i)
 
+
+
+class SubsetSource(_Source):
+    """Samples ``ids`` of another source, renumbered 0..len-1 in that order: one side of a held-out split
+    (``hold_out``). Holds the base source and an id array only, so it pickles into loader workers."""
+
+    def __init__(self, base: _Source, ids: np.ndarray, tag: str):
+        self.base, self.ids = base, np.asarray(ids, dtype=np.int64)
+        self._keys = _Strings([base.key(int(i)) for i in self.ids])
+        self.labels = base.labels[torch.from_numpy(self.ids)]
+        self.classes = getattr(base, "classes", None)
+        self.num_classes = getattr(base, "num_classes", None)
+        h = hashlib.sha256(f"{base.fingerprint}|{tag}|".encode())
+        h.update(self.ids.tobytes())
+        self.fingerprint = h.hexdigest()
+
+    def open(self, i: int):
+        return self.base.open(int(self.ids[i]))
+
+    def name(self, i: int) -> str:
+        return self.base.name(int(self.ids[i]))
+
+    def load(self, i: int, size: int, chans: int, crop_pct: float) -> np.ndarray:
+        return self.base.load(int(self.ids[i]), size, chans, crop_pct)
+
+
+def hold_out(base: _Source, fraction: float) -> tuple[SubsetSource, SubsetSource]:
+    """(train, val) of a source with no val split: per class, the ``round(n·fraction)`` samples (at least 1,
+    and at least 1 left to train, for a class of ≥ 2) whose sample keys hash lowest (sha256): the split
+    depends on the names only, not on the order a filesystem lists them or on how shards cut the data, and a
+    folder copied elsewhere splits alike."""
+    labels = base.labels.numpy()
+    rank = np.array([int.from_bytes(hashlib.sha256(base.sample_key(i).encode()).digest()[:8], "little")
+                     for i in range(len(base))], dtype=np.uint64)
+    val: list[np.ndarray] = []
+    for c in np.unique(labels):
+        ids = np.flatnonzero(labels == c)
+        k = min(max(int(round(len(ids) * fraction)), 1), len(ids) - 1) if len(ids) >= 2 else 0
+        val.append(ids[np.argsort(rank[ids], kind="stable")[:k]])
+    v = np.sort(np.concatenate(val)) if val else np.zeros(0, dtype=np.int64)
+    t = np.setdiff1d(np.arange(len(base)), v)
+    return SubsetSource(base, t, f"train|{fraction!r}"), SubsetSource(base, v, f"val|{fraction!r}")
 
 
 class SyntheticSource(_Source):

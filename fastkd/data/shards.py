@@ -190,6 +190,10 @@ class TarSource(_Source):
             raise OSError(f"short read ({len(data)} of {size} bytes)")
         return io.BytesIO(data)
 
+    def sample_key(self, i: int) -> str:
+        """The member key without its shard's file name: the same however the samples are sharded."""
+        return self.key(i).split("/", 1)[1]
+
     def name(self, i: int) -> str:
         si = int(self.loc[i][0])
         return f"{self.shards[si]}:{self.key(i).split('/', 1)[1]}"

@@ -74,6 +74,7 @@ from fastkd.data.folders import (
     SyntheticSource,
     _notice,
     _peek_channels,
+    hold_out,
 )
 from fastkd.data.loader import (
     StreamBatch,
@@ -175,11 +176,28 @@ def _peek_both(tr, va) -> int:
     return _peek_channels(_peek_channels_of(tr) + _peek_channels_of(va))
 
 
+def _has_subdirs(path: str) -> bool:
+    with os.scandir(path) as it:
+        return any(e.is_dir() and not e.name.startswith(".") for e in it)
+
+
+def _held_out(spec: str, pool, fraction: float, log):
+    tr, va = hold_out(pool, fraction)
+    if not len(va):
+        raise ValueError(f"--data {spec}: --val-fraction {fraction:g} holds out no image (every class has a "
+                         "single image); give the classes more images, or a val split")
+    if log is not None:
+        log(f"{spec}: no val split given: {len(va)} of {len(pool)} images held out as val ({fraction:g} of "
+            "each class, chosen by a hash of each file's name)")
+    return tr, va
+
+
 def open_stream(
     spec: str,
     *,
     img_size: int,
     val_spec: str | None = None,
+    val_fraction: float | None = None,
     in_chans: int | None = None,
     num_classes: int | None = None,
     crop_pct: float = 1.0,
@@ -190,8 +208,9 @@ def open_stream(
 ) -> StreamData:
     """Index a streamed dataset (nothing is decoded).
 
-    spec: ``DIR`` (train/ + val/), a tar pattern (``val_spec`` required: the val shards), or
-        ``synthetic:N``.
+    spec: ``DIR`` (train/ + val/), a tar pattern (``val_spec``: the val shards), or ``synthetic:N``.
+    val_fraction: a folder without val/ (class folders in train/ or in ``DIR`` itself) or shards without
+        ``val_spec``: hold out this share of each class as val (``folders.hold_out``).
     img_size: square side every image is decoded to (short side resized to img_size / crop_pct,
         centre crop). in_chans: 1 or 3; None -> 1 if up to 64 peeked image headers are all grayscale,
         else 3 (synthetic: 3). num_classes: synthetic only (default 10); shards take max label + 1 over
@@ -218,24 +237,36 @@ def open_stream(
         chans, names, kind, name = in_chans or 3, [str(i) for i in range(c)], "synthetic", spec
     elif os.path.isdir(spec):
         missing = [s for s in ("train", "val") if not os.path.isdir(os.path.join(spec, s))]
-        if missing:
-            raise ValueError(
-                f"--data {spec}: directory has no {' or '.join(s + '/' for s in missing)}; {_EXPECTED}"
-            )
-        tr = FolderSource(os.path.join(spec, "train"), spec=spec)
-        va = FolderSource(os.path.join(spec, "val"), spec=spec, classes=tr.classes)
+        if not missing and val_fraction:
+            raise ValueError(f"--data {spec} has its own val/ split; drop --val-fraction")
+        if missing and not (val_fraction and "val" in missing):
+            fix = _EXPECTED
+            if "val" in missing and ("train" not in missing or _has_subdirs(spec)):  # class folders, no val
+                fix = "add --val-fraction 0.1 to hold out 10% of each class as val, or make train/ and val/"
+            where = " or ".join(s + "/" for s in missing)
+            raise ValueError(f"--data {spec}: directory has no {where}; {fix}")
+        if missing:  # class folders (in train/ or right here) and no val/: hold out a share of each class
+            pool = FolderSource(os.path.join(spec, "train") if "train" not in missing else spec, spec=spec)
+            tr, va = _held_out(spec, pool, val_fraction, log)
+        else:
+            tr = FolderSource(os.path.join(spec, "train"), spec=spec)
+            va = FolderSource(os.path.join(spec, "val"), spec=spec, classes=tr.classes)
         names, kind = tr.classes, "folder"
         name = os.path.basename(os.path.normpath(spec)) or "data"
         c = len(names)
         chans = in_chans if in_chans is not None else _peek_both(tr, va)
     elif ".tar" in spec.lower():
-        if not val_spec:
+        if bool(val_spec) == bool(val_fraction):
             raise ValueError(
-                f"--data {spec}: tar shards need --val-data with the val shards' pattern "
-                "(e.g. --val-data 'shards/val-{0000..0009}.tar')"
+                f"--data {spec}: tar shards need one val split: --val-data with the val shards' pattern "
+                "(e.g. --val-data 'shards/val-{0000..0009}.tar') or --val-fraction F (a share of each class)"
             )
-        tr = TarSource(spec, spec=spec, index_cache=index_cache, log=log)
-        va = TarSource(val_spec, spec=val_spec, index_cache=index_cache, log=log)
+        if val_spec:
+            tr = TarSource(spec, spec=spec, index_cache=index_cache, log=log)
+            va = TarSource(val_spec, spec=val_spec, index_cache=index_cache, log=log)
+        else:
+            pool = TarSource(spec, spec=spec, index_cache=index_cache, log=log)
+            tr, va = _held_out(spec, pool, val_fraction, log)
         c = max(tr.num_classes, va.num_classes)
         names, kind = [str(i) for i in range(c)], "tar"
         name = os.path.basename(spec).split("{")[0].rstrip("-_.") or "shards"

@@ -97,7 +97,8 @@ def build_data(cfg: TrainConfig, data: Dataset | None = None, log=print) -> tupl
     else:
         dc = cfg.data
         full = load_data(
-            dc.data, img_size=dc.img_size, val_spec=dc.val_data, on_bad_image=dc.on_bad_image,
+            dc.data, img_size=dc.img_size, val_spec=dc.val_data, val_fraction=dc.val_fraction,
+            on_bad_image=dc.on_bad_image,
             memory_threshold=dc.memory_threshold, workers=dc.workers,
             index_cache=os.path.join(os.path.expanduser("~"), ".cache", "fastkd", "tar-index"),
             log=lambda m: log(f"fastkd.data: {m}"),

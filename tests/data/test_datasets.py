@@ -276,9 +276,9 @@ def test_missing_path_and_unknown_spec(tmp_path):
     with pytest.raises(FileNotFoundError) as e:
         load_data(missing)
     assert str(e.value) == (
-        f"--data {missing}: no such file or directory; expected 'digits', a directory with train/ and val/, "
-        "tar shards ('shards/train-{0000..0099}.tar' with --val-data), synthetic:N, or a .npz with x_train, "
-        "y_train, x_val, y_val"
+        f"--data {missing}: no such file or directory; expected 'digits', a directory with train/ and val/ "
+        "(or class folders + --val-fraction), tar shards ('shards/train-{0000..0099}.tar' with --val-data or "
+        "--val-fraction), synthetic:N, or a .npz with x_train, y_train, x_val, y_val"
     )
     txt = tmp_path / "data.csv"
     txt.write_text("1,2")

@@ -6,6 +6,7 @@ PNG, a grayscale+RGBA pair, a corrupt file, a symlink cycle) and tar shards made
 
 import io
 import os
+import shutil
 import tarfile
 
 import numpy as np
@@ -476,3 +477,74 @@ def test_shard_index_cache_reused_and_invalidated(folder, tmp_path, monkeypatch)
     os.utime(tmp_path / "shards" / "train-0001.tar", (5, 5))  # a changed shard is indexed again
     open_stream(tr, val_spec=tr, img_size=32, index_cache=str(cache), log=None)
     assert len(calls) == 1 and calls[0].endswith("train-0001.tar")  # val then reuses it
+
+
+# ----------------------------------------------------------------------------------------------------
+# --val-fraction: data without a val split
+# ----------------------------------------------------------------------------------------------------
+
+
+def _flat(folder, dest):
+    """The fixture's train/ + val/ images as one folder of class folders (no split), 6 per class."""
+    for split in ("train", "val"):
+        for c in (folder / split).iterdir():
+            (dest / c.name).mkdir(parents=True, exist_ok=True)
+            for f in c.iterdir():
+                shutil.copy(f, dest / c.name / f"{split}_{f.name}")
+    return dest
+
+
+def test_class_folders_alone_split_by_val_fraction(folder, tmp_path):
+    flat = _flat(folder, tmp_path / "flat")
+    with pytest.raises(ValueError, match=r"directory has no train/ or val/; add --val-fraction 0.1 to hold"):
+        open_stream(str(flat), img_size=32, log=None)
+    logs = []
+    d = open_stream(str(flat), img_size=32, val_fraction=0.34, log=logs.append)
+    assert d.class_names == ["c0", "c1", "c2"] and d.num_classes == CLASSES
+    # 6 images per class: round(6 · 0.34) = 2 held out, 4 left, per class; train and val disjoint
+    assert d.y_val.bincount().tolist() == [2, 2, 2] and d.y_train.bincount().tolist() == [4, 4, 4]
+    tr, va = set(d.train.source.keys), set(d.val.source.keys)
+    assert not tr & va and len(tr | va) == 18
+    assert logs[0] == (f"{flat}: no val split given: 6 of 18 images held out as val (0.34 of each class, "
+                       "chosen by a hash of each file's name)")
+    # the labels and pixels are the files', whichever side they land on
+    full = open_stream(str(folder), img_size=32, log=None)
+    x_val = materialize(d.val, workers=0)
+    for j, key in enumerate(d.val.source.keys):
+        c, name = key.split("/")
+        split, orig = name.split("_", 1)
+        src = (full.train if split == "train" else full.val).source
+        i = src.keys.index(f"{c}/{orig}")
+        assert int(d.y_val[j]) == int(src.labels[i])
+        assert torch.equal(x_val[j], materialize(full.train if split == "train" else full.val,
+                                                 workers=0)[i])
+    # the split depends on the file names only: a copy elsewhere splits alike; another fraction differs
+    again = open_stream(str(_flat(folder, tmp_path / "copy")), img_size=32, val_fraction=0.34, log=None)
+    assert again.val.source.keys == d.val.source.keys and again.fingerprint != d.fingerprint
+    other = open_stream(str(flat), img_size=32, val_fraction=0.5, log=None)
+    assert other.y_val.bincount().tolist() == [3, 3, 3] and other.fingerprint != d.fingerprint
+
+
+def test_val_fraction_on_train_only_folder_and_shards_and_its_errors(folder, tmp_path):
+    only = tmp_path / "only"
+    shutil.copytree(folder / "train", only / "train")
+    d = open_stream(str(only), img_size=32, val_fraction=0.25, log=None)
+    assert d.y_val.bincount().tolist() == [1, 1, 1] and len(d.train) == 9  # round(4 · 0.25) = 1 per class
+    tr = _write_shards(folder, tmp_path / "shards", "train")
+    s = open_stream(tr, img_size=32, val_fraction=0.25, log=None)
+    assert s.kind == "tar" and s.num_classes == CLASSES and len(s.val) == 3 and len(s.train) == 9
+    tr3 = _write_shards(folder, tmp_path / "shards3", "train", n_shards=3)  # cut differently: same split
+    s3 = open_stream(tr3, img_size=32, val_fraction=0.25, log=None)
+    members = [k.split("/", 1)[1] for k in s.val.source.keys]
+    assert [k.split("/", 1)[1] for k in s3.val.source.keys] == members
+    assert torch.equal(materialize(s.val, workers=1), materialize(s3.val, workers=0))
+    with pytest.raises(ValueError, match="has its own val/ split; drop --val-fraction"):
+        open_stream(str(folder), img_size=32, val_fraction=0.2, log=None)
+    with pytest.raises(ValueError, match="--val-data .* or --val-fraction"):
+        open_stream(tr, val_spec=tr, img_size=32, val_fraction=0.2, log=None)
+    single = tmp_path / "single"
+    for c in ("a", "b"):
+        (single / c).mkdir(parents=True)
+        shutil.copy(folder / "train" / "c0" / "img_0.jpg", single / c / "x.jpg")
+    with pytest.raises(ValueError, match="holds out no image"):
+        open_stream(str(single), img_size=32, val_fraction=0.2, log=None)

@@ -12,6 +12,7 @@ import io
 import json
 import socket
 import tarfile
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -397,3 +398,29 @@ def test_memory_or_streamed_folder_trains_the_same_student_bit_for_bit(inputs, t
     ref = weights.pop("memory")
     for name, w in weights.items():
         assert all(torch.equal(ref[k], w[k]) for k in ref), name
+
+
+def test_class_folders_without_a_val_split_train_with_val_fraction(inputs, tmp_path, capsys):
+    """A folder of class folders with no train/ + val/ split (how many datasets come) trains with
+    --val-fraction; without it the error names the flag; a resume with another fraction is refused (the
+    split is part of the data)."""
+    import shutil
+
+    flat = tmp_path / "flat"
+    for split in ("train", "val"):
+        for c in (Path(inputs["folder"]) / split).iterdir():
+            (flat / c.name).mkdir(parents=True, exist_ok=True)
+            for f in c.iterdir():
+                shutil.copy(f, flat / c.name / f"{split}_{f.name}")
+    out = tmp_path / "run"
+    common = [a for a in COMMON if a != "--quiet"]  # the data line says what was held out
+    argv = ["--data", str(flat), *STUDENT, *common, "--method", "ce", "--workdir", str(tmp_path / "w")]
+    rc, _, err = _train([*argv, "--out", str(out)], capsys)
+    _one_line_error(rc, err, "has no train/ or val/", "--val-fraction 0.1")
+    rc, out_txt, err = _train([*argv, "--val-fraction", "0.25", "--out", str(out)], capsys)
+    assert rc == 0, err
+    assert "9 of 33 images held out as val" in out_txt + err  # 3 classes × 11 images, 3 held out each
+    s = _summary(out)
+    assert json.loads((out / "config.json").read_text())["data"]["val_fraction"] == 0.25 and s["epochs"] == 1
+    rc, _, err = _train(["--resume", "--out", str(out), "--val-fraction", "0.5"], capsys)
+    _one_line_error(rc, err, "val_fraction 0.25 → 0.5")
