@@ -172,7 +172,7 @@ class Study:
         # the full split: each run applies --train-limit (the digits default regime) itself, and the
         # default teachers learn from all of it (fastkd.train.setup)
         img = args.img_size or self.regime.get("img_size")
-        self.data = load_data(args.data, img_size=img)
+        self.data = load_data(args.data, img_size=img, val_fraction=args.val_fraction)
         self.student_data = build_data(self.base_config(0), self.data, log=lambda *a: None)[1]
 
     def base_config(self, seed: int) -> TrainConfig:
@@ -194,7 +194,7 @@ class Study:
                 train_limit=a.train_limit,
             ),
         )
-        for k in ("img_size", "batch_size", "lr", "teacher_lr", "warmup_epochs"):
+        for k in ("img_size", "val_fraction", "batch_size", "lr", "teacher_lr", "warmup_epochs"):
             if getattr(a, k) is not None:
                 apply_overrides(cfg, {k: getattr(a, k)})
         return cfg
@@ -404,6 +404,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--regime", default="digits8", help=f"one of {', '.join(REGIMES)} (fastkd.config.REGIMES)")
     p.add_argument("--data", default="digits", help="digits | DIR | FILE.npz (as fastkd.train)")
     p.add_argument("--img-size", type=int, default=None)
+    p.add_argument("--val-fraction", type=float, default=None,
+                   help="class folders, no val split: hold out this share of each class (as fastkd.train)")
     p.add_argument("--train-limit", type=int, default=None, help="use only the first N training images")
     p.add_argument(
         "--methods",

@@ -251,3 +251,21 @@ def test_a_second_study_on_the_same_out_is_one_line(tmp_path, capsys):
         assert _main(tmp_path, "--methods", "plain", "--seeds", "0") == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "is in use by another fastkd process" in err[0], err
+
+
+def test_a_study_on_class_folders_without_a_val_split(tmp_path):
+    import numpy as np
+    from PIL import Image
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    flat = tmp_path / "flat"
+    for c in range(3):
+        (flat / f"c{c}").mkdir(parents=True)
+        for k, i in enumerate(np.flatnonzero(d.target == c)[:20]):
+            Image.fromarray(np.uint8(d.images[i] * 15), "L").save(flat / f"c{c}" / f"{k}.png")
+    args = ("--data", str(flat), "--methods", "plain", "--seeds", "0", "--train-limit", "0")
+    assert _main(tmp_path, *args) == 2  # one line naming --val-fraction
+    assert _main(tmp_path, *args, "--val-fraction", "0.25") == 0
+    cfg = json.loads((tmp_path / "study" / "runs" / "plain-s0" / "config.json").read_text())
+    assert cfg["data"]["val_fraction"] == 0.25 and cfg["data"]["data"] == str(flat)
