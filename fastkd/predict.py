@@ -6,7 +6,7 @@ The model is rebuilt from its ``student.safetensors`` (architecture and sha256 c
 ``--teacher``). Each image is prepared as the validation split was during training: decoded by the same
 loader code (short side to the model's image size, centre crop, its channel count), normalised with the
 mean/std the model was trained with, and scored by the method's eval rule (a distilled student: the mean of
-its heads). Folders are scanned recursively in sorted order. One line per image on stdout (``path<TAB>
+its heads) in the run's eval precision (bf16 autocast on CUDA unless it ran with amp off). Folders are scanned recursively in sorted order. One line per image on stdout (``path<TAB>
 name p, name p, …``), or a CSV written atomically with ``--csv``. An unreadable image is one line naming it
 and stops the run, or with ``--on-bad-image skip`` is reported and left out.
 """
@@ -105,7 +105,7 @@ def predict(
         collate_fn=list, pin_memory=device.type == "cuda",
     )
     dense = eval_dense_heads(meta.get("method", ""))
-    amp = device.type == "cuda" and torch.cuda.is_bf16_supported()
+    amp = device.type == "cuda" and meta.get("eval_amp", True)  # bf16 on CUDA iff the run evaluated so
     k = max(1, min(topk, meta["num_classes"]))
     rows: list[tuple[str, list[tuple[int, float]]]] = []
     bar = tqdm(total=len(paths), desc="predict", unit="img", disable=not progress, leave=False)

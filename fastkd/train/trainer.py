@@ -419,7 +419,7 @@ class Trainer:
             "arch": self.student_arch[0], "overrides": self.student_arch[1], "num_classes": d.num_classes,
             "img_size": d.img_size, "in_chans": d.in_chans, "data_fingerprint": d.fingerprint,
             "input_mean": list(d.mean),  # the normalisation it was trained with (a teacher gets its own)
-            "input_std": list(d.std), "method": self.cfg.method.method,
+            "input_std": list(d.std), "method": self.cfg.method.method, "eval_amp": self.cfg.run.amp,
             "class_names": list(d.class_names or [str(i) for i in range(d.num_classes)]),
         }
 
