@@ -80,7 +80,7 @@ def test_predicting_val_reproduces_the_run_s_top1(folder, tmp_path, capsys, meth
         x = eval_batch(d.x_val, d.mean, d.std)
         want = head_logits(forward_taps(model, x)).argmax(-1)  # neither method has dense heads
     assert [r["class1"] for r in rows] == [CLASSES[i] for i in want.tolist()]
-    assert meta["class_names"] == list(CLASSES)
+    assert meta["class_names"] == list(CLASSES) and meta["eval_amp"] is True  # what predict follows on CUDA
 
 
 def test_stdout_lines_files_and_bad_input(folder, tmp_path, capsys):
