@@ -6,9 +6,10 @@ The model is rebuilt from its ``student.safetensors`` (architecture and sha256 c
 ``--teacher``). Each image is prepared as the validation split was during training: decoded by the same
 loader code (short side to the model's image size, centre crop, its channel count), normalised with the
 mean/std the model was trained with, and scored by the method's eval rule (a distilled student: the mean of
-its heads) in the run's eval precision (bf16 autocast on CUDA unless it ran with amp off). Folders are scanned recursively in sorted order. One line per image on stdout (``path<TAB>
-name p, name p, …``), or a CSV written atomically with ``--csv``. An unreadable image is one line naming it
-and stops the run, or with ``--on-bad-image skip`` is reported and left out.
+its heads) in the run's eval precision (bf16 autocast on CUDA unless it ran with amp off). Folders are
+scanned recursively in sorted order. One line per image on stdout (``path<TAB>name p, name p, …``), or a
+CSV written atomically with ``--csv``. An unreadable image is one line naming it and stops the run, or with
+``--on-bad-image skip`` is reported and left out.
 """
 
 from __future__ import annotations

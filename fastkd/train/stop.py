@@ -5,9 +5,11 @@ boundary (bit-exact to resume, as ``--ckpt-every``'s) and raises ``Stopped``, wh
 fastkd.train`` turns into one line and exit code 128 + the signal. A single process stops at the next step:
 the loop only reads a Python flag, no host sync. Under torchrun the ranks must stop at the same step, so they
 agree at the next log step (``--log-every``) or epoch end, where they already meet (``Dist.any_signal``); a
-signal that reached one rank stops them all. A second signal, or one outside the step loop (data loading,
-building the teacher), stops at once: ``KeyboardInterrupt``, and the last complete checkpoint is what is
-kept (every write is atomic). ``fastkd.cache`` and ``fastkd.study`` install the same handlers.
+signal that reached one rank stops them all. A second signal (more than ``REPEAT_S`` after the first: a
+repeat within it is the same request delivered twice, as torchrun forwards what its workers got already),
+or one outside the step loop (data loading, building the teacher), stops at once: ``KeyboardInterrupt``,
+and the last complete checkpoint is what is kept (every write is atomic). ``fastkd.cache`` and
+``fastkd.study`` install the same handlers.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import contextlib
 import signal
 import sys
 import threading
+import time
 from collections.abc import Iterator
 
 __all__ = ["Stopped", "arm", "graceful_stop", "halt", "report", "requested"]
@@ -29,8 +32,15 @@ class Stopped(BaseException):  # not an Exception: no broad ``except Exception``
         self.signame = signame
 
 
+# One stop request often arrives twice within milliseconds: a Ctrl-C reaches torchrun and its workers (one
+# process group), and torchrun forwards it to them again; a scheduler signals every process of a job, and
+# torchrun forwards that too. A repeat within this window is the same request, not "stop at once".
+REPEAT_S = 2.0
+
+
 class _State:
     requested: str | None = None
+    at: float = 0.0  # time.monotonic() of the first request
     armed: int = 0  # > 0 inside a step loop that checks ``requested()``
     installed: int = 0  # nesting depth of ``graceful_stop`` (a study's runs inside it)
 
@@ -41,7 +51,10 @@ _STATE = _State()
 def _handler(signum, frame) -> None:
     name = signal.Signals(signum).name
     first = _STATE.requested is None
-    _STATE.requested = _STATE.requested or name
+    if not first and time.monotonic() - _STATE.at < REPEAT_S:
+        return  # the same request delivered again (see REPEAT_S)
+    if first:
+        _STATE.requested, _STATE.at = name, time.monotonic()
     if first and _STATE.armed:
         return  # the step loop saves and stops at the next step boundary
     # at once; recorded above too, because Python drops an exception raised while it runs a weakref

@@ -5,9 +5,7 @@
 
 ``fit`` runs the epochs (eval, checkpoints, metrics.jsonl, summary.json, report.png). The parts are built
 by ``fastkd.train.setup`` from a config; this module imports neither the cache nor the teacher factory.
-
-A run directory holds config.json, metrics.jsonl, summary.json, student.safetensors
-(+ loss_modules.safetensors), checkpoint/ (for --resume) and report.png.
+What a run directory holds: ``fastkd.train.rundir.RUN_FILES``.
 """
 
 from __future__ import annotations
@@ -337,7 +335,7 @@ class Trainer:
                     ) and i + 1 < self.steps_per_epoch:
                         self._save_checkpoint(ckpt_dir, epoch, i + 1)
                         if stopping:
-                            stop.halt(ckpt_dir, self.step_idx, stopping)
+                            self._halt(ckpt_dir, stopping)
                 last = epoch + 1 == cfg.optim.epochs
                 if last or (cfg.run.eval_every and (epoch + 1) % cfg.run.eval_every == 0):
                     last_eval = self.evaluate_model(self.student)  # sharded over the ranks, reduced
@@ -357,7 +355,7 @@ class Trainer:
                 self._save_checkpoint(ckpt_dir, epoch + 1, 0)
                 stopping = self._stop_signal(not last)
                 if stopping and not last:
-                    stop.halt(ckpt_dir, self.step_idx, stopping)
+                    self._halt(ckpt_dir, stopping)
         finally:
             disarm()
             if mf:
@@ -430,6 +428,10 @@ class Trainer:
         if self.dist.world == 1:
             return stop.requested()
         return self.dist.any_signal(stop.requested()) if meet else None
+
+    def _halt(self, ckpt_dir: Path, signame: str) -> None:
+        self.dist.barrier()  # no rank exits before rank 0 has written (torchrun then ends the rest)
+        stop.halt(ckpt_dir, self.step_idx, signame)
 
     def _save_checkpoint(self, ckpt_dir: Path, epoch: int, step_in_epoch: int, extra=None) -> None:
         """Resume point = (epoch, step within it). Only after a finite-loss check; rank 0 writes. ``extra``: a

@@ -605,6 +605,9 @@ def test_sigterm_checkpoints_at_the_next_step_and_the_resume_is_bit_exact(tmp_pa
 
 
 def test_a_second_ctrl_c_stops_at_once_keeping_the_last_complete_checkpoint(tmp_path, capsys, monkeypatch):
+    from fastkd.train import stop
+
+    monkeypatch.setattr(stop, "REPEAT_S", 0.0)  # the second press comes later than a forwarded repeat
     _signal_at_step(monkeypatch, 6, signal.SIGINT, signal.SIGINT)
     run = tmp_path / "r"
     rc, err = _main([*TINY, *KD, "--epochs", "2", "--workdir", tmp_path / "w", "--out", run], capsys)
@@ -615,7 +618,21 @@ def test_a_second_ctrl_c_stops_at_once_keeping_the_last_complete_checkpoint(tmp_
     assert not [p for p in run.rglob("*") if p.name.endswith(".tmp")]
 
 
-def test_a_dropped_interrupt_is_still_honoured_and_nesting_keeps_the_outer_request():
+def test_a_repeat_of_the_same_request_is_not_a_second_signal(tmp_path, capsys, monkeypatch):
+    """A Ctrl-C reaches torchrun and its workers (one process group) and torchrun forwards it again; a
+    scheduler signals every process of a job and torchrun forwards that too. Two signals within
+    ``REPEAT_S`` are one request: the run still checkpoints at the next step (it used to stop at once and
+    lose the step's checkpoint)."""
+    _signal_at_step(monkeypatch, 6, signal.SIGTERM, signal.SIGTERM, signal.SIGINT)
+    run = tmp_path / "r"
+    rc, err = _main([*TINY, *KD, "--epochs", "2", "--workdir", tmp_path / "w", "--out", run], capsys)
+    assert rc == 128 + signal.SIGTERM and len(err) == 1, err
+    assert err[0].startswith("fastkd: stopped by SIGTERM at step 6: checkpoint written in"), err
+    meta = json.loads((run / "checkpoint" / "state.json").read_text())["meta"]
+    assert (meta["epoch"], meta["step_in_epoch"], meta["step"]) == (1, 2, 6)
+
+
+def test_a_dropped_interrupt_is_still_honoured_and_nesting_keeps_the_outer_request(monkeypatch):
     """Outside a step loop a signal raises KeyboardInterrupt at once. Python drops an exception raised while
     it runs a weakref callback or a ``__del__`` (seen once in a study: the Ctrl-C vanished and it went on), so
     the request is recorded too, and the next step loop stops at its first step. A ``graceful_stop`` inside
@@ -633,6 +650,8 @@ def test_a_dropped_interrupt_is_still_honoured_and_nesting_keeps_the_outer_reque
         assert stop.requested() == "SIGINT" and signal.getsignal(signal.SIGINT) is handler
         disarm = stop.arm()
         try:
+            handler(signal.SIGTERM, None)  # within REPEAT_S: the same request again, ignored
+            monkeypatch.setattr(stop, "REPEAT_S", 0.0)
             with pytest.raises(KeyboardInterrupt):  # a second signal, armed or not: at once
                 handler(signal.SIGTERM, None)
             assert stop.requested() == "SIGINT"
