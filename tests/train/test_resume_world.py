@@ -187,17 +187,27 @@ sys.exit(train.main(sys.argv[1:]))
 """
 
 
+STOP_FLAGS = [*FLAGS, "--epochs", "2", "--log-every", "2", "--ckpt-every", "0"]  # 4 steps per epoch
+
+
+@pytest.fixture(scope="module")
+def full_2rank(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("full2")
+    p = _torchrun(["-m", "fastkd.train", *STOP_FLAGS, "--workdir", root / "w", "--out", root / "full"], root)
+    assert p.returncode == 0, p.stderr[-3000:]
+    return root / "full"
+
+
 @pytest.mark.parametrize("both", [False, True], ids=["rank1", "both"])
-def test_a_sigterm_to_one_rank_stops_every_rank_at_the_next_log_step_with_a_checkpoint(tmp_path, both):
+def test_a_sigterm_to_one_rank_stops_every_rank_at_the_next_log_step_with_a_checkpoint(
+    tmp_path, both, full_2rank
+):
     """Under torchrun a signal used to stop its rank at once, with a traceback, and leave the others stuck in
     the next collective. Now the ranks agree at the next log step: all of them stop there with a
     checkpoint, one line each, rc 128 + SIGTERM; the resume under torchrun ends where an uninterrupted
     2-process run ends, bit for bit. ``both``: every rank got it (a scheduler), so rank 1's exit, which
     makes torchrun SIGTERM rank 0 again, must wait until rank 0 has written the checkpoint."""
-    flags = [*FLAGS, "--epochs", "2", "--log-every", "2", "--ckpt-every", "0"]  # 4 steps per epoch
-    full = tmp_path / "full"
-    p = _torchrun(["-m", "fastkd.train", *flags, "--workdir", tmp_path / "w", "--out", full], tmp_path)
-    assert p.returncode == 0, p.stderr[-3000:]
+    flags, full = STOP_FLAGS, full_2rank
     script = tmp_path / "term.py"
     script.write_text(SIGTERM_RANK1_AT_5)
     run = tmp_path / "r"
