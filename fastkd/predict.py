@@ -165,6 +165,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError) as e:
         print(f"fastkd.predict: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("fastkd.predict: interrupted; nothing written", file=sys.stderr)
+        return 130
     names = meta.get("class_names") or [str(i) for i in range(meta["num_classes"])]
     if a.csv:
         buf = io.StringIO()

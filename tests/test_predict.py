@@ -115,3 +115,20 @@ def test_stdout_lines_files_and_bad_input(folder, tmp_path, capsys):
         assert predict_main(args) == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and needle in err[0], (args, err)
+
+
+def test_an_interrupt_is_one_line_and_writes_nothing(folder, tmp_path, capsys, monkeypatch):
+    import fastkd.predict as P
+
+    run = tmp_path / "run"
+    _run(folder, run, "--method", "ce", "--epochs", "1")
+
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(P, "predict", interrupted)
+    capsys.readouterr()
+    out = tmp_path / "p.csv"
+    assert predict_main([str(run), str(folder / "val"), "--csv", str(out), "--quiet"]) == 130
+    assert capsys.readouterr().err.strip().splitlines() == ["fastkd.predict: interrupted; nothing written"]
+    assert not out.exists()

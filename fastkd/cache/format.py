@@ -215,7 +215,7 @@ def check_run(man: dict, cfg, data, aug, where: str = "", run_teacher: dict | No
             f"{pre}data differs: cache built on {d['name']} ({d['n_train']} train images, fingerprint "
             f"{_short(d['fingerprint'])}), run uses {data.name} ({len(data.y_train)} train images, "
             f"fingerprint {_short(data.fingerprint)}); rebuild the cache for this data "
-            f"(same --data/--img-size/--train-limit)"
+            f"(same --data/--img-size/--val-fraction/--train-limit)"
         )
     if cfg is not None and int(man["seed"]) != int(cfg.run.seed):
         raise CacheError(
