@@ -383,13 +383,15 @@ def bench(
     workers: int | None = None,
     steps: int | None = None,
     val_spec: str | None = None,
+    val_fraction: float | None = None,
     warmup: int = 2,
     seed: int = 0,
     log: Callable[[str], None] = print,
 ) -> dict:
     """Loader throughput alone: random id batches (a seeded permutation, like training) through the
     workers into uint8 CPU batches; img/s measured after ``warmup`` batches (worker start-up excluded)."""
-    data = open_stream(spec, img_size=img_size, val_spec=val_spec, seed=seed, log=None)
+    data = open_stream(spec, img_size=img_size, val_spec=val_spec, val_fraction=val_fraction, seed=seed,
+                       log=None)
     ds = data.train
     n = len(ds)
     bs = min(batch_size, n)
@@ -438,9 +440,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--workers", type=int, default=None, help="worker processes (default: from the CPU count)")
     p.add_argument("--steps", type=int, default=None, help="batches to time (default: one pass)")
     a = p.parse_args(argv)
-    val = a.val_data
+    val, frac = a.val_data, None
     if val is None and ".tar" in a.bench.lower():
         val = a.bench  # the bench reads train only; any val pattern satisfies the index
+    elif os.path.isdir(a.bench) and not os.path.isdir(os.path.join(a.bench, "val")):
+        frac = 0.1  # class folders without val/: the bench reads the train side of a held-out split
     try:
         bench(
             a.bench,
@@ -449,6 +453,7 @@ def main(argv: list[str] | None = None) -> int:
             workers=a.workers,
             steps=a.steps,
             val_spec=val,
+            val_fraction=frac,
         )
     except (ValueError, FileNotFoundError) as e:
         print(f"fastkd.stream: {e}", file=sys.stderr)

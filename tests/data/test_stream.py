@@ -407,6 +407,9 @@ def test_bench_cli_reports_img_per_s(folder, capsys):
     assert main(["--bench", str(folder), "--img-size", "32", "--batch-size", "4", "--workers", "0"]) == 0
     out = capsys.readouterr().out
     assert "img/s" in out
+    flat = _flat(folder, folder.parent / "flat")  # class folders, no val/: the bench reads a held-out train
+    assert main(["--bench", str(flat), "--img-size", "32", "--batch-size", "4", "--workers", "0"]) == 0
+    assert "img/s" in capsys.readouterr().out
 
 
 def test_abandoned_epoch_then_next_epoch_with_persistent_worker(folder):
