@@ -46,6 +46,8 @@ import torch
 from fastkd.config import PRESETS, REGIMES, TrainConfig, apply_overrides, parse_methods
 from fastkd.data import load_data
 from fastkd.methods import registry
+from fastkd.stop import Stopped, graceful_stop
+from fastkd.stop import report as stop_report
 from fastkd.study_report import (  # noqa: F401  (re-exported: the study's statistics and outputs)
     _mean_std,
     mean_std,
@@ -64,8 +66,6 @@ from fastkd.train.setup import (
     ensure_default_teacher,
     student_arch,
 )
-from fastkd.train.stop import Stopped, graceful_stop
-from fastkd.train.stop import report as stop_report
 from fastkd.utils import atomic_write_json, atomic_write_text
 
 DEFAULT_METHODS = ("plain", "kd", "nkd", "vitkd", "vitkd+nkd", "clskd", "deit", "cskd+deit")

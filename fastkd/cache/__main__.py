@@ -12,9 +12,9 @@ from fastkd.cache.build import build_cache
 from fastkd.cache.format import DEFAULT_MAX_GB, DEFAULT_TOPK, CacheError, read_manifest
 from fastkd.cache.verify import verify_cache
 from fastkd.config import build_parser, config_from_args
+from fastkd.stop import Stopped, graceful_stop
+from fastkd.stop import report as stop_report
 from fastkd.train.guard import validate
-from fastkd.train.stop import Stopped, graceful_stop
-from fastkd.train.stop import report as stop_report
 
 _CACHE_ARGS = ("views", "logits", "topk", "feat_dtype", "max_gb", "shard_size", "cache_batch_size", "verify",
                "worker", "verify_tol")

@@ -280,7 +280,7 @@ class StreamLoader:
 
 def _worker_init(_wid: int) -> None:
     torch.set_num_threads(1)  # PIL does the work; torch threads per worker only oversubscribe cores
-    # Ctrl-C / SIGTERM reach the whole process group: the main process decides (``fastkd.train.stop``: a
+    # Ctrl-C / SIGTERM reach the whole process group: the main process decides (``fastkd.stop``: a
     # checkpoint at the next step, which may still need a batch), then shuts the workers down itself
     for s in (signal.SIGINT, signal.SIGTERM):
         signal.signal(s, signal.SIG_IGN)

@@ -26,8 +26,8 @@ from pathlib import Path
 
 import torch
 
+from fastkd import stop
 from fastkd.models import save_model
-from fastkd.train import stop
 from fastkd.utils import atomic_write_json
 
 TARGET_STEPS = 2000  # optimizer steps the cap aims at (digits, 1437 images at batch 64: 87 epochs)
@@ -55,7 +55,7 @@ def fit_with_patience(trainer, out_dir: Path, *, patience: int, log=print) -> di
     returns that record. Deterministic for a seed and thread count (eval does not touch the RNG).
 
     Resumable: a checkpoint (the trainer's state plus the patience state: history, best epoch and weights)
-    is written after every epoch and, on SIGTERM / Ctrl-C (``fastkd.train.stop``), at the next step; the
+    is written after every epoch and, on SIGTERM / Ctrl-C (``fastkd.stop``), at the next step; the
     next call continues from it, bit-exactly, and removes it once ``fit.json`` is written."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

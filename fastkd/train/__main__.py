@@ -15,13 +15,13 @@ import torch
 
 from fastkd.config import TrainConfig, parse_args
 from fastkd.models.checkpoints import set_verify
+from fastkd.stop import Stopped, graceful_stop
+from fastkd.stop import report as stop_report
 from fastkd.teachers.default import check_near_chance
 from fastkd.train.distributed import init_distributed
 from fastkd.train.guard import validate
 from fastkd.train.rundir import default_out, finished_summary, prepare_run_dir, run_dir_lock
 from fastkd.train.setup import build_trainer, finetune_summary
-from fastkd.train.stop import Stopped, graceful_stop
-from fastkd.train.stop import report as stop_report
 from fastkd.train.trainer import NonFiniteLoss
 from fastkd.utils import atomic_write_json, disk_full
 

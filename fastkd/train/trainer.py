@@ -20,6 +20,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from fastkd import stop
 from fastkd.config import TrainConfig
 from fastkd.data import Dataset, EpochSampler
 from fastkd.data.augment import AugmentConfig
@@ -29,7 +30,6 @@ from fastkd.models import forward_taps, save_model
 from fastkd.ops import dispatch as KF
 from fastkd.teachers.base import Teacher
 from fastkd.telemetry import Telemetry
-from fastkd.train import stop
 from fastkd.train.artifacts import (
     dispatch_summary,
     read_metrics,
@@ -302,7 +302,7 @@ class Trainer:
             leave=False,
         )
         mf = open(metrics_path, "a") if main else None
-        disarm = stop.arm()  # SIGTERM / Ctrl-C: a checkpoint at a step boundary, then stop (train.stop)
+        disarm = stop.arm()  # SIGTERM / Ctrl-C: a checkpoint at a step boundary, then stop (fastkd.stop)
         try:
             for epoch in range(start_epoch, cfg.optim.epochs):
                 self.epoch = epoch

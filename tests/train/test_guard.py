@@ -605,7 +605,7 @@ def test_sigterm_checkpoints_at_the_next_step_and_the_resume_is_bit_exact(tmp_pa
 
 
 def test_a_second_ctrl_c_stops_at_once_keeping_the_last_complete_checkpoint(tmp_path, capsys, monkeypatch):
-    from fastkd.train import stop
+    from fastkd import stop
 
     monkeypatch.setattr(stop, "REPEAT_S", 0.0)  # the second press comes later than a forwarded repeat
     _signal_at_step(monkeypatch, 6, signal.SIGINT, signal.SIGINT)
@@ -637,7 +637,7 @@ def test_a_dropped_interrupt_is_still_honoured_and_nesting_keeps_the_outer_reque
     it runs a weakref callback or a ``__del__`` (seen once in a study: the Ctrl-C vanished and it went on), so
     the request is recorded too, and the next step loop stops at its first step. A ``graceful_stop`` inside
     another (a study's runs) neither reinstalls the handlers nor forgets the outer request."""
-    from fastkd.train import stop
+    from fastkd import stop
 
     before = signal.getsignal(signal.SIGINT)
     with stop.graceful_stop():

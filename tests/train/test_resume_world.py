@@ -114,7 +114,7 @@ def test_resume_1_to_2(tmp_path, reference, monkeypatch):
             raise KeyboardInterrupt
 
     monkeypatch.setattr(Trainer, "_save_checkpoint", save)
-    # an interrupt stops the run with one line and rc 128 + SIGINT (fastkd.train.stop)
+    # an interrupt stops the run with one line and rc 128 + SIGINT (fastkd.stop)
     assert train.main([*FLAGS, "--workdir", str(tmp_path / "w"), "--out", str(run)]) == 130
     monkeypatch.undo()
     p = _torchrun(["-m", "fastkd.train", "--resume", "--out", run], tmp_path)
@@ -167,7 +167,7 @@ def test_a_busy_out_stops_every_rank_with_one_line(tmp_path):
 SIGTERM_RANK1_AT_5 = """
 import os, signal, sys, time
 from fastkd.train import __main__ as train
-from fastkd.train import stop
+from fastkd import stop
 from fastkd.train.trainer import Trainer
 stop.REPEAT_S = 0.5  # below the 1 s step that follows, so torchrun's own SIGTERM counts as a second signal
 orig, save = Trainer.step, Trainer._save_checkpoint
