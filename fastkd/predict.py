@@ -25,7 +25,7 @@ import torch
 from tqdm.auto import tqdm
 
 from fastkd.data.augment import eval_batch
-from fastkd.data.folders import IMG_EXTENSIONS, BadImageError, _Source, _Strings
+from fastkd.data.folders import IMG_EXTENSIONS, BadImageError, _Source, _Strings, walk_images
 from fastkd.data.loader import StreamDataset, default_workers
 from fastkd.methods.registry import eval_dense_heads
 from fastkd.models import forward_taps
@@ -51,8 +51,9 @@ class PathSource(_Source):
 
 
 def image_paths(inputs: list[str]) -> list[str]:
-    """Every image among ``inputs``: files as given, folders scanned recursively (sorted, hidden entries
-    skipped). A missing path, a file that is not an image, or no image at all: one line (ValueError)."""
+    """Every image among ``inputs``: files as given, folders scanned recursively (``walk_images``: hidden
+    entries skipped, symlink cycles entered once), sorted. A missing path, a file that is not an image, or
+    no image at all: one line (ValueError)."""
     out: list[str] = []
     for spec in inputs:
         if os.path.isfile(spec):
@@ -60,12 +61,7 @@ def image_paths(inputs: list[str]) -> list[str]:
                 raise ValueError(f"{spec}: not an image file ({', '.join(IMG_EXTENSIONS)})")
             out.append(spec)
         elif os.path.isdir(spec):
-            found = []
-            for root, dirs, files in os.walk(spec, followlinks=True):
-                dirs[:] = sorted(d for d in dirs if not d.startswith("."))
-                found += [os.path.join(root, f) for f in files
-                          if not f.startswith(".") and f.lower().endswith(IMG_EXTENSIONS)]
-            out += sorted(found)
+            out += sorted(walk_images(spec))
         else:
             raise FileNotFoundError(f"{spec}: no such file or folder")
     if not out:

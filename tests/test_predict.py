@@ -132,3 +132,15 @@ def test_an_interrupt_is_one_line_and_writes_nothing(folder, tmp_path, capsys, m
     assert predict_main([str(run), str(folder / "val"), "--csv", str(out), "--quiet"]) == 130
     assert capsys.readouterr().err.strip().splitlines() == ["fastkd.predict: interrupted; nothing written"]
     assert not out.exists()
+
+
+def test_a_folder_with_a_symlink_cycle_lists_each_image_once(folder, tmp_path):
+    """predict scans folders with the loader's walk (``folders.walk_images``), which enters a directory
+    once: its own os.walk used to follow a link back to a parent again and again."""
+    from fastkd.predict import image_paths
+
+    (tmp_path / "a").mkdir()
+    one = tmp_path / "a" / "x.jpg"
+    one.write_bytes((folder / "val" / "dog" / "000.jpg").read_bytes())
+    (tmp_path / "a" / "loop").symlink_to(tmp_path)
+    assert image_paths([str(tmp_path)]) == [str(one)]

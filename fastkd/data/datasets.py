@@ -24,11 +24,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from fastkd.data.folders import walk_images
 from fastkd.data.stream import StreamData
 
 __all__ = ["Dataset", "load_data", "fingerprint"]
 
-IMG_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".ppm", ".pgm", ".pbm", ".tif", ".tiff", ".webp", ".gif")
 _MAX_DEFAULT_SIZE = 224
 _EXPECTED = (
     "expected 'digits', a directory with train/ and val/ (or class folders + --val-fraction), tar shards "
@@ -337,23 +337,15 @@ def _default_size(spec: str, log) -> int:
 
     sizes: Counter = Counter()
     if os.path.isdir(spec):
-        seen: set[str] = set()  # symlinks are followed, but never into a directory already visited
         top = os.path.join(spec, "train") if os.path.isdir(os.path.join(spec, "train")) else spec
-        for dirpath, dirnames, filenames in os.walk(top, followlinks=True):
-            seen.add(os.path.realpath(dirpath))
-            real = {d: os.path.realpath(os.path.join(dirpath, d)) for d in dirnames}
-            dirnames[:] = sorted(d for d in dirnames if real[d] not in seen)
+        for path in walk_images(top):
             if sum(sizes.values()) >= 32:
                 break
-            for f in sorted(filenames):
-                if sum(sizes.values()) >= 32:
-                    break
-                if f.lower().endswith(IMG_EXTENSIONS):
-                    try:
-                        with Image.open(os.path.join(dirpath, f)) as im:
-                            sizes[min(im.size)] += 1
-                    except Exception:
-                        continue
+            try:
+                with Image.open(path) as im:
+                    sizes[min(im.size)] += 1
+            except Exception:
+                continue
     size = min(sizes.most_common(1)[0][0], _MAX_DEFAULT_SIZE) if sizes else _MAX_DEFAULT_SIZE
     log(f"{spec}: no --img-size given; using {size}")
     return size

@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import os
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -149,6 +149,19 @@ class _Source:
     def load(self, i: int, size: int, chans: int, crop_pct: float) -> np.ndarray:
         with self.open(i) as f:
             return _decode(f, size, chans, crop_pct)
+
+
+def walk_images(top: str) -> Iterator[str]:
+    """Image files under ``top``, recursively (directories and files in sorted order, hidden entries skipped
+    as the split scan skips them); symlinks are followed, but never into a directory already visited."""
+    seen: set[str] = set()
+    for dirpath, dirnames, filenames in os.walk(top, followlinks=True):
+        seen.add(os.path.realpath(dirpath))
+        real = {d: os.path.realpath(os.path.join(dirpath, d)) for d in dirnames}
+        dirnames[:] = sorted(d for d in dirnames if real[d] not in seen and not d.startswith("."))
+        for f in sorted(filenames):
+            if not f.startswith(".") and f.lower().endswith(IMG_EXTENSIONS):
+                yield os.path.join(dirpath, f)
 
 
 def _scan_split(sdir: str, spec: str) -> tuple[list[str], list[str], list[int]]:

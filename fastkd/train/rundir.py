@@ -123,15 +123,16 @@ def prepare_run_dir(cfg: TrainConfig, out: Path, *, main: bool = True, log=print
                 f"and data would repeat it; lower --lr (e.g. --lr {cfg.optim.lr / 10:g}) or fix the data, "
                 "then --resume"
             )
-    done = _checkpoint_epoch(out)
+    meta = _checkpoint_meta(out)
+    done = _checkpoint_epoch(meta)
     if done is not None and done > cfg.optim.epochs:
         raise ValueError(
             f"--resume: {out}'s checkpoint is already in epoch {done}, past --epochs {cfg.optim.epochs}; "
             f"give --epochs {done} or more to continue it, or start a new run with another --out"
         )
     event = {"event": "resume", "changed": {k: [old[k], new[k]] for k in ok if k not in ("resume",)}}
-    if _checkpoint_meta(out).get("step") is not None:
-        event["step"] = _checkpoint_meta(out)["step"]  # where it continues (report.png marks it)
+    if meta.get("step") is not None:
+        event["step"] = meta["step"]  # where it continues (report.png marks it)
     if bad_stop is not None:
         event["after_non_finite_step"] = bad_stop.get("step")
     return event
@@ -174,9 +175,8 @@ def _checkpoint_meta(out: Path) -> dict:
     return (_read(Path(out) / "checkpoint" / "state.json") or {}).get("meta") or {}
 
 
-def _checkpoint_epoch(out: Path) -> int | None:
-    """The epochs the checkpoint in ``out`` has completed (a mid-epoch one counts its partial epoch)."""
-    meta = _checkpoint_meta(out)
+def _checkpoint_epoch(meta: dict) -> int | None:
+    """The epochs a checkpoint (its meta) has completed (a mid-epoch one counts its partial epoch)."""
     if "epoch" not in meta:
         return None
     return int(meta["epoch"]) + (1 if meta.get("step_in_epoch") else 0)
