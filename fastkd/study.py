@@ -58,6 +58,7 @@ from fastkd.study_report import (  # noqa: F401  (re-exported: the study's stati
     write_chart,
 )
 from fastkd.train.artifacts import repro_info
+from fastkd.train.guard import validate
 from fastkd.train.rundir import run_dir_lock
 from fastkd.train.setup import (
     DISTILLED_BASE,
@@ -172,6 +173,7 @@ class Study:
         # the full split: each run applies --train-limit (the digits default regime) itself, and the
         # default teachers learn from all of it (fastkd.train.setup)
         img = args.img_size or self.regime.get("img_size")
+        validate(self.base_config(0))  # every flag in range (--val-fraction, --lr, …) before any work
         self.data = load_data(args.data, img_size=img, val_fraction=args.val_fraction)
         self.student_data = build_data(self.base_config(0), self.data, log=lambda *a: None)[1]
 

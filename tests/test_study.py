@@ -269,3 +269,15 @@ def test_a_study_on_class_folders_without_a_val_split(tmp_path):
     assert _main(tmp_path, *args, "--val-fraction", "0.25") == 0
     cfg = json.loads((tmp_path / "study" / "runs" / "plain-s0" / "config.json").read_text())
     assert cfg["data"]["val_fraction"] == 0.25 and cfg["data"]["data"] == str(flat)
+
+
+def test_a_study_flag_out_of_range_is_one_line_before_any_work(tmp_path, capsys, monkeypatch):
+    """The study checks its flags as fastkd.train does, before loading data or training a teacher."""
+    def no_data(*a, **k):
+        raise AssertionError("data loaded before the flags were checked")
+
+    monkeypatch.setattr(study, "load_data", no_data)
+    for flag, value in (("--val-fraction", "0.7"), ("--lr", "-1")):
+        assert _main(tmp_path, "--methods", "plain", "--seeds", "0", flag, value) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and f"{flag} {float(value):g}" in err[0] and "out-of-range" in err[0], err
