@@ -32,9 +32,19 @@ class DataConfig:
     mixup: float = 0.0  # mixup alpha (0 = off)
     cutmix: float = 0.0  # cutmix alpha (0 = off)
     hflip: bool = False
+    erase: float = 0.0  # random-erasing probability (0 = off)
+    rrc_scale: float = 0.0  # random-resized crop: the smallest crop area fraction (0 = off)
     on_bad_image: str = "error"  # error | skip (an unreadable image: stop, or use the next of its class)
     workers: int | None = None  # loader worker processes (None: from the CPU count)
     memory_threshold: float = 2.0  # GiB: smaller decoded datasets are held in host memory, bigger streamed
+
+    #: the training-augmentation fields (``fastkd.train.setup.build_aug`` reads them)
+    AUGMENTATION = ("crop_pad", "mixup", "cutmix", "hflip", "erase", "rrc_scale")
+
+    def default_augmentation(self) -> DataConfig:
+        """This data config with every augmentation field at its default: the recipe of the teachers fastkd
+        trains itself (their keys hash the default augmentation, whatever the run's flags)."""
+        return dataclasses.replace(self, **{f: getattr(DataConfig, f) for f in self.AUGMENTATION})
 
 
 @dataclass
@@ -50,6 +60,7 @@ class ModelConfig:
     student_depth: int | None = None
     student_heads: int | None = None
     student_patch_size: int | None = None
+    student_drop_path: float = 0.0  # the student's stochastic-depth rate (timm drop_path_rate)
     teacher_embed_dim: int | None = None  # shape of the auto-trained default teacher
     teacher_depth: int | None = None
     teacher_heads: int | None = None
@@ -172,10 +183,15 @@ HELP: dict[str, str] = {
     "common short side up to 224; shards/synthetic: 224)",
     "train_limit": "the student sees only the first N training images; 0 = all (default: all, but 360 "
     "for the digits default job)",
-    "crop_pad": "random-shift augmentation in pixels (default: img_size/8)",
+    "crop_pad": "random-shift augmentation in pixels (default: img_size/8, or 0 with --rrc-scale)",
     "mixup": "mixup alpha; 0 = off",
     "cutmix": "cutmix alpha; 0 = off",
     "hflip": "random horizontal flips",
+    "erase": "random-erasing probability: one box per image, filled with per-channel noise (DeiT: 0.25); "
+    "0 = off",
+    "rrc_scale": "random-resized crop, the ImageNet/DeiT scale augmentation: each image is cropped to a "
+    "box of area in [RRC_SCALE, 1] of it and aspect ratio in [3/4, 4/3], resized back (bilinear); the "
+    "smallest area fraction (DeiT: 0.08); 0 = off",
     "on_bad_image": "an unreadable image stops the run (error) or is replaced by the next image of its "
     "class (skip)",
     "workers": "data loader worker processes for streamed data (default: from the CPU count)",
@@ -197,6 +213,7 @@ HELP: dict[str, str] = {
     "student_depth": "student depth (blocks) override (default: the arch's own)",
     "student_heads": "student attention heads override (default: the arch's own)",
     "student_patch_size": "student patch size override (default: the arch's own)",
+    "student_drop_path": "the student's stochastic-depth rate (timm drop_path_rate; DeiT-S: 0.1); 0 = off",
     "teacher_embed_dim": "teacher width override (default: the arch's own)",
     "teacher_depth": "teacher depth (blocks) override (default: the arch's own)",
     "teacher_heads": "teacher attention heads override (default: the arch's own)",

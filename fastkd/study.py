@@ -241,12 +241,14 @@ class Study:
         path = run_dir / "config.json"
         if not path.exists():
             return
-        old, new = json.loads(path.read_text()), cfg.to_dict()
+        old, new, default = json.loads(path.read_text()), cfg.to_dict(), TrainConfig().to_dict()
+        # a field newer than the directory (absent from its config.json) ran at its default then
+        was = {sec: {**default[sec], **old.get(sec, {})} for sec in default}
         diff = [
-            f"{sec}.{k}: {old.get(sec, {}).get(k)!r} → {v!r}"
+            f"{sec}.{k}: {was[sec].get(k)!r} → {v!r}"
             for sec in ("data", "model", "method", "optim")
             for k, v in new[sec].items()
-            if k not in ("teacher", "student") and old.get(sec, {}).get(k) != v
+            if k not in ("teacher", "student") and was[sec].get(k) != v
         ]
         if diff:
             raise ValueError(

@@ -65,6 +65,12 @@ def test_study_end_to_end_paired_and_resume(tmp_path, capsys):
     # resume: finished runs are skipped; a missing one is trained again
     stamp = {p.name: (p / "summary.json").stat().st_mtime_ns for p in (out / "runs").iterdir()}
     shutil.rmtree(out / "runs" / "plain-s1")
+    # a run made before a config field existed (its config.json lacks it) ran at its default: reused
+    cj = out / "runs" / "kd-s0" / "config.json"
+    made_before = json.loads(cj.read_text())
+    data_sec, model_sec = made_before["data"], made_before["model"]
+    del data_sec["rrc_scale"], data_sec["erase"], model_sec["student_drop_path"]
+    cj.write_text(json.dumps(made_before))
     capsys.readouterr()
     assert _main(tmp_path, "--methods", methods, "--seeds", "0,1") == 0
     log = capsys.readouterr().out

@@ -223,7 +223,7 @@ def check_run(man: dict, cfg, data, aug, where: str = "", run_teacher: dict | No
             f"augmentation stream depends on it); train with --seed {man['seed']} or rebuild the cache"
         )
     if aug is not None:
-        run_aug = jsonable(vars(aug))
+        run_aug = jsonable(aug.identity())
         k = _first_diff(man["augment"], run_aug)
         if k is not None:
             raise CacheError(

@@ -26,7 +26,8 @@ their float64 value may differ in the last bit. What the pixels and labels use i
 
 Pipeline for one sample i with id n (pixel space uint8 -> normalised float32):
 
-1. ``view_images``: translate by (oy, ox) in [-pad, pad] with zero fill (= pad + random crop), then
+1. ``view_images``: random-resized crop (when on: a box of the image resized back to its size, bilinear,
+   rounded to uint8), then translate by (oy, ox) in [-pad, pad] with zero fill (= pad + random crop), then
    horizontal flip (if ``hflip``), then normalise ``(x/255 - mean)/std``, then random erasing
    (one box, per-channel N(0,1) fill in normalised space, like timm's ``mode='rand'``).
 2. mixing (with probability ``mix_prob``): partner m = hash-derived id in [0, N) with m != n, whose
@@ -42,6 +43,7 @@ from collections.abc import Callable, Sequence
 import torch
 
 from fastkd.data.augparams import (  # noqa: F401  (public via this module)
+    VIEW_FIELDS,
     AugmentConfig,
     AugParams,
     _sample,
@@ -65,6 +67,7 @@ __all__ = [
     "hash32",
     "hash_uniform",
     "param_digest",
+    "resized_crop",
     "sample_params",
     "view_images",
 ]
@@ -124,17 +127,50 @@ def _box_mask(y1, y2, x1, x2, h: int, w: int, device) -> torch.Tensor:
     return (rows[:, :, None] & cols[:, None, :])[:, None]
 
 
+def _lerp_axis(x: torch.Tensor, start, size, dim: int) -> torch.Tensor:
+    """Resize the window [start, start + size) of ``x`` along ``dim`` (2: rows, 3: columns; per-row int64
+    [B] start and size) back to the axis' full length, bilinear as ``F.interpolate(align_corners=False)``:
+    output index o reads source max((o + 0.5) · size / n − 0.5, 0) of the window, edges clamped to it."""
+    b, ch, h, w = x.shape
+    n = x.shape[dim]
+    o = torch.arange(n, device=x.device, dtype=torch.float64)
+    src = ((o[None, :] + 0.5) * (size[:, None].to(torch.float64) / n) - 0.5).clamp_min(0.0)  # [B, n]
+    i0 = torch.minimum(src.floor().to(torch.int64), size[:, None] - 1)
+    i1 = torch.minimum(i0 + 1, size[:, None] - 1)
+    frac = (src - i0.to(torch.float64)).to(torch.float32)
+    shape = (b, 1, n, 1) if dim == 2 else (b, 1, 1, n)
+    full = (b, ch, n, w) if dim == 2 else (b, ch, h, n)
+    a = torch.gather(x, dim, (start[:, None] + i0).view(shape).expand(full)).to(torch.float32)
+    c = torch.gather(x, dim, (start[:, None] + i1).view(shape).expand(full)).to(torch.float32)
+    return a + (c - a) * frac.view(shape)
+
+
+def resized_crop(x: torch.Tensor, top, left, height, width) -> torch.Tensor:
+    """uint8 [B, C, H, W] → each row's box (top, left, height, width: int64 [B]) resized to H × W, bilinear
+    (torchvision's ``resized_crop`` of a tensor: crop, then ``interpolate(align_corners=False)``; the box is
+    never larger than the image, so this only upsamples and needs no antialias), rounded to uint8."""
+    dev = x.device
+    top, left, height, width = (_on(t, dev) for t in (top, left, height, width))
+    rows = _lerp_axis(x, top, height, 2)
+    out = _lerp_axis(rows, left, width, 3)
+    return out.round_().clamp_(0, 255).to(torch.uint8)
+
+
 def view_images(x: torch.Tensor, params: tuple, mean, std) -> torch.Tensor:
-    """Apply translation (zero fill), flip, normalisation and erasing to uint8 images.
+    """Apply the random-resized crop, translation (zero fill), flip, normalisation and erasing to uint8
+    images.
 
     x: uint8 [B, C, H, W] (the raw images of the ids the params were drawn for).
-    params: the first 9 fields of AugParams (shift_y, shift_x, flip, erase, ey1, ey2, ex1, ex2, erase_fill).
-        shift_y/shift_x, flip or erase may be None: that step is off (skipped, same result as no-op values).
+    params: the view fields of AugParams (shift_y, shift_x, flip, erase, ey1, ey2, ex1, ex2, erase_fill,
+        rrc_y, rrc_x, rrc_h, rrc_w). shift_y/shift_x, flip, erase or rrc_y may be None: that step is off
+        (skipped, same result as no-op values).
     Returns float32 [B, C, H, W] on x's device.
     """
-    sy, sx, flip, erase, ey1, ey2, ex1, ex2, fill = params
+    sy, sx, flip, erase, ey1, ey2, ex1, ex2, fill, ry, rx, rh, rw = params
     b, ch, h, w = x.shape
     dev = x.device
+    if ry is not None:
+        x = resized_crop(x, ry, rx, rh, rw)
     out = x
     if sy is not None or flip is not None:
         c = torch.arange(w, device=dev)
@@ -164,14 +200,16 @@ def view_images(x: torch.Tensor, params: tuple, mean, std) -> torch.Tensor:
 
 def _active(fields: tuple, cfg: AugmentConfig, h: int, w: int) -> tuple:
     """View fields with the steps ``cfg`` turns off set to None (decided by the config, never by data)."""
-    sy, sx, flip, erase, ey1, ey2, ex1, ex2, fill = fields
+    sy, sx, flip, erase, ey1, ey2, ex1, ex2, fill, ry, rx, rh, rw = fields
     if cfg.pad_for(max(h, w)) == 0:
         sy = sx = None
     if not cfg.hflip:
         flip = None
     if cfg.erase_prob <= 0:
         erase = None
-    return sy, sx, flip, erase, ey1, ey2, ex1, ex2, fill
+    if cfg.rrc_scale <= 0:
+        ry = None
+    return sy, sx, flip, erase, ey1, ey2, ex1, ex2, fill, ry, rx, rh, rw
 
 
 def _fetch(src, ids: torch.Tensor, device) -> torch.Tensor:
@@ -300,7 +338,7 @@ def augment_batch(
     else:
         if x is None:
             x = _fetch(x_all_or_fetch, ids, dev)
-        fields = (p.shift_y, p.shift_x, p.flip, p.erase, p.ey1, p.ey2, p.ex1, p.ex2, p.erase_fill)
+        fields = tuple(getattr(p, f) for f in VIEW_FIELDS)
         out = view_images(x, _active(fields, cfg, h, w), mean, std)
         y = _on(y_all.detach().index_select(0, _on(ids, y_all.device)), dev).to(torch.int64)
         y_p = y  # partner == id: lam = 1, y_soft = one-hot(y)

@@ -30,6 +30,10 @@ class AugmentConfig:
     switch_prob: probability of cutmix instead of mixup when both alphas are on.
     erase_prob: probability of random erasing (one box of area fraction in ``erase_area`` and aspect
         ratio log-uniform in ``erase_ratio``, filled with per-channel N(0, 1) in normalised space).
+    rrc_scale: random-resized crop (torchvision's ``RandomResizedCrop``, the ImageNet / DeiT scale
+        augmentation): the smallest crop area as a fraction of the image (DeiT: 0.08); the crop's area is
+        uniform in [rrc_scale, 1] of the image, its aspect ratio log-uniform in ``rrc_ratio``, and it is
+        resized back to the image size (bilinear). 0 turns it off. It runs first, before the translation.
     """
 
     crop_pad: int | None = None
@@ -41,6 +45,8 @@ class AugmentConfig:
     erase_prob: float = 0.0
     erase_area: tuple[float, float] = (0.02, 1.0 / 3.0)
     erase_ratio: tuple[float, float] = (0.3, 3.3)
+    rrc_scale: float = 0.0
+    rrc_ratio: tuple[float, float] = (3.0 / 4.0, 4.0 / 3.0)
 
     def __post_init__(self):
         if self.crop_pad is not None and (int(self.crop_pad) != self.crop_pad or self.crop_pad < 0):
@@ -57,6 +63,11 @@ class AugmentConfig:
         lo, hi = self.erase_ratio
         if not 0.0 < lo <= hi:
             raise ValueError(f"AugmentConfig.erase_ratio={self.erase_ratio!r}: use 0 < lo <= hi")
+        if not 0.0 <= self.rrc_scale <= 1.0:
+            raise ValueError(f"AugmentConfig.rrc_scale={self.rrc_scale!r}: use a fraction in (0, 1], 0 = off")
+        lo, hi = self.rrc_ratio
+        if not 0.0 < lo <= hi:
+            raise ValueError(f"AugmentConfig.rrc_ratio={self.rrc_ratio!r}: use 0 < lo <= hi")
 
     @classmethod
     def default_for(cls, img_size: int, **overrides) -> AugmentConfig:
@@ -68,6 +79,15 @@ class AugmentConfig:
 
     def pad_for(self, img_size: int) -> int:
         return int(round(img_size / 8)) if self.crop_pad is None else int(self.crop_pad)
+
+    def identity(self) -> dict:
+        """The fields that define the augmentation stream, for cache manifests and teacher keys: every
+        field, except those added later (the random-resized crop) while they are off, so a cache or a
+        default teacher made before they existed still matches a run that does not use them."""
+        d = dict(vars(self))
+        if not self.rrc_scale:
+            d.pop("rrc_scale"), d.pop("rrc_ratio")
+        return d
 
     @property
     def mixing(self) -> bool:
@@ -83,6 +103,8 @@ class AugParams:
     shift_y, shift_x: int64 translation in [-pad, pad]: output pixel (r, c) reads input
         (r + shift_y, c' + shift_x), c' = c or W-1-c when flipped; zero outside.
     flip: bool. erase: bool; ey1, ey2, ex1, ex2: int64 erase box. erase_fill: float64 [B, C].
+    rrc_y, rrc_x, rrc_h, rrc_w: int64 random-resized-crop box (top, left, height, width; the whole image
+        when the crop is off).
     mixed: bool; cut: bool (cutmix when mixed); partner: int64 id (== id itself when not mixed or N == 1);
     lam: float64 share of the sample's own image/label (1 when not mixed; cutmix: 1 - box area / (H*W));
     cy1, cy2, cx1, cx2: int64 cutmix box (empty when not cut).
@@ -97,6 +119,10 @@ class AugParams:
     ex1: torch.Tensor
     ex2: torch.Tensor
     erase_fill: torch.Tensor
+    rrc_y: torch.Tensor
+    rrc_x: torch.Tensor
+    rrc_h: torch.Tensor
+    rrc_w: torch.Tensor
     mixed: torch.Tensor
     cut: torch.Tensor
     partner: torch.Tensor
@@ -105,6 +131,38 @@ class AugParams:
     cy2: torch.Tensor
     cx1: torch.Tensor
     cx2: torch.Tensor
+
+
+# the per-view fields of AugParams, in ``_view_params``' order (what ``view_images`` takes)
+VIEW_FIELDS = ("shift_y", "shift_x", "flip", "erase", "ey1", "ey2", "ex1", "ex2", "erase_fill",
+               "rrc_y", "rrc_x", "rrc_h", "rrc_w")
+RRC_TRIES = 10  # torchvision's RandomResizedCrop: 10 (area, ratio) tries, then the central-crop fallback
+
+
+def _rrc_box(dr: _Draws, cfg: AugmentConfig, h: int, w: int):
+    """(top, left, height, width) int64 [B] of torchvision's ``RandomResizedCrop.get_params``, batched: the
+    first of RRC_TRIES (area, log-ratio) draws whose box fits the image, at a uniform position; when none
+    fits, the central crop of the largest box with a ratio in ``rrc_ratio``."""
+    area = (cfg.rrc_scale + (1.0 - cfg.rrc_scale) * dr.u("rrc_area")) * (h * w)  # [B, T]
+    rlo, rhi = math.log(cfg.rrc_ratio[0]), math.log(cfg.rrc_ratio[1])
+    aspect = torch.exp(rlo + (rhi - rlo) * dr.u("rrc_ratio"))
+    cw = torch.round(torch.sqrt(area * aspect)).to(torch.int64)
+    ch = torch.round(torch.sqrt(area / aspect)).to(torch.int64)
+    fits = (cw > 0) & (cw <= w) & (ch > 0) & (ch <= h)
+    first = fits.to(torch.int8).argmax(dim=1, keepdim=True)  # the first fitting try (0 when none fits)
+    in_ratio = w / h
+    if in_ratio < cfg.rrc_ratio[0]:
+        fw, fh = w, int(round(w / cfg.rrc_ratio[0]))
+    elif in_ratio > cfg.rrc_ratio[1]:
+        fw, fh = int(round(h * cfg.rrc_ratio[1])), h
+    else:
+        fw, fh = w, h
+    any_fit = fits.any(dim=1)
+    bh = torch.where(any_fit, ch.gather(1, first)[:, 0], fh)
+    bw = torch.where(any_fit, cw.gather(1, first)[:, 0], fw)
+    top = torch.where(any_fit, dr.randint("rrc_y", h - bh + 1), (h - fh) // 2)
+    left = torch.where(any_fit, dr.randint("rrc_x", w - bw + 1), (w - fw) // 2)
+    return top, left, bh, bw
 
 
 def _view_specs(cfg: AugmentConfig, channels: int, h: int, w: int) -> list[tuple[str, int]]:
@@ -117,6 +175,8 @@ def _view_specs(cfg: AugmentConfig, channels: int, h: int, w: int) -> list[tuple
     if cfg.erase_prob > 0:
         specs += [("erase", 0), ("erase_area", 0), ("erase_ratio", 0), ("erase_y", 0), ("erase_x", 0)]
         specs += [("erase_fill1", channels), ("erase_fill2", channels)]
+    if cfg.rrc_scale > 0:
+        specs += [("rrc_y", 0), ("rrc_x", 0), ("rrc_area", RRC_TRIES), ("rrc_ratio", RRC_TRIES)]
     return specs
 
 
@@ -149,7 +209,8 @@ def _view_params(
     w: int,
     dr: _Draws | None = None,
 ):
-    """Crop/flip/erase parameters of ``ids`` (int64 [B], any device; results on that device); see AugParams.
+    """Crop/flip/erase/resized-crop parameters of ``ids`` (int64 [B], any device; results on that device);
+    see AugParams.
 
     dr: the draws of ``ids`` holding (at least) ``_view_specs``; None -> computed here.
     """
@@ -167,10 +228,14 @@ def _view_params(
     else:
         flip = torch.zeros(b, dtype=torch.bool, device=dev)
     zero = torch.zeros(b, dtype=torch.int64, device=dev)
+    if cfg.rrc_scale > 0:
+        rrc = _rrc_box(dr, cfg, h, w)
+    else:
+        rrc = (zero, zero, torch.full_like(zero, h), torch.full_like(zero, w))
     if cfg.erase_prob <= 0:
         no = torch.zeros(b, dtype=torch.bool, device=dev)
         fill = torch.zeros(b, channels, dtype=torch.float64, device=dev)
-        return sy, sx, flip, no, zero, zero, zero, zero, fill
+        return sy, sx, flip, no, zero, zero, zero, zero, fill, *rrc
     erase = dr.u("erase") < cfg.erase_prob
     lo, hi = cfg.erase_area
     area = (lo + (hi - lo) * dr.u("erase_area")) * (h * w)
@@ -185,7 +250,7 @@ def _view_params(
     u1 = dr.u("erase_fill1")
     u2 = dr.u("erase_fill2")
     fill = torch.sqrt(-2.0 * torch.log(u1)) * torch.cos(2.0 * math.pi * u2)
-    return sy, sx, flip, erase, ey1, ey2, ex1, ex2, fill
+    return sy, sx, flip, erase, ey1, ey2, ex1, ex2, fill, *rrc
 
 
 def _sample(ids, seed, view, cfg, n, channels, h, w, *, partner_view: bool):
@@ -310,7 +375,8 @@ def param_digest(
     """
     p = sample_params(ids, seed=seed, view=view, cfg=cfg, n=n, channels=channels, height=height, width=width)
     d = hashlib.sha256()
-    for name in _DIGEST_FIELDS:
+    # the crop box only when the crop is on: the digests of configs without it are those of before it
+    for name in _DIGEST_FIELDS + (("rrc_y", "rrc_x", "rrc_h", "rrc_w") if cfg.rrc_scale > 0 else ()):
         t = getattr(p, name).detach().to("cpu")
         if not exact and t.dtype == torch.float64:
             t = t.to(torch.float32)

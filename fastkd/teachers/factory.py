@@ -130,7 +130,7 @@ def teacher_key(data: Dataset, arch: tuple[str, dict], cfg: TrainConfig, aug: Au
         "warmup": cfg.optim.warmup_epochs,
         "min_lr": cfg.optim.min_lr,
         "clip": cfg.optim.grad_clip,
-        "aug": vars(aug),
+        "aug": aug.identity(),
         "version": 2,  # 2: patience recipe (fastkd.teachers.default)
     }
     return hashlib.sha256(json.dumps(recipe, sort_keys=True, default=str).encode()).hexdigest()[:16]

@@ -114,10 +114,13 @@ def build_data(cfg: TrainConfig, data: Dataset | None = None, log=print) -> tupl
 
 
 def build_aug(cfg: TrainConfig, data: Dataset) -> AugmentConfig:
-    aug = AugmentConfig.default_for(data.img_size)
-    if cfg.data.crop_pad is not None:
-        aug.crop_pad = cfg.data.crop_pad
-    aug.mixup_alpha, aug.cutmix_alpha, aug.hflip = cfg.data.mixup, cfg.data.cutmix, cfg.data.hflip
+    d = cfg.data
+    aug = AugmentConfig.default_for(data.img_size, rrc_scale=d.rrc_scale, erase_prob=d.erase)
+    if d.crop_pad is not None:
+        aug.crop_pad = d.crop_pad
+    elif d.rrc_scale > 0:  # the resized crop moves the content already: no translation unless asked for
+        aug.crop_pad = 0
+    aug.mixup_alpha, aug.cutmix_alpha, aug.hflip = d.mixup, d.cutmix, d.hflip
     return aug
 
 
@@ -130,7 +133,8 @@ def student_arch(cfg: TrainConfig, data: Dataset) -> tuple[str, dict]:
         arch = default_arch("student", data.img_size, data.in_chans, data.num_classes)
         if wants_dist_head(cfg.method.method):
             arch = (DISTILLED_BASE, arch[1])
-    return arch[0], {**arch[1], **shape_overrides(cfg, "student")}
+    drop = {"drop_path_rate": cfg.model.student_drop_path} if cfg.model.student_drop_path > 0 else {}
+    return arch[0], {**arch[1], **shape_overrides(cfg, "student"), **drop}
 
 
 def build_student(cfg: TrainConfig, data: Dataset, device, arch: tuple[str, dict] | None = None):
@@ -315,7 +319,7 @@ def _fit_default_locked(cfg, data, arch, tdir: Path, what: str, log, cap, lr, pa
     cap = cap or epoch_cap(len(data.y_train), cfg.optim.batch_size, cfg.model.teacher_epochs)
     tcfg.optim = replace(tcfg.optim, epochs=cap, lr=lr or cfg.model.teacher_lr)
     tcfg.run = replace(tcfg.run, seed=0, resume=False, teacher_cache=None, tensorboard=False, compile=False)
-    tcfg.data = replace(tcfg.data, train_limit=0, mixup=0.0, cutmix=0.0, crop_pad=None, hflip=False)
+    tcfg.data = replace(tcfg.data.default_augmentation(), train_limit=0)
     log(f"fastkd: training the default {what} ({arch[0]} {arch[1]}; up to {cap} epochs, "
         f"stops when val top-1 stops improving) → {tdir}")
     device = pick_device(tcfg.run.device)
@@ -353,7 +357,7 @@ def _finetune_locked(cfg: TrainConfig, data: Dataset, arch: str, tdir: Path, log
     tcfg.model = replace(tcfg.model, teacher=None, student_weights=None, teacher_finetune=0)
     tcfg.optim = replace(tcfg.optim, epochs=m.teacher_finetune, lr=finetune_lr(cfg))
     tcfg.run = replace(tcfg.run, seed=0, resume=True, teacher_cache=None, tensorboard=False, compile=False)
-    tcfg.data = replace(tcfg.data, train_limit=0, mixup=0.0, cutmix=0.0, crop_pad=None, hflip=False)
+    tcfg.data = replace(tcfg.data.default_augmentation(), train_limit=0)
     device = pick_device(tcfg.run.device)
     seed_everything(0)
     with torch.random.fork_rng(devices=[]):

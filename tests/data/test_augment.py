@@ -20,6 +20,9 @@ from fastkd.data.augment import (
 from fastkd.data.hashing import _beta_symmetric, _mix32
 
 FULL = AugmentConfig.default_for(8, hflip=True, mixup_alpha=0.8, cutmix_alpha=1.0, erase_prob=0.5)
+FULL_RRC = AugmentConfig.default_for(  # the DeiT recipe's scale crop on top (no translation)
+    8, hflip=True, mixup_alpha=0.8, cutmix_alpha=1.0, erase_prob=0.5, rrc_scale=0.08, crop_pad=0
+)
 
 
 @pytest.fixture(scope="module")
@@ -94,17 +97,18 @@ def test_beta_lambda_distribution(alpha):
 # ----------------------------------------------------------------------------------------------------
 
 
-def test_same_seed_view_id_identical_whatever_the_batch(digits):
+@pytest.mark.parametrize("cfg", [FULL, FULL_RRC], ids=["full", "full+rrc"])
+def test_same_seed_view_id_identical_whatever_the_batch(digits, cfg):
     ids = torch.randperm(len(digits.y_train), generator=torch.Generator().manual_seed(0))[:96]
-    x, ys, yh = _aug(digits, ids, FULL, seed=3, view=2)
+    x, ys, yh = _aug(digits, ids, cfg, seed=3, view=2)
     assert x.dtype == torch.float32 and x.shape == (96, 1, 8, 8)
     assert ys.shape == (96, 10) and yh.dtype == torch.int64
     perm = torch.randperm(96, generator=torch.Generator().manual_seed(1))
-    px, pys, pyh = _aug(digits, ids[perm], FULL, seed=3, view=2)
+    px, pys, pyh = _aug(digits, ids[perm], cfg, seed=3, view=2)
     assert torch.equal(px, x[perm]) and torch.equal(pys, ys[perm]) and torch.equal(pyh, yh[perm])
     start = 0
     for size in (1, 5, 26, 64):  # uneven splits
-        cx, cys, cyh = _aug(digits, ids[start : start + size], FULL, seed=3, view=2)
+        cx, cys, cyh = _aug(digits, ids[start : start + size], cfg, seed=3, view=2)
         assert torch.equal(cx, x[start : start + size]) and torch.equal(cys, ys[start : start + size])
         assert torch.equal(cyh, yh[start : start + size])
         start += size
@@ -337,8 +341,11 @@ def test_view_images_identity_params_equal_eval():
     x = torch.randint(0, 256, (3, 2, 5, 5), dtype=torch.uint8)
     z = torch.zeros(3, dtype=torch.int64)
     no = torch.zeros(3, dtype=torch.bool)
-    params = (z, z, no, no, z, z, z, z, torch.zeros(3, 2))
-    assert torch.equal(view_images(x, params, [0.1, 0.2], [0.3, 0.4]), eval_batch(x, [0.1, 0.2], [0.3, 0.4]))
+    full = torch.full((3,), 5, dtype=torch.int64)
+    ref = eval_batch(x, [0.1, 0.2], [0.3, 0.4])
+    for rrc in ((None, None, None, None), (z, z, full, full)):  # the crop off, and the whole-image box
+        params = (z, z, no, no, z, z, z, z, torch.zeros(3, 2), *rrc)
+        assert torch.equal(view_images(x, params, [0.1, 0.2], [0.3, 0.4]), ref)
 
 
 def test_augment_batch_input_errors(digits):
