@@ -109,6 +109,7 @@ class OptimConfig:
     weight_decay: float = 0.05
     warmup_epochs: float = 5.0
     grad_clip: float = 5.0
+    accum_steps: int = 1  # gradient accumulation: batches per optimizer step
 
 
 @dataclass
@@ -253,6 +254,10 @@ HELP: dict[str, str] = {
     "weight_decay": "AdamW weight decay",
     "warmup_epochs": "linear warm-up epochs",
     "grad_clip": "gradient norm clip; 0 = off",
+    "accum_steps": "gradient accumulation: each optimizer step sums the gradients of this many batches of "
+    "--batch-size (an effective batch of accum-steps × batch-size, for a batch too big for the GPU); the "
+    "schedule, --log-every and --ckpt-every count optimizer steps; an epoch's last batches that cannot make "
+    "a whole step are skipped",
     # run
     "seed": "random seed (data order, augmentation, init)",
     "out": "run directory (default: <workdir>/<method>-<student>-s<seed>)",

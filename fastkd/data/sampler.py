@@ -80,51 +80,58 @@ class EpochSampler:
         keys = hash32(torch.arange(self.n, dtype=torch.int64), self.seed, epoch, "epoch_order")
         return torch.argsort(keys, stable=True)
 
-    def host_batches(self, epoch: int, start_step: int = 0) -> Iterator[torch.Tensor]:
-        """This rank's int64 id batches of ``epoch`` on the host (CPU), for steps start_step .. len(self)-1.
+    def _span(self, start_step: int, stop_step: int | None) -> int:
+        """stop_step (None: len(self)), after checking 0 <= start_step <= stop_step <= len(self)."""
+        stop = len(self) if stop_step is None else int(stop_step)
+        if not 0 <= start_step <= stop <= len(self):
+            raise ValueError(
+                f"EpochSampler: steps {start_step}..{stop}; use 0 <= start_step <= stop_step <= {len(self)} "
+                "(steps per epoch)"
+            )
+        return stop
+
+    def host_batches(
+        self, epoch: int, start_step: int = 0, stop_step: int | None = None
+    ) -> Iterator[torch.Tensor]:
+        """This rank's int64 id batches of ``epoch`` on the host (CPU), for steps start_step .. stop_step-1
+        (stop_step None: to the epoch's end).
 
         Skipping steps draws nothing: step s is the same whatever start_step was.
         """
-        steps = len(self)
-        if not 0 <= start_step <= steps:
-            raise ValueError(
-                f"EpochSampler: start_step={start_step}; use 0 <= start_step <= {steps} (steps per epoch)"
-            )
+        stop = self._span(start_step, stop_step)
         perm = self.order(epoch)
         bs, ws = self.batch_size, self.world_size
-        for step in range(start_step, steps):
+        for step in range(start_step, stop):
             g = perm[step * bs : (step + 1) * bs]
             if g.numel() % ws:
                 g = torch.cat([g, perm[: ws - g.numel() % ws]])
             k = g.numel() // ws
             yield g[self.rank * k : (self.rank + 1) * k].clone()
 
-    def batches(self, epoch: int, start_step: int = 0) -> EpochBatches:
-        """This rank's int64 id batches of ``epoch`` for steps start_step .. len(self)-1, on ``device``.
+    def batches(self, epoch: int, start_step: int = 0, stop_step: int | None = None) -> EpochBatches:
+        """This rank's int64 id batches of ``epoch`` for steps start_step .. stop_step-1 (None: to the end),
+        on ``device``.
 
         An iterable (``EpochBatches``); ``.host()`` gives the same batches on the host (what a teacher
         cache's prefetch thread gathers with). On a CUDA device the whole epoch goes up at the first
         ``next`` (pinned, non_blocking: no sync), each step is a slice of it.
         """
-        if not 0 <= start_step <= len(self):
-            raise ValueError(
-                f"EpochSampler: start_step={start_step}; use 0 <= start_step <= {len(self)} (steps per epoch)"
-            )
-        return EpochBatches(self, epoch, start_step)
+        return EpochBatches(self, epoch, start_step, self._span(start_step, stop_step))
 
 
 class EpochBatches:
-    """The id batches of one epoch from one start step: iterate for ids on the sampler's device,
-    ``host()`` for the same ids on the host."""
+    """The id batches of one epoch from one start step to one stop step: iterate for ids on the sampler's
+    device, ``host()`` for the same ids on the host."""
 
-    def __init__(self, sampler: EpochSampler, epoch: int, start_step: int):
+    def __init__(self, sampler: EpochSampler, epoch: int, start_step: int, stop_step: int | None = None):
         self.sampler, self.epoch, self.start_step = sampler, int(epoch), int(start_step)
+        self.stop_step = len(sampler) if stop_step is None else int(stop_step)
 
     def __len__(self) -> int:
-        return len(self.sampler) - self.start_step
+        return self.stop_step - self.start_step
 
     def host(self) -> Iterator[torch.Tensor]:
-        return self.sampler.host_batches(self.epoch, self.start_step)
+        return self.sampler.host_batches(self.epoch, self.start_step, self.stop_step)
 
     def __iter__(self) -> Iterator[torch.Tensor]:
         dev = self.sampler.device

@@ -1,7 +1,7 @@
 """The training loop, nanoGPT style: ``Trainer`` is handed ready parts; ``step`` is one optimizer step::
 
-    zero_grad → data (augment) → teacher (online | cached) → student (+taps) → losses
-              → backward → clip → optimizer → schedule
+    zero_grad → [data (augment) → teacher (online | cached) → student (+taps) → losses
+              → backward] × --accum-steps → clip → optimizer → schedule
 
 ``fit`` runs the epochs (eval, checkpoints, metrics.jsonl, summary.json, report.png). The parts are built
 by ``fastkd.train.setup`` from a config; this module imports neither the cache nor the teacher factory.
@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import math
 import time
 from pathlib import Path
 
@@ -42,39 +41,11 @@ from fastkd.train.distributed import Dist
 from fastkd.train.evaluate import evaluate
 from fastkd.train.finite import all_finite as _all_finite
 from fastkd.train.finite import total_norm as _total_norm
+from fastkd.train.optim import build_optimizer, resume_lr
 from fastkd.train.rundir import NON_FINITE, record_non_finite, resume_steps, write_config
 from fastkd.utils import atomic_write_json, load_state, save_state
 
 __all__ = ["NonFiniteLoss", "Trainer", "evaluate"]
-
-
-def lr_lambda(cfg: TrainConfig, steps_per_epoch: int):
-    """Linear warmup then cosine from lr to min_lr, per step."""
-    total = max(1, cfg.optim.epochs * steps_per_epoch)
-    warm = min(total - 1, int(cfg.optim.warmup_epochs * steps_per_epoch))
-    floor = cfg.optim.min_lr / cfg.optim.lr if cfg.optim.lr > 0 else 0.0
-
-    def f(step: int) -> float:
-        if step < warm:
-            return (step + 1) / (warm + 1)
-        p = (step - warm) / max(1, total - warm)
-        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(1.0, p)))
-
-    return f
-
-
-def param_groups(modules: list[nn.Module], weight_decay: float):
-    """No weight decay on biases, norms, tokens and position embeddings (timm/DeiT convention)."""
-    decay, no_decay = [], []
-    for m in modules:
-        for name, p in m.named_parameters():
-            if not p.requires_grad:
-                continue
-            if p.ndim <= 1 or name.endswith(".bias") or "token" in name or "pos_embed" in name:
-                no_decay.append(p)
-            else:
-                decay.append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
 class StudentStep(nn.Module):
@@ -128,17 +99,21 @@ class Trainer:
             device=self.device,  # device ids: no per-step host→device copy
         )
 
-        # optimizer + schedule
-        fused_ok = self.device.type == "cuda"
-        self.opt = torch.optim.AdamW(
-            param_groups([self.student, self.loss_fn], cfg.optim.weight_decay),
-            lr=cfg.optim.lr,
-            betas=(0.9, 0.999),
-            **({"fused": True} if fused_ok else {}),
+        # gradient accumulation: an optimizer step takes ``accum`` batches of the sampler; an epoch's last
+        # len(sampler) % accum batches, too few for a step, are skipped
+        self.accum = cfg.optim.accum_steps
+        self.micro_per_epoch = len(self.sampler) // self.accum * self.accum
+        if self.micro_per_epoch == 0:
+            raise ValueError(
+                f"--accum-steps {self.accum} needs {self.accum} batches per epoch, but the data gives "
+                f"{len(self.sampler)} of --batch-size {self.sampler.batch_size}; lower --accum-steps or "
+                "--batch-size"
+            )
+        self.steps_per_epoch = self.micro_per_epoch // self.accum  # optimizer steps
+        self.opt, self.sched = build_optimizer(
+            cfg, [self.student, self.loss_fn], self.device, self.steps_per_epoch
         )
         self._params = [p for g in self.opt.param_groups for p in g["params"]]  # what clipping sees
-        self.steps_per_epoch = len(self.sampler)
-        self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lr_lambda(cfg, self.steps_per_epoch))
         self.step_idx, self.epoch = 0, 0
         self.s_blocks = self.loss_fn.student_blocks()
         # student + trainable loss parts in one module: what DDP wraps and torch.compile compiles
@@ -158,6 +133,7 @@ class Trainer:
         # the training position as a 0-d device tensor, refilled each step (a fill kernel: no host→device
         # copy, no sync; one tensor object, so torch.compile does not recompile as it moves)
         self._epoch_frac = torch.zeros((), dtype=torch.get_default_dtype(), device=self.device)
+        self._ddp_recorded = False  # whether a backward ran (DDP records its static graph there)
         self._bad = None  # per-part first non-finite step, on device (checked on log steps: no sync)
         self._ckpt_dir: Path | None = None  # set by fit
         self._last_ckpt_step: int | None = None  # the step of the last (finite) checkpoint written or loaded
@@ -176,12 +152,36 @@ class Trainer:
         """Student forward + the named loss terms for one batch (no backward, no optimizer)."""
         return self._fwd(x, t_sig, y_soft, y_hard, epoch_frac)
 
-    def step(self, ids: torch.Tensor, epoch: int, tel: Telemetry | None = None) -> dict[str, torch.Tensor]:
+    def step(self, ids, epoch: int, tel: Telemetry | None = None) -> dict[str, torch.Tensor]:
         """One optimizer step on the sample ``ids`` (the sampler's device ids) of ``epoch``; no host sync.
+        With ``--accum-steps K``, ``ids`` is a list of K batches: their gradients add up, each loss scaled by
+        1/K (the step's gradient is that of their mean), and under DDP only the last backward all-reduces.
 
-        Returns the named loss terms (0-d device tensors; read them on log steps only)."""
+        Returns the named loss terms, averaged over the batches (0-d device tensors; read them on log steps
+        only)."""
+        group = [ids] if isinstance(ids, torch.Tensor) else list(ids)
+        if len(group) != self.accum:
+            raise ValueError(f"Trainer.step: {len(group)} batch(es) for --accum-steps {self.accum}")
         ph = tel.timer.phase if tel is not None else (lambda name: contextlib.nullcontext())
         self.opt.zero_grad(set_to_none=True)
+        terms: dict[str, torch.Tensor] = {}
+        for k, b in enumerate(group):
+            t = self._forward_backward(b, epoch, ph, k)
+            terms = {n: terms[n] + v for n, v in t.items()} if terms else t
+        if self.accum > 1:
+            terms = {n: v / self.accum for n, v in terms.items()}
+        with ph("optim"):
+            if self.cfg.optim.grad_clip > 0:
+                terms["grad_norm"] = torch.nn.utils.clip_grad_norm_(self._params, self.cfg.optim.grad_clip)
+            self.opt.step()
+            self.sched.step()
+            self._track_finite(terms)
+        self.step_idx += 1
+        return terms
+
+    def _forward_backward(self, ids: torch.Tensor, epoch: int, ph, k: int) -> dict[str, torch.Tensor]:
+        """Data, teacher, student + loss and backward of batch ``k`` of the step; its terms, detached when
+        accumulating (the step averages them)."""
         view = self.view_of(epoch)
         with ph("data"):
             if ids.device != self.device:  # host ids from a caller (the sampler yields device ids)
@@ -194,18 +194,20 @@ class Trainer:
             with ph("teacher"), torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.amp):
                 t_sig = self.teacher(x, ids=ids, view=view)
         with ph("student"):
-            pos = epoch + (self.step_idx % self.steps_per_epoch) / self.steps_per_epoch
+            micro = (self.step_idx % self.steps_per_epoch) * self.accum + k  # this batch's place in the epoch
+            pos = epoch + micro / self.micro_per_epoch
             epoch_frac = self._epoch_frac.fill_(pos)  # same float32 value as torch.tensor(pos)
-            terms = self._fwd(x, t_sig, y_soft, y_hard, epoch_frac)
-            terms["loss"].backward()
-        with ph("optim"):
-            if self.cfg.optim.grad_clip > 0:
-                terms["grad_norm"] = torch.nn.utils.clip_grad_norm_(self._params, self.cfg.optim.grad_clip)
-            self.opt.step()
-            self.sched.step()
-            self._track_finite(terms)
-        self.step_idx += 1
-        return terms
+            # DDP's static graph is recorded by this process's first backward, which must all-reduce;
+            # later ones skip it (no_sync) but for a step's last (all ranks' partial sums agree: exact)
+            sync = k == self.accum - 1 or self.dist.world == 1 or not self._ddp_recorded
+            self._ddp_recorded = True
+            with contextlib.nullcontext() if sync else self.step_module.no_sync():
+                terms = self._fwd(x, t_sig, y_soft, y_hard, epoch_frac)
+                if self.accum == 1:
+                    terms["loss"].backward()
+                    return terms
+                (terms["loss"] / self.accum).backward()
+        return {n: v.detach() for n, v in terms.items()}
 
     def _track_finite(self, terms: dict[str, torch.Tensor]) -> None:
         """Remember, on device, the first step at which each loss part, the gradient norm or the updated
@@ -302,20 +304,23 @@ class Trainer:
             leave=False,
         )
         mf = open(metrics_path, "a") if main else None
+        def batches(epoch: int, first: int):  # the epoch's batches that make whole optimizer steps
+            return self.sampler.batches(epoch, start_step=first, stop_step=self.micro_per_epoch)
+
         disarm = stop.arm()  # SIGTERM / Ctrl-C: a checkpoint at a step boundary, then stop (fastkd.stop)
         try:
             for epoch in range(start_epoch, cfg.optim.epochs):
                 self.epoch = epoch
                 first = start_step if epoch == start_epoch else 0
                 if self.teacher is not None:  # a cached teacher gathers the epoch's records ahead
-                    self.teacher.prefetch_epoch(
-                        self.sampler.batches(epoch, start_step=first), self.view_of(epoch)
-                    )
+                    self.teacher.prefetch_epoch(batches(epoch, first), self.view_of(epoch))
                 # the loader prepares the epoch's batches (CPU ids) ahead, in workers or from pinned memory
-                self.batches.start_epoch(self.sampler.batches(epoch, start_step=first), self.view_of(epoch))
-                for i, ids in enumerate(self.sampler.batches(epoch, start_step=first), start=first):
-                    terms = self.step(ids, epoch, tel)
-                    tel.timer.step_done(len(ids) * self.dist.world)
+                self.batches.start_epoch(batches(epoch, first), self.view_of(epoch))
+                it = iter(batches(epoch, first))
+                for i in range(first + self.accum - 1, self.micro_per_epoch, self.accum):  # i: its last batch
+                    group = [next(it) for _ in range(self.accum)]
+                    terms = self.step(group[0] if self.accum == 1 else group, epoch, tel)
+                    tel.timer.step_done(sum(len(b) for b in group) * self.dist.world)
                     bar.update(1)
                     log_step = self.step_idx % cfg.run.log_every == 0 or self.step_idx == 1
                     if log_step:
@@ -332,7 +337,7 @@ class Trainer:
                     stopping = self._stop_signal(log_step)  # a checkpoint here, then stop
                     if (
                         stopping or (cfg.run.ckpt_every and self.step_idx % cfg.run.ckpt_every == 0)
-                    ) and i + 1 < self.steps_per_epoch:
+                    ) and i + 1 < self.micro_per_epoch:
                         self._save_checkpoint(ckpt_dir, epoch, i + 1)
                         if stopping:
                             self._halt(ckpt_dir, stopping)
@@ -476,17 +481,10 @@ class Trainer:
         self.resumed_extra = state.get("extra")
         if meta.get("dispatch_switched") is not None and hasattr(self._fwd, "restore"):
             self._fwd.restore = list(meta["dispatch_switched"])
-        # the lr of the resumed step from this run's schedule (the same value when nothing changed; a new
-        # --lr after a non-finite stop, or new --epochs, take effect here)
-        f = lr_lambda(self.cfg, self.steps_per_epoch)
-        self.sched.base_lrs = [self.cfg.optim.lr] * len(self.opt.param_groups)
-        for g in self.opt.param_groups:
-            g["initial_lr"] = self.cfg.optim.lr
-            g["lr"] = self.cfg.optim.lr * f(self.sched.last_epoch)
-        self.sched._last_lr = [g["lr"] for g in self.opt.param_groups]
+        resume_lr(self.cfg, self.opt, self.sched, self.steps_per_epoch)
         was = meta.get("world", 1)
         if was != self.dist.world and self.dist.main:
-            left = (self.steps_per_epoch - meta.get("step_in_epoch", 0)) * self.sampler.batch_size
+            left = (self.micro_per_epoch - meta.get("step_in_epoch", 0)) * self.sampler.batch_size
             self.log(
                 f"fastkd: resumed under {self.dist.world} process(es) (checkpoint written by {was}): "
                 f"the {left} remaining samples of epoch {meta['epoch']} are re-sharded over the new "

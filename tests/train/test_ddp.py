@@ -153,3 +153,64 @@ def test_ddp_cached_teacher_matches_single_process(env):
     assert p.stdout.count("student val top-1") == 1, p.stdout
     assert json.loads((out / "summary.json").read_text())["teacher_mode"] == "cached"
     _compare(single, out, ("ce", "kd"))
+
+
+def _checkpoint_teacher(flags: list[str], env) -> list[str]:
+    """``flags`` with the default teacher's file as ``--teacher`` (its shape flags dropped: a checkpoint is
+    used as saved). Another --batch-size would key, and train, another default teacher."""
+    shape = {"--teacher-embed-dim", "--teacher-depth", "--teacher-heads"}
+    kept = [f for i, f in enumerate(flags) if f not in shape and (i == 0 or flags[i - 1] not in shape)]
+    return [*kept, "--teacher", str(env.teacher), "--workdir", str(env.work)]
+
+
+def test_ddp_accumulated_steps_match_single_process(env):
+    """``--accum-steps 2`` at ``--batch-size 16`` under 2 ranks: each optimizer step takes 2 global batches
+    of 16 (8 per rank), the first backward skips DDP's all-reduce (``no_sync``), the second reduces the
+    sum; the run matches the single-process run at ``--batch-size 32`` (the same 32 ids per step)."""
+    i = FLAGS.index("--batch-size")
+    flags = _checkpoint_teacher([*FLAGS[:i], "--batch-size", "16", "--accum-steps", "2", *FLAGS[i + 2:]], env)
+    out = env.root / "ddp-accum"
+    p = _torchrun([*flags, "--out", out])
+    assert "2 processes (gloo), global batch 16" in p.stdout, p.stdout
+    _compare(env.single, out, ("ce", "kd"))
+
+
+HOOK_COUNT = """
+import os, sys, torch.distributed as dist
+from fastkd.config import parse_args
+from fastkd.train.distributed import init_distributed
+from fastkd.train.setup import build_trainer
+
+calls = []
+def hook(state, bucket):  # DDP's all-reduce of one gradient bucket, counted
+    calls.append(1)
+    fut = dist.all_reduce(bucket.buffer().div_(dist.get_world_size()), async_op=True).get_future()
+    return fut.then(lambda f: f.value()[0])
+
+d = init_distributed("cpu")
+tr = build_trainer(parse_args(sys.argv[1:]), dist=d, log=lambda *a: None)
+tr.step_module.register_comm_hook(None, hook)
+it = iter(tr.sampler.batches(0))
+counts = []
+for s in range(3):
+    n = len(calls)
+    tr.step([next(it), next(it)], 0)
+    counts.append(len(calls) - n)
+with open(os.path.join(os.environ["COUNT_DIR"], f"rank{d.rank}.txt"), "w") as fh:  # a file per rank
+    fh.write(" ".join(map(str, counts)))
+"""
+
+
+def test_ddp_accumulation_all_reduces_once_per_step(env, tmp_path):
+    """The first backward of the process all-reduces (DDP records its static graph there), then only the last
+    batch of each step does: 1 bucket all-reduce per optimizer step, not per batch."""
+    script = tmp_path / "count.py"
+    script.write_text(HOOK_COUNT)
+    flags = _checkpoint_teacher([*FLAGS, "--batch-size", "16", "--accum-steps", "2"], env)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+           "--master_addr", "127.0.0.1", "--master_port", str(_free_port()), str(script), *flags]
+    env_vars = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), "COUNT_DIR": str(tmp_path)}
+    p = subprocess.run(cmd, cwd=REPO, env=env_vars, capture_output=True, text=True, timeout=400)
+    assert p.returncode == 0, (p.stdout[-2000:], p.stderr[-4000:])
+    for rank in (0, 1):  # bucket all-reduces per step (the tiny student's gradients are one bucket)
+        assert (tmp_path / f"rank{rank}.txt").read_text() == "2 1 1", rank

@@ -103,13 +103,14 @@ def _steps(tr, warm: int, guarded: int, guard=None, start_step: int = 0):
         tr.teacher.prefetch_epoch(batches, tr.view_of(0))
     tr.batches.start_epoch(batches, tr.view_of(0))  # the loader gathers the epoch's batches ahead, as in fit
     it = iter(batches)
+    nxt = (lambda: next(it)) if tr.accum == 1 else (lambda: [next(it) for _ in range(tr.accum)])
     try:
         for _ in range(warm):
-            tr.step(next(it), 0)
+            tr.step(nxt(), 0)
         terms = None
         with guard if guard is not None else contextlib.nullcontext():
             for _ in range(guarded):
-                terms = tr.step(next(it), 0)
+                terms = tr.step(nxt(), 0)
         return terms
     finally:
         if tr.teacher is not None:
@@ -131,6 +132,8 @@ CASES = [
     ("vitkd+nkd", "vit", False, (), True),
     ("kd+nkd", "vit", False, ("--fused",), True),
     ("vitkd+nkd", "vit", False, ("--compile",), False),
+    ("kd", "vit", False, ("--accum-steps", "2"), False),  # 2 batches per optimizer step
+    ("vitkd+nkd", "vit", False, ("--fused", "--accum-steps", "2"), True),
 ]
 
 
