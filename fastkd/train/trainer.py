@@ -39,8 +39,8 @@ from fastkd.train.artifacts import (
 )
 from fastkd.train.distributed import Dist
 from fastkd.train.evaluate import evaluate
+from fastkd.train.finite import FirstNonFinite
 from fastkd.train.finite import all_finite as _all_finite
-from fastkd.train.finite import total_norm as _total_norm
 from fastkd.train.optim import build_optimizer, resume_lr
 from fastkd.train.rundir import NON_FINITE, record_non_finite, resume_steps, write_config
 from fastkd.utils import atomic_write_json, load_state, save_state
@@ -134,7 +134,7 @@ class Trainer:
         # copy, no sync; one tensor object, so torch.compile does not recompile as it moves)
         self._epoch_frac = torch.zeros((), dtype=torch.get_default_dtype(), device=self.device)
         self._ddp_recorded = False  # whether a backward ran (DDP records its static graph there)
-        self._bad = None  # per-part first non-finite step, on device (checked on log steps: no sync)
+        self._bad = FirstNonFinite()  # per-part first non-finite step, on device (read on log steps)
         self._ckpt_dir: Path | None = None  # set by fit
         self._last_ckpt_step: int | None = None  # the step of the last (finite) checkpoint written or loaded
         self.resume_event: dict | None = None  # set by the CLI on --resume (recorded in config.json)
@@ -211,32 +211,14 @@ class Trainer:
 
     def _track_finite(self, terms: dict[str, torch.Tensor]) -> None:
         """Remember, on device, the first step at which each loss part, the gradient norm or the updated
-        parameters went non-finite (no sync: norms are device tensors, compared on device)."""
-        names = list(terms) + ["grad_norm"] * ("grad_norm" not in terms) + ["params"]
-        grads = [p.grad for p in self._params if p.grad is not None]
-        extra = [] if "grad_norm" in terms else [_total_norm(grads, self.device)]
-        extra.append(_total_norm(self._params, self.device))
-        vals = torch.stack([v.detach().float().reshape(()) for v in [*terms.values(), *extra]])
-        bad_now = ~torch.isfinite(vals)
-        if self._bad is None or self._bad.numel() != vals.numel():
-            self._bad_names = names
-            self._bad = torch.full_like(vals, -1.0)
-        self._bad = torch.where(
-            bad_now & (self._bad < 0), torch.full_like(vals, float(self.step_idx + 1)), self._bad
-        )
+        parameters went non-finite (``FirstNonFinite``: no sync)."""
+        self._bad.track(terms, self._params, self.step_idx + 1, self.device)
 
     def check_finite(self) -> None:
         """Host sync (log steps, before checkpoints): stop naming the step and the part that went bad."""
-        if self._bad is None:
-            return
-        bad = self._bad.tolist()
-        hits = [(int(b), n) for b, n in zip(bad, self._bad_names, strict=True) if b >= 0]
-        if hits:
-            step = min(b for b, _ in hits)
-            now = [n for b, n in hits if b == step]
-            loss_parts = [n for n in now if n not in ("loss", "grad_norm", "params")]
-            what = "loss" if loss_parts or "loss" in now else "gradients"
-            parts = ", ".join(loss_parts or ([] if "loss" in now else now)) or "loss"
+        hit = self._bad.first()
+        if hit is not None:
+            step, what, parts = hit
             self._stop_non_finite(step)
             raise NonFiniteLoss(
                 f"non-finite {what} at step {step} (part: {parts}); stopped, "
