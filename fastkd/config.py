@@ -110,6 +110,7 @@ class OptimConfig:
     warmup_epochs: float = 5.0
     grad_clip: float = 5.0
     accum_steps: int = 1  # gradient accumulation: batches per optimizer step
+    ema_decay: float = 0.0  # EMA of the student's weights (0 = off)
 
 
 @dataclass
@@ -254,6 +255,9 @@ HELP: dict[str, str] = {
     "weight_decay": "AdamW weight decay",
     "warmup_epochs": "linear warm-up epochs",
     "grad_clip": "gradient norm clip; 0 = off",
+    "ema_decay": "an exponential moving average of the student's weights, updated after every optimizer "
+    "step (ema = d·ema + (1-d)·student), evaluated beside the student and saved as student_ema.safetensors "
+    "(timm: 0.9998; DeiT: 0.99996 at batch 1024); 0 = off",
     "accum_steps": "gradient accumulation: each optimizer step sums the gradients of this many batches of "
     "--batch-size (an effective batch of accum-steps × batch-size, for a batch too big for the GPU); the "
     "schedule, --log-every and --ckpt-every count optimizer steps; an epoch's last batches that cannot make "

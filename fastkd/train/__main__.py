@@ -91,7 +91,8 @@ def _run_locked(cfg: TrainConfig, out: Path, dist, log) -> dict:
         atomic_write_json(out / "summary.json", summary)
     log(
         f"fastkd: {cfg.method.method}: student val top-1 {summary['student_top1']:.2f}% "
-        f"in {summary['wall_s']:.1f}s ({summary['img_per_s'] or 0:.0f} img/s) → {out}"
+        + (f"(EMA {summary['student_ema_top1']:.2f}%) " if "student_ema_top1" in summary else "")
+        + f"in {summary['wall_s']:.1f}s ({summary['img_per_s'] or 0:.0f} img/s) → {out}"
     )
     return summary
 

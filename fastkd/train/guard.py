@@ -47,6 +47,7 @@ _RANGES: list[tuple[str, float | None, float | None, bool, bool]] = [
     ("warmup_epochs", 0, None, True, True),
     ("grad_clip", 0, None, True, True),
     ("accum_steps", 1, 4096, True, True),
+    ("ema_decay", 0, 1, True, False),
     ("teacher_epochs", 1, None, True, True),
     ("teacher_lr", 0, None, False, True),
     ("label_smoothing", 0, 1, True, False),

@@ -39,6 +39,7 @@ RUN_FILES = (
     "metrics.jsonl",
     "summary.json",
     "student.safetensors",
+    "student_ema.safetensors",
     "loss_modules.safetensors",
     "report.png",
     "checkpoint",

@@ -317,7 +317,7 @@ def _fit_default_locked(cfg, data, arch, tdir: Path, what: str, log, cap, lr, pa
     tcfg.model = replace(tcfg.model, teacher=None, student=arch[0], student_embed_dim=None,
                          student_depth=None, student_heads=None, student_patch_size=None)
     cap = cap or epoch_cap(len(data.y_train), cfg.optim.batch_size, cfg.model.teacher_epochs)
-    tcfg.optim = replace(tcfg.optim, epochs=cap, lr=lr or cfg.model.teacher_lr, accum_steps=1)
+    tcfg.optim = replace(tcfg.optim, epochs=cap, lr=lr or cfg.model.teacher_lr, accum_steps=1, ema_decay=0.0)
     tcfg.run = replace(tcfg.run, seed=0, resume=False, teacher_cache=None, tensorboard=False, compile=False)
     tcfg.data = replace(tcfg.data.default_augmentation(), train_limit=0)
     log(f"fastkd: training the default {what} ({arch[0]} {arch[1]}; up to {cap} epochs, "
@@ -355,7 +355,8 @@ def _finetune_locked(cfg: TrainConfig, data: Dataset, arch: str, tdir: Path, log
     tcfg = TrainConfig.from_dict(cfg.to_dict())
     tcfg.method = replace(tcfg.method, method=PLAIN.name, ce_weight=1.0)
     tcfg.model = replace(tcfg.model, teacher=None, student_weights=None, teacher_finetune=0)
-    tcfg.optim = replace(tcfg.optim, epochs=m.teacher_finetune, lr=finetune_lr(cfg), accum_steps=1)
+    tcfg.optim = replace(tcfg.optim, epochs=m.teacher_finetune, lr=finetune_lr(cfg), accum_steps=1,
+                         ema_decay=0.0)
     tcfg.run = replace(tcfg.run, seed=0, resume=True, teacher_cache=None, tensorboard=False, compile=False)
     tcfg.data = replace(tcfg.data.default_augmentation(), train_limit=0)
     device = pick_device(tcfg.run.device)

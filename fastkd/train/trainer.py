@@ -38,6 +38,7 @@ from fastkd.train.artifacts import (
     write_report,
 )
 from fastkd.train.distributed import Dist
+from fastkd.train.ema import StudentEMA
 from fastkd.train.evaluate import evaluate
 from fastkd.train.finite import FirstNonFinite
 from fastkd.train.finite import all_finite as _all_finite
@@ -114,6 +115,7 @@ class Trainer:
             cfg, [self.student, self.loss_fn], self.device, self.steps_per_epoch
         )
         self._params = [p for g in self.opt.param_groups for p in g["params"]]  # what clipping sees
+        self.ema = StudentEMA(student, cfg.optim.ema_decay) if cfg.optim.ema_decay > 0 else None
         self.step_idx, self.epoch = 0, 0
         self.s_blocks = self.loss_fn.student_blocks()
         # student + trainable loss parts in one module: what DDP wraps and torch.compile compiles
@@ -175,6 +177,8 @@ class Trainer:
                 terms["grad_norm"] = torch.nn.utils.clip_grad_norm_(self._params, self.cfg.optim.grad_clip)
             self.opt.step()
             self.sched.step()
+            if self.ema is not None:
+                self.ema.update()
             self._track_finite(terms)
         self.step_idx += 1
         return terms
@@ -239,8 +243,8 @@ class Trainer:
 
     # -- eval ------------------------------------------------------------------------------
     def evaluate_model(self, model: nn.Module, batch_size: int = 512) -> dict[str, float]:
-        """``evaluate`` with the methods' eval rule for the student (plain heads for any other model)."""
-        dense = self.eval_dense and model is self.student
+        """``evaluate`` with the methods' eval rule for the student and its EMA (plain heads for others)."""
+        dense = self.eval_dense and (model is self.student or model is getattr(self.ema, "model", None))
         return evaluate(model, self.data, self.device, self.amp, dense_heads=dense, batch_size=batch_size,
                         dist=self.dist, workers=self.cfg.data.workers)
 
@@ -276,7 +280,7 @@ class Trainer:
         self.student.train()
         self.loss_fn.train()
         t0 = time.perf_counter()
-        last_eval = None
+        last_eval, ema_eval = None, {}
         bar = tqdm(
             total=cfg.optim.epochs * self.steps_per_epoch,
             initial=self.step_idx,
@@ -326,17 +330,20 @@ class Trainer:
                 last = epoch + 1 == cfg.optim.epochs
                 if last or (cfg.run.eval_every and (epoch + 1) % cfg.run.eval_every == 0):
                     last_eval = self.evaluate_model(self.student)  # sharded over the ranks, reduced
+                    ema_eval = self.evaluate_model(self.ema.model) if self.ema is not None else {}
                     if main:
                         ev = {
                             "epoch": epoch + 1,
                             "step": self.step_idx,
                             **{f"val_{k}": v for k, v in last_eval.items()},
+                            **{f"val_ema_{k}": v for k, v in ema_eval.items()},
                         }
                         mf.write(json.dumps(ev) + "\n")
                         mf.flush()
                         if not cfg.run.quiet:
                             bar.write(
                                 f"epoch {epoch + 1}/{cfg.optim.epochs}  val top-1 {last_eval['top1']:.2f}%"
+                                + (f" (EMA {ema_eval['top1']:.2f}%)" if ema_eval else "")
                             )
                     self.dist.barrier()
                 self._save_checkpoint(ckpt_dir, epoch + 1, 0)
@@ -351,6 +358,7 @@ class Trainer:
             self.batches.close()
         if last_eval is None:  # resumed at the final epoch: evaluate what we have
             last_eval = self.evaluate_model(self.student)
+            ema_eval = self.evaluate_model(self.ema.model) if self.ema is not None else {}
         if not main:
             tel.close()
             return {}
@@ -358,6 +366,8 @@ class Trainer:
         tsum = tel.summary()
         tel.close()
         save_model(self.student, out / "student.safetensors", self.model_meta())
+        if self.ema is not None:
+            save_model(self.ema.model, out / "student_ema.safetensors", self.model_meta())
         save_loss_modules(self.loss_fn, out / "loss_modules.safetensors")
         summary = {
             "method": cfg.method.method,
@@ -368,6 +378,7 @@ class Trainer:
             "teacher_top1": self.teacher_top1,
             "student_top1": last_eval["top1"] if last_eval else None,
             **({f"student_{k}": v for k, v in last_eval.items() if k != "top1"} if last_eval else {}),
+            **{f"student_ema_{k}": v for k, v in ema_eval.items()},
             "epochs": cfg.optim.epochs,
             "steps": self.step_idx,
             "seed": cfg.run.seed,
@@ -432,6 +443,7 @@ class Trainer:
             "loss": self.loss_fn.state_dict(),
             "opt": self.opt.state_dict(),
             "sched": self.sched.state_dict(),
+            **({"ema": self.ema.model.state_dict()} if self.ema is not None else {}),
             "rng_cpu": torch.get_rng_state(),
             **({"rng_cuda": torch.cuda.get_rng_state(self.device)} if self.device.type == "cuda" else {}),
             **({"extra": extra} if extra is not None else {}),
@@ -456,6 +468,8 @@ class Trainer:
         self.loss_fn.load_state_dict(state["loss"])
         self.opt.load_state_dict(state["opt"])
         self.sched.load_state_dict(state["sched"])
+        if self.ema is not None:
+            self.ema.model.load_state_dict(state["ema"])
         torch.set_rng_state(state["rng_cpu"].cpu())
         if "rng_cuda" in state and self.device.type == "cuda":
             torch.cuda.set_rng_state(state["rng_cuda"].cpu(), self.device)
