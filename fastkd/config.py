@@ -23,6 +23,7 @@ class DataConfig:
     data: str = "digits"  # digits | DIR (train/ + val/) | SHARDS (tar pattern) | FILE.npz | synthetic:N
     val_data: str | None = None  # the val shards' pattern (tar shards only)
     val_fraction: float | None = None  # hold out this share of each class as val (data with no val split)
+    val_crop_pct: float = 1.0  # val images: short side to img_size / val_crop_pct, centre crop
     img_size: int | None = None  # default: the dataset's own size
     # the student sees only the first N training images (the teacher, when fastkd trains it, all of them).
     # None: all images — except the bundled digits default job, which uses 360 (the small-labelled
@@ -181,6 +182,9 @@ HELP: dict[str, str] = {
     "val_fraction": "for data without a val split (a folder of class folders, or shards without "
     "--val-data): hold out this share of each class as val, chosen by a hash of each file's name "
     "(default: none)",
+    "val_crop_pct": "folders and shards: val images are decoded with the short side at img-size / "
+    "VAL_CROP_PCT, then centre-cropped to img-size (the timm/DeiT ImageNet eval: 0.875); 1 = the whole short "
+    "side, as the train images",
     "img_size": "square side images are resized to (default: the dataset's own size; folders: the most "
     "common short side up to 224; shards/synthetic: 224)",
     "train_limit": "the student sees only the first N training images; 0 = all (default: all, but 360 "

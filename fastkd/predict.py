@@ -95,7 +95,8 @@ def predict(
 ) -> list[tuple[str, list[tuple[int, float]]]]:
     """[(path, [(class index, probability)] × topk)] for every readable image, in ``paths`` order."""
     device = device or next(model.parameters()).device
-    ds = StreamDataset(PathSource(paths), img_size=meta["img_size"], in_chans=meta["in_chans"])
+    ds = StreamDataset(PathSource(paths), img_size=meta["img_size"], in_chans=meta["in_chans"],
+                       crop_pct=float(meta.get("val_crop_pct", 1.0)))
     workers = default_workers() if workers is None else workers
     loader = torch.utils.data.DataLoader(
         ds, batch_size=batch_size, num_workers=min(workers, max(0, len(paths) // batch_size)),

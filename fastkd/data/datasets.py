@@ -18,7 +18,7 @@ import hashlib
 import os
 import sys
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -64,6 +64,7 @@ class Dataset:
     fingerprint: str
     class_names: list[str]
     stream: StreamData | None = None
+    val_crop_pct: float = 1.0  # folders, shards: val short side to img_size / val_crop_pct, centre crop
 
     def __repr__(self) -> str:
         shape = (self.in_chans, self.img_size, self.img_size)
@@ -362,6 +363,7 @@ def load_data(
     memory_threshold: float | None = None,
     workers: int | None = None,
     index_cache: str | None = None,
+    val_crop_pct: float = 1.0,
     log=_notice,
 ) -> Dataset:
     """Load a dataset: in memory (uint8 CPU tensors) or, when too big, as a stream (``Dataset.stream``).
@@ -383,12 +385,22 @@ def load_data(
     img_size: resize everything to this square side; None keeps the native size (see above).
     val_fraction: for a folder or shards without a val split, hold out this share of each class as val
       (:func:`fastkd.data.folders.hold_out`).
+    val_crop_pct: folders and shards: val images are decoded with the short side at img_size / val_crop_pct,
+      then centre-cropped (the timm / DeiT ImageNet protocol: 0.875); 1 = the whole short side, as train.
 
     Raises FileNotFoundError for a missing path and ValueError for malformed data, each a single line
     that says how to fix it.
     """
     _check_img_size(img_size)
     spec = str(spec)
+    if not 0.0 < val_crop_pct <= 1.0:
+        raise ValueError(f"--val-crop-pct {val_crop_pct}: use a fraction in (0, 1] (timm/DeiT eval: 0.875)")
+    decoded = spec == "digits" or spec.lower().endswith(".npz") or spec.startswith("synthetic:")
+    if val_crop_pct != 1.0 and decoded:
+        raise ValueError(
+            f"--val-crop-pct {val_crop_pct}: only image folders and tar shards are decoded (and cropped) by "
+            f"fastkd; --data {spec} comes decoded, so drop --val-crop-pct"
+        )
     if spec == "digits":
         return _load_digits(img_size)
     if os.path.isfile(spec) and spec.lower().endswith(".npz"):
@@ -401,7 +413,7 @@ def load_data(
         raise FileNotFoundError(f"--data {spec}: no such file or directory; {_EXPECTED}")
     size = img_size if img_size is not None else _default_size(spec, log)
     sd = S.open_stream(spec, img_size=size, val_spec=val_spec, val_fraction=val_fraction,
-                       on_bad_image=on_bad_image, seed=seed,
+                       on_bad_image=on_bad_image, seed=seed, val_crop_pct=val_crop_pct,
                        index_cache=index_cache, log=log)
     # the label rules of .npz, for folders and shards too (one class: error; empty/unseen classes: a warning)
     _check_labels(spec, np.asarray(sd.y_train), np.asarray(sd.y_val), list(sd.class_names))
@@ -409,11 +421,13 @@ def load_data(
     if S.plan_storage(sd, thr, log=log) == "memory":
         xs = [S.materialize(ds, workers=workers) for ds in (sd.train, sd.val)]
         # mean/std as when streamed (same ids, same arithmetic): same fingerprint, same normalisation
-        return _finish(sd.name, xs[0], sd.y_train, xs[1], sd.y_val, sd.num_classes, sd.class_names,
-                       fp=sd.fingerprint, mean_std=S.estimate_mean_std(sd.train, x=xs[0]))
+        d = _finish(sd.name, xs[0], sd.y_train, xs[1], sd.y_val, sd.num_classes, sd.class_names,
+                    fp=sd.fingerprint, mean_std=S.estimate_mean_std(sd.train, x=xs[0]))
+        return replace(d, val_crop_pct=float(val_crop_pct))
     mean, std = S.estimate_mean_std(sd.train, workers=workers)
     return Dataset(
         x_train=None, y_train=sd.y_train, x_val=None, y_val=sd.y_val, num_classes=sd.num_classes,
         in_chans=sd.in_chans, img_size=sd.img_size, mean=mean, std=std, name=sd.name,
         fingerprint=sd.fingerprint, class_names=list(sd.class_names), stream=sd,
+        val_crop_pct=float(val_crop_pct),
     )

@@ -201,6 +201,7 @@ def open_stream(
     in_chans: int | None = None,
     num_classes: int | None = None,
     crop_pct: float = 1.0,
+    val_crop_pct: float | None = None,
     on_bad_image: str = "error",
     seed: int = 0,
     index_cache: str | None = None,
@@ -212,7 +213,9 @@ def open_stream(
     val_fraction: a folder without val/ (class folders in train/ or in ``DIR`` itself) or shards without
         ``val_spec``: hold out this share of each class as val (``folders.hold_out``).
     img_size: square side every image is decoded to (short side resized to img_size / crop_pct,
-        centre crop). in_chans: 1 or 3; None -> 1 if up to 64 peeked image headers are all grayscale,
+        centre crop); ``val_crop_pct`` (None: ``crop_pct``) the val split's own (timm / DeiT evaluate
+        ImageNet at 0.875: short side to img_size / 0.875, centre crop). in_chans: 1 or 3; None -> 1
+        if up to 64 peeked image headers are all grayscale,
         else 3 (synthetic: 3). num_classes: synthetic only (default 10); shards take max label + 1 over
         both splits. on_bad_image: 'error' | 'skip' (see the module doc). seed: synthetic pixels/labels.
     index_cache: folder for tar shard indexes (see TarSource); None -> index the headers every time.
@@ -273,10 +276,11 @@ def open_stream(
         chans = in_chans if in_chans is not None else _peek_both(tr, va)
     else:
         raise FileNotFoundError(f"--data {spec}: no such directory or shard pattern; {_EXPECTED}")
-    kw = dict(img_size=size, in_chans=chans, crop_pct=crop_pct, on_bad_image=on_bad_image)
+    kw = dict(img_size=size, in_chans=chans, on_bad_image=on_bad_image)
+    v_pct = crop_pct if val_crop_pct is None else float(val_crop_pct)
     data = StreamData(
-        train=StreamDataset(tr, **kw),
-        val=StreamDataset(va, **kw),
+        train=StreamDataset(tr, crop_pct=crop_pct, **kw),
+        val=StreamDataset(va, crop_pct=v_pct, **kw),
         num_classes=c,
         class_names=list(names),
         in_chans=chans,
@@ -287,6 +291,8 @@ def open_stream(
     )
     h = hashlib.sha256()
     h.update(f"{kind}|{tr.fingerprint}|{va.fingerprint}|{size}|{chans}|{crop_pct!r}|{c}".encode())
+    if v_pct != crop_pct:  # (only then: the fingerprints of data opened before this option stay the same)
+        h.update(f"|val_crop_pct {v_pct!r}".encode())
     data.fingerprint = h.hexdigest()
     if log is not None:
         log(

@@ -40,6 +40,7 @@ _SHAPE = ("teacher_embed_dim", "teacher_depth", "teacher_heads", "teacher_patch_
 _RANGES: list[tuple[str, float | None, float | None, bool, bool]] = [
     ("epochs", 1, None, True, True),
     ("val_fraction", 0, 0.5, False, True),
+    ("val_crop_pct", 0, 1, False, True),
     ("batch_size", 1, None, True, True),
     ("lr", 0, None, False, True),
     ("min_lr", 0, None, True, True),

@@ -98,7 +98,7 @@ def build_data(cfg: TrainConfig, data: Dataset | None = None, log=print) -> tupl
         dc = cfg.data
         full = load_data(
             dc.data, img_size=dc.img_size, val_spec=dc.val_data, val_fraction=dc.val_fraction,
-            on_bad_image=dc.on_bad_image,
+            on_bad_image=dc.on_bad_image, val_crop_pct=dc.val_crop_pct,
             memory_threshold=dc.memory_threshold, workers=dc.workers,
             index_cache=os.path.join(os.path.expanduser("~"), ".cache", "fastkd", "tar-index"),
             log=lambda m: log(f"fastkd.data: {m}"),

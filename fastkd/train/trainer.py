@@ -417,6 +417,7 @@ class Trainer:
             "input_mean": list(d.mean),  # the normalisation it was trained with (a teacher gets its own)
             "input_std": list(d.std), "method": self.cfg.method.method, "eval_amp": self.cfg.run.amp,
             "class_names": list(d.class_names or [str(i) for i in range(d.num_classes)]),
+            "val_crop_pct": d.val_crop_pct,  # how predict decodes: as the val images were
         }
 
     # -- checkpoints (epoch boundary) --------------------------------------------------------

@@ -6,6 +6,7 @@ import hashlib
 import json
 import math
 
+import numpy as np
 import pytest
 import torch
 import torchvision.transforms.v2.functional as TF
@@ -197,3 +198,30 @@ def test_teachers_fastkd_trains_get_the_augmentation_their_keys_hash(digits):
     cfg.data = cfg.data.default_augmentation()  # ... and the teachers' recipe drops them all
     assert vars(build_aug(cfg, digits)) == default
     assert cfg.data.data == "digits" and cfg.data.memory_threshold == 2.0  # the rest is kept
+
+
+def test_val_crop_pct_cuts_the_val_images_from_a_bigger_resize(tmp_path):
+    """``--val-crop-pct P`` (timm's eval ``crop_pct``): val images are the centre img_size square of the image
+    resized to short side img_size / P; the train images, and the fingerprint of data opened without it,
+    are unchanged."""
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for split in ("train", "val"):
+        for c in ("a", "b"):
+            (tmp_path / split / c).mkdir(parents=True)
+            for k in range(3):
+                px = rng.integers(0, 256, (20 + 4 * k, 30, 3), dtype=np.uint8)  # H × W: landscape, odd sizes
+                Image.fromarray(px).save(tmp_path / split / c / f"{k}.png")
+    plain = load_data(str(tmp_path), img_size=16, log=None)
+    crop = load_data(str(tmp_path), img_size=16, val_crop_pct=0.5, log=None)
+    assert torch.equal(plain.x_train, crop.x_train) and not torch.equal(plain.x_val, crop.x_val)
+    assert crop.val_crop_pct == 0.5 and plain.val_crop_pct == 1.0
+    assert crop.fingerprint != plain.fingerprint
+    assert load_data(str(tmp_path), img_size=16, val_crop_pct=1.0, log=None).fingerprint == plain.fingerprint
+    im = Image.open(tmp_path / "val" / "a" / "0.png")  # 30 × 20: short side 20 → 32, long 30 → 48
+    big = np.asarray(im.resize((48, 32), Image.Resampling.BILINEAR))
+    want = big[8:24, 16:32].transpose(2, 0, 1)  # the centre 16 × 16
+    assert np.abs(crop.x_val[0].numpy().astype(int) - want.astype(int)).max() <= 1  # PIL's own rounding
+    with pytest.raises(ValueError, match="--val-crop-pct 0.875: only image folders and tar shards"):
+        load_data("digits", val_crop_pct=0.875)
