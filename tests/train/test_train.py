@@ -87,11 +87,12 @@ def test_seeded_cpu_runs_repeat(tmp_path):
     assert a["student_top1"] == b["student_top1"]
 
 
-def test_resume_after_interrupted_epoch_boundary(tmp_path):
-    """Uninterrupted 2 epochs vs 1 epoch + interrupt + --resume: identical weights."""
-    _run(tmp_path / "full", "--method", "ce", "--seed", "1")
+@pytest.mark.parametrize("ema", [(), ("--ema-decay", "0.8")], ids=["plain", "ema"])
+def test_resume_after_interrupted_epoch_boundary(tmp_path, ema):
+    """Uninterrupted 2 epochs vs 1 epoch + interrupt + --resume: identical weights (and EMA weights)."""
+    _run(tmp_path / "full", "--method", "ce", "--seed", "1", *ema)
     part = [*TINY, "--workdir", str(tmp_path / "part" / "work"), "--out", str(tmp_path / "part" / "run")]
-    part += ["--method", "ce", "--seed", "1"]
+    part += ["--method", "ce", "--seed", "1", *ema]
     tr = build_trainer(parse_args(part), log=lambda *a: None)
     orig = tr.sampler.batches
 
@@ -106,9 +107,10 @@ def test_resume_after_interrupted_epoch_boundary(tmp_path):
     train.run(parse_args([*part, "--resume"]), log=lambda *a: None)
     from safetensors.torch import load_file
 
-    wa = load_file(str(tmp_path / "full" / "run" / "student.safetensors"))
-    wb = load_file(str(tmp_path / "part" / "run" / "student.safetensors"))
-    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    for name in ("student.safetensors", "student_ema.safetensors")[: 1 + bool(ema)]:
+        wa = load_file(str(tmp_path / "full" / "run" / name))
+        wb = load_file(str(tmp_path / "part" / "run" / name))
+        assert all(torch.equal(wa[k], wb[k]) for k in wa), name
 
 
 @pytest.mark.parametrize(
