@@ -115,6 +115,9 @@ def write_report(
         for k in ("val_top1_cls", "val_top1_dist"):
             if k in evals[0]:
                 a2.plot([e["epoch"] for e in evals], [e[k] for e in evals], ".--", label=k[4:])
+        if "val_ema_top1" in evals[0]:  # --ema-decay: the EMA student beside the student
+            a2.plot([e["epoch"] for e in evals], [e["val_ema_top1"] for e in evals], "s-", ms=3,
+                    label="EMA student top-1")
         if teacher_top1 is not None:
             a2.axhline(teacher_top1, color="gray", ls=":", label=f"teacher {teacher_top1:.1f}")
         a2.set_xlabel("epoch")

@@ -67,3 +67,23 @@ def test_ema_of_a_distilled_student_uses_its_eval_rule(tmp_path):
 def test_bad_decay_is_one_line(decay):
     with pytest.raises(ValueError, match=rf"--ema-decay {float(decay)} \(must be in \[0, 1\)\)"):
         validate(parse_args(["--ema-decay", decay]))
+
+
+def test_report_draws_the_ema_curve(tmp_path, monkeypatch):
+    import matplotlib.axes
+
+    from fastkd.train.artifacts import write_report
+
+    labels, plot = [], matplotlib.axes.Axes.plot
+
+    def spy(self, *a, **k):
+        labels.append(k.get("label"))
+        return plot(self, *a, **k)
+
+    monkeypatch.setattr(matplotlib.axes.Axes, "plot", spy)
+    evals = [{"epoch": e, "val_top1": 10.0 * e, "val_ema_top1": 9.0 * e} for e in (1, 2)]
+    write_report(tmp_path / "r.png", [{"step": 1, "loss": 1.0}], evals)
+    assert "EMA student top-1" in labels and (tmp_path / "r.png").stat().st_size > 0
+    labels.clear()
+    write_report(tmp_path / "r.png", [{"step": 1, "loss": 1.0}], [{"epoch": 1, "val_top1": 5.0}])
+    assert "EMA student top-1" not in labels
