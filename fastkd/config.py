@@ -35,12 +35,13 @@ class DataConfig:
     hflip: bool = False
     erase: float = 0.0  # random-erasing probability (0 = off)
     rrc_scale: float = 0.0  # random-resized crop: the smallest crop area fraction (0 = off)
+    rand_augment: str | None = None  # timm's RandAugment spec, e.g. rand-m9-mstd0.5-inc1 (None = off)
     on_bad_image: str = "error"  # error | skip (an unreadable image: stop, or use the next of its class)
     workers: int | None = None  # loader worker processes (None: from the CPU count)
     memory_threshold: float = 2.0  # GiB: smaller decoded datasets are held in host memory, bigger streamed
 
     #: the training-augmentation fields (``fastkd.train.setup.build_aug`` reads them)
-    AUGMENTATION = ("crop_pad", "mixup", "cutmix", "hflip", "erase", "rrc_scale")
+    AUGMENTATION = ("crop_pad", "mixup", "cutmix", "hflip", "erase", "rrc_scale", "rand_augment")
 
     def default_augmentation(self) -> DataConfig:
         """This data config with every augmentation field at its default: the recipe of the teachers fastkd
@@ -195,6 +196,10 @@ HELP: dict[str, str] = {
     "hflip": "random horizontal flips",
     "erase": "random-erasing probability: one box per image, filled with per-channel noise (DeiT: 0.25); "
     "0 = off",
+    "rand_augment": "timm's RandAugment, as DeiT trains: rand-m9-mstd0.5-inc1 (2 ops per image from "
+    "timm's 15 increasing ops, each with probability 0.5, magnitude ~ N(9, 0.5) in [0, 10]); keys m, n "
+    "(default 2), mstd, inc1 (required); on the device, bit-identical to timm's PIL ops (bilinear "
+    "geometry) (default: off)",
     "rrc_scale": "random-resized crop, the ImageNet/DeiT scale augmentation: each image is cropped to a "
     "box of area in [RRC_SCALE, 1] of it and aspect ratio in [3/4, 4/3], resized back (bilinear); the "
     "smallest area fraction (DeiT: 0.08); 0 = off",

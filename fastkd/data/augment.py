@@ -57,6 +57,7 @@ from fastkd.data.hashing import (  # noqa: F401  (hash32/hash_uniform/_mul32: pu
     hash32,
     hash_uniform,
 )
+from fastkd.data.randaug import rand_augment
 
 __all__ = [
     "AugmentConfig",
@@ -102,6 +103,15 @@ def _norm_consts(mean, std, channels: int, device) -> tuple[torch.Tensor, torch.
             "pass one mean and std per channel (Dataset.mean, Dataset.std)"
         )
     return m.view(1, channels, 1, 1), s.view(1, channels, 1, 1)
+
+
+def _ra_fill(mean, m: torch.Tensor) -> torch.Tensor:
+    """RandAugment's fill grey levels: timm's ``img_mean``, min(255, round(255 · mean)) per channel (Python
+    rounding of a sequence, on the device once; a mean given as a tensor is rounded on the device)."""
+    if isinstance(mean, torch.Tensor):
+        return torch.round(m.reshape(-1) * 255.0).clamp_max(255.0)
+    vals = tuple(min(255, round(255 * float(v))) for v in (mean if isinstance(mean, Sequence) else [mean]))
+    return _device_const(("ra_fill", vals), lambda: torch.tensor(vals, dtype=torch.float32), m.device)
 
 
 def _check_images(x: torch.Tensor, what: str) -> None:
@@ -162,11 +172,12 @@ def view_images(x: torch.Tensor, params: tuple, mean, std) -> torch.Tensor:
 
     x: uint8 [B, C, H, W] (the raw images of the ids the params were drawn for).
     params: the view fields of AugParams (shift_y, shift_x, flip, erase, ey1, ey2, ex1, ex2, erase_fill,
-        rrc_y, rrc_x, rrc_h, rrc_w). shift_y/shift_x, flip, erase or rrc_y may be None: that step is off
-        (skipped, same result as no-op values).
+        rrc_y, rrc_x, rrc_h, rrc_w, ra_op, ra_mag, ra_neg). shift_y/shift_x, flip, erase, rrc_y or ra_op may
+        be None: that step is off (skipped, same result as no-op values). RandAugment (after the flip,
+        before the normalisation) fills with the normalisation mean, as timm's ``img_mean``.
     Returns float32 [B, C, H, W] on x's device.
     """
-    sy, sx, flip, erase, ey1, ey2, ex1, ex2, fill, ry, rx, rh, rw = params
+    sy, sx, flip, erase, ey1, ey2, ex1, ex2, fill, ry, rx, rh, rw, ra_op, ra_mag, ra_neg = params
     b, ch, h, w = x.shape
     dev = x.device
     if ry is not None:
@@ -191,6 +202,8 @@ def view_images(x: torch.Tensor, params: tuple, mean, std) -> torch.Tensor:
             valid = (ok_y[:, :, None] & ok_x[:, None, :])[:, None]  # [B, 1, H, W]
             out = out * valid.to(out.dtype)  # zero fill (uint8 0 = black) outside the shifted image
     m, s = _norm_consts(mean, std, ch, dev)
+    if ra_op is not None:
+        out = rand_augment(out, ra_op, ra_mag, ra_neg, _ra_fill(mean, m))
     out = (out.to(torch.float32) / 255.0 - m) / s
     if erase is None:
         return out
@@ -200,7 +213,7 @@ def view_images(x: torch.Tensor, params: tuple, mean, std) -> torch.Tensor:
 
 def _active(fields: tuple, cfg: AugmentConfig, h: int, w: int) -> tuple:
     """View fields with the steps ``cfg`` turns off set to None (decided by the config, never by data)."""
-    sy, sx, flip, erase, ey1, ey2, ex1, ex2, fill, ry, rx, rh, rw = fields
+    sy, sx, flip, erase, ey1, ey2, ex1, ex2, fill, ry, rx, rh, rw, ra_op, ra_mag, ra_neg = fields
     if cfg.pad_for(max(h, w)) == 0:
         sy = sx = None
     if not cfg.hflip:
@@ -209,7 +222,9 @@ def _active(fields: tuple, cfg: AugmentConfig, h: int, w: int) -> tuple:
         erase = None
     if cfg.rrc_scale <= 0:
         ry = None
-    return sy, sx, flip, erase, ey1, ey2, ex1, ex2, fill, ry, rx, rh, rw
+    if cfg.randaug_n <= 0:
+        ra_op = None
+    return sy, sx, flip, erase, ey1, ey2, ex1, ex2, fill, ry, rx, rh, rw, ra_op, ra_mag, ra_neg
 
 
 def _fetch(src, ids: torch.Tensor, device) -> torch.Tensor:

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import torch
 
 from fastkd.data.hashing import _beta_specs, _betas, _device_const, _Draws
+from fastkd.data.randaug import layer_draws
 
 # ----------------------------------------------------------------------------------------------------
 # config and parameters
@@ -34,6 +35,9 @@ class AugmentConfig:
         augmentation): the smallest crop area as a fraction of the image (DeiT: 0.08); the crop's area is
         uniform in [rrc_scale, 1] of the image, its aspect ratio log-uniform in ``rrc_ratio``, and it is
         resized back to the image size (bilinear). 0 turns it off. It runs first, before the translation.
+    randaug_n / randaug_m / randaug_mstd: timm's RandAugment with the increasing ops (``rand-m9-mstd0.5-inc1``
+        is n 2, m 9, mstd 0.5: DeiT's), after the flip, on the uint8 pixels (``fastkd.data.randaug``);
+        randaug_n 0 turns it off.
     """
 
     crop_pad: int | None = None
@@ -47,6 +51,9 @@ class AugmentConfig:
     erase_ratio: tuple[float, float] = (0.3, 3.3)
     rrc_scale: float = 0.0
     rrc_ratio: tuple[float, float] = (3.0 / 4.0, 4.0 / 3.0)
+    randaug_n: int = 0
+    randaug_m: float = 9.0
+    randaug_mstd: float = 0.5
 
     def __post_init__(self):
         if self.crop_pad is not None and (int(self.crop_pad) != self.crop_pad or self.crop_pad < 0):
@@ -68,6 +75,9 @@ class AugmentConfig:
         lo, hi = self.rrc_ratio
         if not 0.0 < lo <= hi:
             raise ValueError(f"AugmentConfig.rrc_ratio={self.rrc_ratio!r}: use 0 < lo <= hi")
+        if self.randaug_n < 0 or not 0 <= self.randaug_m <= 10 or self.randaug_mstd < 0:
+            raise ValueError(f"AugmentConfig.randaug_*: n={self.randaug_n}, m={self.randaug_m}, mstd="
+                             f"{self.randaug_mstd}: use n >= 0 (0 = off), m in [0, 10], mstd >= 0")
 
     @classmethod
     def default_for(cls, img_size: int, **overrides) -> AugmentConfig:
@@ -87,6 +97,8 @@ class AugmentConfig:
         d = dict(vars(self))
         if not self.rrc_scale:
             d.pop("rrc_scale"), d.pop("rrc_ratio")
+        if not self.randaug_n:
+            d.pop("randaug_n"), d.pop("randaug_m"), d.pop("randaug_mstd")
         return d
 
     @property
@@ -105,6 +117,8 @@ class AugParams:
     flip: bool. erase: bool; ey1, ey2, ex1, ex2: int64 erase box. erase_fill: float64 [B, C].
     rrc_y, rrc_x, rrc_h, rrc_w: int64 random-resized-crop box (top, left, height, width; the whole image
         when the crop is off).
+    ra_op, ra_mag, ra_neg: [B, randaug_n] RandAugment layers: the op index (−1: the layer is skipped),
+        magnitude (float64) and sign (``fastkd.data.randaug``).
     mixed: bool; cut: bool (cutmix when mixed); partner: int64 id (== id itself when not mixed or N == 1);
     lam: float64 share of the sample's own image/label (1 when not mixed; cutmix: 1 - box area / (H*W));
     cy1, cy2, cx1, cx2: int64 cutmix box (empty when not cut).
@@ -123,6 +137,9 @@ class AugParams:
     rrc_x: torch.Tensor
     rrc_h: torch.Tensor
     rrc_w: torch.Tensor
+    ra_op: torch.Tensor
+    ra_mag: torch.Tensor
+    ra_neg: torch.Tensor
     mixed: torch.Tensor
     cut: torch.Tensor
     partner: torch.Tensor
@@ -135,7 +152,7 @@ class AugParams:
 
 # the per-view fields of AugParams, in ``_view_params``' order (what ``view_images`` takes)
 VIEW_FIELDS = ("shift_y", "shift_x", "flip", "erase", "ey1", "ey2", "ex1", "ex2", "erase_fill",
-               "rrc_y", "rrc_x", "rrc_h", "rrc_w")
+               "rrc_y", "rrc_x", "rrc_h", "rrc_w", "ra_op", "ra_mag", "ra_neg")
 RRC_TRIES = 10  # torchvision's RandomResizedCrop: 10 (area, ratio) tries, then the central-crop fallback
 
 
@@ -177,6 +194,8 @@ def _view_specs(cfg: AugmentConfig, channels: int, h: int, w: int) -> list[tuple
         specs += [("erase_fill1", channels), ("erase_fill2", channels)]
     if cfg.rrc_scale > 0:
         specs += [("rrc_y", 0), ("rrc_x", 0), ("rrc_area", RRC_TRIES), ("rrc_ratio", RRC_TRIES)]
+    if cfg.randaug_n > 0:
+        specs += [(s, cfg.randaug_n) for s in ("ra_apply", "ra_op", "ra_g1", "ra_g2", "ra_neg")]
     return specs
 
 
@@ -232,6 +251,13 @@ def _view_params(
         rrc = _rrc_box(dr, cfg, h, w)
     else:
         rrc = (zero, zero, torch.full_like(zero, h), torch.full_like(zero, w))
+    if cfg.randaug_n > 0:
+        ra = layer_draws(*(dr.u(s) for s in ("ra_apply", "ra_op", "ra_g1", "ra_g2", "ra_neg")),
+                         cfg.randaug_m, cfg.randaug_mstd)
+    else:
+        none = torch.zeros(b, 0, dtype=torch.int64, device=dev)  # no layers
+        ra = (none, none.to(torch.float64), none > 0)
+    rrc = (*rrc, *ra)
     if cfg.erase_prob <= 0:
         no = torch.zeros(b, dtype=torch.bool, device=dev)
         fill = torch.zeros(b, channels, dtype=torch.float64, device=dev)
@@ -376,7 +402,9 @@ def param_digest(
     p = sample_params(ids, seed=seed, view=view, cfg=cfg, n=n, channels=channels, height=height, width=width)
     d = hashlib.sha256()
     # the crop box only when the crop is on: the digests of configs without it are those of before it
-    for name in _DIGEST_FIELDS + (("rrc_y", "rrc_x", "rrc_h", "rrc_w") if cfg.rrc_scale > 0 else ()):
+    later = (("rrc_y", "rrc_x", "rrc_h", "rrc_w") if cfg.rrc_scale > 0 else ()) + (
+        ("ra_op", "ra_mag", "ra_neg") if cfg.randaug_n > 0 else ())
+    for name in _DIGEST_FIELDS + later:
         t = getattr(p, name).detach().to("cpu")
         if not exact and t.dtype == torch.float64:
             t = t.to(torch.float32)

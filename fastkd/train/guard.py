@@ -122,6 +122,10 @@ def validate(cfg: TrainConfig) -> None:
     if bad:
         raise ValueError("out-of-range flag(s): " + "; ".join(bad) + "; fix them and rerun")
     parse_methods(cfg.method.method)
+    if cfg.data.rand_augment:
+        from fastkd.data.randaug import parse_spec
+
+        parse_spec(cfg.data.rand_augment)  # one line naming the form
     if cfg.optim.min_lr > cfg.optim.lr:
         raise ValueError(f"--min-lr {cfg.optim.min_lr} > --lr {cfg.optim.lr}; give --min-lr ≤ --lr")
     t = cfg.model.teacher

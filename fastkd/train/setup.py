@@ -24,6 +24,7 @@ import torch
 from fastkd.config import TrainConfig
 from fastkd.data import Dataset, load_data
 from fastkd.data.augment import AugmentConfig
+from fastkd.data.randaug import parse_spec
 from fastkd.methods.ce import METHOD as PLAIN  # the teacher-free method the default teacher uses
 from fastkd.methods.registry import DistillLoss, build_loss, check_student, needs_teacher, wants_dist_head
 from fastkd.models import default_arch, model_info, resolve_model
@@ -115,7 +116,9 @@ def build_data(cfg: TrainConfig, data: Dataset | None = None, log=print) -> tupl
 
 def build_aug(cfg: TrainConfig, data: Dataset) -> AugmentConfig:
     d = cfg.data
-    aug = AugmentConfig.default_for(data.img_size, rrc_scale=d.rrc_scale, erase_prob=d.erase)
+    ra = parse_spec(d.rand_augment) if d.rand_augment else (0, 9.0, 0.5)
+    aug = AugmentConfig.default_for(data.img_size, rrc_scale=d.rrc_scale, erase_prob=d.erase,
+                                    randaug_n=ra[0], randaug_m=ra[1], randaug_mstd=ra[2])
     if d.crop_pad is not None:
         aug.crop_pad = d.crop_pad
     elif d.rrc_scale > 0:  # the resized crop moves the content already: no translation unless asked for

@@ -20,8 +20,8 @@ from fastkd.data.augment import (
 from fastkd.data.hashing import _beta_symmetric, _mix32
 
 FULL = AugmentConfig.default_for(8, hflip=True, mixup_alpha=0.8, cutmix_alpha=1.0, erase_prob=0.5)
-FULL_RRC = AugmentConfig.default_for(  # the DeiT recipe's scale crop on top (no translation)
-    8, hflip=True, mixup_alpha=0.8, cutmix_alpha=1.0, erase_prob=0.5, rrc_scale=0.08, crop_pad=0
+FULL_RRC = AugmentConfig.default_for(  # the DeiT recipe's scale crop and RandAugment on top (no translation)
+    8, hflip=True, mixup_alpha=0.8, cutmix_alpha=1.0, erase_prob=0.5, rrc_scale=0.08, crop_pad=0, randaug_n=2
 )
 
 
@@ -97,7 +97,7 @@ def test_beta_lambda_distribution(alpha):
 # ----------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("cfg", [FULL, FULL_RRC], ids=["full", "full+rrc"])
+@pytest.mark.parametrize("cfg", [FULL, FULL_RRC], ids=["full", "full+rrc+randaug"])
 def test_same_seed_view_id_identical_whatever_the_batch(digits, cfg):
     ids = torch.randperm(len(digits.y_train), generator=torch.Generator().manual_seed(0))[:96]
     x, ys, yh = _aug(digits, ids, cfg, seed=3, view=2)
@@ -343,8 +343,10 @@ def test_view_images_identity_params_equal_eval():
     no = torch.zeros(3, dtype=torch.bool)
     full = torch.full((3,), 5, dtype=torch.int64)
     ref = eval_batch(x, [0.1, 0.2], [0.3, 0.4])
-    for rrc in ((None, None, None, None), (z, z, full, full)):  # the crop off, and the whole-image box
-        params = (z, z, no, no, z, z, z, z, torch.zeros(3, 2), *rrc)
+    skip = torch.full((3, 2), -1)  # two RandAugment layers, both skipped
+    noop = (skip, torch.zeros(3, 2, dtype=torch.float64), torch.zeros(3, 2, dtype=torch.bool))
+    for rrc, ra in (((None,) * 4, (None,) * 3), ((z, z, full, full), noop)):  # off; no-op values
+        params = (z, z, no, no, z, z, z, z, torch.zeros(3, 2), *rrc, *ra)
         assert torch.equal(view_images(x, params, [0.1, 0.2], [0.3, 0.4]), ref)
 
 

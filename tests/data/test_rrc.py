@@ -120,10 +120,14 @@ def test_rrc_of_the_whole_image_leaves_every_other_draw_alone(digits):
 def test_identity_and_digests_of_configs_without_the_crop_are_unchanged():
     cfg = AugmentConfig.default_for(224, hflip=True, erase_prob=0.25)
     ident = cfg.identity()
-    assert "rrc_scale" not in ident and "rrc_ratio" not in ident
-    assert {**ident, "rrc_scale": 0.0, "rrc_ratio": (0.75, 4 / 3)} == vars(cfg)
+    assert "rrc_scale" not in ident and "rrc_ratio" not in ident and "randaug_n" not in ident
+    later = {"rrc_scale": 0.0, "rrc_ratio": (0.75, 4 / 3), "randaug_n": 0, "randaug_m": 9.0,
+             "randaug_mstd": 0.5}
+    assert {**ident, **later} == vars(cfg)
     on = AugmentConfig.default_for(224, rrc_scale=0.08)
-    assert on.identity()["rrc_scale"] == 0.08 and on.identity() == vars(on)
+    assert on.identity() == {k: v for k, v in vars(on).items() if not k.startswith("randaug_")}
+    both = AugmentConfig.default_for(224, rrc_scale=0.08, randaug_n=2)
+    assert both.identity() == vars(both)
     # the digest of a config without the crop hashes exactly the fields it hashed before the crop existed
     ids = torch.arange(16)
     kw = dict(seed=0, view=0, n=100, channels=3, height=32, width=32)
@@ -138,7 +142,7 @@ def test_default_teacher_key_is_the_one_from_before_the_crop(digits):
     cfg = parse_args([])
     aug = AugmentConfig.default_for(8)
     arch = ("vit_tiny_patch16_224", {"depth": 6})
-    old_aug = {k: v for k, v in vars(aug).items() if not k.startswith("rrc_")}
+    old_aug = {k: v for k, v in vars(aug).items() if not k.startswith(("rrc_", "randaug_"))}
     recipe = {"fingerprint": digits.fingerprint, "arch": arch, "epochs": cfg.model.teacher_epochs,
               "lr": cfg.model.teacher_lr, "batch_size": cfg.optim.batch_size, "wd": cfg.optim.weight_decay,
               "warmup": cfg.optim.warmup_epochs, "min_lr": cfg.optim.min_lr, "clip": cfg.optim.grad_clip,
@@ -150,7 +154,7 @@ def test_default_teacher_key_is_the_one_from_before_the_crop(digits):
 def test_cache_from_before_the_crop_matches_runs_without_it_only():
     aug = AugmentConfig.default_for(8)
     old_manifest = {"data": {}, "augment": json.loads(json.dumps(
-        {k: v for k, v in vars(aug).items() if not k.startswith("rrc_")}))}
+        {k: v for k, v in vars(aug).items() if not k.startswith(("rrc_", "randaug_"))}))}
     check_run(old_manifest, None, None, aug)  # a run without the crop: the cache fits
     with pytest.raises(CacheError, match="augmentation differs: rrc_ratio is None in the cache"):
         check_run(old_manifest, None, None, AugmentConfig.default_for(8, rrc_scale=0.5))
@@ -186,7 +190,7 @@ def test_teachers_fastkd_trains_get_the_augmentation_their_keys_hash(digits):
     """The default teacher, the student-alone estimate and a fine-tuned teacher train under the default
     augmentation (their directory keys hash it), whatever augmentation flags the run has."""
     flags = ["--rrc-scale", "0.3", "--erase", "0.5", "--hflip", "--mixup", "0.8", "--cutmix", "1.0",
-             "--crop-pad", "3"]
+             "--crop-pad", "3", "--rand-augment", "rand-m9-mstd0.5-inc1"]
     cfg = parse_args(flags)
     changed = [f for f in cfg.data.AUGMENTATION if getattr(cfg.data, f) != getattr(type(cfg.data)(), f)]
     assert changed == list(cfg.data.AUGMENTATION)  # every augmentation field is set away from its default

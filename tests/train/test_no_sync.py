@@ -133,6 +133,10 @@ CASES = [
     ("kd+nkd", "vit", False, ("--fused",), True),
     ("vitkd+nkd", "vit", False, ("--compile",), False),
     ("kd", "vit", False, ("--accum-steps", "2"), False),  # 2 batches per optimizer step
+    # the DeiT recipe's augmentation (scale crop, RandAugment, erasing) and an EMA student (mixing's partner
+    # lookup runs in the loader's thread on CUDA: tests/data/test_augment_device.py guards the data part)
+    ("kd", "vit", False, ("--rrc-scale", "0.08", "--rand-augment", "rand-m9-mstd0.5-inc1", "--erase", "0.25",
+                          "--ema-decay", "0.99"), False),
     ("vitkd+nkd", "vit", False, ("--fused", "--accum-steps", "2"), True),
 ]
 

@@ -1,0 +1,257 @@
+"""RandAugment as timm builds it for DeiT (``rand-m9-mstd0.5-inc1``), batched on the device.
+
+Each image gets ``n`` layers; a layer picks one of timm's 15 increasing ops uniformly, applies it with
+probability 0.5 at magnitude ``clip(N(m, mstd), 0, 10)`` (a random sign where the op has one), exactly as
+``timm.data.auto_augment.AugmentOp``. The random choices are drawn by ``fastkd.data.augparams`` from the
+per-sample hash streams (a pure function of (seed, view, id)); this module applies them to uint8 images:
+
+* the histogram and point ops (AutoContrast, Equalize, Invert, Posterize, Solarize, SolarizeAdd,
+  Brightness, Contrast) become one per-image, per-channel 256-entry table, applied by one gather;
+* Color and Sharpness blend with a degenerate image (grayscale; the 3 × 3 SMOOTH filter) as PIL's
+  ``ImageEnhance`` does (``Image.blend``: ``deg + f·(img − deg)`` in float32, clipped, truncated);
+* Rotate, ShearX/Y and TranslateX/YRel are one affine resample per layer (PIL's ``Image.transform``
+  geometry: output pixel centres mapped to input coordinates, bilinear, the fill colour outside).
+
+PIL is the reference (timm runs these ops in PIL): the tests compare every op with it, bit for bit, on RGB
+and grayscale images. timm picks bilinear or bicubic at random for the geometric ops; here they are
+bilinear. Posterize at magnitude 10 keeps 0 bits (a black image, as older Pillows did; Pillow ≥ 11 refuses
+0 bits, so timm itself raises there).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+
+import torch
+
+from fastkd.data.hashing import _device_const
+
+__all__ = ["OPS", "parse_spec", "rand_augment"]
+
+# timm's _RAND_INCREASING_TRANSFORMS, in its order (the op index a layer draws)
+OPS = (
+    "AutoContrast", "Equalize", "Invert", "Rotate", "PosterizeIncreasing", "SolarizeIncreasing",
+    "SolarizeAdd", "ColorIncreasing", "ContrastIncreasing", "BrightnessIncreasing", "SharpnessIncreasing",
+    "ShearX", "ShearY", "TranslateXRel", "TranslateYRel",
+)
+_I = {name: i for i, name in enumerate(OPS)}
+_LUT_OPS = ("AutoContrast", "Equalize", "Invert", "PosterizeIncreasing", "SolarizeIncreasing", "SolarizeAdd",
+            "BrightnessIncreasing", "ContrastIncreasing")
+_GEOMETRIC = ("Rotate", "ShearX", "ShearY", "TranslateXRel", "TranslateYRel")
+
+
+def parse_spec(spec: str) -> tuple[int, float, float]:
+    """timm's RandAugment string → (layers n, magnitude m, magnitude std); one-line ValueError otherwise.
+
+    ``rand-m9-mstd0.5-inc1`` (DeiT): m 9, n 2 (timm's default), mstd 0.5. Only the increasing ops
+    (``inc1``) are implemented; ``mstd`` above 100 means uniform in [0, m], as in timm."""
+    parts = str(spec).split("-")
+    fix = "use timm's form, e.g. rand-m9-mstd0.5-inc1 (DeiT) or rand-m7-n3-mstd0.5-inc1"
+    if parts[0] != "rand":
+        raise ValueError(f"--rand-augment {spec}: {fix}")
+    n, m, mstd, inc = 2, None, 0.0, False
+    for p in parts[1:]:
+        k = re.match(r"[a-z]+", p)
+        key, val = (k.group(0), p[k.end():]) if k else ("", p)
+        try:
+            if key == "m":
+                m = float(val)
+            elif key == "n":
+                n = int(val)
+            elif key == "mstd":
+                mstd = float(val)
+            elif key == "inc":
+                inc = bool(int(val))
+            else:
+                raise ValueError
+        except ValueError:
+            raise ValueError(f"--rand-augment {spec}: unknown or malformed part {p!r}; {fix}") from None
+    if m is None or not 0 <= m <= 10 or n < 1 or mstd < 0 or not inc:
+        raise ValueError(f"--rand-augment {spec}: needs m in [0, 10], n ≥ 1, mstd ≥ 0 and inc1 "
+                         f"(only the increasing ops are implemented); {fix}")
+    return n, m, mstd
+
+
+def _on(t: torch.Tensor, dev: torch.device) -> torch.Tensor:
+    """``t`` on ``dev``, without a ``.to`` call when it is there already (the step's sync guard)."""
+    return t if t.device == dev else t.to(dev, non_blocking=True)
+
+
+def _blend(deg: torch.Tensor, img: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
+    """PIL's ``Image.blend(deg, img, f)`` on uint8 values: float32 ``deg + f·(img − deg)``, clipped to
+    [0, 255], truncated. ``f``: float32 broadcastable to the images."""
+    return (deg + f * (img - deg)).clamp_(0.0, 255.0).floor_()
+
+
+def _gray(x: torch.Tensor) -> torch.Tensor:
+    """PIL's RGB → L conversion (ITU-R 601-2 luma, fixed point), int64 [B, 1, H, W]; L images as they are."""
+    xi = x.to(torch.int64)
+    if x.shape[1] == 1:
+        return xi
+    return (xi[:, 0:1] * 19595 + xi[:, 1:2] * 38470 + xi[:, 2:3] * 7471 + 0x8000) >> 16
+
+
+def _luts(x: torch.Tensor, op: torch.Tensor, mag: torch.Tensor, neg: torch.Tensor) -> torch.Tensor:
+    """The point ops' tables: int64 [B, C, 256], the identity for a sample whose layer is another op."""
+    b, c = x.shape[:2]
+    dev = x.device
+    ix = torch.arange(256, device=dev, dtype=torch.int64).expand(b, c, 256)
+    lut = ix
+    flat = x.reshape(b, c, -1)
+    lv = mag / 10.0  # [B] float64: timm's level / _LEVEL_DENOM
+
+    def put(name, table):
+        nonlocal lut
+        lut = torch.where((op == _I[name])[:, None, None], table, lut)
+
+    # AutoContrast (ImageOps.autocontrast, cutoff 0): per channel, [lo, hi] stretched to [0, 255], truncated
+    lo = flat.amin(-1).to(torch.float64)[..., None]
+    hi = flat.amax(-1).to(torch.float64)[..., None]
+    scale = 255.0 / (hi - lo).clamp_min(1.0)
+    ac = torch.trunc(ix.to(torch.float64) * scale - lo * scale).clamp(0, 255).to(torch.int64)
+    put("AutoContrast", torch.where(hi > lo, ac, ix))
+    # Equalize (ImageOps.equalize): per channel, step = (pixels − count of the top level) // 255,
+    # table[i] = (step // 2 + pixels below i) // step; the identity when step is 0
+    hist = torch.zeros(b * c, 256, dtype=torch.int64, device=dev)
+    hist.scatter_add_(1, flat.reshape(b * c, -1).to(torch.int64), torch.ones_like(flat.reshape(b * c, -1),
+                                                                                   dtype=torch.int64))
+    top = torch.where(hist > 0, torch.arange(256, device=dev), -1).amax(1, keepdim=True)
+    step = ((hist.sum(1, keepdim=True) - hist.gather(1, top)) // 255).view(b, c, 1)
+    below = (hist.cumsum(1) - hist).view(b, c, 256)
+    eq = ((step // 2 + below) // step.clamp_min(1)).clamp_max(255)
+    put("Equalize", torch.where(step > 0, eq, ix))
+    put("Invert", 255 - ix)
+    # PosterizeIncreasing: keep 4 - int(4·level) bits
+    bits = 4 - torch.floor(lv * 4).to(torch.int64)
+    mask = (255 - ((1 << (8 - bits)) - 1))[:, None, None]
+    put("PosterizeIncreasing", ix & mask)
+    # SolarizeIncreasing: invert from 256 - min(256, int(256·level)) up
+    thresh = (256 - torch.floor(lv * 256).clamp_max(256).to(torch.int64))[:, None, None]
+    put("SolarizeIncreasing", torch.where(ix < thresh, ix, 255 - ix))
+    # SolarizeAdd: + min(128, int(110·level)) below 128
+    add = torch.floor(lv * 110).clamp_max(128).to(torch.int64)[:, None, None]
+    put("SolarizeAdd", torch.where(ix < 128, (ix + add).clamp_max(255), ix))
+    # Brightness / Contrast: a blend with black / with the mean grey level, factor max(0.1, 1 ± 0.9·level)
+    f = _factor(lv, neg)[:, None, None]
+    ixf = ix.to(torch.float32)
+    put("BrightnessIncreasing", _blend(torch.zeros_like(ixf), ixf, f).to(torch.int64))
+    g = _gray(x).reshape(b, -1)
+    mean = torch.floor(g.sum(1).to(torch.float64) / g.shape[1] + 0.5).to(torch.float32)[:, None, None]
+    put("ContrastIncreasing", _blend(mean.expand_as(ixf), ixf, f).to(torch.int64))
+    return lut
+
+
+def _factor(lv: torch.Tensor, neg: torch.Tensor) -> torch.Tensor:
+    """timm's _enhance_increasing_level_to_arg: max(0.1, 1 ± 0.9·level), float32 [B]."""
+    return (1.0 + torch.where(neg, -lv, lv) * 0.9).clamp_min(0.1).to(torch.float32)
+
+
+def _smooth(x: torch.Tensor) -> torch.Tensor:
+    """PIL's ImageFilter.SMOOTH (3 × 3, weights 1 and a centre 5, over 13; the 1-pixel border copied),
+    float32 rounded to the nearest level."""
+    b, c, h, w = x.shape
+    k = _device_const(("smooth",), lambda: torch.tensor([[1.0, 1, 1], [1, 5, 1], [1, 1, 1]]) / 13.0, x.device)
+    inner = torch.nn.functional.conv2d(x, k.expand(c, 1, 3, 3), groups=c)
+    out = x.clone()
+    if h > 2 and w > 2:
+        out[:, :, 1:-1, 1:-1] = torch.floor(inner + 0.5).clamp_(0, 255)
+    return out
+
+
+def _affine(x: torch.Tensor, coef: torch.Tensor, fill: torch.Tensor) -> torch.Tensor:
+    """PIL's ``Image.transform(size, AFFINE, (a, b, c, d, e, f), BILINEAR, fillcolor)``: output pixel centre
+    (u, v) reads the input at (a·u + b·v + c, d·u + e·v + f) (pixel centres at .5); inside the image it is
+    bilinear (edges clamped; float64, truncated, as PIL's ``bilinear_filter``), outside it is ``fill``.
+    x: float32 [B, C, H, W] of uint8 values; coef: float64 [B, 6]."""
+    b, c, h, w = x.shape
+    dev = x.device
+    v, u = torch.meshgrid(torch.arange(h, device=dev, dtype=torch.float64) + 0.5,
+                          torch.arange(w, device=dev, dtype=torch.float64) + 0.5, indexing="ij")
+    a_, b_, c_, d_, e_, f_ = (coef[:, i, None, None] for i in range(6))
+    sx = a_ * u + b_ * v + c_  # [B, H, W]
+    sy = d_ * u + e_ * v + f_
+    inside = (sx >= 0.0) & (sx < w) & (sy >= 0.0) & (sy < h)
+    px, py = sx - 0.5, sy - 0.5
+    x0, y0 = torch.floor(px), torch.floor(py)
+    dx, dy = (px - x0)[:, None], (py - y0)[:, None]
+    x0, y0 = x0.to(torch.int64), y0.to(torch.int64)
+    flat = x.reshape(b, c, h * w).to(torch.float64)
+
+    def at(yy, xx):
+        idx = (yy.clamp(0, h - 1) * w + xx.clamp(0, w - 1)).reshape(b, 1, h * w).expand(b, c, h * w)
+        return flat.gather(2, idx).view(b, c, h, w)
+
+    p00, p01, p10, p11 = at(y0, x0), at(y0, x0 + 1), at(y0 + 1, x0), at(y0 + 1, x0 + 1)
+    top = p00 + (p01 - p00) * dx
+    bot = p10 + (p11 - p10) * dx
+    out = torch.floor(top + (bot - top) * dy).clamp_(0, 255).to(torch.float32)
+    return torch.where(inside[:, None], out, fill.view(1, c, 1, 1))
+
+
+def _geometry(op: torch.Tensor, mag: torch.Tensor, neg: torch.Tensor, h: int, w: int) -> torch.Tensor:
+    """The affine coefficients (a, b, c, d, e, f) of each sample's geometric op (the identity for others),
+    as timm's level functions and PIL's ``rotate`` compute them; float64 [B, 6]."""
+    lv = mag / 10.0
+    sign = torch.where(neg, -1.0, 1.0).to(torch.float64)
+    z, one = torch.zeros_like(lv), torch.ones_like(lv)
+    coef = torch.stack([one, z, z, z, one, z], 1)
+
+    def put(name, cols):
+        nonlocal coef
+        coef = torch.where((op == _I[name])[:, None], torch.stack(cols, 1), coef)
+
+    # Rotate: degrees 30·level·sign counter-clockwise about the centre (PIL's matrix, rounded to 15 digits)
+    ang = -torch.deg2rad(torch.remainder(30.0 * lv * sign, 360.0))
+    cs, sn = torch.round(torch.cos(ang), decimals=15), torch.round(torch.sin(ang), decimals=15)
+    cx, cy = w / 2.0, h / 2.0
+    put("Rotate", [cs, sn, cs * -cx + sn * -cy + cx, -sn, cs, -sn * -cx + cs * -cy + cy])
+    shear = 0.3 * lv * sign
+    put("ShearX", [one, shear, z, z, one, z])
+    put("ShearY", [one, z, z, shear, one, z])
+    shift = 0.45 * lv * sign
+    put("TranslateXRel", [one, z, shift * w, z, one, z])
+    put("TranslateYRel", [one, z, z, z, one, shift * h])
+    return coef
+
+
+def rand_augment(x: torch.Tensor, op: torch.Tensor, mag: torch.Tensor, neg: torch.Tensor, fill):
+    """Apply the drawn RandAugment layers to uint8 images.
+
+    x: uint8 [B, C, H, W]; op: int64 [B, L] (the op index in ``OPS``; −1: the layer does nothing for that
+    image, timm's probability-0.5 skip); mag: float64 [B, L] magnitudes in [0, 10]; neg: bool [B, L] (the
+    random sign); fill: C grey levels for the geometric ops' outside (timm: the normalisation mean · 255).
+    Returns uint8 [B, C, H, W]."""
+    b, c, h, w = x.shape
+    dev = x.device
+    if not isinstance(fill, torch.Tensor):  # (the pipeline passes a float32 device tensor: no copy per step)
+        fill = torch.tensor(fill, dtype=torch.float32)
+    fill = _on(fill, dev).reshape(c)
+    for layer in range(op.shape[1]):
+        o, m, s = (_on(t[:, layer], dev) for t in (op, mag, neg))
+        lut = _luts(x, o, m, s)
+        x = lut.gather(2, x.reshape(b, c, -1).to(torch.int64)).view(b, c, h, w)
+        xf = x.to(torch.float32)
+        f = _factor(m / 10.0, s).view(b, 1, 1, 1)
+        if c == 3:  # ColorIncreasing (a grayscale image is its own degenerate: nothing to do)
+            xf = torch.where((o == _I["ColorIncreasing"]).view(b, 1, 1, 1),
+                             _blend(_gray(x).to(torch.float32).expand_as(xf), xf, f), xf)
+        xf = torch.where((o == _I["SharpnessIncreasing"]).view(b, 1, 1, 1), _blend(_smooth(xf), xf, f), xf)
+        geo = sum((o == _I[n]) for n in _GEOMETRIC).bool()
+        xf = torch.where(geo.view(b, 1, 1, 1), _affine(xf, _geometry(o, m, s, h, w), fill), xf)
+        x = xf.to(torch.uint8)
+    return x
+
+
+def layer_draws(u_apply, u_op, g1, g2, u_neg, m: float, mstd: float):
+    """Per-sample layer choices from the hash streams' uniforms ([B, L] float64 each; g1/g2 for the
+    magnitude noise by Box–Muller): (op int64 with −1 for a skipped layer, magnitude, negate)."""
+    op = torch.floor(u_op * len(OPS)).to(torch.int64).clamp_max(len(OPS) - 1)
+    op = torch.where(u_apply <= 0.5, op, -1)  # timm: skipped when random() > prob (0.5)
+    if mstd > 100:  # timm: mstd "inf" = uniform in [0, m]
+        mag = g1 * m
+    elif mstd > 0:
+        mag = m + mstd * torch.sqrt(-2.0 * torch.log(g1)) * torch.cos(2.0 * math.pi * g2)
+    else:
+        mag = torch.full_like(g1, float(m))
+    return op, mag.clamp(0.0, 10.0), u_neg > 0.5  # timm's _randomly_negate: -v if random() > 0.5
