@@ -113,9 +113,9 @@ def _luts(x: torch.Tensor, op: torch.Tensor, mag: torch.Tensor, neg: torch.Tenso
     put("AutoContrast", torch.where(hi > lo, ac, ix))
     # Equalize (ImageOps.equalize): per channel, step = (pixels − count of the top level) // 255,
     # table[i] = (step // 2 + pixels below i) // step; the identity when step is 0
-    hist = torch.zeros(b * c, 256, dtype=torch.int64, device=dev)
-    hist.scatter_add_(1, flat.reshape(b * c, -1).to(torch.int64), torch.ones_like(flat.reshape(b * c, -1),
-                                                                                   dtype=torch.int64))
+    rows = torch.arange(b * c, device=dev, dtype=torch.int64)[:, None] * 256
+    hist = torch.bincount((flat.reshape(b * c, -1) + rows).reshape(-1), minlength=b * c * 256)
+    hist = hist.view(b * c, 256)
     top = torch.where(hist > 0, torch.arange(256, device=dev), -1).amax(1, keepdim=True)
     step = ((hist.sum(1, keepdim=True) - hist.gather(1, top)) // 255).view(b, c, 1)
     below = (hist.cumsum(1) - hist).view(b, c, 256)
@@ -163,7 +163,7 @@ def _affine(x: torch.Tensor, coef: torch.Tensor, fill: torch.Tensor) -> torch.Te
     """PIL's ``Image.transform(size, AFFINE, (a, b, c, d, e, f), BILINEAR, fillcolor)``: output pixel centre
     (u, v) reads the input at (a·u + b·v + c, d·u + e·v + f) (pixel centres at .5); inside the image it is
     bilinear (edges clamped; float64, truncated, as PIL's ``bilinear_filter``), outside it is ``fill``.
-    x: float32 [B, C, H, W] of uint8 values; coef: float64 [B, 6]."""
+    x: uint8 [B, C, H, W]; coef: float64 [B, 6]. Returns float32 [B, C, H, W] (uint8 values)."""
     b, c, h, w = x.shape
     dev = x.device
     v, u = torch.meshgrid(torch.arange(h, device=dev, dtype=torch.float64) + 0.5,
@@ -176,11 +176,11 @@ def _affine(x: torch.Tensor, coef: torch.Tensor, fill: torch.Tensor) -> torch.Te
     x0, y0 = torch.floor(px), torch.floor(py)
     dx, dy = (px - x0)[:, None], (py - y0)[:, None]
     x0, y0 = x0.to(torch.int64), y0.to(torch.int64)
-    flat = x.reshape(b, c, h * w).to(torch.float64)
+    flat = x.reshape(b, c, h * w)
 
-    def at(yy, xx):
+    def at(yy, xx):  # the corner values, gathered from the uint8 pixels, as float64
         idx = (yy.clamp(0, h - 1) * w + xx.clamp(0, w - 1)).reshape(b, 1, h * w).expand(b, c, h * w)
-        return flat.gather(2, idx).view(b, c, h, w)
+        return flat.gather(2, idx).view(b, c, h, w).to(torch.float64)
 
     p00, p01, p10, p11 = at(y0, x0), at(y0, x0 + 1), at(y0 + 1, x0), at(y0 + 1, x0 + 1)
     top = p00 + (p01 - p00) * dx
@@ -229,7 +229,7 @@ def rand_augment(x: torch.Tensor, op: torch.Tensor, mag: torch.Tensor, neg: torc
     fill = _on(fill, dev).reshape(c)
     for layer in range(op.shape[1]):
         o, m, s = (_on(t[:, layer], dev) for t in (op, mag, neg))
-        lut = _luts(x, o, m, s)
+        lut = _luts(x, o, m, s).to(torch.uint8)
         x = lut.gather(2, x.reshape(b, c, -1).to(torch.int64)).view(b, c, h, w)
         xf = x.to(torch.float32)
         f = _factor(m / 10.0, s).view(b, 1, 1, 1)
@@ -238,7 +238,8 @@ def rand_augment(x: torch.Tensor, op: torch.Tensor, mag: torch.Tensor, neg: torc
                              _blend(_gray(x).to(torch.float32).expand_as(xf), xf, f), xf)
         xf = torch.where((o == _I["SharpnessIncreasing"]).view(b, 1, 1, 1), _blend(_smooth(xf), xf, f), xf)
         geo = sum((o == _I[n]) for n in _GEOMETRIC).bool()
-        xf = torch.where(geo.view(b, 1, 1, 1), _affine(xf, _geometry(o, m, s, h, w), fill), xf)
+        moved = _affine(xf.to(torch.uint8), _geometry(o, m, s, h, w), fill)  # (xf holds exact uint8 values)
+        xf = torch.where(geo.view(b, 1, 1, 1), moved, xf)
         x = xf.to(torch.uint8)
     return x
 
