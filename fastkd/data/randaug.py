@@ -10,7 +10,8 @@ per-sample hash streams (a pure function of (seed, view, id)); this module appli
 * Color and Sharpness blend with a degenerate image (grayscale; the 3 × 3 SMOOTH filter) as PIL's
   ``ImageEnhance`` does (``Image.blend``: ``deg + f·(img − deg)`` in float32, clipped, truncated);
 * Rotate, ShearX/Y and TranslateX/YRel are one affine resample per layer (PIL's ``Image.transform``
-  geometry: output pixel centres mapped to input coordinates, bilinear, the fill colour outside).
+  geometry: output pixel centres mapped to input coordinates, bilinear, the fill colour outside): on CUDA
+  one Triton pass (``fastkd.kernels.affine``, the same float64 arithmetic), else ``_affine`` below.
 
 PIL is the reference (timm runs these ops in PIL): the tests compare every op with it, bit for bit, on RGB
 and grayscale images. timm picks bilinear or bicubic at random for the geometric ops; here they are
@@ -189,6 +190,13 @@ def _affine(x: torch.Tensor, coef: torch.Tensor, fill: torch.Tensor) -> torch.Te
     return torch.where(inside[:, None], out, fill.view(1, c, 1, 1))
 
 
+def _affine_kernel(x8, coef, sel, fill):
+    """``fastkd.kernels.affine.affine_resample`` (imported on first use: CUDA only)."""
+    from fastkd.kernels.affine import affine_resample
+
+    return affine_resample(x8, coef, sel, fill)
+
+
 def _geometry(op: torch.Tensor, mag: torch.Tensor, neg: torch.Tensor, h: int, w: int) -> torch.Tensor:
     """The affine coefficients (a, b, c, d, e, f) of each sample's geometric op (the identity for others),
     as timm's level functions and PIL's ``rotate`` compute them; float64 [B, 6]."""
@@ -238,8 +246,12 @@ def rand_augment(x: torch.Tensor, op: torch.Tensor, mag: torch.Tensor, neg: torc
                              _blend(_gray(x).to(torch.float32).expand_as(xf), xf, f), xf)
         xf = torch.where((o == _I["SharpnessIncreasing"]).view(b, 1, 1, 1), _blend(_smooth(xf), xf, f), xf)
         geo = sum((o == _I[n]) for n in _GEOMETRIC).bool()
-        moved = _affine(xf.to(torch.uint8), _geometry(o, m, s, h, w), fill)  # (xf holds exact uint8 values)
-        xf = torch.where(geo.view(b, 1, 1, 1), moved, xf)
+        coef, x8 = _geometry(o, m, s, h, w), xf.to(torch.uint8)  # (xf holds exact uint8 values)
+        fused = _affine_kernel(x8, coef, geo, fill) if x.is_cuda else None
+        if fused is not None:  # one Triton pass, the same values (fastkd.kernels.affine)
+            xf = fused.to(torch.float32)
+        else:
+            xf = torch.where(geo.view(b, 1, 1, 1), _affine(x8, coef, fill), xf)
         x = xf.to(torch.uint8)
     return x
 

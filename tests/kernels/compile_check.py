@@ -44,7 +44,7 @@ def _cuobjdump() -> str:
     return found
 
 
-MODULES = ("token_kd", "masked_gen", "logit_kd")
+MODULES = ("token_kd", "masked_gen", "logit_kd", "affine")
 
 
 def _specs(only=None):
@@ -85,6 +85,20 @@ def specialize(fn, ptrs, scalars, const):
     return sig, constexprs, attrs
 
 
+def module_options(fn) -> dict:
+    """The compile options the kernel's module launches it with (``COMPILE_OPTIONS``, e.g. no FMA
+    contraction for the bit-exact affine resample): the build must be the one that runs."""
+    return dict(getattr(sys.modules[fn.fn.__module__], "COMPILE_OPTIONS", {}))
+
+
+def fusion_rule(fn, kernel, options: dict | None = None) -> str | None:
+    """A kernel launched with ``enable_fp_fusion=False`` must hold no fused multiply-add in its PTX."""
+    if (module_options(fn) if options is None else options).get("enable_fp_fusion", True):
+        return None
+    n = len(re.findall(r"\bfma\.rn\.f(32|64)\b", kernel.asm["ptx"]))
+    return f"{n} fma.rn in the PTX of a kernel launched without FMA contraction" if n else None
+
+
 def build(fn, ptrs, scalars, const, num_warps, num_stages, cc):
     """Compile for sm_``cc``; returns (compiled kernel, resource-usage dict from cuobjdump)."""
     import triton
@@ -96,9 +110,8 @@ def build(fn, ptrs, scalars, const, num_warps, num_stages, cc):
         )
     sig, constexprs, attrs = specialize(fn, ptrs, scalars, const)
     src = triton.compiler.ASTSource(fn=fn, signature=sig, constexprs=constexprs, attrs=attrs)
-    kernel = triton.compile(
-        src, target=GPUTarget("cuda", cc, 32), options={"num_warps": num_warps, "num_stages": num_stages}
-    )
+    options = {"num_warps": num_warps, "num_stages": num_stages, **module_options(fn)}
+    kernel = triton.compile(src, target=GPUTarget("cuda", cc, 32), options=options)
     with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as f:
         f.write(kernel.asm["cubin"])
         path = f.name
@@ -157,7 +170,7 @@ def _build(job):
             (ln.split()[1] for ln in kernel.asm["ptx"].splitlines() if ln.startswith(".target")), "?"
         )
         row.update(dot_facts(kernel))
-        row["dot_error"] = dot_rule(name, cc, row)
+        row["dot_error"] = dot_rule(name, cc, row) or fusion_rule(fn, kernel)
     except Exception as e:  # reported as a failed row
         row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
     row["seconds"] = round(time.time() - t0, 2)
@@ -184,6 +197,22 @@ def selftest() -> int:
             bad += not ok
             verdict = f"{why or 'accepted'} {'OK' if ok else 'WRONG'}"
             print(f"selftest sm_{cc} {label}: {renamed}: {facts} -> {verdict}")
+    # the FMA rule: the affine kernel built with contraction (Triton's default) holds FMAs and is rejected
+    import fastkd.kernels.affine as affine
+
+    name, fn, ptrs, scalars, const, cfg = affine.compile_specs()[-1]
+    saved = affine.COMPILE_OPTIONS
+    for label, opts, want in (("affine built with FMA contraction", {}, False),
+                              ("affine built as launched", saved, True)):
+        affine.COMPILE_OPTIONS = opts
+        try:
+            kernel, _ = build(fn, ptrs, scalars, const, cfg.num_warps, cfg.num_stages, 90)
+        finally:
+            affine.COMPILE_OPTIONS = saved
+        why = fusion_rule(fn, kernel, options=saved)
+        ok = (why is None) == want
+        bad += not ok
+        print(f"selftest sm_90 {label}: affine/{name}: -> {why or 'accepted'} {'OK' if ok else 'WRONG'}")
     print(f"compile_check selftest: {'passed' if not bad else 'FAILED'}")
     return 1 if bad else 0
 
@@ -228,7 +257,7 @@ def main(argv=None) -> int:
         note = (
             tc
             + (" SPILLS" if spills else "")
-            + (f" NOT-TENSOR-CORE ({r['dot_error']})" if r["dot_error"] else "")
+            + (f" BROKEN-RULE ({r['dot_error']})" if r["dot_error"] else "")
         )
         bad += bool(spills or r["dot_error"])
         print(
