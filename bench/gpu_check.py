@@ -25,6 +25,8 @@ decisions go to a fresh FASTKD_CACHE_DIR in the work folder (so the check measur
   step_profile   bench/profile_step.py: torch.profiler tables of the cached vitkd+nkd and the online kd
                  steps (3 steps back to back) into gpu_check.json ("step_profile_txt")        cap  75 s
   peer           bench/peer_bench.py: fastkd kd vs hand-written KD and timm.task               cap  60 s
+  augment        bench/aug_bench.py: RandomResizedCrop and RandAugment at B=256, 224² (the affine kernel
+                 vs the torch form, and their bit equality on the device) into gpu_check.json     cap  30 s
   train          python -m fastkd.train --fused --epochs 1 --teacher-epochs 1 (summary.json: telemetry
                  + the dispatch record)                                                         cap  45 s
 
@@ -303,7 +305,7 @@ def main(argv: list[str] | None = None) -> int:
         "--skip",
         default="",
         help="comma-separated steps to skip (env, step, losses_deit_s, profile, losses_deit_b, "
-        "tests, sync, step_profile, peer, train)",
+        "tests, sync, step_profile, peer, augment, train)",
     )
     ap.add_argument(
         "--step-variants",
@@ -540,6 +542,12 @@ def main(argv: list[str] | None = None) -> int:
     peer = _read_json(peer_json)
     if peer is not None:
         shutil.copyfile(peer_json, out / "peer.json")
+    save_report()
+
+    # the DeiT recipe's device augmentation: RRC and RandAugment (kernel vs torch form, and their equality) ---
+    aug_json = work / "aug.json"
+    r.python("augment", ["bench/aug_bench.py", str(aug_json), *small], cap_s=30)
+    report["augment"] = _read_json(aug_json)
     save_report()
 
     # a training run with telemetry, if time is left -------------------------------------------------
