@@ -544,7 +544,7 @@ def main(argv: list[str] | None = None) -> int:
         shutil.copyfile(peer_json, out / "peer.json")
     save_report()
 
-    # the DeiT recipe's device augmentation: RRC and RandAugment (kernel vs torch form, and their equality) ---
+    # the DeiT recipe's device augmentation: RRC and RandAugment (kernel vs torch form, their equality) ---
     aug_json = work / "aug.json"
     r.python("augment", ["bench/aug_bench.py", str(aug_json), *small], cap_s=30)
     report["augment"] = _read_json(aug_json)
