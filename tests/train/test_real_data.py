@@ -424,3 +424,28 @@ def test_class_folders_without_a_val_split_train_with_val_fraction(inputs, tmp_p
     assert json.loads((out / "config.json").read_text())["data"]["val_fraction"] == 0.25 and s["epochs"] == 1
     rc, _, err = _train(["--resume", "--out", str(out), "--val-fraction", "0.5"], capsys)
     _one_line_error(rc, err, "val_fraction 0.25 → 0.5")
+
+
+RECIPE = ["--rrc-scale", "0.08", "--hflip", "--rand-augment", "rand-m9-mstd0.5-inc1", "--erase", "0.25",
+          "--mixup", "0.8", "--cutmix", "1.0", "--student-drop-path", "0.1", "--accum-steps", "2",
+          "--ema-decay", "0.9", "--val-crop-pct", "0.875"]
+
+
+def test_deits_training_recipe_on_a_streamed_folder_and_its_teacher_cache(inputs, tmp_path, capsys):
+    """The README's ImageNet-style recipe, all flags at once, on a streamed JPEG folder with a fine-tuned
+    downloaded teacher: the run trains (an EMA student beside it, 1 optimizer step of 2 batches), and a
+    teacher cache built with the same flags replays the same augmentation (manifest) and trains."""
+    data = ["--data", inputs["folder"], "--memory-threshold", "0", "--workers", "1",
+            "--workdir", str(tmp_path / "w"), *RECIPE]
+    teacher = ["--teacher", ARCH, "--teacher-weights", inputs["st"], *TINY_T, "--teacher-finetune", "1"]
+    out = tmp_path / "run"
+    rc, _, err = _train([*data, *teacher, *STUDENT, *COMMON, "--out", str(out)], capsys)
+    assert rc == 0, err
+    s = _summary(out)
+    assert s["steps"] == 1 and s["student_ema_top1"] is not None and s["loader"] == "stream"
+    assert (out / "student_ema.safetensors").exists()
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["data"]["rand_augment"] == "rand-m9-mstd0.5-inc1" and cfg["optim"]["accum_steps"] == 2
+    man = _cache_then_train(data, tmp_path, capsys, teacher)
+    aug = man["augment"]
+    assert (aug["rrc_scale"], aug["randaug_n"], aug["erase_prob"], aug["crop_pad"]) == (0.08, 2, 0.25, 0)
