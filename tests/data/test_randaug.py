@@ -144,3 +144,15 @@ def test_the_pipeline_draws_per_sample_and_changes_the_images(digits):
     untouched = (p.ra_op < 0).all(1)  # both layers skipped (1/4 of the images)
     assert not changed[untouched].any()
     assert float(changed[~untouched].double().mean()) > 0.8  # (Color on grayscale, e.g., changes nothing)
+
+
+def test_equalize_table_past_255_is_clipped_as_pil_does():
+    """511 pixels below the top level and some at 255: step = 2 and the top level's table entry is
+    (1 + 511) // 2 = 256, which PIL's ``point`` clips to 255 (a uint8 cast would wrap it to 0)."""
+    from PIL import ImageOps
+
+    px = np.concatenate([np.arange(511) % 200, np.full(89, 255)]).astype(np.uint8).reshape(20, 30)
+    want = np.asarray(ImageOps.equalize(Image.fromarray(px)))
+    got = rand_augment(torch.from_numpy(px)[None, None], torch.tensor([[OPS.index("Equalize")]]),
+                       torch.zeros(1, 1, dtype=torch.float64), torch.zeros(1, 1, dtype=torch.bool), (0,))
+    assert np.array_equal(got[0, 0].numpy(), want) and (want[px == 255] == 255).all()
