@@ -69,14 +69,19 @@ def image_paths(inputs: list[str]) -> list[str]:
     return out
 
 
-def load_predictor(model_path: str, device: torch.device) -> tuple[torch.nn.Module, dict]:
-    """(model in eval mode on ``device``, its meta) from a ``.safetensors`` fastkd wrote or a run folder."""
+def load_predictor(model_path: str, device: torch.device, ema: bool = False) -> tuple[torch.nn.Module, dict]:
+    """(model in eval mode on ``device``, its meta) from a ``.safetensors`` fastkd wrote or a run folder (its
+    student, or with ``ema`` its EMA student: ``--ema-decay``)."""
     p = Path(model_path)
     if p.is_dir():
-        p = p / "student.safetensors"
+        name = "student_ema.safetensors" if ema else "student.safetensors"
+        p = p / name
         if not p.is_file():
-            msg = f"{model_path}: no student.safetensors in this folder (has the run ended?)"
-            raise FileNotFoundError(msg)
+            why = "was it trained with --ema-decay, and has it ended?" if ema else "has the run ended?"
+            raise FileNotFoundError(f"{model_path}: no {name} in this folder ({why})")
+    elif ema:
+        raise ValueError(f"--ema picks a run folder's student_ema.safetensors; {model_path} is a file: "
+                         "drop --ema (or give the EMA file itself)")
     model, meta = load_model(p, map_location=device)
     missing = [k for k in _NEEDS if k not in meta]
     if missing:
@@ -137,6 +142,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=None, help="decoding processes (default: CPUs - 1)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda[:i]")
     p.add_argument("--on-bad-image", choices=("error", "skip"), default="error")
+    p.add_argument("--ema", action="store_true",
+                   help="the run folder's EMA student (student_ema.safetensors, from --ema-decay)")
     p.add_argument("--no-verify", action="store_true", help="skip the checkpoint's sha256 check")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     return p
@@ -155,7 +162,7 @@ def main(argv: list[str] | None = None) -> int:
                 raise ValueError(f"--device {a.device}: no CUDA device here; use --device cpu")
         set_verify(not a.no_verify)
         paths = image_paths(a.inputs)
-        model, meta = load_predictor(a.model, device)
+        model, meta = load_predictor(a.model, device, ema=a.ema)
         log = (lambda m: print(m, file=sys.stderr))
         rows = predict(model, meta, paths, topk=a.topk, batch_size=a.batch_size, workers=a.workers,
                        device=device, on_bad_image=a.on_bad_image, progress=not a.quiet, log=log)

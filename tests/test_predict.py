@@ -148,3 +148,25 @@ def test_a_folder_with_a_symlink_cycle_lists_each_image_once(folder, tmp_path):
     one.write_bytes((folder / "val" / "dog" / "000.jpg").read_bytes())
     (tmp_path / "a" / "loop").symlink_to(tmp_path)
     assert image_paths([str(tmp_path)]) == [str(one)]
+
+
+def test_ema_flag_predicts_with_the_ema_student(folder, tmp_path, capsys):
+    """``--ema``: the run folder's EMA student (``--ema-decay``) reproduces the run's EMA val top-1; a run
+    without one, or a file given with ``--ema``, is one line."""
+    w = ["--workdir", str(tmp_path / "w")]
+    s = _run(folder, tmp_path / "run", "--method", "ce", "--ema-decay", "0.9", *w)
+    capsys.readouterr()
+    ema, plain = tmp_path / "ema.csv", tmp_path / "plain.csv"
+    val = [str(tmp_path / "run"), str(folder / "val"), "--quiet", "--csv"]
+    assert predict_main([*val, str(ema), "--ema"]) == 0 and predict_main([*val, str(plain)]) == 0
+    assert _top1_from_csv(ema) == pytest.approx(s["student_ema_top1"], abs=1e-9)
+    assert _top1_from_csv(plain) == pytest.approx(s["student_top1"], abs=1e-9)
+    p_ema, p_plain = ([r["p1"] for r in csv.DictReader(open(f))] for f in (ema, plain))
+    assert p_ema != p_plain  # the other model's probabilities (their top-1 may agree on 30 images)
+    _run(folder, tmp_path / "no-ema", "--method", "ce", "--epochs", "1", *w)
+    capsys.readouterr()
+    assert predict_main([str(tmp_path / "no-ema"), str(folder / "val"), "--ema", "--quiet"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "no student_ema.safetensors" in err[0] and "--ema-decay" in err[0], err
+    assert predict_main([str(tmp_path / "run" / "student.safetensors"), str(folder / "val"), "--ema"]) == 2
+    assert "drop --ema" in capsys.readouterr().err
