@@ -198,7 +198,7 @@ HELP: dict[str, str] = {
     "0 = off",
     "rand_augment": "timm's RandAugment, as DeiT trains: rand-m9-mstd0.5-inc1 (2 ops per image from "
     "timm's 15 increasing ops, each with probability 0.5, magnitude ~ N(9, 0.5) in [0, 10]); keys m, n "
-    "(default 2), mstd, inc1 (required); on the device, bit-identical to timm's PIL ops (bilinear "
+    "(default 2), mstd, inc1 (required); on the device, bit-identical to timm's PIL ops (bicubic "
     "geometry) (default: off)",
     "rrc_scale": "random-resized crop, the ImageNet/DeiT scale augmentation: each image is cropped to a "
     "box of area in [RRC_SCALE, 1] of it and aspect ratio in [3/4, 4/3], resized back (bilinear); the "

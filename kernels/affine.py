@@ -1,12 +1,13 @@
 """RandAugment's geometric ops as one Triton pass: a per-image affine resample of uint8 images.
 
-Reference: ``fastkd.data.randaug._affine`` (torch; PIL's ``Image.transform(AFFINE, BILINEAR, fillcolor)``
-arithmetic, bit for bit). The torch form materialises ≈ 13 GB of float64 tensors a layer at DeiT-S
-shapes (B = 256, 3 × 224²); this kernel reads each image's four corner pixels (uint8, from L1/L2) and
+Reference: ``fastkd.data.randaug._affine`` (torch; PIL's ``Image.transform(AFFINE, BICUBIC, fillcolor)``
+arithmetic, bit for bit). The torch form materialises tens of GB of float64 tensors a layer at DeiT-S
+shapes (B = 256, 3 × 224², 16 taps); this kernel reads the uint8 image (its 4 × 4 taps from L1/L2) and
 writes the result once: ≈ 77 MB a layer (bench/NOTES.md, "The DeiT recipe on the device").
 
-Exactness: the same float64 operations in the same order as the reference (and as PIL): the source point
-``(a·u + b·v + c, d·u + e·v + f)`` of each output pixel centre, ``floor``, two lerps along x, one along y,
+Exactness: the same float64 operations in the same order as the reference (and as PIL's bicubic
+filter): the source point ``(a·u + b·v + c, d·u + e·v + f)`` of each output pixel centre, ``floor``, four
+cubic interpolations along x (one per row of the 4 × 4 taps, indices clamped), one along y, clip,
 truncation. Launched with ``enable_fp_fusion=False``: a multiply-add contracted into an FMA rounds once
 instead of twice and could move a truncation by one grey level.
 
@@ -26,9 +27,29 @@ from fastkd.kernels._utils import INTERPRET, Cfg, cdiv, check_device, first_line
 
 __all__ = ["affine_resample", "compile_specs"]
 
-BLOCK = 1024
+BLOCK = 256
 NUM_WARPS = 4
 COMPILE_OPTIONS = {"enable_fp_fusion": False}  # what the launch passes: the compile check builds the same
+
+
+@triton.jit
+def _cubic(v1, v2, v3, v4, d):
+    """PIL's BICUBIC macro (the a = −1 cubic convolution), its float64 operations in order."""
+    p2 = -v1 + v3
+    p3 = 2.0 * (v1 - v2) + v3 - v4
+    p4 = -v1 + v2 - v3 + v4
+    return v2 + d * (p2 + d * (p3 + d * p4))
+
+
+@triton.jit
+def _row(ch, yy, xm, x0, x1, x2, W, live, dx):
+    """One input row's 4 taps (columns clamped), interpolated along x."""
+    base = ch + yy * W
+    v1 = tl.load(base + xm, mask=live, other=0).to(tl.float64)
+    v2 = tl.load(base + x0, mask=live, other=0).to(tl.float64)
+    v3 = tl.load(base + x1, mask=live, other=0).to(tl.float64)
+    v4 = tl.load(base + x2, mask=live, other=0).to(tl.float64)
+    return _cubic(v1, v2, v3, v4, dx)
 
 
 @triton.jit
@@ -54,23 +75,24 @@ def _affine_kernel(x_ptr, out_ptr, coef_ptr, sel_ptr, fill_ptr, H, W, C: tl.cons
         y0f = tl.floor(py)
         dx = px - x0f
         dy = py - y0f
-        # clamp in float first (a point far outside would overflow int32), then to indices
-        x0 = tl.minimum(tl.maximum(x0f, -1.0), W * 1.0).to(tl.int32)
-        y0 = tl.minimum(tl.maximum(y0f, -1.0), H * 1.0).to(tl.int32)
+        # clamp in float first (a point far outside would overflow int32), then the taps' indices
+        x0 = tl.minimum(tl.maximum(x0f, -2.0), W * 1.0).to(tl.int32)
+        y0 = tl.minimum(tl.maximum(y0f, -2.0), H * 1.0).to(tl.int32)
+        xm = tl.minimum(tl.maximum(x0 - 1, 0), W - 1)
         xa = tl.minimum(tl.maximum(x0, 0), W - 1)
         xb = tl.minimum(tl.maximum(x0 + 1, 0), W - 1)
+        xc = tl.minimum(tl.maximum(x0 + 2, 0), W - 1)
+        ym = tl.minimum(tl.maximum(y0 - 1, 0), H - 1)
         ya = tl.minimum(tl.maximum(y0, 0), H - 1)
         yb = tl.minimum(tl.maximum(y0 + 1, 0), H - 1)
+        yc = tl.minimum(tl.maximum(y0 + 2, 0), H - 1)
         for c in tl.static_range(C):
             ch = img + c * hw
-            p00 = tl.load(ch + ya * W + xa, mask=live, other=0).to(tl.float64)
-            p01 = tl.load(ch + ya * W + xb, mask=live, other=0).to(tl.float64)
-            p10 = tl.load(ch + yb * W + xa, mask=live, other=0).to(tl.float64)
-            p11 = tl.load(ch + yb * W + xb, mask=live, other=0).to(tl.float64)
-            top = p00 + (p01 - p00) * dx
-            bot = p10 + (p11 - p10) * dx
-            val = tl.floor(top + (bot - top) * dy)
-            val = tl.minimum(tl.maximum(val, 0.0), 255.0)
+            r1 = _row(ch, ym, xm, xa, xb, xc, W, live, dx)
+            r2 = _row(ch, ya, xm, xa, xb, xc, W, live, dx)
+            r3 = _row(ch, yb, xm, xa, xb, xc, W, live, dx)
+            r4 = _row(ch, yc, xm, xa, xb, xc, W, live, dx)
+            val = tl.floor(tl.minimum(tl.maximum(_cubic(r1, r2, r3, r4, dy), 0.0), 255.0))
             fill = tl.load(fill_ptr + c).to(tl.float64)
             res = tl.where(inside, val, fill)
             tl.store(dst + c * hw + offs, res.to(tl.uint8), mask=live)
@@ -83,7 +105,7 @@ _BROKEN: list[str] = []  # a launch error on this GPU: the torch form from then 
 
 
 def affine_resample(x: torch.Tensor, coef: torch.Tensor, sel: torch.Tensor, fill: torch.Tensor):
-    """uint8 [B, C, H, W] → the images with ``sel`` resampled by their ``coef`` (PIL's affine, bilinear,
+    """uint8 [B, C, H, W] → the images with ``sel`` resampled by their ``coef`` (PIL's affine, bicubic,
     ``fill`` outside), the others copied; None when the kernel cannot run here (the caller's torch form
     then runs: off CUDA without the interpreter, or after a launch error, reported once)."""
     if _BROKEN or not (x.is_cuda or INTERPRET):

@@ -37,7 +37,7 @@ def _images(gray: bool):
 def _timm(name, img, mag, neg, fill, monkeypatch):
     """timm's op at magnitude ``mag`` with its random sign forced (PIL does the pixels)."""
     monkeypatch.setattr(taa, "_randomly_negate", (lambda v: -v) if neg else (lambda v: v))
-    hp = {"img_mean": fill if len(fill) > 1 else fill[0], "interpolation": Image.BILINEAR}
+    hp = {"img_mean": fill if len(fill) > 1 else fill[0], "interpolation": Image.BICUBIC}
     op = taa.AugmentOp(name, prob=1.0, magnitude=mag, hparams=hp)
     pil = Image.fromarray(img if img.shape[2] == 3 else img[..., 0])
     return np.asarray(op(pil)).reshape(img.shape)
