@@ -54,6 +54,7 @@ from fastkd.data.augparams import (  # noqa: F401  (public via this module)
 from fastkd.data.hashing import (  # noqa: F401  (hash32/hash_uniform/_mul32: public via this module)
     _device_const,
     _mul32,
+    _on,
     hash32,
     hash_uniform,
 )
@@ -77,12 +78,6 @@ __all__ = [
 # ----------------------------------------------------------------------------------------------------
 # pixel work (batched, on the images' device)
 # ----------------------------------------------------------------------------------------------------
-
-
-def _on(t: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """``t`` on ``device``; no ``.to`` call at all when it is already there (the step's sync guard test
-    forbids device moves to the host, and on a CPU run every tensor is on the host)."""
-    return t if t.device == device else t.to(device, non_blocking=True)
 
 
 def _norm_consts(mean, std, channels: int, device) -> tuple[torch.Tensor, torch.Tensor]:

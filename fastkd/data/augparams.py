@@ -248,20 +248,20 @@ def _view_params(
         flip = torch.zeros(b, dtype=torch.bool, device=dev)
     zero = torch.zeros(b, dtype=torch.int64, device=dev)
     if cfg.rrc_scale > 0:
-        rrc = _rrc_box(dr, cfg, h, w)
+        box = _rrc_box(dr, cfg, h, w)
     else:
-        rrc = (zero, zero, torch.full_like(zero, h), torch.full_like(zero, w))
+        box = (zero, zero, torch.full_like(zero, h), torch.full_like(zero, w))
     if cfg.randaug_n > 0:
         ra = layer_draws(*(dr.u(s) for s in ("ra_apply", "ra_op", "ra_g1", "ra_g2", "ra_neg")),
                          cfg.randaug_m, cfg.randaug_mstd)
     else:
         none = torch.zeros(b, 0, dtype=torch.int64, device=dev)  # no layers
         ra = (none, none.to(torch.float64), none > 0)
-    rrc = (*rrc, *ra)
+    later = (*box, *ra)  # the fields added after the erasing ones: the crop box, the RandAugment layers
     if cfg.erase_prob <= 0:
         no = torch.zeros(b, dtype=torch.bool, device=dev)
         fill = torch.zeros(b, channels, dtype=torch.float64, device=dev)
-        return sy, sx, flip, no, zero, zero, zero, zero, fill, *rrc
+        return sy, sx, flip, no, zero, zero, zero, zero, fill, *later
     erase = dr.u("erase") < cfg.erase_prob
     lo, hi = cfg.erase_area
     area = (lo + (hi - lo) * dr.u("erase_area")) * (h * w)
@@ -276,7 +276,7 @@ def _view_params(
     u1 = dr.u("erase_fill1")
     u2 = dr.u("erase_fill2")
     fill = torch.sqrt(-2.0 * torch.log(u1)) * torch.cos(2.0 * math.pi * u2)
-    return sy, sx, flip, erase, ey1, ey2, ex1, ex2, fill, *rrc
+    return sy, sx, flip, erase, ey1, ey2, ex1, ex2, fill, *later
 
 
 def _sample(ids, seed, view, cfg, n, channels, h, w, *, partner_view: bool):

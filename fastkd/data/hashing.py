@@ -85,6 +85,12 @@ def _lowbias32_int(x: int) -> int:
 _CONSTS: dict = {}  # small per-device constant tensors (hash keys, mean/std), made once, never per step
 
 
+def _on(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """``t`` on ``device``; no ``.to`` call at all when it is already there (the step's sync guard test
+    forbids device moves to the host, and on a CPU run every tensor is on the host)."""
+    return t if t.device == device else t.to(device, non_blocking=True)
+
+
 def _device_const(key: tuple, build: Callable[[], torch.Tensor], device: torch.device) -> torch.Tensor:
     """A constant tensor on ``device``, built on the host once per (key, device) and cached.
 

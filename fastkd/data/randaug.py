@@ -27,7 +27,7 @@ import re
 
 import torch
 
-from fastkd.data.hashing import _device_const
+from fastkd.data.hashing import _device_const, _on
 
 __all__ = ["OPS", "parse_spec", "rand_augment"]
 
@@ -75,11 +75,6 @@ def parse_spec(spec: str) -> tuple[int, float, float]:
     return n, m, mstd
 
 
-def _on(t: torch.Tensor, dev: torch.device) -> torch.Tensor:
-    """``t`` on ``dev``, without a ``.to`` call when it is there already (the step's sync guard)."""
-    return t if t.device == dev else t.to(dev, non_blocking=True)
-
-
 def _blend(deg: torch.Tensor, img: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
     """PIL's ``Image.blend(deg, img, f)`` on uint8 values: float32 ``deg + f·(img − deg)``, clipped to
     [0, 255], truncated. ``f``: float32 broadcastable to the images."""
@@ -94,8 +89,9 @@ def _gray(x: torch.Tensor) -> torch.Tensor:
     return (xi[:, 0:1] * 19595 + xi[:, 1:2] * 38470 + xi[:, 2:3] * 7471 + 0x8000) >> 16
 
 
-def _luts(x: torch.Tensor, op: torch.Tensor, mag: torch.Tensor, neg: torch.Tensor) -> torch.Tensor:
-    """The point ops' tables: int64 [B, C, 256], the identity for a sample whose layer is another op."""
+def _luts(x: torch.Tensor, op: torch.Tensor, mag: torch.Tensor, neg: torch.Tensor, gray: torch.Tensor):
+    """The point ops' tables: int64 [B, C, 256], the identity for a sample whose layer is another op.
+    ``gray``: ``_gray(x)`` (Contrast's mean grey level; the caller's Color reuses it)."""
     b, c = x.shape[:2]
     dev = x.device
     ix = torch.arange(256, device=dev, dtype=torch.int64).expand(b, c, 256)
@@ -138,7 +134,7 @@ def _luts(x: torch.Tensor, op: torch.Tensor, mag: torch.Tensor, neg: torch.Tenso
     f = _factor(lv, neg)[:, None, None]
     ixf = ix.to(torch.float32)
     put("BrightnessIncreasing", _blend(torch.zeros_like(ixf), ixf, f).to(torch.int64))
-    g = _gray(x).reshape(b, -1)
+    g = gray.reshape(b, -1)
     mean = torch.floor(g.sum(1).to(torch.float64) / g.shape[1] + 0.5).to(torch.float32)[:, None, None]
     put("ContrastIncreasing", _blend(mean.expand_as(ixf), ixf, f).to(torch.int64))
     return lut
@@ -254,13 +250,15 @@ def rand_augment(x: torch.Tensor, op: torch.Tensor, mag: torch.Tensor, neg: torc
     fill = _on(fill, dev).reshape(c)
     for layer in range(op.shape[1]):
         o, m, s = (_on(t[:, layer], dev) for t in (op, mag, neg))
-        lut = _luts(x, o, m, s).to(torch.uint8)
+        gray = _gray(x)  # once a layer: Contrast's mean, and Color's degenerate (a Color image's table is the
+        # identity, so its grey levels are the same before and after the gather)
+        lut = _luts(x, o, m, s, gray).to(torch.uint8)
         x = lut.gather(2, x.reshape(b, c, -1).to(torch.int64)).view(b, c, h, w)
         xf = x.to(torch.float32)
         f = _factor(m / 10.0, s).view(b, 1, 1, 1)
         if c == 3:  # ColorIncreasing (a grayscale image is its own degenerate: nothing to do)
             xf = torch.where((o == _I["ColorIncreasing"]).view(b, 1, 1, 1),
-                             _blend(_gray(x).to(torch.float32).expand_as(xf), xf, f), xf)
+                             _blend(gray.to(torch.float32).expand_as(xf), xf, f), xf)
         xf = torch.where((o == _I["SharpnessIncreasing"]).view(b, 1, 1, 1), _blend(_smooth(xf), xf, f), xf)
         geo = sum((o == _I[n]) for n in _GEOMETRIC).bool()
         coef, x8 = _geometry(o, m, s, h, w), xf.to(torch.uint8)  # (xf holds exact uint8 values)

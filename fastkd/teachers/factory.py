@@ -77,7 +77,7 @@ def finetune_spec(cfg: TrainConfig, data: Dataset) -> tuple[str, Path]:
         "overrides": shape_overrides(cfg, "teacher"), "fingerprint": data.fingerprint,
         "epochs": m.teacher_finetune, "lr": finetune_lr(cfg), "mode": m.teacher_finetune_mode,
         "batch_size": o.batch_size, "wd": o.weight_decay, "warmup": o.warmup_epochs, "min_lr": o.min_lr,
-        "clip": o.grad_clip, "aug": vars(AugmentConfig.default_for(data.img_size)), "version": 1,
+        "clip": o.grad_clip, "aug": AugmentConfig.default_for(data.img_size).identity(), "version": 1,
     }
     key = hashlib.sha256(json.dumps(recipe, sort_keys=True, default=str).encode()).hexdigest()[:16]
     arch = r.arch.replace("/", "_")

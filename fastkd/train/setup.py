@@ -309,20 +309,28 @@ def _fit_default(
         return _fit_default_locked(cfg, data, arch, tdir, what, log, cap, lr, patience)
 
 
+def _own_recipe(cfg: TrainConfig, *, epochs: int, lr: float, resume: bool) -> TrainConfig:
+    """The config of a model fastkd trains itself (the default teacher, the student-alone estimate, a
+    fine-tuned teacher): CE, seed 0, the whole split, one batch an optimizer step, no EMA and the default
+    augmentation (what its directory key hashes, whatever the run's flags)."""
+    tcfg = TrainConfig.from_dict(cfg.to_dict())
+    tcfg.method = replace(tcfg.method, method=PLAIN.name, ce_weight=1.0)
+    tcfg.optim = replace(tcfg.optim, epochs=epochs, lr=lr, accum_steps=1, ema_decay=0.0)
+    tcfg.run = replace(tcfg.run, seed=0, resume=resume, teacher_cache=None, tensorboard=False, compile=False)
+    tcfg.data = replace(tcfg.data.default_augmentation(), train_limit=0)
+    return tcfg
+
+
 def _fit_default_locked(cfg, data, arch, tdir: Path, what: str, log, cap, lr, patience) -> Path:
     path = tdir / "student.safetensors"
     if path.exists() and (tdir / "fit.json").exists():
         if not announced(f"reuse:{tdir}"):
             log(f"fastkd: reusing {what} {path}")
         return path
-    tcfg = TrainConfig.from_dict(cfg.to_dict())
-    tcfg.method = replace(tcfg.method, method=PLAIN.name, ce_weight=1.0)
+    cap = cap or epoch_cap(len(data.y_train), cfg.optim.batch_size, cfg.model.teacher_epochs)
+    tcfg = _own_recipe(cfg, epochs=cap, lr=lr or cfg.model.teacher_lr, resume=False)
     tcfg.model = replace(tcfg.model, teacher=None, student=arch[0], student_embed_dim=None,
                          student_depth=None, student_heads=None, student_patch_size=None)
-    cap = cap or epoch_cap(len(data.y_train), cfg.optim.batch_size, cfg.model.teacher_epochs)
-    tcfg.optim = replace(tcfg.optim, epochs=cap, lr=lr or cfg.model.teacher_lr, accum_steps=1, ema_decay=0.0)
-    tcfg.run = replace(tcfg.run, seed=0, resume=False, teacher_cache=None, tensorboard=False, compile=False)
-    tcfg.data = replace(tcfg.data.default_augmentation(), train_limit=0)
     log(f"fastkd: training the default {what} ({arch[0]} {arch[1]}; up to {cap} epochs, "
         f"stops when val top-1 stops improving) → {tdir}")
     device = pick_device(tcfg.run.device)
@@ -355,13 +363,8 @@ def _finetune_locked(cfg: TrainConfig, data: Dataset, arch: str, tdir: Path, log
     m = cfg.model
     log(f"fastkd: fine-tuning {m.teacher} ({m.teacher_finetune_mode}, {m.teacher_finetune} epochs, "
         f"lr {finetune_lr(cfg):g}) on {data.name} → {tdir}")
-    tcfg = TrainConfig.from_dict(cfg.to_dict())
-    tcfg.method = replace(tcfg.method, method=PLAIN.name, ce_weight=1.0)
+    tcfg = _own_recipe(cfg, epochs=m.teacher_finetune, lr=finetune_lr(cfg), resume=True)
     tcfg.model = replace(tcfg.model, teacher=None, student_weights=None, teacher_finetune=0)
-    tcfg.optim = replace(tcfg.optim, epochs=m.teacher_finetune, lr=finetune_lr(cfg), accum_steps=1,
-                         ema_decay=0.0)
-    tcfg.run = replace(tcfg.run, seed=0, resume=True, teacher_cache=None, tensorboard=False, compile=False)
-    tcfg.data = replace(tcfg.data.default_augmentation(), train_limit=0)
     device = pick_device(tcfg.run.device)
     seed_everything(0)
     with torch.random.fork_rng(devices=[]):
