@@ -89,9 +89,11 @@ def _gray(x: torch.Tensor) -> torch.Tensor:
     return (xi[:, 0:1] * 19595 + xi[:, 1:2] * 38470 + xi[:, 2:3] * 7471 + 0x8000) >> 16
 
 
-def _luts(x: torch.Tensor, op: torch.Tensor, mag: torch.Tensor, neg: torch.Tensor, gray: torch.Tensor):
+def _luts(x: torch.Tensor, xi: torch.Tensor, op: torch.Tensor, mag: torch.Tensor, neg: torch.Tensor,
+          gray: torch.Tensor):
     """The point ops' tables: int64 [B, C, 256], the identity for a sample whose layer is another op.
-    ``gray``: ``_gray(x)`` (Contrast's mean grey level; the caller's Color reuses it)."""
+    ``xi``: ``x`` as int64 (the caller's table gather reuses it); ``gray``: ``_gray(xi)`` (Contrast's mean
+    grey level; the caller's Color reuses it)."""
     b, c = x.shape[:2]
     dev = x.device
     ix = torch.arange(256, device=dev, dtype=torch.int64).expand(b, c, 256)
@@ -110,9 +112,12 @@ def _luts(x: torch.Tensor, op: torch.Tensor, mag: torch.Tensor, neg: torch.Tenso
     ac = torch.trunc(ix.to(torch.float64) * scale - lo * scale).clamp(0, 255).to(torch.int64)
     put("AutoContrast", torch.where(hi > lo, ac, ix))
     # Equalize (ImageOps.equalize): per channel, step = (pixels − count of the top level) // 255,
-    # table[i] = (step // 2 + pixels below i) // step; the identity when step is 0
-    rows = torch.arange(b * c, device=dev, dtype=torch.int64)[:, None] * 256
-    hist = torch.bincount((flat.reshape(b * c, -1) + rows).reshape(-1), minlength=b * c * 256)
+    # table[i] = (step // 2 + pixels below i) // step; the identity when step is 0. The histogram is a
+    # scatter-add per (image, channel) row: torch.bincount would size its output from the input's maximum,
+    # read on the host (a sync on CUDA, even with minlength: found on the H200, 2026-11-27)
+    levels = xi.reshape(b, c, -1)
+    ones = torch.ones((), device=dev, dtype=torch.int64).expand(levels.shape)
+    hist = torch.zeros(b, c, 256, device=dev, dtype=torch.int64).scatter_add_(2, levels, ones)
     hist = hist.view(b * c, 256)
     top = torch.where(hist > 0, torch.arange(256, device=dev), -1).amax(1, keepdim=True)
     step = ((hist.sum(1, keepdim=True) - hist.gather(1, top)) // 255).view(b, c, 1)
@@ -250,10 +255,11 @@ def rand_augment(x: torch.Tensor, op: torch.Tensor, mag: torch.Tensor, neg: torc
     fill = _on(fill, dev).reshape(c)
     for layer in range(op.shape[1]):
         o, m, s = (_on(t[:, layer], dev) for t in (op, mag, neg))
-        gray = _gray(x)  # once a layer: Contrast's mean, and Color's degenerate (a Color image's table is the
-        # identity, so its grey levels are the same before and after the gather)
-        lut = _luts(x, o, m, s, gray).to(torch.uint8)
-        x = lut.gather(2, x.reshape(b, c, -1).to(torch.int64)).view(b, c, h, w)
+        xi = x.to(torch.int64)  # once a layer: the grey levels, the histogram and the table gather read it
+        gray = _gray(xi)  # Contrast's mean, and Color's degenerate (a Color image's table is the identity,
+        # so its grey levels are the same before and after the gather)
+        lut = _luts(x, xi, o, m, s, gray).to(torch.uint8)
+        x = lut.gather(2, xi.view(b, c, -1)).view(b, c, h, w)
         xf = x.to(torch.float32)
         f = _factor(m / 10.0, s).view(b, 1, 1, 1)
         if c == 3:  # ColorIncreasing (a grayscale image is its own degenerate: nothing to do)

@@ -5,7 +5,9 @@ so block the host until the GPU catches up (a host sync): ``Tensor.item``, ``.to
 ``.numpy``, ``int()`` / ``float()`` / ``bool()`` / ``operator.index()`` of a tensor (``__int__``,
 ``__float__``, ``__bool__``, ``__index__``: ``if t:``, ``range(t)``), ``.to(<cpu>)``, ``torch.equal``,
 ``nonzero`` (also ``torch.nonzero``, ``torch.where(cond)`` with one argument), ``torch.unique``,
-``torch.masked_select``, indexing or item assignment with a boolean mask (data-dependent shapes),
+``torch.masked_select``, ``bincount`` (CUDA sizes its output from the input's maximum, read on the host
+even with ``minlength``: the sync the H200 found in RandAugment's Equalize, 2026-11-27), indexing or
+item assignment with a boolean mask (data-dependent shapes),
 item assignment of a Python number (``t[i] = 4.0``: the number is copied up from pageable host memory;
 ``t[i:i+1].fill_(4.0)`` passes it as a kernel argument instead) and ``torch.tensor`` /
 ``torch.as_tensor`` (a per-step tensor from host data: a pageable host→device copy on a GPU).
@@ -70,9 +72,9 @@ class SyncGuard:
 
         T = torch.Tensor
         for name in ("item", "tolist", "cpu", "numpy", "__int__", "__float__", "__bool__", "__index__",
-                     "nonzero", "unique"):
+                     "nonzero", "unique", "bincount"):
             self._patch(T, name, always(f"Tensor.{name}"))
-        for name in ("equal", "nonzero", "unique", "masked_select", "tensor", "as_tensor"):
+        for name in ("equal", "nonzero", "unique", "masked_select", "bincount", "tensor", "as_tensor"):
             self._patch(torch, name, always(f"torch.{name}"))
 
         def is_cpu(d) -> bool:

@@ -8,7 +8,7 @@ them in the training thread. torch's CPU AdamW reads its CPU step counter with `
 own code, which the guard exempts: on CUDA the trainer's AdamW is the fused one, whose step counter
 lives on the device, so it is not a sync there. The guard is shown to catch each kind of host read
 planted in a step (``.item()``, ``int(tensor)``, ``if tensor:``, ``.to('cpu')``, ``torch.tensor``, a
-boolean mask, ``t[i] = 4.0``).
+boolean mask, ``t[i] = 4.0``, ``torch.bincount``).
 
 CUDA (skipped on CPU; ``bench/gpu_check.sh`` runs it): the same steps under
 ``torch.cuda.set_sync_debug_mode("error")`` after warm-up.
@@ -264,8 +264,9 @@ def test_fit_reports_the_calibration_once(env, data, measured_cpu, monkeypatch, 
         "def plant(logits, y_soft):\n    torch.tensor(0.5)\n",
         "def plant(logits, y_soft):\n    logits[y_soft > 0.5]\n",
         "def plant(logits, y_soft):\n    w = torch.ones_like(y_soft)\n    w[-1] = 4.0\n",
+        "def plant(logits, y_soft):\n    torch.bincount(y_soft.argmax(1), minlength=y_soft.shape[1])\n",
     ],
-    ids=["item", "int", "bool", "to-cpu", "torch.tensor", "bool-mask", "setitem-number"],
+    ids=["item", "int", "bool", "to-cpu", "torch.tensor", "bool-mask", "setitem-number", "bincount"],
 )
 def test_guard_catches_a_planted_sync(env, data, monkeypatch, body):
     """The guard is not vacuous: one host read planted in the CE part of a real step is caught."""
