@@ -1,12 +1,14 @@
 """``fastkd.kernels.affine``: RandAugment's geometric ops in one Triton pass equal the torch reference
 (``fastkd.data.randaug._affine``, itself bit-identical to PIL: tests/data/test_randaug.py) bit for bit,
-under the interpreter: every geometric op at several magnitudes and both signs, RGB and grayscale, odd
-sizes, the images that drew another op copied through, the fill outside."""
+under the interpreter on CPU and compiled on a GPU (``DEVICE``): every geometric op at several
+magnitudes and both signs, RGB and grayscale, odd sizes, the images that drew another op copied
+through, the fill outside."""
 
 from __future__ import annotations
 
 import pytest
 import torch
+from kd_testutil import DEVICE
 
 from fastkd.data.randaug import OPS, _affine, _geometry
 from fastkd.kernels import affine as A
@@ -28,9 +30,10 @@ def test_kernel_equals_the_torch_reference(c, h, w):
     fill = torch.tensor([124.0, 116.0, 104.0][:c])
     coef = _geometry(op, mag, neg, h, w)
     sel = sum((op == OPS.index(n)) for n in GEOMETRIC).bool()
-    got = A.affine_resample(x, coef, sel, fill)
+    got = A.affine_resample(x.to(DEVICE), coef.to(DEVICE), sel.to(DEVICE), fill.to(DEVICE))
     want = torch.where(sel.view(b, 1, 1, 1), _affine(x, coef, fill), x.to(torch.float32)).to(torch.uint8)
-    assert got is not None and got.dtype == torch.uint8
+    assert got is not None and got.dtype == torch.uint8 and got.device.type == DEVICE.type
+    got = got.cpu()
     assert torch.equal(got, want)
     assert torch.equal(got[~sel], x[~sel])  # the others: copied through, untouched
     moved = got[sel][1:]  # (row 0 is Rotate at magnitude 0: the identity)
@@ -43,7 +46,8 @@ def test_far_outside_points_and_a_block_boundary():
     x = torch.randint(0, 256, (2, 3, 37, 41), dtype=torch.uint8)
     coef = torch.tensor([[1.0, 0, 1e12, 0, 1, 0], [1.0, 0.3, -3.7, 0.1, 1, 2.2]], dtype=torch.float64)
     fill = torch.tensor([1.0, 2.0, 3.0])
-    got = A.affine_resample(x, coef, torch.tensor([True, True]), fill)
+    got = A.affine_resample(x.to(DEVICE), coef.to(DEVICE), torch.tensor([True, True], device=DEVICE),
+                            fill.to(DEVICE)).cpu()
     assert torch.equal(got[0], fill.to(torch.uint8).view(3, 1, 1).expand(3, 37, 41))
     assert torch.equal(got[1], _affine(x[1:], coef[1:], fill)[0].to(torch.uint8))
     assert 37 * 41 > A.BLOCK

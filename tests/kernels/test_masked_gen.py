@@ -380,7 +380,8 @@ def test_the_triton_path_runs_a_module_generator_compiled(triton_path, monkeypat
         loss.backward()
         return loss.detach(), grads_of(leaves(x)) + grads_of(list(gen.parameters()))
 
-    eager = run()
+    monkeypatch.setattr(D, "_compile_generator_here", lambda t: False)  # the baseline: eager, on CUDA too
+    eager = run()  # (on CUDA the default would run inductor here, whose fusions differ in the last bits)
     graphs = []
 
     def backend(gm, example_inputs):
@@ -411,6 +412,7 @@ def test_a_generator_that_does_not_compile_runs_eagerly(triton_path, monkeypatch
     x = make("ds!=dt,3x5", seed=4)
     gen = _generator(x["t"].shape[-1], 1)
     args = (x["s"], x["t"], x["mask"], x["W"], x["b"], x["tok"], gen)
+    monkeypatch.setattr(D, "_compile_generator_here", lambda t: False)  # the baseline: eager, on CUDA too
     eager = KF.vitkd_gen_loss(*args, grid=(x["h"], x["w"])).detach()
     tries = []
 
