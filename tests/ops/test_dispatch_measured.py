@@ -459,3 +459,54 @@ def test_a_cached_record_without_both_answers_is_measured_again(measured):
     fake(s, t)
     (rec,) = KF.decisions().values()
     assert rec["source"] == "measured" and len(measured["calls"]) == n + 2 * M._REPS and "gpu_path" in rec
+
+
+@pytest.mark.parametrize("compile_", [True, False])
+@pytest.mark.parametrize("triton, traced_path", [(_times(1.0, 0.9, 0.8), "compiled"),
+                                                 (_times(0.4, 0.3, 0.1), "triton")])
+def test_a_compiled_step_charges_the_inlined_reference_its_gpu_time(measured, compile_, triton, traced_path):
+    """In the traced form the compiled reference is inlined in the step's graph, so the wall rule charges it
+    its GPU time (0.5 ms) and the Triton path its whole wall time: triton's 1.0 ms beats the reference's
+    standalone 2.0 ms eagerly but not its 0.5 ms inlined (the H200's NKD case, 2026-11-27); a 0.4 ms
+    triton beats both. The record says it was decided inlined; a host-bound step switches nothing."""
+    measured["ms"].update(triton=triton, compiled=_times(2.0, 0.5, 1.5))
+    torch._dynamo.reset()
+    fake = _fake_kd()
+
+    class Step(torch.nn.Module):
+        def forward(self, s, t):
+            return fake(s, t)
+
+    wrap = KF.compile_step(Step(), fullgraph=True) if compile_ else KF.calibrate_step(Step())
+    s, t = _logits()
+    out = float(wrap(s, t).detach())
+    want = traced_path if compile_ else "triton"
+    assert (out == 123.0) == (want == "triton"), out
+    (rec,) = KF.decisions().values()
+    assert (rec["path"], rec["rule"], rec["inlined"]) == (want, "wall", compile_)
+    assert rec["compiled_ms"] == 2.0  # the record keeps what was measured
+
+
+def test_a_traced_record_from_before_the_inlined_rule_is_measured_again(measured):
+    """A dispatch.json record without the ``inlined`` field (written before the rule) is measured again."""
+    torch._dynamo.reset()
+    fake = _fake_kd()
+
+    class Step(torch.nn.Module):
+        def forward(self, s, t):
+            return fake(s, t)
+
+    s, t = _logits()
+    KF.compile_step(Step(), fullgraph=True)(s, t)
+    doc = json.loads(measured["file"].read_text())
+    (entries,) = doc["entries"].values()
+    (key,) = [k for k in entries if k.endswith("|traced")]
+    entries[key].pop("inlined")
+    measured["file"].write_text(json.dumps(doc))
+    KF.clear_decisions()
+    torch._dynamo.reset()
+    n = len(measured["calls"])
+    KF.compile_step(Step(), fullgraph=True)(s, t)
+    assert KF.decisions()[key]["source"] == "measured"
+    assert measured["calls"][n:].count("triton") == M._REPS  # timed again
+    assert "inlined" in json.loads(measured["file"].read_text())["entries"][next(iter(doc["entries"]))][key]
