@@ -499,6 +499,8 @@ def main(argv: list[str] | None = None) -> int:
             "-rs",
             "-p",
             "no:cacheprovider",
+            "-p",
+            "bench.failnow",  # each failure's reason as it lands (the 2026-11-27 run timed out at 98 %)
             "-k",
             "not compile_check",
             *(["-n", "8"] if xdist and cuda else []),
