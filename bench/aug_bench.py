@@ -4,9 +4,10 @@
 
 At DeiT-S ← DeiT-B's batch (B = 256, 3 × 224², uint8; ``--small``: B = 8 at 32², the CPU dry run) it times
 ``augment.resized_crop`` and ``randaug.rand_augment`` (m9-mstd0.5, 2 layers, per-image draws as training
-makes them) with the affine Triton kernel (CUDA) and in the torch form, median ms over a few calls with a
-sync after each (CUDA events on a GPU). It also checks, on the device, that the kernel's output equals the
-torch form's bit for bit (the interpreter test's claim, on real hardware: no FMA contraction).
+makes them) with the Triton layer kernels (CUDA: ``fastkd.kernels.randaug``) and in the torch form, median
+ms over a few calls with a sync after each (CUDA events on a GPU). It also checks, on the device, that the
+kernels' output equals the torch form's bit for bit (the interpreter test's claim, on real hardware: no FMA
+contraction), and times the statistics pass and one layer pass alone.
 bench/NOTES.md ("The DeiT recipe on the device") has the bytes and the predictions these numbers settle.
 ``bench/gpu_check.sh`` runs it (step ``augment``).
 """
@@ -69,15 +70,27 @@ def main(argv=None) -> int:
     res["resized_crop_ms"] = _time(lambda: resized_crop(x, top, left, h, w), cuda, reps)
     fused = randaug.rand_augment(x, op, mag, neg, fill)
     res["rand_augment_ms"] = _time(lambda: randaug.rand_augment(x, op, mag, neg, fill), cuda, reps)
-    kernel = randaug._affine_kernel
-    randaug._affine_kernel = lambda *args: None  # the torch form
+    here = randaug._kernels_here
+    randaug._kernels_here = lambda t: False  # the torch form
     try:
         plain = randaug.rand_augment(x, op, mag, neg, fill)
         res["rand_augment_torch_ms"] = _time(lambda: randaug.rand_augment(x, op, mag, neg, fill), cuda, reps)
     finally:
-        randaug._affine_kernel = kernel
+        randaug._kernels_here = here
     res["kernel_equals_torch"] = bool(torch.equal(fused, plain))
-    res["affine_kernel_used"] = cuda
+    res["kernels_used"] = cuda
+    if cuda:  # the two passes alone (the first layer's draws)
+        from fastkd.kernels import randaug as K
+
+        kind = torch.zeros(b, dtype=torch.int32, device=dev)
+        lut = torch.arange(256, device=dev).to(torch.uint8).expand(b, 3, 256).contiguous()
+        coef = torch.zeros(b, 6, dtype=torch.float64, device=dev)
+        f = fill[:1].expand(b)
+        res["stats_pass_ms"] = _time(lambda: K.layer_stats(x), cuda, reps)
+        res["table_pass_ms"] = _time(lambda: K.apply_layer(x, kind, f, coef, lut, fill), cuda, reps)
+        kind.fill_(K.KIND_GEOMETRIC)
+        coef[:, 0] = coef[:, 4] = 0.97  # a zoom: every pixel resampled
+        res["affine_pass_ms"] = _time(lambda: K.apply_layer(x, kind, f, coef, lut, fill), cuda, reps)
     with open(a.out, "w") as fh:
         json.dump(res, fh, indent=1)
     print(json.dumps(res))

@@ -11,8 +11,11 @@ per-sample hash streams (a pure function of (seed, view, id)); this module appli
   ``ImageEnhance`` does (``Image.blend``: ``deg + f·(img − deg)`` in float32, clipped, truncated);
 * Rotate, ShearX/Y and TranslateX/YRel are one affine resample per layer (PIL's ``Image.transform``
   geometry: output pixel centres mapped to input coordinates, bicubic as DeiT trains them (timm's
-  ``--train-interpolation bicubic``), the fill colour outside): on CUDA one Triton pass
-  (``fastkd.kernels.affine``, the same float64 arithmetic), else ``_affine`` below.
+  ``--train-interpolation bicubic``), the fill colour outside).
+
+On CUDA a layer is two Triton passes (``fastkd.kernels.randaug``: the statistics, then every image's op,
+uint8 in and out, the same arithmetic); elsewhere (and as the fallback) the torch form below computes each
+op for the whole batch and keeps each image's own.
 
 PIL is the reference (timm runs these ops in PIL): the tests compare every op with it, bit for bit, on RGB
 and grayscale images. The geometric ops interpolate bicubic, DeiT's choice (timm's own default picks
@@ -27,7 +30,7 @@ import re
 
 import torch
 
-from fastkd.data.hashing import _device_const, _on
+from fastkd.data.hashing import _on
 
 __all__ = ["OPS", "parse_spec", "rand_augment"]
 
@@ -89,16 +92,28 @@ def _gray(x: torch.Tensor) -> torch.Tensor:
     return (xi[:, 0:1] * 19595 + xi[:, 1:2] * 38470 + xi[:, 2:3] * 7471 + 0x8000) >> 16
 
 
-def _luts(x: torch.Tensor, xi: torch.Tensor, op: torch.Tensor, mag: torch.Tensor, neg: torch.Tensor,
-          gray: torch.Tensor):
-    """The point ops' tables: int64 [B, C, 256], the identity for a sample whose layer is another op.
-    ``xi``: ``x`` as int64 (the caller's table gather reuses it); ``gray``: ``_gray(xi)`` (Contrast's mean
-    grey level; the caller's Color reuses it)."""
+def _stats(x: torch.Tensor, xi: torch.Tensor, gray: torch.Tensor):
+    """The torch form of ``fastkd.kernels.randaug.layer_stats``: per image and channel the minimum, the
+    maximum and the 256-level histogram, per image the sum of the grey levels ``gray`` (``_gray(xi)``).
+    The histogram is a scatter-add per (image, channel) row: torch.bincount would size its output from the
+    input's maximum, read on the host (a sync on CUDA, even with minlength: found on the H200, 2026-11-27)."""
     b, c = x.shape[:2]
-    dev = x.device
+    flat = x.reshape(b, c, -1)
+    levels = xi.reshape(b, c, -1)
+    ones = torch.ones((), device=x.device, dtype=torch.int64).expand(levels.shape)
+    hist = torch.zeros(b, c, 256, device=x.device, dtype=torch.int64).scatter_add_(2, levels, ones)
+    return flat.amin(-1), flat.amax(-1), hist, gray.reshape(b, -1).sum(1)
+
+
+def _luts(op: torch.Tensor, mag: torch.Tensor, neg: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor,
+          hist: torch.Tensor, grey_sum: torch.Tensor, hw: int) -> torch.Tensor:
+    """The point ops' tables: int64 [B, C, 256], the identity for a sample whose layer is another op. From
+    the layer's statistics (``_stats`` or the kernel's): per-channel min ``lo`` and max ``hi`` [B, C], the
+    histogram [B, C, 256], the sum of the ``hw`` grey levels of each image [B]."""
+    b, c = lo.shape
+    dev = lo.device
     ix = torch.arange(256, device=dev, dtype=torch.int64).expand(b, c, 256)
     lut = ix
-    flat = x.reshape(b, c, -1)
     lv = mag / 10.0  # [B] float64: timm's level / _LEVEL_DENOM
 
     def put(name, table):
@@ -106,21 +121,16 @@ def _luts(x: torch.Tensor, xi: torch.Tensor, op: torch.Tensor, mag: torch.Tensor
         lut = torch.where((op == _I[name])[:, None, None], table, lut)
 
     # AutoContrast (ImageOps.autocontrast, cutoff 0): per channel, [lo, hi] stretched to [0, 255], truncated
-    lo = flat.amin(-1).to(torch.float64)[..., None]
-    hi = flat.amax(-1).to(torch.float64)[..., None]
+    lo = lo.to(torch.float64)[..., None]
+    hi = hi.to(torch.float64)[..., None]
     scale = 255.0 / (hi - lo).clamp_min(1.0)
     ac = torch.trunc(ix.to(torch.float64) * scale - lo * scale).clamp(0, 255).to(torch.int64)
     put("AutoContrast", torch.where(hi > lo, ac, ix))
     # Equalize (ImageOps.equalize): per channel, step = (pixels − count of the top level) // 255,
-    # table[i] = (step // 2 + pixels below i) // step; the identity when step is 0. The histogram is a
-    # scatter-add per (image, channel) row: torch.bincount would size its output from the input's maximum,
-    # read on the host (a sync on CUDA, even with minlength: found on the H200, 2026-11-27)
-    levels = xi.reshape(b, c, -1)
-    ones = torch.ones((), device=dev, dtype=torch.int64).expand(levels.shape)
-    hist = torch.zeros(b, c, 256, device=dev, dtype=torch.int64).scatter_add_(2, levels, ones)
-    hist = hist.view(b * c, 256)
+    # table[i] = (step // 2 + pixels below i) // step; the identity when step is 0
+    hist = hist.to(torch.int64).view(b * c, 256)
     top = torch.where(hist > 0, torch.arange(256, device=dev), -1).amax(1, keepdim=True)
-    step = ((hist.sum(1, keepdim=True) - hist.gather(1, top)) // 255).view(b, c, 1)
+    step = ((hw - hist.gather(1, top)) // 255).view(b, c, 1)
     below = (hist.cumsum(1) - hist).view(b, c, 256)
     eq = ((step // 2 + below) // step.clamp_min(1)).clamp_max(255)
     put("Equalize", torch.where(step > 0, eq, ix))
@@ -139,8 +149,7 @@ def _luts(x: torch.Tensor, xi: torch.Tensor, op: torch.Tensor, mag: torch.Tensor
     f = _factor(lv, neg)[:, None, None]
     ixf = ix.to(torch.float32)
     put("BrightnessIncreasing", _blend(torch.zeros_like(ixf), ixf, f).to(torch.int64))
-    g = gray.reshape(b, -1)
-    mean = torch.floor(g.sum(1).to(torch.float64) / g.shape[1] + 0.5).to(torch.float32)[:, None, None]
+    mean = torch.floor(grey_sum.to(torch.float64) / hw + 0.5).to(torch.float32)[:, None, None]
     put("ContrastIncreasing", _blend(mean.expand_as(ixf), ixf, f).to(torch.int64))
     return lut
 
@@ -152,13 +161,18 @@ def _factor(lv: torch.Tensor, neg: torch.Tensor) -> torch.Tensor:
 
 def _smooth(x: torch.Tensor) -> torch.Tensor:
     """PIL's ImageFilter.SMOOTH (3 × 3, weights 1 and a centre 5, over 13; the 1-pixel border copied),
-    float32 rounded to the nearest level."""
+    rounded to the nearest level, float32. The weighted sum S is summed exactly (integers below 2^24), then
+    S/13 rounded: it is never within 1/26 of a rounding boundary, so this equals PIL on any device (a
+    float32 convolution with weights w/13 would too on the CPU, but cuDNN's default TF32 rounds the weights
+    to 10 bits: up to ≈ 0.12 of error, enough to move a level)."""
     b, c, h, w = x.shape
-    k = _device_const(("smooth",), lambda: torch.tensor([[1.0, 1, 1], [1, 5, 1], [1, 1, 1]]) / 13.0, x.device)
-    inner = torch.nn.functional.conv2d(x, k.expand(c, 1, 3, 3), groups=c)
     out = x.clone()
     if h > 2 and w > 2:
-        out[:, :, 1:-1, 1:-1] = torch.floor(inner + 0.5).clamp_(0, 255)
+        s = 4 * x[:, :, 1:-1, 1:-1]
+        for dv in range(3):
+            for du in range(3):
+                s = s + x[:, :, dv : h - 2 + dv, du : w - 2 + du]
+        out[:, :, 1:-1, 1:-1] = torch.floor(s / 13.0 + 0.5)
     return out
 
 
@@ -208,11 +222,48 @@ def _affine(x: torch.Tensor, coef: torch.Tensor, fill: torch.Tensor) -> torch.Te
     return torch.where(inside[:, None], out, fill.view(1, c, 1, 1))
 
 
-def _affine_kernel(x8, coef, sel, fill):
-    """``fastkd.kernels.affine.affine_resample`` (imported on first use: CUDA only)."""
-    from fastkd.kernels.affine import affine_resample
+def _kernels_here(x: torch.Tensor) -> bool:
+    """Whether a layer runs as the Triton passes (``fastkd.kernels.randaug``): on CUDA (tests force it on
+    the CPU under the Triton interpreter)."""
+    return x.is_cuda
 
-    return affine_resample(x8, coef, sel, fill)
+
+def _layer_kernels(x, o, m, s, fill):
+    """One layer as ``fastkd.kernels.randaug``'s two passes (the same values as ``_layer_torch``), or None
+    when they cannot run here."""
+    from fastkd.kernels import randaug as K
+
+    b, c, h, w = x.shape
+    stats = K.layer_stats(x)
+    if stats is None:
+        return None
+    lut = _luts(o, m, s, *stats, h * w).to(torch.uint8)
+    geo = sum((o == _I[n]) for n in _GEOMETRIC).bool()
+    kind = torch.where(geo, K.KIND_GEOMETRIC, K.KIND_LUT)
+    if c == 3:  # (a grayscale image is its own degenerate: Color's table, the identity, does it)
+        kind = torch.where(o == _I["ColorIncreasing"], K.KIND_COLOR, kind)
+    kind = torch.where(o == _I["SharpnessIncreasing"], K.KIND_SHARPNESS, kind)
+    return K.apply_layer(x, kind, _factor(m / 10.0, s), _geometry(o, m, s, h, w), lut, fill)
+
+
+def _layer_torch(x, o, m, s, fill):
+    """One layer in torch: every op for the whole batch, each image keeping its own (the CPU form, and the
+    fallback of a GPU whose kernels failed)."""
+    b, c, h, w = x.shape
+    xi = x.to(torch.int64)  # the grey levels, the histogram and the table gather read it
+    gray = _gray(xi)  # Contrast's mean, and Color's degenerate (a Color image's table is the identity,
+    # so its grey levels are the same before and after the gather)
+    lut = _luts(o, m, s, *_stats(x, xi, gray), h * w).to(torch.uint8)
+    x = lut.gather(2, xi.view(b, c, -1)).view(b, c, h, w)
+    xf = x.to(torch.float32)
+    f = _factor(m / 10.0, s).view(b, 1, 1, 1)
+    if c == 3:  # ColorIncreasing (a grayscale image is its own degenerate: nothing to do)
+        xf = torch.where((o == _I["ColorIncreasing"]).view(b, 1, 1, 1),
+                         _blend(gray.to(torch.float32).expand_as(xf), xf, f), xf)
+    xf = torch.where((o == _I["SharpnessIncreasing"]).view(b, 1, 1, 1), _blend(_smooth(xf), xf, f), xf)
+    geo = sum((o == _I[n]) for n in _GEOMETRIC).bool()
+    xf = torch.where(geo.view(b, 1, 1, 1), _affine(xf.to(torch.uint8), _geometry(o, m, s, h, w), fill), xf)
+    return xf.to(torch.uint8)
 
 
 def _geometry(op: torch.Tensor, mag: torch.Tensor, neg: torch.Tensor, h: int, w: int) -> torch.Tensor:
@@ -255,25 +306,8 @@ def rand_augment(x: torch.Tensor, op: torch.Tensor, mag: torch.Tensor, neg: torc
     fill = _on(fill, dev).reshape(c)
     for layer in range(op.shape[1]):
         o, m, s = (_on(t[:, layer], dev) for t in (op, mag, neg))
-        xi = x.to(torch.int64)  # once a layer: the grey levels, the histogram and the table gather read it
-        gray = _gray(xi)  # Contrast's mean, and Color's degenerate (a Color image's table is the identity,
-        # so its grey levels are the same before and after the gather)
-        lut = _luts(x, xi, o, m, s, gray).to(torch.uint8)
-        x = lut.gather(2, xi.view(b, c, -1)).view(b, c, h, w)
-        xf = x.to(torch.float32)
-        f = _factor(m / 10.0, s).view(b, 1, 1, 1)
-        if c == 3:  # ColorIncreasing (a grayscale image is its own degenerate: nothing to do)
-            xf = torch.where((o == _I["ColorIncreasing"]).view(b, 1, 1, 1),
-                             _blend(gray.to(torch.float32).expand_as(xf), xf, f), xf)
-        xf = torch.where((o == _I["SharpnessIncreasing"]).view(b, 1, 1, 1), _blend(_smooth(xf), xf, f), xf)
-        geo = sum((o == _I[n]) for n in _GEOMETRIC).bool()
-        coef, x8 = _geometry(o, m, s, h, w), xf.to(torch.uint8)  # (xf holds exact uint8 values)
-        fused = _affine_kernel(x8, coef, geo, fill) if x.is_cuda else None
-        if fused is not None:  # one Triton pass, the same values (fastkd.kernels.affine)
-            xf = fused.to(torch.float32)
-        else:
-            xf = torch.where(geo.view(b, 1, 1, 1), _affine(x8, coef, fill), xf)
-        x = xf.to(torch.uint8)
+        out = _layer_kernels(x, o, m, s, fill) if _kernels_here(x) else None
+        x = out if out is not None else _layer_torch(x, o, m, s, fill)
     return x
 
 

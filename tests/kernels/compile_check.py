@@ -44,7 +44,7 @@ def _cuobjdump() -> str:
     return found
 
 
-MODULES = ("token_kd", "masked_gen", "logit_kd", "affine")
+MODULES = ("token_kd", "masked_gen", "logit_kd", "randaug")
 
 
 def _specs(only=None):
@@ -87,7 +87,7 @@ def specialize(fn, ptrs, scalars, const):
 
 def module_options(fn) -> dict:
     """The compile options the kernel's module launches it with (``COMPILE_OPTIONS``, e.g. no FMA
-    contraction for the bit-exact affine resample): the build must be the one that runs."""
+    contraction for RandAugment's bit-exact layer): the build must be the one that runs."""
     return dict(getattr(sys.modules[fn.fn.__module__], "COMPILE_OPTIONS", {}))
 
 
@@ -197,22 +197,23 @@ def selftest() -> int:
             bad += not ok
             verdict = f"{why or 'accepted'} {'OK' if ok else 'WRONG'}"
             print(f"selftest sm_{cc} {label}: {renamed}: {facts} -> {verdict}")
-    # the FMA rule: the affine kernel built with contraction (Triton's default) holds FMAs and is rejected
-    import fastkd.kernels.affine as affine
+    # the FMA rule: RandAugment's layer kernel built with contraction (Triton's default) holds FMAs and is
+    # rejected
+    import fastkd.kernels.randaug as randaug
 
-    name, fn, ptrs, scalars, const, cfg = affine.compile_specs()[-1]
-    saved = affine.COMPILE_OPTIONS
-    for label, opts, want in (("affine built with FMA contraction", {}, False),
-                              ("affine built as launched", saved, True)):
-        affine.COMPILE_OPTIONS = opts
+    name, fn, ptrs, scalars, const, cfg = next(s for s in randaug.compile_specs() if s[0] == "layer/C3")
+    saved = randaug.COMPILE_OPTIONS
+    for label, opts, want in (("randaug built with FMA contraction", {}, False),
+                              ("randaug built as launched", saved, True)):
+        randaug.COMPILE_OPTIONS = opts
         try:
             kernel, _ = build(fn, ptrs, scalars, const, cfg.num_warps, cfg.num_stages, 90)
         finally:
-            affine.COMPILE_OPTIONS = saved
+            randaug.COMPILE_OPTIONS = saved
         why = fusion_rule(fn, kernel, options=saved)
         ok = (why is None) == want
         bad += not ok
-        print(f"selftest sm_90 {label}: affine/{name}: -> {why or 'accepted'} {'OK' if ok else 'WRONG'}")
+        print(f"selftest sm_90 {label}: randaug/{name}: -> {why or 'accepted'} {'OK' if ok else 'WRONG'}")
     print(f"compile_check selftest: {'passed' if not bad else 'FAILED'}")
     return 1 if bad else 0
 

@@ -3,7 +3,7 @@ spills and with every ``tl.dot`` on tensor cores (wgmma / mma; only ``exact`` va
 runs tests/kernels/compile_check.py in a subprocess without TRITON_INTERPRET and prints its table
 (registers, dynamic shared memory, local memory, dot lowering per variant; see it with ``pytest -rP``).
 ``test_dot_rule_rejects_an_fp32_dot`` proves the rule catches the fp32-token builds of before, and that a
-kernel launched without FMA contraction (the bit-exact affine resample) is rejected when built with it."""
+kernel launched without FMA contraction (RandAugment's bit-exact layer) is rejected when built with it."""
 
 import os
 import subprocess
@@ -19,7 +19,7 @@ FAMILIES = {
     "token_kd": ("token_kd/fwd", "token_kd/mimic_fwd", "token_kd/bwd", "token_kd/map_bwd", "token_kd/scale"),
     "masked_gen": ("masked_gen/input_fwd", "masked_gen/input_bwd", "masked_gen/loss_fwd"),
     "logit_kd": ("logit_kd/dense", "logit_kd/topk"),
-    "affine": ("affine/C1", "affine/C3"),
+    "randaug": ("randaug/layer", "randaug/stats"),
 }
 
 
@@ -44,7 +44,8 @@ def test_dot_rule_rejects_an_fp32_dot():
     lines = [ln for ln in out.stdout.splitlines() if ln.startswith("selftest sm_")]
     assert len(lines) == 6 and all(ln.endswith(" OK") for ln in lines), lines
     assert sum("CUDA cores" in ln for ln in lines) == 2
-    # and the FMA rule: the bit-exact affine kernel built with contraction is rejected (fma.rn in its PTX)
+    # and the FMA rule: RandAugment's bit-exact layer kernel built with contraction is rejected (fma.rn in
+    # its PTX)
     assert sum("fma.rn in the PTX" in ln for ln in lines) == 1
 
 
