@@ -4,10 +4,10 @@
 
 At DeiT-S ← DeiT-B's batch (B = 256, 3 × 224², uint8; ``--small``: B = 8 at 32², the CPU dry run) it times
 ``augment.resized_crop`` and ``randaug.rand_augment`` (m9-mstd0.5, 2 layers, per-image draws as training
-makes them) with the Triton layer kernels (CUDA: ``fastkd.kernels.randaug``) and in the torch form, median
-ms over a few calls with a sync after each (CUDA events on a GPU). It also checks, on the device, that the
-kernels' output equals the torch form's bit for bit (the interpreter test's claim, on real hardware: no FMA
-contraction), and times the statistics pass and one layer pass alone.
+makes them), each with its Triton kernels (CUDA: ``fastkd.kernels.resized_crop`` / ``.randaug``) and in the
+torch form, median ms over a few calls with a sync after each (CUDA events on a GPU). It also checks, on
+the device, that the kernels' output equals the torch form's bit for bit (the interpreter tests' claim, on
+real hardware: no FMA contraction), and times RandAugment's statistics pass and one layer pass alone.
 bench/NOTES.md ("The DeiT recipe on the device") has the bytes and the predictions these numbers settle.
 ``bench/gpu_check.sh`` runs it (step ``augment``).
 """
@@ -25,7 +25,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from fastkd.data import randaug  # noqa: E402
+from fastkd.data import augment, randaug  # noqa: E402
 from fastkd.data.augment import resized_crop  # noqa: E402
 
 
@@ -68,6 +68,14 @@ def main(argv=None) -> int:
     res = {"device": torch.cuda.get_device_name() if cuda else "cpu", "B": b, "size": s,
            "torch": torch.__version__}
     res["resized_crop_ms"] = _time(lambda: resized_crop(x, top, left, h, w), cuda, reps)
+    crop = resized_crop(x, top, left, h, w)
+    here = augment._crop_kernel_here
+    augment._crop_kernel_here = lambda t: False  # the torch form
+    try:
+        res["resized_crop_torch_ms"] = _time(lambda: resized_crop(x, top, left, h, w), cuda, reps)
+        res["crop_kernel_equals_torch"] = bool(torch.equal(crop, resized_crop(x, top, left, h, w)))
+    finally:
+        augment._crop_kernel_here = here
     fused = randaug.rand_augment(x, op, mag, neg, fill)
     res["rand_augment_ms"] = _time(lambda: randaug.rand_augment(x, op, mag, neg, fill), cuda, reps)
     here = randaug._kernels_here
@@ -94,7 +102,7 @@ def main(argv=None) -> int:
     with open(a.out, "w") as fh:
         json.dump(res, fh, indent=1)
     print(json.dumps(res))
-    return 0 if res["kernel_equals_torch"] else 1
+    return 0 if res["kernel_equals_torch"] and res["crop_kernel_equals_torch"] else 1
 
 
 if __name__ == "__main__":

@@ -150,12 +150,24 @@ def _lerp_axis(x: torch.Tensor, start, size, dim: int) -> torch.Tensor:
     return a + (c - a) * frac.view(shape)
 
 
+def _crop_kernel_here(x: torch.Tensor) -> bool:
+    """Whether the resize runs as the Triton pass: on CUDA (tests force it under the interpreter)."""
+    return x.is_cuda
+
+
 def resized_crop(x: torch.Tensor, top, left, height, width) -> torch.Tensor:
     """uint8 [B, C, H, W] → each row's box (top, left, height, width: int64 [B]) resized to H × W, bilinear
     (torchvision's ``resized_crop`` of a tensor: crop, then ``interpolate(align_corners=False)``; the box is
-    never larger than the image, so this only upsamples and needs no antialias), rounded to uint8."""
+    never larger than the image, so this only upsamples and needs no antialias), rounded to uint8. On CUDA
+    one Triton pass (``fastkd.kernels.resized_crop``, the same arithmetic); the torch form below elsewhere."""
     dev = x.device
     top, left, height, width = (_on(t, dev) for t in (top, left, height, width))
+    if _crop_kernel_here(x):
+        from fastkd.kernels.resized_crop import resized_crop as kernel
+
+        out = kernel(x, top, left, height, width)
+        if out is not None:
+            return out
     rows = _lerp_axis(x, top, height, 2)
     out = _lerp_axis(rows, left, width, 3)
     return out.round_().clamp_(0, 255).to(torch.uint8)

@@ -44,7 +44,7 @@ def _cuobjdump() -> str:
     return found
 
 
-MODULES = ("token_kd", "masked_gen", "logit_kd", "randaug")
+MODULES = ("token_kd", "masked_gen", "logit_kd", "randaug", "resized_crop")
 
 
 def _specs(only=None):

@@ -20,6 +20,7 @@ FAMILIES = {
     "masked_gen": ("masked_gen/input_fwd", "masked_gen/input_bwd", "masked_gen/loss_fwd"),
     "logit_kd": ("logit_kd/dense", "logit_kd/topk"),
     "randaug": ("randaug/layer", "randaug/stats"),
+    "resized_crop": ("resized_crop/C1", "resized_crop/C3"),
 }
 
 
