@@ -176,12 +176,15 @@ def _ms(x) -> str:
 
 
 def _timings(r: dict) -> str:
-    """ " (1.2 triton / 1.9 compiled ms)": the times the decision's rule compared (wall, or GPU time)."""
+    """ " (1.2 triton / 1.9 compiled ms)": the times the decision's rule compared (wall, or GPU time; in a
+    compiled step's traced form the wall rule compares the reference's GPU time: it is inlined there)."""
     sfx = "_gpu_ms" if r.get("rule") == "gpu" else "_ms"
-    t, c = r.get("triton" + sfx), r.get("compiled" + sfx)
+    inlined = sfx == "_ms" and r.get("inlined")
+    t, c = r.get("triton" + sfx), r.get("compiled_gpu_ms" if inlined else "compiled" + sfx)
     if t is None and c is None:
         return ""
-    return f" ({_ms(t)} triton / {_ms(c)} compiled ms{', GPU time' if sfx == '_gpu_ms' else ''})"
+    what = ", GPU time" if sfx == "_gpu_ms" else (", the inlined reference's GPU time" if inlined else "")
+    return f" ({_ms(t)} triton / {_ms(c)} compiled ms{what})"
 
 
 def _base_path(xs: Sequence[Tensor]) -> str:

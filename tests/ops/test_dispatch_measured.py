@@ -485,6 +485,11 @@ def test_a_compiled_step_charges_the_inlined_reference_its_gpu_time(measured, co
     (rec,) = KF.decisions().values()
     assert (rec["path"], rec["rule"], rec["inlined"]) == (want, "wall", compile_)
     assert rec["compiled_ms"] == 2.0  # the record keeps what was measured
+    from fastkd.ops import routing
+
+    shown = routing._timings(rec)  # what describe() and the run's summary print: the times compared
+    ref = "0.5 compiled ms, the inlined reference's GPU time)" if compile_ else "2 compiled ms)"
+    assert shown == f" ({triton['wall']:.3g} triton / {ref}"
 
 
 def test_a_traced_record_from_before_the_inlined_rule_is_measured_again(measured):
