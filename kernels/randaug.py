@@ -34,10 +34,13 @@ import triton.language as tl
 
 from fastkd.kernels._utils import INTERPRET, Cfg, cdiv, check_device, first_line
 
-__all__ = ["KIND_LUT", "KIND_GEOMETRIC", "KIND_COLOR", "KIND_SHARPNESS", "layer_stats", "apply_layer",
-           "compile_specs"]
+__all__ = ["KIND_LUT", "KIND_GEOMETRIC", "KIND_COLOR", "KIND_SHARPNESS", "layer_stats", "layer_tables",
+           "apply_layer", "compile_specs"]
 
 KIND_LUT, KIND_GEOMETRIC, KIND_COLOR, KIND_SHARPNESS = 0, 1, 2, 3
+# the op indices ``_table_kernel`` branches on (``fastkd.data.randaug.OPS``; a test holds them equal)
+TABLE_OPS = {"AutoContrast": 0, "Equalize": 1, "Invert": 2, "PosterizeIncreasing": 4, "SolarizeIncreasing": 5,
+             "SolarizeAdd": 6, "ContrastIncreasing": 8, "BrightnessIncreasing": 9}
 BLOCK = 256  # apply_layer: 4 warps, no spills on sm_80 / sm_90a (BLOCK 1024 spilled the affine resample)
 STATS_BLOCK = 1024
 NUM_WARPS = 4
@@ -67,6 +70,51 @@ def _stats_kernel(x_ptr, lo_ptr, hi_ptr, hist_ptr, gsum_ptr, H, W, C: tl.constex
     if C == 3:
         g = (g + 0x8000) >> 16
     tl.atomic_add(gsum_ptr + b, tl.sum(tl.where(live, g, 0).to(tl.int64), axis=0))
+
+
+@triton.jit
+def _table_kernel(op_ptr, mag_ptr, factor_ptr, lo_ptr, hi_ptr, hist_ptr, gsum_ptr, lut_ptr, HW,
+                  C: tl.constexpr):
+    """One (image, channel)'s 256-entry table of its layer's point op (the identity for any other op), as
+    ``fastkd.data.randaug._luts`` computes it; grid (B · C,)."""
+    row = tl.program_id(0)
+    b = row // C
+    ix = tl.arange(0, 256)
+    op = tl.load(op_ptr + b)
+    lv = tl.load(mag_ptr + b) / 10.0  # float64: timm's level
+    out = lut_ptr + row * 256
+    if op == 0:  # AutoContrast: [lo, hi] stretched to [0, 255], truncated (floor: negatives clip to 0)
+        lo = tl.load(lo_ptr + row).to(tl.float64)
+        hi = tl.load(hi_ptr + row).to(tl.float64)
+        scale = 255.0 / tl.maximum(hi - lo, 1.0)
+        ac = tl.minimum(tl.maximum(tl.floor(ix.to(tl.float64) * scale - lo * scale), 0.0), 255.0)
+        tl.store(out + ix, tl.where(hi > lo, ac.to(tl.int32), ix).to(tl.uint8))
+    elif op == 1:  # Equalize: step = (pixels − count of the top level) // 255, (step // 2 + below) // step
+        hist = tl.load(hist_ptr + row * 256 + ix).to(tl.int64)
+        top = tl.max(tl.where(hist > 0, ix, -1), axis=0)
+        step = (HW - tl.sum(tl.where(ix == top, hist, 0), axis=0)) // 255
+        below = tl.cumsum(hist, axis=0) - hist
+        eq = tl.minimum((step // 2 + below) // tl.maximum(step, 1), 255)
+        tl.store(out + ix, tl.where(step > 0, eq, ix.to(tl.int64)).to(tl.uint8))
+    elif op == 2:  # Invert
+        tl.store(out + ix, (255 - ix).to(tl.uint8))
+    elif op == 4:  # PosterizeIncreasing: keep 4 − int(4·level) bits
+        bits = 4 - tl.floor(lv * 4.0).to(tl.int32)
+        mask = 255 - ((1 << (8 - bits)) - 1)
+        tl.store(out + ix, (ix & mask).to(tl.uint8))
+    elif op == 5:  # SolarizeIncreasing: invert from 256 − min(256, int(256·level)) up
+        thresh = 256 - tl.minimum(tl.floor(lv * 256.0), 256.0).to(tl.int32)
+        tl.store(out + ix, tl.where(ix < thresh, ix, 255 - ix).to(tl.uint8))
+    elif op == 6:  # SolarizeAdd: + min(128, int(110·level)) below 128
+        add = tl.minimum(tl.floor(lv * 110.0), 128.0).to(tl.int32)
+        tl.store(out + ix, tl.where(ix < 128, tl.minimum(ix + add, 255), ix).to(tl.uint8))
+    elif op == 8:  # ContrastIncreasing: a blend with the image's mean grey level
+        mean = tl.floor(tl.load(gsum_ptr + b).to(tl.float64) / HW + 0.5).to(tl.float32)
+        tl.store(out + ix, _blend(mean, ix.to(tl.float32), tl.load(factor_ptr + b)).to(tl.uint8))
+    elif op == 9:  # BrightnessIncreasing: a blend with black
+        tl.store(out + ix, _blend(0.0, ix.to(tl.float32), tl.load(factor_ptr + b)).to(tl.uint8))
+    else:  # another op, or none: the identity
+        tl.store(out + ix, ix.to(tl.uint8))
 
 
 @triton.jit
@@ -214,6 +262,19 @@ def layer_stats(x: torch.Tensor):
     return (lo, hi, hist, gsum) if ok else None
 
 
+def layer_tables(op: torch.Tensor, mag: torch.Tensor, factor: torch.Tensor, lo, hi, hist, gsum, hw: int):
+    """Each (image, channel)'s table for its layer's op: uint8 [B, C, 256] (the identity for an op that is
+    not a point op), from ``layer_stats``' output; op int [B] (the index in ``randaug.OPS``, −1 for none),
+    mag float64 [B], factor float32 [B] (Brightness's and Contrast's). None when the kernels cannot run."""
+    if not _usable(lo):
+        return None
+    b, c = lo.shape
+    lut = torch.empty((b, c, 256), device=lo.device, dtype=torch.uint8)
+    args = (op.to(torch.int32).contiguous(), mag.to(torch.float64).contiguous(),
+            factor.to(torch.float32).contiguous(), lo, hi, hist, gsum, lut, hw)
+    return lut if _launch(_table_kernel, (b * c,), args, C=c) else None
+
+
 def apply_layer(x: torch.Tensor, kind: torch.Tensor, factor: torch.Tensor, coef: torch.Tensor,
                 lut: torch.Tensor, fill: torch.Tensor):
     """One RandAugment layer: each image's op by its ``kind`` (``KIND_*``); uint8 [B, C, H, W] out, or None
@@ -234,7 +295,11 @@ def compile_specs():
     layer = {"x_ptr": "u8", "out_ptr": "u8", "kind_ptr": "i32", "factor_ptr": "fp32", "coef_ptr": "fp64",
              "lut_ptr": "u8", "fill_ptr": "fp32"}
     stats = {"x_ptr": "u8", "lo_ptr": "i32", "hi_ptr": "i32", "hist_ptr": "i32", "gsum_ptr": "i64"}
+    table = {"op_ptr": "i32", "mag_ptr": "fp64", "factor_ptr": "fp32", "lo_ptr": "i32", "hi_ptr": "i32",
+             "hist_ptr": "i32", "gsum_ptr": "i64", "lut_ptr": "u8"}
     return [
+        *[(f"table/C{c}", _table_kernel, table, dict(HW=224 * 224), dict(C=c), Cfg(256, 0, 0, NUM_WARPS, 1))
+          for c in (1, 3)],
         *[(f"layer/C{c}", _layer_kernel, layer, dict(H=224, W=224), dict(C=c, BLOCK=BLOCK),
            Cfg(BLOCK, 0, 0, NUM_WARPS, 1)) for c in (1, 3)],
         *[(f"stats/C{c}", _stats_kernel, stats, dict(H=224, W=224), dict(C=c, BLOCK=STATS_BLOCK),

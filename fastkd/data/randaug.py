@@ -30,7 +30,7 @@ import re
 
 import torch
 
-from fastkd.data.hashing import _on
+from fastkd.data.hashing import _device_const, _on
 
 __all__ = ["OPS", "parse_spec", "rand_augment"]
 
@@ -84,6 +84,15 @@ def _blend(deg: torch.Tensor, img: torch.Tensor, f: torch.Tensor) -> torch.Tenso
     return (deg + f * (img - deg)).clamp_(0.0, 255.0).floor_()
 
 
+def _div(t: torch.Tensor, n: float) -> torch.Tensor:
+    """``t / n`` correctly rounded on every device, as PIL's Python floats divide: torch turns a Python number
+    divided by a tensor into a reciprocal times the number (an ulp off for 54 of AutoContrast's 255 spans,
+    which moved a level), and on CUDA a tensor divided by a Python number into a multiplication by its
+    reciprocal. A tensor divided by a same-device tensor is an exact division on both."""
+    n = float(n)
+    return t / _device_const(("div", n, t.dtype), lambda: torch.tensor(n, dtype=t.dtype), t.device)
+
+
 def _gray(x: torch.Tensor) -> torch.Tensor:
     """PIL's RGB → L conversion (ITU-R 601-2 luma, fixed point), int64 [B, 1, H, W]; L images as they are."""
     xi = x.to(torch.int64)
@@ -114,7 +123,7 @@ def _luts(op: torch.Tensor, mag: torch.Tensor, neg: torch.Tensor, lo: torch.Tens
     dev = lo.device
     ix = torch.arange(256, device=dev, dtype=torch.int64).expand(b, c, 256)
     lut = ix
-    lv = mag / 10.0  # [B] float64: timm's level / _LEVEL_DENOM
+    lv = _div(mag, 10.0)  # [B] float64: timm's level / _LEVEL_DENOM
 
     def put(name, table):
         nonlocal lut
@@ -123,7 +132,7 @@ def _luts(op: torch.Tensor, mag: torch.Tensor, neg: torch.Tensor, lo: torch.Tens
     # AutoContrast (ImageOps.autocontrast, cutoff 0): per channel, [lo, hi] stretched to [0, 255], truncated
     lo = lo.to(torch.float64)[..., None]
     hi = hi.to(torch.float64)[..., None]
-    scale = 255.0 / (hi - lo).clamp_min(1.0)
+    scale = torch.full_like(hi, 255.0) / (hi - lo).clamp_min(1.0)  # (not 255.0 / t: see _div)
     ac = torch.trunc(ix.to(torch.float64) * scale - lo * scale).clamp(0, 255).to(torch.int64)
     put("AutoContrast", torch.where(hi > lo, ac, ix))
     # Equalize (ImageOps.equalize): per channel, step = (pixels − count of the top level) // 255,
@@ -149,7 +158,7 @@ def _luts(op: torch.Tensor, mag: torch.Tensor, neg: torch.Tensor, lo: torch.Tens
     f = _factor(lv, neg)[:, None, None]
     ixf = ix.to(torch.float32)
     put("BrightnessIncreasing", _blend(torch.zeros_like(ixf), ixf, f).to(torch.int64))
-    mean = torch.floor(grey_sum.to(torch.float64) / hw + 0.5).to(torch.float32)[:, None, None]
+    mean = torch.floor(_div(grey_sum.to(torch.float64), hw) + 0.5).to(torch.float32)[:, None, None]
     put("ContrastIncreasing", _blend(mean.expand_as(ixf), ixf, f).to(torch.int64))
     return lut
 
@@ -228,22 +237,30 @@ def _kernels_here(x: torch.Tensor) -> bool:
     return x.is_cuda
 
 
-def _layer_kernels(x, o, m, s, fill):
-    """One layer as ``fastkd.kernels.randaug``'s two passes (the same values as ``_layer_torch``), or None
-    when they cannot run here."""
+def _kernel_params(op, mag, neg, c: int, h: int, w: int):
+    """The layer kernels' per-image parameters for every layer at once ([B, L]): the op's kind (a table,
+    the affine transform, Color, Sharpness), the blend factor, the affine coefficients ([B, L, 6])."""
+    from fastkd.kernels import randaug as K
+
+    geo = sum((op == _I[n]) for n in _GEOMETRIC).bool()
+    kind = torch.where(geo, K.KIND_GEOMETRIC, K.KIND_LUT)
+    if c == 3:  # (a grayscale image is its own degenerate: Color's table, the identity, does it)
+        kind = torch.where(op == _I["ColorIncreasing"], K.KIND_COLOR, kind)
+    kind = torch.where(op == _I["SharpnessIncreasing"], K.KIND_SHARPNESS, kind).to(torch.int32)
+    return kind, _factor(_div(mag, 10.0), neg), _geometry(op, mag, neg, h, w)
+
+
+def _layer_kernels(x, o, m, params, fill):
+    """One layer as ``fastkd.kernels.randaug``'s three launches (statistics, tables, the layer; the same
+    values as ``_layer_torch``), or None when they cannot run here. ``params``: this layer's slice of
+    ``_kernel_params``."""
     from fastkd.kernels import randaug as K
 
     b, c, h, w = x.shape
+    kind, factor, coef = params
     stats = K.layer_stats(x)
-    if stats is None:
-        return None
-    lut = _luts(o, m, s, *stats, h * w).to(torch.uint8)
-    geo = sum((o == _I[n]) for n in _GEOMETRIC).bool()
-    kind = torch.where(geo, K.KIND_GEOMETRIC, K.KIND_LUT)
-    if c == 3:  # (a grayscale image is its own degenerate: Color's table, the identity, does it)
-        kind = torch.where(o == _I["ColorIncreasing"], K.KIND_COLOR, kind)
-    kind = torch.where(o == _I["SharpnessIncreasing"], K.KIND_SHARPNESS, kind)
-    return K.apply_layer(x, kind, _factor(m / 10.0, s), _geometry(o, m, s, h, w), lut, fill)
+    lut = None if stats is None else K.layer_tables(o, m, factor, *stats, h * w)
+    return None if lut is None else K.apply_layer(x, kind, factor, coef, lut, fill)
 
 
 def _layer_torch(x, o, m, s, fill):
@@ -256,7 +273,7 @@ def _layer_torch(x, o, m, s, fill):
     lut = _luts(o, m, s, *_stats(x, xi, gray), h * w).to(torch.uint8)
     x = lut.gather(2, xi.view(b, c, -1)).view(b, c, h, w)
     xf = x.to(torch.float32)
-    f = _factor(m / 10.0, s).view(b, 1, 1, 1)
+    f = _factor(_div(m, 10.0), s).view(b, 1, 1, 1)
     if c == 3:  # ColorIncreasing (a grayscale image is its own degenerate: nothing to do)
         xf = torch.where((o == _I["ColorIncreasing"]).view(b, 1, 1, 1),
                          _blend(gray.to(torch.float32).expand_as(xf), xf, f), xf)
@@ -268,15 +285,15 @@ def _layer_torch(x, o, m, s, fill):
 
 def _geometry(op: torch.Tensor, mag: torch.Tensor, neg: torch.Tensor, h: int, w: int) -> torch.Tensor:
     """The affine coefficients (a, b, c, d, e, f) of each sample's geometric op (the identity for others),
-    as timm's level functions and PIL's ``rotate`` compute them; float64 [B, 6]."""
-    lv = mag / 10.0
+    as timm's level functions and PIL's ``rotate`` compute them; float64 [..., 6] for op, mag, neg [...]."""
+    lv = _div(mag, 10.0)
     sign = torch.where(neg, -1.0, 1.0).to(torch.float64)
     z, one = torch.zeros_like(lv), torch.ones_like(lv)
-    coef = torch.stack([one, z, z, z, one, z], 1)
+    coef = torch.stack([one, z, z, z, one, z], -1)
 
     def put(name, cols):
         nonlocal coef
-        coef = torch.where((op == _I[name])[:, None], torch.stack(cols, 1), coef)
+        coef = torch.where((op == _I[name])[..., None], torch.stack(cols, -1), coef)
 
     # Rotate: degrees 30·level·sign counter-clockwise about the centre (PIL's matrix, rounded to 15 digits)
     ang = -torch.deg2rad(torch.remainder(30.0 * lv * sign, 360.0))
@@ -304,9 +321,11 @@ def rand_augment(x: torch.Tensor, op: torch.Tensor, mag: torch.Tensor, neg: torc
     if not isinstance(fill, torch.Tensor):  # (the pipeline passes a float32 device tensor: no copy per step)
         fill = torch.tensor(fill, dtype=torch.float32)
     fill = _on(fill, dev).reshape(c)
+    op, mag, neg = (_on(t, dev) for t in (op, mag, neg))
+    params = _kernel_params(op, mag, neg, c, h, w) if _kernels_here(x) else None
     for layer in range(op.shape[1]):
-        o, m, s = (_on(t[:, layer], dev) for t in (op, mag, neg))
-        out = _layer_kernels(x, o, m, s, fill) if _kernels_here(x) else None
+        o, m, s = op[:, layer], mag[:, layer], neg[:, layer]
+        out = None if params is None else _layer_kernels(x, o, m, [p[:, layer] for p in params], fill)
         x = out if out is not None else _layer_torch(x, o, m, s, fill)
     return x
 

@@ -61,6 +61,28 @@ def test_every_op_is_timms_bit_for_bit(name, gray, monkeypatch):
                 assert np.array_equal(got[i].permute(1, 2, 0).numpy(), want), (name, mag, neg, i)
 
 
+def test_autocontrast_divides_exactly_as_pil(monkeypatch):
+    """AutoContrast's scale 255 / (hi − lo) is a correctly rounded division in PIL (Python floats). torch
+    computes a Python number divided by a tensor as a reciprocal times the number, an ulp off for 54 of the
+    255 spans, which moved a level: lo 12, hi 232 gave 101 where PIL gives 102 (found by the Triton table
+    kernel's test, 2026-11-27). Every span 1 … 255, each from a two-level image."""
+    lo = np.array([(7 * k) % (256 - k) for k in range(1, 256)])  # many lows, every span
+    imgs = []
+    for k, low in enumerate(lo, start=1):
+        px = np.full((2, 130, 1), low, dtype=np.uint8)
+        px[1, :, 0] = low + k
+        px[0, :, 0] = (low + np.arange(130) * k // 129).astype(np.uint8)  # every level of the span, some
+        imgs.append(px)
+    x = torch.from_numpy(np.stack(imgs)).permute(0, 3, 1, 2).contiguous()
+    b = x.shape[0]
+    op = torch.full((b, 1), OPS.index("AutoContrast"))
+    got = rand_augment(x, op, torch.zeros(b, 1, dtype=torch.float64), torch.zeros(b, 1, dtype=torch.bool),
+                       (124,))
+    for i in range(b):
+        want = _timm("AutoContrast", imgs[i], 0.0, False, (124,), monkeypatch)
+        assert np.array_equal(got[i].permute(1, 2, 0).numpy(), want), (int(lo[i]), int(lo[i]) + i + 1)
+
+
 def test_posterize_to_zero_bits_and_skipped_layers():
     x = torch.randint(0, 256, (3, 3, 8, 8), dtype=torch.uint8)
     post = OPS.index("PosterizeIncreasing")

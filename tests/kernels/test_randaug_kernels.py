@@ -61,13 +61,41 @@ def test_the_statistics_span_several_programs():
     assert int(got[2].sum()) == 3 * 3 * h * w  # every pixel counted once, none of the dead lanes
 
 
+def test_the_table_kernel_knows_the_op_indices():
+    assert all(RA.OPS[i] == name for name, i in K.TABLE_OPS.items())
+    assert set(K.TABLE_OPS) == set(RA._LUT_OPS)
+
+
+@pytest.mark.parametrize("c,h,w", [(3, 23, 31), (1, 17, 9), (3, 2, 5)])
+def test_the_tables_equal_the_torch_form(c, h, w):
+    """Every op (the point ops' tables, the identity for the others) at several magnitudes and both signs,
+    from the statistics of random, flat, saturated and few-level images."""
+    op, mag, neg = _every_op()
+    b = len(op)
+    x = _images(b, c, h, w, seed=7 * h)
+    x[5] = 0  # more flat images: AutoContrast's hi == lo and Equalize's zero step on other ops' rows too
+    x[9, :, ::2] = 200
+    xi = x.to(torch.int64)
+    stats = RA._stats(x, xi, RA._gray(xi))
+    want = RA._luts(op, mag, neg, *stats, h * w).to(torch.uint8)
+    dev = [t.to(DEVICE) for t in (op, mag, RA._factor(mag / 10.0, neg))]
+    kstats = [t.to(DEVICE) for t in K.layer_stats(x.to(DEVICE))]
+    got = K.layer_tables(*dev, *kstats, h * w)
+    assert got is not None and got.dtype == torch.uint8
+    got = got.cpu()
+    for i in range(b):
+        name = RA.OPS[int(op[i])] if op[i] >= 0 else "none"
+        assert torch.equal(got[i], want[i]), f"{name} m={float(mag[i])} neg={bool(neg[i])}"
+
+
 @pytest.mark.parametrize("c,h,w", [(3, 23, 31), (1, 17, 9), (3, 8, 8), (3, 19, 29), (3, 2, 7)])
 def test_a_layer_equals_the_torch_form(c, h, w):
     op, mag, neg = _every_op()
     b = len(op)
     x = _images(b, c, h, w, seed=c * 100 + h)
     want = RA._layer_torch(x, op, mag, neg, FILL[:c])
-    got = RA._layer_kernels(*(t.to(DEVICE) for t in (x, op, mag, neg, FILL[:c])))
+    xd, od, md, nd, fd = (t.to(DEVICE) for t in (x, op, mag, neg, FILL[:c]))
+    got = RA._layer_kernels(xd, od, md, RA._kernel_params(od, md, nd, c, h, w), fd)
     assert got is not None and got.dtype == torch.uint8 and got.device.type == DEVICE.type
     got = got.cpu()
     for i in range(b):  # per image, so that a failure names the op
