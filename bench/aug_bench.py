@@ -7,7 +7,7 @@ At DeiT-S ← DeiT-B's batch (B = 256, 3 × 224², uint8; ``--small``: B = 8 at 
 makes them), each with its Triton kernels (CUDA: ``fastkd.kernels.resized_crop`` / ``.randaug``) and in the
 torch form, median ms over a few calls with a sync after each (CUDA events on a GPU). It also checks, on
 the device, that the kernels' output equals the torch form's bit for bit (the interpreter tests' claim, on
-real hardware: no FMA contraction), and times RandAugment's statistics pass and one layer pass alone.
+real hardware: no FMA contraction), and times each of RandAugment's launches alone.
 bench/NOTES.md ("The DeiT recipe on the device") has the bytes and the predictions these numbers settle.
 ``bench/gpu_check.sh`` runs it (step ``augment``).
 """
@@ -87,15 +87,17 @@ def main(argv=None) -> int:
         randaug._kernels_here = here
     res["kernel_equals_torch"] = bool(torch.equal(fused, plain))
     res["kernels_used"] = cuda
-    if cuda:  # the two passes alone (the first layer's draws)
+    if cuda:  # each launch alone (the first layer's draws for the tables)
         from fastkd.kernels import randaug as K
 
         kind = torch.zeros(b, dtype=torch.int32, device=dev)
         lut = torch.arange(256, device=dev).to(torch.uint8).expand(b, 3, 256).contiguous()
         coef = torch.zeros(b, 6, dtype=torch.float64, device=dev)
         f = fill[:1].expand(b)
+        stats = K.layer_stats(x)
         res["stats_pass_ms"] = _time(lambda: K.layer_stats(x), cuda, reps)
-        res["table_pass_ms"] = _time(lambda: K.apply_layer(x, kind, f, coef, lut, fill), cuda, reps)
+        res["tables_ms"] = _time(lambda: K.layer_tables(op[:, 0], mag[:, 0], f, *stats, s * s), cuda, reps)
+        res["lookup_pass_ms"] = _time(lambda: K.apply_layer(x, kind, f, coef, lut, fill), cuda, reps)
         kind.fill_(K.KIND_GEOMETRIC)
         coef[:, 0] = coef[:, 4] = 0.97  # a zoom: every pixel resampled
         res["affine_pass_ms"] = _time(lambda: K.apply_layer(x, kind, f, coef, lut, fill), cuda, reps)
