@@ -238,28 +238,32 @@ def _kernels_here(x: torch.Tensor) -> bool:
 
 
 def _kernel_params(op, mag, neg, c: int, h: int, w: int):
-    """The layer kernels' per-image parameters for every layer at once ([B, L]): the op's kind (a table,
-    the affine transform, Color, Sharpness), the blend factor, the affine coefficients ([B, L, 6])."""
+    """The layer kernels' per-image parameters for every layer at once, layer-major and contiguous in the
+    dtypes the launches take (so a layer's slice is passed as it is, with no copy): op int32 [L, B], the
+    magnitude float64 [L, B], the op's kind int32 [L, B] (a table, the affine transform, Color, Sharpness),
+    the blend factor float32 [L, B], the affine coefficients float64 [L, B, 6]."""
     from fastkd.kernels import randaug as K
 
     geo = sum((op == _I[n]) for n in _GEOMETRIC).bool()
     kind = torch.where(geo, K.KIND_GEOMETRIC, K.KIND_LUT)
     if c == 3:  # (a grayscale image is its own degenerate: Color's table, the identity, does it)
         kind = torch.where(op == _I["ColorIncreasing"], K.KIND_COLOR, kind)
-    kind = torch.where(op == _I["SharpnessIncreasing"], K.KIND_SHARPNESS, kind).to(torch.int32)
-    return kind, _factor(_div(mag, 10.0), neg), _geometry(op, mag, neg, h, w)
+    kind = torch.where(op == _I["SharpnessIncreasing"], K.KIND_SHARPNESS, kind)
+    cols = (op.to(torch.int32), mag.to(torch.float64), kind.to(torch.int32), _factor(_div(mag, 10.0), neg),
+            _geometry(op, mag, neg, h, w))
+    return [t.transpose(0, 1).contiguous() for t in cols]
 
 
-def _layer_kernels(x, o, m, params, fill):
+def _layer_kernels(x, params, fill):
     """One layer as ``fastkd.kernels.randaug``'s three launches (statistics, tables, the layer; the same
-    values as ``_layer_torch``), or None when they cannot run here. ``params``: this layer's slice of
-    ``_kernel_params``."""
+    values as ``_layer_torch``), or None when they cannot run here. ``params``: this layer's row of each of
+    ``_kernel_params``' tensors."""
     from fastkd.kernels import randaug as K
 
     b, c, h, w = x.shape
-    kind, factor, coef = params
+    op, mag, kind, factor, coef = params
     stats = K.layer_stats(x)
-    lut = None if stats is None else K.layer_tables(o, m, factor, *stats, h * w)
+    lut = None if stats is None else K.layer_tables(op, mag, factor, *stats, h * w)
     return None if lut is None else K.apply_layer(x, kind, factor, coef, lut, fill)
 
 
@@ -325,7 +329,7 @@ def rand_augment(x: torch.Tensor, op: torch.Tensor, mag: torch.Tensor, neg: torc
     params = _kernel_params(op, mag, neg, c, h, w) if _kernels_here(x) else None
     for layer in range(op.shape[1]):
         o, m, s = op[:, layer], mag[:, layer], neg[:, layer]
-        out = None if params is None else _layer_kernels(x, o, m, [p[:, layer] for p in params], fill)
+        out = None if params is None else _layer_kernels(x, [p[layer] for p in params], fill)
         x = out if out is not None else _layer_torch(x, o, m, s, fill)
     return x
 

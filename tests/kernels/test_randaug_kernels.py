@@ -95,7 +95,8 @@ def test_a_layer_equals_the_torch_form(c, h, w):
     x = _images(b, c, h, w, seed=c * 100 + h)
     want = RA._layer_torch(x, op, mag, neg, FILL[:c])
     xd, od, md, nd, fd = (t.to(DEVICE) for t in (x, op, mag, neg, FILL[:c]))
-    got = RA._layer_kernels(xd, od, md, RA._kernel_params(od, md, nd, c, h, w), fd)
+    params = RA._kernel_params(od[:, None], md[:, None], nd[:, None], c, h, w)  # one layer
+    got = RA._layer_kernels(xd, [p[0] for p in params], fd)
     assert got is not None and got.dtype == torch.uint8 and got.device.type == DEVICE.type
     got = got.cpu()
     for i in range(b):  # per image, so that a failure names the op
