@@ -471,3 +471,29 @@ def test_autotune_choices_are_kept_on_disk(monkeypatch):
     monkeypatch.setattr(triton, "autotune", lambda configs, key, **kw: seen.update(kw) or (lambda fn: fn))
     _utils.autotune([_utils.Cfg(16, 16, 16, 4, 2)], key=["M"])
     assert seen.get("cache_results") is True
+
+
+@pytest.mark.parametrize("b,size", [(4, 12), (9, 20)])
+def test_a_randaugment_layer_is_three_launches_and_o1_aten_ops(b, size):
+    """RandAugment on a GPU (``fastkd.data.randaug``): the parameters of every layer once per call, then per
+    layer the statistics, the tables and the layer itself, 3 launches around a handful of allocations,
+    whatever the batch and image size. The H200 measured the torch form's ≈ 60 aten ops a layer (and a
+    host sync) at 11.4 ms for two layers; the host work of each launch counts in a balanced step."""
+    from fastkd.data import randaug as RA
+
+    g = torch.Generator().manual_seed(b)
+    x = torch.randint(0, 256, (b, 3, size, size), dtype=torch.uint8, generator=g).to(DEVICE)
+    op = torch.randint(-1, len(RA.OPS), (b, 2), generator=g).to(DEVICE)
+    mag = (torch.rand(b, 2, generator=g, dtype=torch.float64) * 10).to(DEVICE)
+    neg = (torch.rand(b, 2, generator=g) > 0.5).to(DEVICE)
+    fill = torch.tensor([124.0, 116.0, 104.0]).to(DEVICE)
+    params = RA._kernel_params(op, mag, neg, 3, size, size)
+    first = [p[0] for p in params]  # the first layer's row of each
+    RA._layer_kernels(x, first, fill)  # warm-up: builds the kernels
+    LAUNCHES[0] = 0
+    with Count() as c:
+        out = RA._layer_kernels(x, first, fill)
+    assert out is not None and LAUNCHES[0] == (3 if DEVICE.type == "cpu" else 0)
+    names = c.names()
+    # the statistics' four accumulators, the table and the output: allocations only, nothing copied
+    assert c.allocs() == 6 and set(names) <= {"empty", "full", "zeros", "empty_like", "fill_", "zero_"}, names
