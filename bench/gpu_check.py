@@ -11,7 +11,7 @@ inside 9 minutes); a failing or timed-out step is recorded and the next one runs
 decisions go to a fresh FASTKD_CACHE_DIR in the work folder (so the check measures, never reuses).
 
   env            versions, GPU, the fused-path description                                    cap  40 s
-  step           bench/step_bench.py: DeiT-S <- DeiT-B, 224², B=256, bf16, 17+1 variants by priority,
+  step           bench/step_bench.py: DeiT-S <- DeiT-B, 224², B=256, bf16, 18+1 variants by priority,
                  interleaved, host syncs per step, ratios vs the issue-12 targets               cap 220 s
   losses_deit_s  bench/test_bench_losses.py training inputs, fwd+bwd, DeiT-S, + copy bandwidth
                  (FASTKD_KERNELS=triton: the fused provider is the kernels, not the dispatch)   cap  75 s
