@@ -87,6 +87,14 @@ def main(argv=None) -> int:
         randaug._kernels_here = here
     res["kernel_equals_torch"] = bool(torch.equal(fused, plain))
     res["kernels_used"] = cuda
+    if cuda:  # the kernel paths' GPU time with the host hidden, and their host (enqueue) time (medians)
+        from fastkd.ops.timing import cuda_times
+
+        for name, run in (("rand_augment", lambda: randaug.rand_augment(x, op, mag, neg, fill)),
+                          ("resized_crop", lambda: resized_crop(x, top, left, h, w))):
+            ts = [cuda_times(run, dev) for _ in range(reps)]
+            res[f"{name}_gpu_ms"] = statistics.median(t["gpu"] for t in ts)
+            res[f"{name}_host_ms"] = statistics.median(t["host"] for t in ts)
     if cuda:  # each launch alone (the first layer's draws for the tables)
         from fastkd.kernels import randaug as K
 
