@@ -16,6 +16,7 @@
   custom ops, read at the op boundary with ``torch.is_autocast_enabled``); the kernels never look.
 * ``grouped_pid``: grouped (super-row) ordering of a 2-D tile grid, for L2 reuse of the shared operand.
 * ``gemm_to``: a bf16 cuBLAS GEMM that writes fp32 itself (``out_dtype``), so a gradient needs no cast pass.
+* ``TorchFallback``: the data path's kernels fall back to their torch form after a launch error (one line).
 """
 
 import inspect
@@ -64,6 +65,31 @@ def next_pow2(n: int) -> int:
 def first_line(e: BaseException, limit: int = 160) -> str:
     """An exception's first message line (its type's name when the message is empty), for one-line notes."""
     return (str(e).strip().splitlines() or [type(e).__name__])[0][:limit]
+
+
+class TorchFallback:
+    """The data path's kernels (RandAugment, the resized crop) keep a torch form: a build or launch error on
+    the user's GPU is one stderr line naming ``what``, then ``usable`` is False from then on and the caller
+    runs its torch form. Under the interpreter (tests) a launch error raises."""
+
+    def __init__(self, what: str):
+        self.what, self.broken = what, None
+
+    def usable(self, x: torch.Tensor) -> bool:
+        return self.broken is None and (x.is_cuda or INTERPRET)
+
+    def launch(self, kernel, grid, args, options: dict, **const) -> bool:
+        """``kernel[grid](*args, **const)`` with ``options`` (the compile options) off the interpreter;
+        False after a failure (reported once)."""
+        try:
+            kernel[grid](*args, **const, **({} if INTERPRET else options))
+            return True
+        except Exception as e:
+            if INTERPRET:
+                raise
+            self.broken = first_line(e)
+            print(f"fastkd: {self.what} failed ({self.broken}); using the torch form", file=sys.stderr)
+            return False
 
 
 def fail(what: str, msg: str) -> None:

@@ -26,13 +26,11 @@ outside the image). Grids (cdiv(H·W, BLOCK), B).
 
 from __future__ import annotations
 
-import sys
-
 import torch
 import triton
 import triton.language as tl
 
-from fastkd.kernels._utils import INTERPRET, Cfg, cdiv, check_device, first_line
+from fastkd.kernels._utils import Cfg, TorchFallback, cdiv, check_device
 
 __all__ = ["KIND_LUT", "KIND_GEOMETRIC", "KIND_COLOR", "KIND_SHARPNESS", "layer_stats", "layer_tables",
            "apply_layer", "compile_specs"]
@@ -224,26 +222,15 @@ def _layer_kernel(x_ptr, out_ptr, kind_ptr, factor_ptr, coef_ptr, lut_ptr, fill_
             tl.store(dst + c * hw + offs, looked, mask=live)
 
 
-_BROKEN: list[str] = []  # a launch error on this GPU: the torch form from then on (one stderr line)
+_GUARD = TorchFallback("RandAugment's Triton kernels")
 
 
 def _usable(x: torch.Tensor) -> bool:
-    return not _BROKEN and (x.is_cuda or INTERPRET)
+    return _GUARD.usable(x)
 
 
 def _launch(kernel, grid, args, **const) -> bool:
-    """Launch; a build or launch failure on the user's GPU is one stderr line and the torch form from then
-    on (False). Under the interpreter (tests) it raises."""
-    try:
-        kernel[grid](*args, **const, num_warps=NUM_WARPS, **({} if INTERPRET else COMPILE_OPTIONS))
-        return True
-    except Exception as e:
-        if INTERPRET:
-            raise
-        _BROKEN.append(first_line(e))
-        print(f"fastkd: RandAugment's Triton kernels failed ({_BROKEN[0]}); using the torch form",
-              file=sys.stderr)
-        return False
+    return _GUARD.launch(kernel, grid, args, COMPILE_OPTIONS, num_warps=NUM_WARPS, **const)
 
 
 def layer_stats(x: torch.Tensor):

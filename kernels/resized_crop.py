@@ -18,13 +18,11 @@ Grid (cdiv(H·W, BLOCK), B).
 
 from __future__ import annotations
 
-import sys
-
 import torch
 import triton
 import triton.language as tl
 
-from fastkd.kernels._utils import INTERPRET, Cfg, cdiv, first_line
+from fastkd.kernels._utils import Cfg, TorchFallback, cdiv
 
 __all__ = ["resized_crop", "compile_specs"]
 
@@ -77,28 +75,21 @@ def _crop_kernel(x_ptr, out_ptr, box_ptr, B, H, W, C: tl.constexpr, BLOCK: tl.co
         tl.store(dst + c * hw + offs, tl.minimum(tl.maximum(r, 0.0), 255.0).to(tl.uint8), mask=live)
 
 
-_BROKEN: list[str] = []  # a launch error on this GPU: the torch form from then on (one stderr line)
+_GUARD = TorchFallback("the resized-crop kernel")
 
 
 def resized_crop(x: torch.Tensor, top, left, height, width):
     """uint8 [B, C, H, W] → each image's box resized to H × W (see the module docstring), or None when the
     kernel cannot run here (the caller's torch form then runs)."""
-    if _BROKEN or not (x.is_cuda or INTERPRET):
+    if not _GUARD.usable(x):
         return None
     b, c, h, w = x.shape
     box = torch.stack([t.to(device=x.device, dtype=torch.int32) for t in (top, left, height, width)])
     out = torch.empty_like(x)
-    try:
-        _crop_kernel[(cdiv(h * w, BLOCK), b)](x.contiguous(), out, box.contiguous(), b, h, w, C=c,
-                                              BLOCK=BLOCK, num_warps=NUM_WARPS,
-                                              **({} if INTERPRET else COMPILE_OPTIONS))
-    except Exception as e:  # a build or launch failure on the user's GPU: keep training on the torch form
-        if INTERPRET:
-            raise
-        _BROKEN.append(first_line(e))
-        print(f"fastkd: the resized-crop kernel failed ({_BROKEN[0]}); using the torch form", file=sys.stderr)
-        return None
-    return out
+    args = (x.contiguous(), out, box.contiguous(), b, h, w)
+    ok = _GUARD.launch(_crop_kernel, (cdiv(h * w, BLOCK), b), args, COMPILE_OPTIONS, C=c, BLOCK=BLOCK,
+                       num_warps=NUM_WARPS)
+    return out if ok else None
 
 
 def compile_specs():

@@ -53,6 +53,7 @@ from fastkd.data.augparams import (  # noqa: F401  (public via this module)
 )
 from fastkd.data.hashing import (  # noqa: F401  (hash32/hash_uniform/_mul32: public via this module)
     _device_const,
+    _div,
     _mul32,
     _on,
     hash32,
@@ -139,10 +140,8 @@ def _lerp_axis(x: torch.Tensor, start, size, dim: int) -> torch.Tensor:
     b, ch, h, w = x.shape
     n = x.shape[dim]
     o = torch.arange(n, device=x.device, dtype=torch.float64)
-    # size / n divides by a device tensor: CUDA turns a tensor divided by a Python number into a
-    # multiplication by its reciprocal, an ulp off the CPU's (and the crop kernel's) exact division
-    nt = _device_const(("axis", n), lambda: torch.tensor(float(n), dtype=torch.float64), x.device)
-    src = ((o[None, :] + 0.5) * (size[:, None].to(torch.float64) / nt) - 0.5).clamp_min(0.0)  # [B, n]
+    # size / n exactly (``_div``: as the CPU and the crop kernel divide)
+    src = ((o[None, :] + 0.5) * _div(size[:, None].to(torch.float64), n) - 0.5).clamp_min(0.0)  # [B, n]
     i0 = torch.minimum(src.floor().to(torch.int64), size[:, None] - 1)
     i1 = torch.minimum(i0 + 1, size[:, None] - 1)
     frac = (src - i0.to(torch.float64)).to(torch.float32)

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
-from fastkd.data.hashing import _beta_specs, _betas, _device_const, _Draws
+from fastkd.data.hashing import _beta_specs, _betas, _div, _Draws
 from fastkd.data.randaug import layer_draws
 
 # ----------------------------------------------------------------------------------------------------
@@ -313,10 +313,9 @@ def _sample(ids, seed, view, cfg, n, channels, h, w, *, partner_view: bool):
             cy2 = torch.where(cut, (cy + ch // 2).clamp(0, h), zero)
             cx1 = torch.where(cut, (cx - cw // 2).clamp(0, w), zero)
             cx2 = torch.where(cut, (cx + cw // 2).clamp(0, w), zero)
-            # divide by a device tensor, not a Python number: CUDA turns x / scalar into x * (1/scalar),
-            # which can differ in the last bit from the CPU's (and v1's) exact division
-            hw = _device_const(("hw", h * w), lambda: torch.tensor(float(h * w), dtype=torch.float64), dev)
-            lam_cut = 1.0 - ((cy2 - cy1) * (cx2 - cx1)).to(torch.float64) / hw
+            # an exact division (``_div``): CUDA's x / scalar is x * (1/scalar), which can differ in the
+            # last bit from the CPU's (and v1's)
+            lam_cut = 1.0 - _div(((cy2 - cy1) * (cx2 - cx1)).to(torch.float64), h * w)
         else:
             lam_cut = ones
             cy1 = cy2 = cx1 = cx2 = zero

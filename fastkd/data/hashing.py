@@ -110,6 +110,16 @@ def _device_const(key: tuple, build: Callable[[], torch.Tensor], device: torch.d
     return t
 
 
+def _div(t: torch.Tensor, n: float) -> torch.Tensor:
+    """``t / n`` correctly rounded on every device, as Python's floats (and PIL's) divide: on CUDA torch turns
+    a tensor divided by a Python number into a multiplication by its reciprocal (an ulp off, sometimes), and
+    everywhere a Python number divided by a tensor into a reciprocal times the number (an ulp off for 54 of
+    AutoContrast's 255 spans, which moved a level). A tensor divided by a same-device tensor is an exact
+    division on both: ``n`` is one, cached per device (``_device_const``)."""
+    n = float(n)
+    return t / _device_const(("div", n, t.dtype), lambda: torch.tensor(n, dtype=t.dtype), t.device)
+
+
 class _Draws:
     """Many hash streams of the same ids in one batched computation (a handful of kernels in total).
 

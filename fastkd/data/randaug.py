@@ -30,7 +30,7 @@ import re
 
 import torch
 
-from fastkd.data.hashing import _device_const, _on
+from fastkd.data.hashing import _div, _on
 
 __all__ = ["OPS", "parse_spec", "rand_augment"]
 
@@ -84,15 +84,6 @@ def _blend(deg: torch.Tensor, img: torch.Tensor, f: torch.Tensor) -> torch.Tenso
     return (deg + f * (img - deg)).clamp_(0.0, 255.0).floor_()
 
 
-def _div(t: torch.Tensor, n: float) -> torch.Tensor:
-    """``t / n`` correctly rounded on every device, as PIL's Python floats divide: torch turns a Python number
-    divided by a tensor into a reciprocal times the number (an ulp off for 54 of AutoContrast's 255 spans,
-    which moved a level), and on CUDA a tensor divided by a Python number into a multiplication by its
-    reciprocal. A tensor divided by a same-device tensor is an exact division on both."""
-    n = float(n)
-    return t / _device_const(("div", n, t.dtype), lambda: torch.tensor(n, dtype=t.dtype), t.device)
-
-
 def _gray(x: torch.Tensor) -> torch.Tensor:
     """PIL's RGB → L conversion (ITU-R 601-2 luma, fixed point), int64 [B, 1, H, W]; L images as they are."""
     xi = x.to(torch.int64)
@@ -132,7 +123,7 @@ def _luts(op: torch.Tensor, mag: torch.Tensor, neg: torch.Tensor, lo: torch.Tens
     # AutoContrast (ImageOps.autocontrast, cutoff 0): per channel, [lo, hi] stretched to [0, 255], truncated
     lo = lo.to(torch.float64)[..., None]
     hi = hi.to(torch.float64)[..., None]
-    scale = torch.full_like(hi, 255.0) / (hi - lo).clamp_min(1.0)  # (not 255.0 / t: see _div)
+    scale = torch.full_like(hi, 255.0) / (hi - lo).clamp_min(1.0)  # (not 255.0 / t: see hashing._div)
     ac = torch.trunc(ix.to(torch.float64) * scale - lo * scale).clamp(0, 255).to(torch.int64)
     put("AutoContrast", torch.where(hi > lo, ac, ix))
     # Equalize (ImageOps.equalize): per channel, step = (pixels − count of the top level) // 255,

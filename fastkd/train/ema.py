@@ -23,7 +23,7 @@ class StudentEMA:
         floats = [k for k, v in live.items() if v.is_floating_point()]
         self._ema = [mine[k].detach() for k in floats]
         self._live = [live[k].detach() for k in floats]
-        self._copies = [(mine[k].detach(), live[k].detach()) for k in live if k not in set(floats)]
+        self._copies = [(mine[k].detach(), v.detach()) for k, v in live.items() if not v.is_floating_point()]
 
     @torch.no_grad()
     def update(self) -> None:

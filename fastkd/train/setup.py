@@ -116,9 +116,9 @@ def build_data(cfg: TrainConfig, data: Dataset | None = None, log=print) -> tupl
 
 def build_aug(cfg: TrainConfig, data: Dataset) -> AugmentConfig:
     d = cfg.data
-    ra = parse_spec(d.rand_augment) if d.rand_augment else (0, 9.0, 0.5)
-    aug = AugmentConfig.default_for(data.img_size, rrc_scale=d.rrc_scale, erase_prob=d.erase,
-                                    randaug_n=ra[0], randaug_m=ra[1], randaug_mstd=ra[2])
+    keys = ("randaug_n", "randaug_m", "randaug_mstd")  # (off: AugmentConfig's defaults)
+    ra = dict(zip(keys, parse_spec(d.rand_augment), strict=True)) if d.rand_augment else {}
+    aug = AugmentConfig.default_for(data.img_size, rrc_scale=d.rrc_scale, erase_prob=d.erase, **ra)
     if d.crop_pad is not None:
         aug.crop_pad = d.crop_pad
     elif d.rrc_scale > 0:  # the resized crop moves the content already: no translation unless asked for

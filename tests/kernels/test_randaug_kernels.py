@@ -146,8 +146,10 @@ def test_a_kernel_failure_is_one_line_then_the_torch_form(monkeypatch, capsys):
         def __getitem__(self, grid):
             raise RuntimeError("no kernel image for this GPU\nmore detail")
 
-    monkeypatch.setattr(K, "INTERPRET", False)
-    monkeypatch.setattr(K, "_BROKEN", [])
+    from fastkd.kernels import _utils
+
+    monkeypatch.setattr(_utils, "INTERPRET", False)
+    monkeypatch.setattr(K, "_GUARD", _utils.TorchFallback("RandAugment's Triton kernels"))
     assert K._launch(Broken(), (1, 1), ()) is False
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "(no kernel image for this GPU); using the torch form" in err
